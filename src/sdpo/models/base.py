@@ -1,0 +1,134 @@
+"""The ModelSpec protocol: everything the trainer needs to know about one model family.
+
+The trainer never imports a family. It asks a spec for the denoising network, its noise schedule,
+a prediction for noisy latents, and how to save what it trained; precompute asks the same spec to
+turn media and prompts into latents and conditioning tensors.
+
+Tensor conventions shared by every spec:
+* media (pixels) are float in [-1, 1]: images (B, 3, H, W), videos (B, F, 3, H, W);
+* latents are in the family's own layout and already normalised (SD/CogVideoX scale by the VAE's
+  ``scaling_factor``, Wan by its per-channel ``latents_mean`` / ``latents_std``); the objective
+  averages over every non-batch dimension, so the layout never matters to it;
+* conditions are a dict of tensors with a leading batch dimension, stored as they are in the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from sdpo.schedules import NoiseSchedule
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@runtime_checkable
+class ModelSpec(Protocol):
+    """One model family, as the trainer and precompute see it."""
+
+    family: ClassVar[str]
+    """Short family name used in configs and cache manifests ("sd", "cogvideox", "wan", "toy")."""
+
+    schedule: NoiseSchedule
+    """The training noise schedule, built from the model's own diffusers scheduler."""
+
+    denoiser: nn.Module
+    """The network that is fine-tuned (UNet or transformer)."""
+
+    def lora_target_modules(self) -> list[str]:
+        """Names of the projections LoRA adapts (attention and feed-forward), present in this model."""
+        ...
+
+    def predict(self, model: nn.Module, noisy_latents: Tensor, timesteps: Tensor, conditions: dict[str, Tensor]) -> Tensor:
+        """The network's prediction in its native target (eps, v or u) for latents in the family's layout.
+
+        ``model`` is the denoiser, possibly wrapped (DDP, FSDP); ``timesteps`` are
+        ``schedule.model_timestep(t)`` values, one per sample.
+        """
+        ...
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Conditioning tensors for a list of prompts (needs the text encoder(s))."""
+        ...
+
+    def encode_media(self, pixels: Tensor) -> Tensor:
+        """Normalised latents for pixels in [-1, 1] (needs the VAE)."""
+        ...
+
+    def save_lora(self, output_dir: str | Path, model: nn.Module) -> None:
+        """Write the adapters of ``model`` in the format the family's pipeline ``load_lora_weights`` reads."""
+        ...
+
+    def save_full(self, output_dir: str | Path, model: nn.Module) -> None:
+        """Write the fully fine-tuned denoiser as a ``from_pretrained`` folder."""
+        ...
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model folder or hub id that cannot be loaded; the message says which and how to fix it."""
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> str:
+    """A local folder for ``name_or_path``: the folder itself, or the cached snapshot of a hub id.
+
+    Fails at once, with one line naming the problem, instead of diffusers' 30-second retry loop and
+    its misleading "does not appear to have a file named config.json".
+    """
+    text = str(name_or_path)
+    if os.path.isdir(text):
+        return text
+    if not _HUB_ID.fullmatch(text):
+        raise ModelNotFoundError(f"model folder not found: {text} (check the path)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(text, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure means "not in the local cache"
+        if offline:
+            raise ModelNotFoundError(
+                f"{text!r} is neither a local folder nor a cached hub model, and HF_HUB_OFFLINE=1 forbids a "
+                f"download: run `huggingface-cli download {text}` where the hub is reachable, or pass a local folder"
+            ) from error
+    try:
+        return snapshot_download(text)
+    except Exception as error:  # noqa: BLE001
+        raise ModelNotFoundError(
+            f"could not download {text!r} from the model hub ({type(error).__name__}); pass a local folder, "
+            f"or check the id and your access to it"
+        ) from error
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters that require gradient, detached and on the CPU (what a checkpoint must keep)."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def peft_lora_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The adapters of a diffusers model in diffusers' LoRA key format."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(model)))
+
+
+def to_device_dtype(conditions: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Move conditioning tensors to a device, casting floating ones to ``dtype``."""
+    return {
+        key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        for key, value in conditions.items()
+    }

@@ -1,0 +1,199 @@
+"""The preference objective and the importance-weight transforms (method.md section 4).
+
+For a pair (winner w, loser l) sharing one timestep and one noise tensor,
+
+    Delta^y = err_theta^y - err_ref^y
+    z       = -(beta / 2) * (W^w * Delta^w - W^l * Delta^l)
+    loss    = -log sigmoid(z), averaged over pairs.
+
+Diffusion-DPO, DPO-C&M and SDPO are presets of this one objective that differ only in how the
+pair-member weights W are built from the raw importance weights w. This module imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdpo.importance import ESTIMATORS
+
+METHODS: tuple[str, ...] = ("diffusion-dpo", "dpo-cm", "sdpo")
+
+
+# --------------------------------------------------------------------- weight transforms
+def clip_weights(weights: Tensor, low: float, high: float) -> Tensor:
+    """W = clamp(w, low, high)."""
+    if not low <= high:
+        raise ValueError(f"clip bounds out of order: low={low} > high={high}")
+    return weights.clamp(low, high)
+
+
+def mask_weights(weights: Tensor, raw_weights: Tensor, threshold: float) -> Tensor:
+    """W = W * 1[w >= threshold]; the test is on the raw weight, before any clipping."""
+    return weights * (raw_weights >= threshold).to(weights.dtype)
+
+
+def normalize_weights(weights: Tensor) -> Tensor:
+    """W = W / mean(W) over the batch (self-normalised importance sampling); all-zero stays zero."""
+    mean = weights.mean()
+    return weights / mean if bool(mean > 0) else weights
+
+
+# --------------------------------------------------------------------- method configuration
+@dataclass
+class MethodConfig:
+    """How the pair-member weights W are built, and the objective's temperature."""
+
+    name: str = "sdpo"
+    """Preset this configuration started from: "diffusion-dpo", "dpo-cm" or "sdpo"."""
+
+    beta: float = 1000.0
+    """Temperature of the objective, in the -(beta/2) convention of the official Diffusion-DPO code
+    (diffusers' SD1.5 example omits the 1/2: its beta_dpo = b is beta = 2b here). Errors are
+    per-element means, so beta scales with 1 / (typical error gap)."""
+
+    estimator: str = "expected"
+    """Importance-weight estimator: "expected" (closed form, w <= 1), "sampled" (one draw of x_s,
+    unbiased) or "relative" (p_theta / p_ref at x_s ~ q, exactly 1 at the start of training)."""
+
+    clip: tuple[float, float] | None = None
+    """(low, high) bounds W is clamped to, or None for no clipping."""
+
+    mask_threshold: float | None = None
+    """Pair members whose raw w falls below this get W = 0 (pruned timesteps), or None."""
+
+    normalize: bool = False
+    """Divide W by its batch mean (self-normalised importance sampling)."""
+
+    num_inference_steps: int = 50
+    """K, the sampler length that defines the reverse step t -> s = t - T/K the weight measures.
+    Use the number of steps the model is sampled with: with K = T every weight is ~1."""
+
+    use_weights: bool = True
+    """False for plain Diffusion-DPO: W = 1 (weights are still computed and logged)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a positive finite number, got {self.beta!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.clip is not None:
+            low, high = (float(v) for v in self.clip)
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"clip bounds must be finite, got {self.clip}")
+            if low > high:
+                raise ValueError(f"clip bounds out of order: low={low} > high={high}")
+            if low < 0:
+                raise ValueError(f"clip low bound must be >= 0, got {low}")
+            self.clip = (low, high)
+        if self.mask_threshold is not None and not (
+            math.isfinite(self.mask_threshold) and self.mask_threshold >= 0
+        ):
+            raise ValueError(f"mask_threshold must be a finite number >= 0, got {self.mask_threshold}")
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {self.num_inference_steps}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MethodConfig:
+        """The named method with its defaults, then ``overrides`` (validated together)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown method setting(s): {', '.join(sorted(unknown))}")
+        return replace(PRESETS[name], **overrides)
+
+    def transform(self, raw_weights: Tensor) -> Tensor:
+        """Turn raw importance weights w (any shape) into objective weights W, without gradient."""
+        raw_weights = raw_weights.detach()
+        if not self.use_weights:
+            return torch.ones_like(raw_weights)
+        weights = raw_weights
+        if self.clip is not None:
+            weights = clip_weights(weights, *self.clip)
+        if self.mask_threshold is not None:
+            weights = mask_weights(weights, raw_weights, self.mask_threshold)
+        if self.normalize:
+            weights = normalize_weights(weights)
+        return weights
+
+
+PRESETS: dict[str, MethodConfig] = {
+    "diffusion-dpo": MethodConfig(name="diffusion-dpo", use_weights=False),
+    "dpo-cm": MethodConfig(name="dpo-cm", estimator="expected", mask_threshold=0.9, clip=(0.9, 1.1)),
+    "sdpo": MethodConfig(name="sdpo", estimator="expected", clip=(0.0, 1.1)),
+}
+
+
+# --------------------------------------------------------------------- the objective
+@dataclass
+class PreferenceOutput:
+    """The loss and what to log about it (all metrics are detached)."""
+
+    loss: Tensor
+    """Scalar -log sigmoid(z) averaged over pairs (carries gradient)."""
+    logits: Tensor
+    """Per-pair z, shape (B,) (carries gradient)."""
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    """accuracy (z > 0, ties count half), reward_margin (mean z / beta), weight_mean, weight_min,
+    masked_fraction (share of pair members with W = 0)."""
+
+
+def _check_errors(**errors: Tensor) -> None:
+    shapes = {name: tuple(err.shape) for name, err in errors.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != 1:
+        raise ValueError(f"errors must be per-pair vectors of shape (B,), got {first}")
+    if any(shape != first for shape in shapes.values()):
+        raise ValueError(f"winner/loser error shapes differ: {shapes}")
+
+
+def preference_loss(
+    model_err_w: Tensor,
+    model_err_l: Tensor,
+    ref_err_w: Tensor,
+    ref_err_l: Tensor,
+    beta: float,
+    weight_w: Tensor | None = None,
+    weight_l: Tensor | None = None,
+) -> PreferenceOutput:
+    """The weighted Diffusion-DPO objective of method.md section 4.
+
+    Args:
+        model_err_w, model_err_l: per-sample mean squared errors of the trained model, shape (B,).
+        ref_err_w, ref_err_l: the same for the frozen reference (no gradient needed).
+        beta: positive finite temperature, -(beta/2) convention.
+        weight_w, weight_l: objective weights W per pair member (stop-gradient); None means 1.
+    """
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    _check_errors(model_err_w=model_err_w, model_err_l=model_err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
+    ones = torch.ones_like(model_err_w)
+    weight_w = ones if weight_w is None else weight_w.detach().to(model_err_w.dtype)
+    weight_l = ones if weight_l is None else weight_l.detach().to(model_err_w.dtype)
+    _check_errors(model_err_w=model_err_w, weight_w=weight_w, weight_l=weight_l)
+
+    delta_w = model_err_w - ref_err_w.detach()
+    delta_l = model_err_l - ref_err_l.detach()
+    logits = -0.5 * beta * (weight_w * delta_w - weight_l * delta_l)
+    loss = -F.logsigmoid(logits).mean()
+
+    with torch.no_grad():
+        both = torch.cat([weight_w, weight_l])
+        metrics = {
+            "loss": loss.detach(),
+            "accuracy": ((logits > 0).to(logits.dtype) + 0.5 * (logits == 0).to(logits.dtype)).mean(),
+            "reward_margin": logits.detach().mean() / beta,
+            "weight_mean": both.mean(),
+            "weight_min": both.min(),
+            "masked_fraction": (both == 0).to(logits.dtype).mean(),
+        }
+    return PreferenceOutput(loss=loss, logits=logits, metrics=metrics)
