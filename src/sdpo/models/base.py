@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -25,6 +26,20 @@ from torch import Tensor, nn
 from sdpo.schedules import NoiseSchedule
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@dataclass(frozen=True)
+class MediaFormat:
+    """The shape media must have before ``encode_media``: what loaders resize and sample to."""
+
+    channels: int = 3
+    """Colour channels of the pixels (3 for RGB models, 1 for the grey toy digits)."""
+    height: int = 512
+    """Pixel height."""
+    width: int = 512
+    """Pixel width."""
+    frames: int | None = None
+    """Frames per clip for video models, None for image models."""
 
 
 @runtime_checkable
@@ -39,6 +54,9 @@ class ModelSpec(Protocol):
 
     denoiser: nn.Module
     """The network that is fine-tuned (UNet or transformer)."""
+
+    media_format: MediaFormat
+    """Resolution (and frame count) media are brought to before encoding."""
 
     def lora_target_modules(self) -> list[str]:
         """Names of the projections LoRA adapts (attention and feed-forward), present in this model."""
