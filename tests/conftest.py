@@ -1,0 +1,10 @@
+"""Test-wide settings: nothing may reach a model hub, and torch stays on two threads."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)

@@ -1,0 +1,134 @@
+"""The preference objective and weight transforms (method.md sections 4 and 5), in float64."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdpo.objectives import (
+    MethodConfig,
+    clip_weights,
+    mask_weights,
+    normalize_weights,
+    preference_loss,
+)
+
+
+def _errors(seed=0, n=8, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda: (torch.rand(n, generator=g, dtype=torch.float64) + 0.1).requires_grad_(requires_grad)  # noqa: E731
+    return make(), make(), make().detach(), make().detach()
+
+
+def test_matches_hand_written_diffusion_dpo():
+    mw, ml, rw, rl = _errors()
+    beta = 5000.0
+    out = preference_loss(mw, ml, rw, rl, beta)
+    inside = -0.5 * beta * ((mw - rw) - (ml - rl))
+    torch.testing.assert_close(out.loss, -F.logsigmoid(inside).mean())
+    torch.testing.assert_close(out.logits, inside)
+
+
+def test_unit_weights_equal_diffusion_dpo_exactly():
+    mw, ml, rw, rl = _errors(1)
+    ones = torch.ones_like(mw)
+    a = preference_loss(mw, ml, rw, rl, 3.0)
+    b = preference_loss(mw, ml, rw, rl, 3.0, weight_w=ones, weight_l=ones)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("method", ["diffusion-dpo", "dpo-cm", "sdpo"])
+def test_ln2_when_policy_equals_reference(method):
+    mw, ml, _, _ = _errors(2)
+    config = MethodConfig.preset(method)
+    raw = torch.rand(16, dtype=torch.float64)
+    weights = config.transform(raw)
+    out = preference_loss(mw, ml, mw.detach(), ml.detach(), config.beta, weights[:8], weights[8:])
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-12)
+    assert out.metrics["accuracy"].item() == 0.5  # ties count half
+
+
+def test_weighted_logit_formula():
+    mw, ml, rw, rl = _errors(3)
+    ww, wl = torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    out = preference_loss(mw, ml, rw, rl, 2.0, ww, wl)
+    torch.testing.assert_close(out.logits, -(ww * (mw - rw) - wl * (ml - rl)))
+    torch.testing.assert_close(out.metrics["reward_margin"], out.logits.mean() / 2.0)
+
+
+def test_gradcheck():
+    mw, ml, rw, rl = _errors(4, requires_grad=True)
+    ww, wl = torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    fn = lambda a, b: preference_loss(a, b, rw, rl, 7.0, ww, wl).loss  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (mw, ml))
+
+
+def test_masking_everything_gives_zero_gradient():
+    mw, ml, rw, rl = _errors(5, requires_grad=True)
+    config = MethodConfig.preset("dpo-cm")
+    weights = config.transform(torch.full((16,), 0.5, dtype=torch.float64))  # all below tau = 0.9
+    out = preference_loss(mw, ml, rw, rl, 10.0, weights[:8], weights[8:])
+    out.loss.backward()
+    assert mw.grad.abs().max() == 0 and ml.grad.abs().max() == 0
+    assert out.metrics["masked_fraction"].item() == 1.0
+
+
+def test_weights_carry_no_gradient():
+    mw, ml, rw, rl = _errors(6, requires_grad=True)
+    ww = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    preference_loss(mw, ml, rw, rl, 1.0, ww, ww).loss.backward()
+    assert ww.grad is None
+
+
+def test_accuracy_counts_ties_half():
+    z_pos, z_zero, z_neg = torch.tensor([0.2]), torch.tensor([0.0]), torch.tensor([-0.1])
+    mw = torch.cat([-z_pos, z_zero, -z_neg]).double()  # z = -(beta/2)(mw - ml) with rw=rl=ml=0
+    zeros = torch.zeros(3, dtype=torch.float64)
+    out = preference_loss(mw, zeros, zeros, zeros, 2.0)
+    assert out.metrics["accuracy"].item() == pytest.approx(1.5 / 3)
+
+
+def test_transforms():
+    w = torch.tensor([0.1, 0.85, 0.95, 1.3], dtype=torch.float64)
+    torch.testing.assert_close(clip_weights(w, 0.9, 1.1), torch.tensor([0.9, 0.9, 0.95, 1.1], dtype=torch.float64))
+    torch.testing.assert_close(mask_weights(clip_weights(w, 0.9, 1.1), w, 0.9), torch.tensor([0, 0, 0.95, 1.1], dtype=torch.float64))
+    torch.testing.assert_close(normalize_weights(w).mean(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.equal(normalize_weights(torch.zeros(3)), torch.zeros(3))
+    cm = MethodConfig.preset("dpo-cm").transform(w)
+    torch.testing.assert_close(cm, torch.tensor([0, 0, 0.95, 1.1], dtype=torch.float64))
+    assert torch.equal(MethodConfig.preset("diffusion-dpo").transform(w), torch.ones(4, dtype=torch.float64))
+
+
+def test_preset_overrides_and_validation():
+    config = MethodConfig.preset("sdpo", beta=50.0, normalize=True)
+    assert config.beta == 50.0 and config.normalize and config.name == "sdpo"
+    with pytest.raises(ValueError, match="unknown method 'ppo'"):
+        MethodConfig.preset("ppo")
+    with pytest.raises(ValueError, match="unknown method setting"):
+        MethodConfig.preset("sdpo", temperature=1.0)
+    with pytest.raises(ValueError, match="out of order"):
+        MethodConfig.preset("sdpo", clip=(1.2, 0.8))
+    with pytest.raises(ValueError, match="beta"):
+        MethodConfig.preset("sdpo", beta=-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        MethodConfig.preset("sdpo", beta=float("nan"))
+    with pytest.raises(ValueError, match="estimator"):
+        MethodConfig.preset("sdpo", estimator="magic")
+
+
+@pytest.mark.parametrize("beta", [-1.0, 0.0, float("inf"), float("nan")])
+def test_bad_beta_is_named(beta):
+    mw, ml, rw, rl = _errors()
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
+        preference_loss(mw, ml, rw, rl, beta)
+
+
+def test_mismatched_shapes_are_named():
+    mw, ml, rw, rl = _errors()
+    with pytest.raises(ValueError, match="shapes differ"):
+        preference_loss(mw, ml[:4], rw, rl, 1.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        preference_loss(mw, ml, rw, rl, 1.0, weight_w=torch.ones(3))
+    with pytest.raises(ValueError, match="per-pair vectors"):
+        preference_loss(mw[:, None], ml[:, None], rw[:, None], rl[:, None], 1.0)
