@@ -1,0 +1,123 @@
+"""The `sdpo` command line. Thin: it parses arguments and calls the library.
+
+A user mistake (bad value, missing file, unwritable folder, corrupt cache) ends with one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sdpo.objectives import METHODS
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError)
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from sdpo.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        methods=tuple(args.method), steps=args.steps, beta=args.beta, seed=args.seed, out=args.out,
+        pairs_per_digit=args.pairs_per_digit, eval_per_digit=args.eval_per_digit, progress=not args.quiet,
+    )
+    out = run_demo(config)
+    print(f"report: {out / 'report.md'}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from sdpo.train.config import TrainConfig
+    from sdpo.train.trainer import train
+
+    config = TrainConfig.from_file(args.config)
+    if args.set:
+        data = config.to_dict()
+        for key, value in args.set:
+            target = data
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[leaf] = value
+        config = TrainConfig.from_dict(data)
+    result = train(config, resume=args.resume, progress=not args.quiet)
+    print(f"trained weights: {result.output_dir}")
+
+
+def _precompute(args: argparse.Namespace) -> None:
+    from sdpo.data import precompute, read_pairs
+    from sdpo.models.base import MediaFormat
+    from sdpo.models.registry import load_spec
+
+    media_format = None
+    if args.height or args.width or args.frames:
+        if not (args.height and args.width):
+            raise ValueError("--height and --width go together")
+        media_format = MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
+    spec = load_spec(args.family, args.pretrained, media_format=media_format)
+    pairs = read_pairs(args.pairs)
+    out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"cache: {out} ({len(pairs)} pairs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdpo", description="Preference fine-tuning of diffusion models.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="offline end-to-end run on the embedded digits world")
+    demo.add_argument("--method", nargs="+", default=["sdpo"], choices=[*METHODS, "all"],
+                      help="method(s) to train and compare (default: sdpo; 'all' runs the three)")
+    demo.add_argument("--steps", type=int, default=400, help="optimizer steps per method")
+    demo.add_argument("--beta", type=float, default=None, help="objective temperature (default: per method)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="outputs/demo", help="output folder (replaced when the run succeeds)")
+    demo.add_argument("--pairs-per-digit", type=int, default=64)
+    demo.add_argument("--eval-per-digit", type=int, default=50)
+    demo.set_defaults(func=_demo)
+
+    train = commands.add_parser("train", help="fine-tune a model from a YAML config (use with accelerate launch)")
+    train.add_argument("config", help="YAML file of TrainConfig fields (see configs/)")
+    train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    train.add_argument("--set", nargs="+", type=_parse_override, metavar="KEY=VALUE",
+                       help="override config fields, e.g. --set max_steps=10 method.beta=500")
+    train.set_defaults(func=_train)
+
+    pre = commands.add_parser("precompute", help="encode pairs to latents and text embeddings once")
+    pre.add_argument("--family", required=True, help="sd, sdxl, cogvideox or wan")
+    pre.add_argument("--pretrained", required=True, help="model folder or hub id")
+    pre.add_argument("--pairs", required=True, help="pairs.jsonl or a Pick-a-Pic parquet folder")
+    pre.add_argument("--out", required=True, help="cache folder to create")
+    pre.add_argument("--height", type=int, default=None)
+    pre.add_argument("--width", type=int, default=None)
+    pre.add_argument("--frames", type=int, default=None)
+    pre.add_argument("--batch-size", type=int, default=4)
+    pre.set_defaults(func=_precompute)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as error:
+        print(f"sdpo: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdpo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
