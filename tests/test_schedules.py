@@ -4,7 +4,6 @@ import pytest
 import torch
 from diffusers import (
     CogVideoXDDIMScheduler,
-    CogVideoXDPMScheduler,
     DDIMScheduler,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,

@@ -9,6 +9,7 @@ import torch
 
 from sdpo.analysis.plots import plot_training_curves, plot_weight_profile
 from sdpo.analysis.weights import weight_profile
+from sdpo.data import collate_pairs
 from sdpo.toy.sampling import image_grid
 
 GRID_PER_DIGIT = 8
@@ -38,9 +39,7 @@ def write_report(
         _grid(samples[method], per_digit, folder / f"samples_{method}.png")
     plot_training_curves(histories, folder / "training_curves.png")
 
-    from sdpo.train.trainer import _collate
-
-    batch = _collate([dataset[i] for i in range(min(len(dataset), 256))])
+    batch = collate_pairs([dataset[i] for i in range(min(len(dataset), 256))])
     grid = torch.arange(0, spec.schedule.num_timesteps, spec.schedule.num_timesteps // 25)
     profile = weight_profile(spec, spec.denoiser, batch, grid, config.num_inference_steps, seed=config.seed)
     plot_weight_profile(profile, folder / "weight_profile.png", "base model, demo pairs (K = 50)")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sdpo.data.cache import collate_pairs
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.train.config import TrainConfig
 from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
@@ -101,14 +102,6 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
             raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
-
-
-def _collate(items: list[dict]) -> dict:
-    return {
-        "latents_chosen": torch.stack([item["latents_chosen"] for item in items]),
-        "latents_rejected": torch.stack([item["latents_rejected"] for item in items]),
-        "cond": {key: torch.stack([item["cond"][key] for item in items]) for key in items[0]["cond"]},
-    }
 
 
 class _IntervalMeter:
@@ -254,7 +247,7 @@ def train(
         for micro in range(config.gradient_accumulation_steps):
             micro_step = step * config.gradient_accumulation_steps + micro
             rows, positions = order.indices(micro_step)
-            batch = _to_device(_collate([dataset[int(i)] for i in rows]), accelerator.device)
+            batch = _to_device(collate_pairs([dataset[int(i)] for i in rows]), accelerator.device)
             draws = draw_for_pairs(positions, micro_step, config.seed, sample_shape, num_timesteps,
                                    config.t_min, config.t_max, config.method.estimator == "sampled")
             with accelerator.accumulate(model), accelerator.autocast():

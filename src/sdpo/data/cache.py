@@ -1,0 +1,595 @@
+"""The precompute cache: latents and prompt conditioning of every pair, encoded once, in safetensors shards.
+
+Layout of a cache folder::
+
+    manifest.json
+    shard-00000.safetensors   # pairs 0 .. shard_size-1
+    shard-00001.safetensors
+    ...
+
+Each shard holds, for its N pairs, ``latents_chosen`` (N, ...), ``latents_rejected`` (N, ...) and one
+``cond.<key>`` (N, ...) per conditioning tensor of ``spec.encode_prompts``. ``manifest.json`` says
+what made the cache and how to check it (see :func:`precompute`). A cache is written into a hidden
+sibling folder and renamed into place only once complete, so a folder that exists is a finished
+cache; an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from sdpo.data.media import load_media
+from sdpo.data.pairs import PreferencePair, media_kind
+from sdpo.models.base import MediaFormat
+
+CACHE_FORMAT = "sdpo-pair-cache"
+"""The ``format`` field of every cache manifest."""
+CACHE_VERSION = 1
+"""Bumped whenever the layout changes; a cache of another version must be rebuilt."""
+MANIFEST_NAME = "manifest.json"
+LATENT_KEYS = ("latents_chosen", "latents_rejected")
+COND_PREFIX = "cond."
+
+_REBUILD = "delete the folder and rerun `sdpo precompute`"
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+
+
+class CacheError(ValueError):
+    """A cache folder that is missing, damaged, or made for another model; the message says which."""
+
+
+class MediaEncoder(Protocol):
+    """What precompute needs of a ModelSpec (the full protocol is :class:`sdpo.models.base.ModelSpec`)."""
+
+    family: str
+    media_format: MediaFormat
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]: ...
+
+    def encode_media(self, pixels: Tensor) -> Tensor: ...
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def precompute(
+    pairs: Iterable[PreferencePair],
+    spec: MediaEncoder,
+    out_dir: str | os.PathLike[str],
+    *,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    progress: bool = True,
+    extra_manifest: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    pad_frames: bool = False,
+    num_workers: int = 4,
+) -> Path:
+    """Encode every pair once through ``spec`` and write the cache to ``out_dir``; returns ``out_dir``.
+
+    Media are loaded at ``spec.media_format`` (see :func:`sdpo.data.media.load_media`; ``pad_frames``
+    lets short clips repeat their last frame), encoded ``batch_size`` pairs at a time with
+    ``spec.encode_media`` (chosen and rejected separately) and ``spec.encode_prompts`` (each distinct
+    prompt of a batch once), under ``torch.no_grad``. The spec moves pixels to its own device and
+    dtype; results are stored on the CPU in the dtype the spec returns. ``num_workers`` threads decode
+    the next batch's media while the current one is encoded (0: decode in this thread).
+
+    ``manifest.json`` records: ``format``, ``version``, ``family``, ``pretrained`` (the spec's
+    ``pretrained`` attribute, or null), ``media_format``, ``num_pairs``, ``shards`` (``file``,
+    ``num_pairs``, ``bytes``, ``sha256`` each), ``tensors`` (name -> per-pair ``shape`` and ``dtype``),
+    ``extra`` (``extra_manifest``), ``created`` and ``sdpo_version``.
+
+    An existing non-empty ``out_dir`` is an error unless ``overwrite``; even then it is replaced
+    only after the new cache is complete.
+    """
+    pairs = list(pairs)
+    out_dir = Path(out_dir)
+    if not pairs:
+        raise ValueError("no pairs to precompute")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be at least 1, got {batch_size} and {shard_size}")
+    extra = dict(extra_manifest or {})
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"extra_manifest is not JSON-serialisable: {error}") from None
+    _check_out_dir(out_dir, overwrite)
+    media_format = spec.media_format
+    wanted = "image" if media_format.frames is None else "video"
+    for number, pair in enumerate(pairs):
+        # Fail now, not hours into encoding, when the data does not suit the model.
+        for side in ("chosen", "rejected"):
+            kind = media_kind(getattr(pair, side))
+            if kind != wanted:
+                raise ValueError(f"pair {number}: {side} is {kind} but {spec.family} takes {wanted}s")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        writer = _ShardWriter(staging, shard_size)
+        _encode_all(pairs, spec, writer, batch_size, progress, pad_frames, num_workers)
+        writer.flush(final=True)
+        manifest = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "family": spec.family,
+            "pretrained": _pretrained_of(spec),
+            "media_format": asdict(media_format),
+            "num_pairs": len(pairs),
+            "shards": writer.shards,
+            "tensors": writer.tensor_info,
+            "extra": extra,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sdpo_version": _sdpo_version(),
+        }
+        _write_synced(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        _swap_into_place(staging, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"cache folder {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"cache folder {out_dir} already exists and is not empty: pass overwrite=True or another folder")
+
+
+def _swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    _check_out_dir(out_dir, overwrite)  # again: another run may have finished meanwhile
+    old = None
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()):
+            # Keep the old cache until the new one is in place, so a crash here loses neither.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "cache")
+        else:
+            out_dir.rmdir()
+    os.replace(staging, out_dir)
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _encode_all(
+    pairs: list[PreferencePair],
+    spec: MediaEncoder,
+    writer: _ShardWriter,
+    batch_size: int,
+    progress: bool,
+    pad_frames: bool,
+    num_workers: int,
+) -> None:
+    from tqdm.auto import tqdm
+
+    media_format = spec.media_format
+    batches = [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
+
+    def load(ref: Any) -> Tensor:
+        return load_media(ref, media_format, pad_frames=pad_frames)
+
+    pool = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
+
+    def submit(batch: list[PreferencePair]) -> list[Future[Tensor]] | list[PreferencePair]:
+        if pool is None:
+            return batch
+        return [pool.submit(load, getattr(pair, side)) for side in ("chosen", "rejected") for pair in batch]
+
+    def collect(pending: Any, size: int) -> tuple[Tensor, Tensor]:
+        if pool is None:
+            chosen = [load(pair.chosen) for pair in pending]
+            rejected = [load(pair.rejected) for pair in pending]
+        else:
+            loaded = [future.result() for future in pending]
+            chosen, rejected = loaded[:size], loaded[size:]
+        return torch.stack(chosen), torch.stack(rejected)
+
+    try:
+        pending = submit(batches[0])
+        with torch.no_grad(), tqdm(total=len(batches), desc="precompute", unit="batch", disable=not progress) as bar:
+            for number, batch in enumerate(batches):
+                chosen_pixels, rejected_pixels = collect(pending, len(batch))
+                if number + 1 < len(batches):
+                    pending = submit(batches[number + 1])  # decoded while this batch is encoded
+                tensors = {
+                    "latents_chosen": _checked(spec.encode_media(chosen_pixels), len(batch), "encode_media"),
+                    "latents_rejected": _checked(spec.encode_media(rejected_pixels), len(batch), "encode_media"),
+                }
+                for key, value in _encode_prompts(spec, [pair.prompt for pair in batch]).items():
+                    tensors[COND_PREFIX + key] = value
+                writer.add(tensors, len(batch))
+                bar.update(1)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encode_prompts(spec: MediaEncoder, prompts: list[str]) -> dict[str, Tensor]:
+    unique = list(dict.fromkeys(prompts))
+    conditions = spec.encode_prompts(unique)
+    if not isinstance(conditions, Mapping) or not conditions:
+        raise ValueError(f"encode_prompts must return a non-empty dict of tensors, got {type(conditions).__name__}")
+    index = torch.tensor([unique.index(prompt) for prompt in prompts])
+    expanded = {}
+    for key, value in conditions.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"encode_prompts returned a non-string key {key!r}")
+        value = _checked(value, len(unique), f"encode_prompts[{key!r}]")
+        expanded[key] = value.index_select(0, index)
+    return expanded
+
+
+def _checked(value: Any, batch: int, what: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{what} must return a tensor, got {type(value).__name__}")
+    if value.dim() == 0 or value.shape[0] != batch:
+        raise ValueError(f"{what} returned shape {tuple(value.shape)}, expected a leading batch dimension of {batch}")
+    return value.detach().to("cpu").contiguous()
+
+
+class _ShardWriter:
+    """Buffers encoded batches and writes them out ``shard_size`` pairs per file."""
+
+    def __init__(self, folder: Path, shard_size: int) -> None:
+        self.folder = folder
+        self.shard_size = shard_size
+        self.pending: dict[str, list[Tensor]] = {}
+        self.pending_count = 0
+        self.shards: list[dict[str, Any]] = []
+        self.tensor_info: dict[str, dict[str, Any]] = {}
+
+    def add(self, tensors: dict[str, Tensor], count: int) -> None:
+        if not self.tensor_info:
+            self.tensor_info = {
+                name: {"shape": list(value.shape[1:]), "dtype": _dtype_name(value.dtype)} for name, value in tensors.items()
+            }
+        elif set(tensors) != set(self.tensor_info):
+            raise ValueError(f"the spec returned tensors {sorted(tensors)} after {sorted(self.tensor_info)} for earlier batches")
+        for name, value in tensors.items():
+            info = self.tensor_info[name]
+            if list(value.shape[1:]) != info["shape"] or _dtype_name(value.dtype) != info["dtype"]:
+                raise ValueError(
+                    f"{name}: the spec returned per-pair shape {list(value.shape[1:])} {_dtype_name(value.dtype)} "
+                    f"after {info['shape']} {info['dtype']} for earlier batches (all pairs must match)"
+                )
+            self.pending.setdefault(name, []).append(value)
+        self.pending_count += count
+        self.flush(final=False)
+
+    def flush(self, *, final: bool) -> None:
+        while self.pending_count >= self.shard_size or (final and self.pending_count > 0):
+            size = min(self.shard_size, self.pending_count)
+            shard, rest = {}, {}
+            for name, parts in self.pending.items():
+                joined = torch.cat(parts) if len(parts) > 1 else parts[0]
+                # clone(): safetensors must not see views sharing storage with the kept remainder.
+                shard[name] = joined[:size].clone()
+                rest[name] = [joined[size:]] if joined.shape[0] > size else []
+            self.pending = rest
+            self.pending_count -= size
+            self._write(shard, size)
+
+    def _write(self, tensors: dict[str, Tensor], count: int) -> None:
+        from safetensors.torch import save_file
+
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        path = self.folder / name
+        save_file(
+            tensors, str(path), metadata={"format": CACHE_FORMAT, "version": str(CACHE_VERSION), "num_pairs": str(count)}
+        )
+        with path.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        self.shards.append({"file": name, "num_pairs": count, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated manifest of a cache folder; checks that every shard exists with its recorded size.
+
+    Raises CacheError, with one line saying what is wrong, for a missing folder or manifest, bad
+    JSON, another format version, missing fields, or a missing or truncated shard.
+    """
+    folder = Path(cache_dir)
+    if not folder.is_dir():
+        raise CacheError(f"cache folder not found: {folder} (run `sdpo precompute` first)")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise CacheError(f"{folder} has no {MANIFEST_NAME}, so it is not a finished cache: {_REBUILD}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CacheError(f"{path} is not valid JSON ({error}): {_REBUILD}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        raise CacheError(f"{path} is not an sdpo pair-cache manifest: {_REBUILD}")
+    if manifest.get("version") != CACHE_VERSION:
+        raise CacheError(
+            f"{folder} is a version {manifest.get('version')!r} cache, this sdpo reads version {CACHE_VERSION}: {_REBUILD}"
+        )
+    _check_fields(manifest, path)
+    total = 0
+    for shard in manifest["shards"]:
+        shard_path = folder / shard["file"]
+        if not shard_path.is_file():
+            raise CacheError(f"{folder}: shard {shard['file']} is missing: {_REBUILD}")
+        size = shard_path.stat().st_size
+        if size != shard["bytes"]:
+            raise CacheError(
+                f"{folder}: shard {shard['file']} has {size} bytes, the manifest says {shard['bytes']} (truncated?): {_REBUILD}"
+            )
+        total += shard["num_pairs"]
+    if total != manifest["num_pairs"]:
+        raise CacheError(f"{path}: shards hold {total} pairs but num_pairs is {manifest['num_pairs']}: {_REBUILD}")
+    return manifest
+
+
+def _check_fields(manifest: dict[str, Any], path: Path) -> None:
+    def bad(what: str) -> CacheError:
+        return CacheError(f"{path}: {what}: {_REBUILD}")
+
+    if not isinstance(manifest.get("family"), str):
+        raise bad("missing 'family'")
+    if manifest.get("pretrained") is not None and not isinstance(manifest["pretrained"], str):
+        raise bad("'pretrained' must be a string or null")
+    media = manifest.get("media_format")
+    if not isinstance(media, dict) or set(media) != {"channels", "height", "width", "frames"}:
+        raise bad("missing or malformed 'media_format'")
+    if not _is_count(manifest.get("num_pairs")) or manifest["num_pairs"] < 1:
+        raise bad("'num_pairs' must be a positive integer")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise bad("missing 'shards'")
+    for shard in shards:
+        if (
+            not isinstance(shard, dict)
+            or not isinstance(shard.get("file"), str)
+            or Path(shard["file"]).name != shard["file"]  # a shard must live in the cache folder itself
+            or not _is_count(shard.get("num_pairs"))
+            or not _is_count(shard.get("bytes"))
+            or not isinstance(shard.get("sha256"), str)
+        ):
+            raise bad(f"malformed shard entry {shard!r:.120}")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict) or any(key not in tensors for key in LATENT_KEYS):
+        raise bad("missing 'tensors' entries for latents_chosen / latents_rejected")
+    for name, info in tensors.items():
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("shape"), list)
+            or not all(_is_count(d) for d in info["shape"])
+            or not isinstance(info.get("dtype"), str)
+        ):
+            raise bad(f"malformed tensor entry {name!r}")
+    if not any(name.startswith(COND_PREFIX) for name in tensors):
+        raise bad("no conditioning tensors ('cond.*') listed")
+    if not isinstance(manifest.get("extra", {}), dict):
+        raise bad("'extra' must be an object")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def verify_cache(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any] | None = None) -> None:
+    """Check every shard's sha256 against the manifest (reads the whole cache); raises CacheError."""
+    folder = Path(cache_dir)
+    manifest = read_manifest(folder) if manifest is None else manifest
+    for shard in manifest["shards"]:
+        if _sha256(folder / shard["file"]) != shard["sha256"]:
+            raise CacheError(f"{folder}: shard {shard['file']} does not match its checksum (corrupt): {_REBUILD}")
+
+
+def check_cache_matches(
+    manifest: Mapping[str, Any],
+    family: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    *,
+    media_format: MediaFormat | None = None,
+) -> None:
+    """Raise CacheError when a cache was made for another model family, model or resolution.
+
+    ``pretrained`` is compared when both it and the manifest's are given (the same string, or paths
+    to the same folder); ``media_format`` when given.
+    """
+    made_for = manifest.get("family")
+    if made_for != family:
+        raise CacheError(
+            f"the cache was made for model family {made_for!r}, this run uses {family!r}: "
+            f"rerun `sdpo precompute` for this model (into another folder, or delete the old one)"
+        )
+    cached = manifest.get("pretrained")
+    if pretrained is not None and cached is not None and not _same_model(str(cached), os.fspath(pretrained)):
+        raise CacheError(
+            f"the cache was made with model {cached!r}, this run uses {os.fspath(pretrained)!r}: "
+            f"rerun `sdpo precompute` for this model (into another folder, or delete the old one)"
+        )
+    if media_format is not None and manifest.get("media_format") != asdict(media_format):
+        raise CacheError(
+            f"the cache holds media at {manifest.get('media_format')}, this run needs {asdict(media_format)}: "
+            f"rerun `sdpo precompute` for this model (into another folder, or delete the old one)"
+        )
+
+
+def _same_model(first: str, second: str) -> bool:
+    if first.rstrip("/") == second.rstrip("/"):
+        return True
+    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
+
+
+class CachedPairs(Dataset):
+    """A precomputed cache as a Dataset of ``{"latents_chosen", "latents_rejected", "cond": {key: T}}``, one pair each.
+
+    Shards are opened lazily (memory-mapped) and each item reads only its own rows, so sequential
+    and shuffled access are both cheap and memory stays small whatever the cache size; at most
+    ``max_open_shards`` shards are kept open. ``verify=True`` checks every shard's sha256 up front.
+    Safe to pass to a DataLoader with workers (open shards are not pickled).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], *, verify: bool = False, max_open_shards: int = 2) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.manifest: dict[str, Any] = read_manifest(self.cache_dir)
+        if verify:
+            verify_cache(self.cache_dir, self.manifest)
+        self.max_open_shards = max(1, max_open_shards)
+        self.cond_keys: list[str] = [n[len(COND_PREFIX) :] for n in self.manifest["tensors"] if n.startswith(COND_PREFIX)]
+        self._ends: list[int] = []
+        end = 0
+        for shard in self.manifest["shards"]:
+            end += shard["num_pairs"]
+            self._ends.append(end)
+        self._open: OrderedDict[int, Any] = OrderedDict()
+
+    @property
+    def family(self) -> str:
+        """The model family the cache was made for."""
+        return self.manifest["family"]
+
+    @property
+    def media_format(self) -> MediaFormat:
+        """The media format the pairs were loaded at."""
+        return MediaFormat(**self.manifest["media_format"])
+
+    def __len__(self) -> int:
+        return self.manifest["num_pairs"]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        length = len(self)
+        if index < 0:
+            index += length
+        if not 0 <= index < length:
+            raise IndexError(f"pair {index} out of range for a cache of {length}")
+        shard = bisect_right(self._ends, index)
+        local = index - (self._ends[shard - 1] if shard else 0)
+        handle = self._shard(shard)
+        try:
+            item = {name: handle.get_slice(name)[local] for name in LATENT_KEYS}
+            item["cond"] = {key: handle.get_slice(COND_PREFIX + key)[local] for key in self.cond_keys}
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
+            raise CacheError(f"{self._shard_path(shard)}: cannot read pair {local} ({error}): {_REBUILD}") from None
+        return item
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.cache_dir / self.manifest["shards"][shard]["file"]
+
+    def _shard(self, shard: int) -> Any:
+        handle = self._open.get(shard)
+        if handle is not None:
+            self._open.move_to_end(shard)
+            return handle
+        from safetensors import safe_open
+
+        path = self._shard_path(shard)
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as error:  # noqa: BLE001
+            raise CacheError(f"{path} is not a readable safetensors file ({error}): {_REBUILD}") from None
+        self._check_shard(handle, shard, path)
+        self._open[shard] = handle
+        while len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)
+        return handle
+
+    def _check_shard(self, handle: Any, shard: int, path: Path) -> None:
+        expected = self.manifest["tensors"]
+        names = set(handle.keys())
+        if names != set(expected):
+            raise CacheError(f"{path} holds tensors {sorted(names)}, the manifest lists {sorted(expected)}: {_REBUILD}")
+        count = self.manifest["shards"][shard]["num_pairs"]
+        for name, info in expected.items():
+            tensor = handle.get_slice(name)
+            shape = list(tensor.get_shape())
+            if shape != [count, *info["shape"]]:
+                raise CacheError(f"{path}: {name} has shape {shape}, expected {[count, *info['shape']]}: {_REBUILD}")
+            dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype())
+            if dtype is not None and dtype != info["dtype"]:
+                raise CacheError(f"{path}: {name} is {dtype}, the manifest says {info['dtype']}: {_REBUILD}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()  # memory maps do not survive pickling; workers reopen them
+        return state
+
+
+def collate_pairs(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack CachedPairs items into a batch: ``{"latents_chosen": (B, ...), "latents_rejected": (B, ...), "cond": {...}}``."""
+    if not items:
+        raise ValueError("cannot collate an empty list of pairs")
+    keys = set(items[0]["cond"])
+    for item in items[1:]:
+        if set(item["cond"]) != keys:
+            raise ValueError(f"pairs with different conditioning keys: {sorted(keys)} and {sorted(item['cond'])}")
+    batch: dict[str, Any] = {name: torch.stack([item[name] for item in items]) for name in LATENT_KEYS}
+    batch["cond"] = {key: torch.stack([item["cond"][key] for item in items]) for key in items[0]["cond"]}
+    return batch
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename durable on POSIX; directories cannot be opened this way on Windows.
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _pretrained_of(spec: Any) -> str | None:
+    value = getattr(spec, "pretrained", None)
+    return None if value is None else os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def _sdpo_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdpo")
+    except PackageNotFoundError:
+        return None

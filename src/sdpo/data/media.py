@@ -1,0 +1,305 @@
+"""Loading images and clips into the pixel tensors a model's ``encode_media`` expects.
+
+Images become float32 ``(C, H, W)`` and clips ``(F, C, H, W)``, in [-1, 1]. Every image or frame is
+scaled (bicubic, aspect ratio kept) to the smallest size that covers the target, so the side that is
+shorter relative to the target fits exactly, and then centre-cropped: nothing is stretched. A clip gives ``frames`` frames evenly spaced from its first to its last frame; a clip with
+fewer frames than that is an error unless ``pad_frames=True``, which repeats its last frame: silently
+padding would train on frozen tails that the model never generates, so it has to be asked for.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from sdpo.data.pairs import MediaRef, ParquetImage, frame_files, media_kind
+from sdpo.models.base import MediaFormat
+
+_EXIF_ORIENTATION = 0x0112
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def resize_center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize (bicubic, keeping the aspect ratio) so the image covers ``height`` x ``width``, then crop the centre."""
+    if height < 1 or width < 1:
+        raise ValueError(f"target size must be positive, got {height}x{width}")
+    src_w, src_h = image.size
+    if (src_w, src_h) != (width, height):
+        scale = max(height / src_h, width / src_w)
+        # max() guards against rounding a side to one pixel short of the target.
+        new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    return image
+
+
+def image_to_tensor(image: Image.Image, channels: int = 3) -> Tensor:
+    """A PIL image as float32 ``(channels, H, W)`` in [-1, 1]; transparency is composited onto white."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Dropping alpha would turn transparent areas into whatever colour the pixels hold (often
+        # black); generated images with alpha are meant to be seen on a light background.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def open_image(ref: MediaRef) -> Image.Image:
+    """Open an image file, a Pick-a-Pic parquet cell or encoded bytes, applying EXIF orientation."""
+    if isinstance(ref, ParquetImage):
+        source: Any = io.BytesIO(_parquet_bytes(ref))
+    elif isinstance(ref, (bytes, bytearray)):
+        source = io.BytesIO(ref)
+    else:
+        source = Path(ref)
+        if not source.is_file():
+            raise FileNotFoundError(f"image not found: {source}")
+    try:
+        image = Image.open(source)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for a broken file
+        raise ValueError(f"cannot read image {_describe(ref)}: {error}") from None
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # Pillow's 16/32-bit to 8-bit conversion clips instead of scaling: 16-bit PNGs would turn white.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return image
+
+
+def load_image(ref: MediaRef, media_format: MediaFormat, *, size: tuple[int, int] | None = None) -> Tensor:
+    """One image as float32 ``(C, H, W)`` in [-1, 1], resized and centre-cropped.
+
+    ``size`` is ``(height, width)`` and overrides the format's resolution (for a bucket).
+    """
+    height, width = size or (media_format.height, media_format.width)
+    return image_to_tensor(resize_center_crop(open_image(ref), height, width), media_format.channels)
+
+
+# --------------------------------------------------------------------------------------------- videos
+
+
+def sample_frame_indices(total: int, frames: int, *, pad_frames: bool = False) -> list[int]:
+    """``frames`` indices evenly spaced from the first (0) to the last (``total - 1``) frame of a clip.
+
+    A clip shorter than ``frames`` raises ValueError unless ``pad_frames``, which takes every frame
+    and repeats the last one.
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
+    if total < 1:
+        raise ValueError("the clip has no frames")
+    if total < frames:
+        if not pad_frames:
+            raise ValueError(
+                f"the clip has {total} frames but {frames} are needed (pass pad_frames=True to repeat its last frame)"
+            )
+        return list(range(total)) + [total - 1] * (frames - total)
+    if frames == 1:
+        return [0]
+    step = (total - 1) / (frames - 1)
+    # floor(x + 0.5) rather than round(): Python's round() sends halves to the even neighbour.
+    return [math.floor(i * step + 0.5) for i in range(frames)]
+
+
+def load_video(
+    ref: MediaRef, media_format: MediaFormat, *, size: tuple[int, int] | None = None, pad_frames: bool = False
+) -> Tensor:
+    """One clip as float32 ``(F, C, H, W)`` in [-1, 1]: ``media_format.frames`` frames, each resized and cropped.
+
+    ``ref`` is a video file (mp4, webm, gif; read with imageio) or a folder of frame images.
+    """
+    if media_format.frames is None:
+        raise ValueError(f"{_describe(ref)} is a video but the model takes images (media_format.frames is None)")
+    height, width = size or (media_format.height, media_format.width)
+    channels = media_format.channels
+    path = Path(ref)
+    if path.is_dir():
+        files = frame_files(path)
+        try:
+            indices = sample_frame_indices(len(files), media_format.frames, pad_frames=pad_frames)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        # A repeated index (padding) is decoded once.
+        decoded = {i: _frame_tensor(open_image(files[i]), height, width, channels) for i in set(indices)}
+        return torch.stack([decoded[i] for i in indices])
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    try:
+        total = _count_frames(path)
+    except Exception as error:  # noqa: BLE001 - imageio/ffmpeg raise OSError, RuntimeError, ...
+        raise ValueError(f"cannot read video {path}: {error}") from None
+    indices = _video_indices(path, total, media_format.frames, pad_frames)
+    decoded, seen = _decode_frames(path, set(indices), height, width, channels)
+    if len(decoded) < len(set(indices)):
+        # The counted and the decoded frame counts disagree (a damaged stream): sample again from
+        # the frames that really decode rather than return a clip with holes.
+        if seen == 0:
+            raise ValueError(f"cannot decode video {path}: no frames")
+        indices = _video_indices(path, seen, media_format.frames, pad_frames)
+        decoded, _ = _decode_frames(path, set(indices), height, width, channels)
+    return torch.stack([decoded[i] for i in indices])
+
+
+def _frame_tensor(image: Image.Image, height: int, width: int, channels: int) -> Tensor:
+    return image_to_tensor(resize_center_crop(image, height, width), channels)
+
+
+def _count_frames(path: Path) -> int:
+    import imageio.v3 as iio
+
+    if path.suffix.lower() == ".gif":
+        return int(iio.improps(path).shape[0])
+    import imageio_ffmpeg
+
+    # Container metadata often lacks a frame count (imageio reports inf), so ffmpeg counts by decoding.
+    return int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
+
+
+def _video_indices(path: Path, total: int, frames: int, pad_frames: bool) -> list[int]:
+    try:
+        return sample_frame_indices(total, frames, pad_frames=pad_frames)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _decode_frames(
+    path: Path, wanted: set[int], height: int, width: int, channels: int
+) -> tuple[dict[int, Tensor], int]:
+    """The wanted frames of a video file, and how many frames were decoded to get them."""
+    import imageio.v3 as iio
+
+    decoded: dict[int, Tensor] = {}
+    seen = 0
+    try:
+        for number, frame in enumerate(iio.imiter(path)):
+            seen = number + 1
+            if number in wanted:
+                decoded[number] = _frame_tensor(Image.fromarray(np.asarray(frame)), height, width, channels)
+                if len(decoded) == len(wanted):
+                    break  # closing the iterator stops ffmpeg without decoding the rest
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"cannot decode video {path}: {error}") from None
+    return decoded, seen
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+
+
+def load_media(
+    ref: MediaRef, media_format: MediaFormat, *, size: tuple[int, int] | None = None, pad_frames: bool = False
+) -> Tensor:
+    """An image ``(C, H, W)`` for an image model or a clip ``(F, C, H, W)`` for a video model (``frames`` set)."""
+    kind = media_kind(ref)
+    if media_format.frames is None:
+        if kind != "image":
+            raise ValueError(f"{_describe(ref)} is a video but the model takes images")
+        return load_image(ref, media_format, size=size)
+    if kind != "video":
+        raise ValueError(f"{_describe(ref)} is an image but the model takes {media_format.frames}-frame clips")
+    return load_video(ref, media_format, size=size, pad_frames=pad_frames)
+
+
+def media_size(ref: MediaRef) -> tuple[int, int]:
+    """``(height, width)`` of an image or a clip's frames, reading as little as possible (for bucketing)."""
+    if media_kind(ref) == "image":
+        # Image.open reads the header only; the pixels are decoded on load().
+        if isinstance(ref, ParquetImage):
+            source: Any = io.BytesIO(_parquet_bytes(ref))
+        elif isinstance(ref, (bytes, bytearray)):
+            source = io.BytesIO(ref)
+        else:
+            source = Path(ref)
+        with Image.open(source) as image:
+            width, height = image.size
+            # EXIF orientations 5-8 are quarter turns: open_image transposes them, swapping the sides.
+            if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width
+        return height, width
+    path = Path(ref)
+    if path.is_dir():
+        with Image.open(frame_files(path)[0]) as image:
+            return image.size[1], image.size[0]
+    import imageio.v3 as iio
+
+    shape = iio.improps(path).shape
+    return int(shape[-3]), int(shape[-2])
+
+
+# --------------------------------------------------------------------------------------------- buckets
+
+
+def format_buckets(media_format: MediaFormat) -> list[tuple[int, int]]:
+    """The default bucket list for a model: its own resolution only."""
+    return [(media_format.height, media_format.width)]
+
+
+def bucket_for(size: tuple[int, int], buckets: Sequence[tuple[int, int]] | MediaFormat) -> tuple[int, int]:
+    """The bucket ``(height, width)`` whose aspect ratio is closest to ``size`` = ``(height, width)``.
+
+    Ratios are compared in log space, so 2:1 and 1:2 are equally far from 1:1; on a tie the earlier
+    bucket wins. ``buckets`` may be a MediaFormat, meaning its single resolution.
+    """
+    if isinstance(buckets, MediaFormat):
+        buckets = format_buckets(buckets)
+    if not buckets:
+        raise ValueError("no buckets to choose from")
+    height, width = size
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive, got {height}x{width}")
+    target = math.log(height / width)
+    best = None
+    for bucket in buckets:
+        if bucket[0] <= 0 or bucket[1] <= 0:
+            raise ValueError(f"bucket sizes must be positive, got {bucket[0]}x{bucket[1]}")
+        distance = abs(math.log(bucket[0] / bucket[1]) - target)
+        if best is None or distance < best[0]:
+            best = (distance, (int(bucket[0]), int(bucket[1])))
+    return best[1]
+
+
+# --------------------------------------------------------------------------------------------- parquet
+
+
+@lru_cache(maxsize=4)
+def _parquet_column(path: Path, modified_ns: int, row_group: int, column: str) -> Any:
+    # Pick-a-Pic is read in order, so the chosen and the rejected column of the current row group
+    # are the only ones needed at a time; caching them avoids rereading a row group per image.
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(row_group, columns=[column]).column(0)
+
+
+def _parquet_bytes(ref: ParquetImage) -> bytes:
+    try:
+        # The modification time is part of the key so a rewritten file is never served from the cache.
+        modified = ref.path.stat().st_mtime_ns
+        value = _parquet_column(ref.path, modified, ref.row_group, ref.column)[ref.index].as_py()
+    except Exception as error:  # noqa: BLE001 - pyarrow errors for a missing or broken file
+        raise ValueError(f"cannot read {ref}: {error}") from None
+    if not value:
+        raise ValueError(f"{ref}: no image bytes")
+    return bytes(value)
+
+
+def _describe(ref: MediaRef) -> str:
+    if isinstance(ref, (bytes, bytearray)):
+        return f"<{len(ref)} image bytes>"
+    return str(ref)
