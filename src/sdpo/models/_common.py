@@ -1,0 +1,196 @@
+"""Code shared by the diffusers-backed specs (SD, SDXL, CogVideoX, Wan).
+
+Nothing here imports diffusers or transformers at module level, so importing a spec module (and the
+registry) stays cheap; the heavy libraries are imported when a model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, unwrap
+from sdpo.schedules import NoiseSchedule
+
+
+def load_component(
+    loader: Any,
+    folder: str,
+    subfolder: str,
+    *,
+    enabled: bool = True,
+    torch_dtype: torch.dtype | None = None,
+    frozen: bool = False,
+) -> Any:
+    """``loader.from_pretrained(folder, subfolder=...)``, or None when ``enabled`` is false.
+
+    ``torch_dtype`` is left out for tokenizers (pass None). ``frozen`` puts a network in eval mode
+    with gradients off (encoders are never trained). A missing subfolder is reported as a
+    ``ModelNotFoundError`` naming it, rather than diffusers' generic "no file named config.json".
+    """
+    if not enabled:
+        return None
+    if not os.path.isdir(os.path.join(folder, subfolder)):
+        raise ModelNotFoundError(
+            f"model folder {folder} has no {subfolder}/ component (is it a diffusers pipeline folder?)"
+        )
+    kwargs: dict[str, Any] = {"subfolder": subfolder}
+    if torch_dtype is not None:
+        kwargs[_dtype_keyword(loader)] = torch_dtype
+    component = loader.from_pretrained(folder, **kwargs)
+    if frozen and isinstance(component, nn.Module):
+        component.requires_grad_(False).eval()
+    return component
+
+
+def _dtype_keyword(loader: Any) -> str:
+    """``dtype`` for transformers >= 5 models (``torch_dtype`` is deprecated there), else ``torch_dtype``."""
+    if not getattr(loader, "__module__", "").startswith("transformers"):
+        return "torch_dtype"
+    import transformers
+
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def load_scheduler(folder: str, subfolder: str = "scheduler") -> Any:
+    """The pipeline's scheduler, of the class named in its ``scheduler_config.json``."""
+    import diffusers
+
+    config_path = os.path.join(folder, subfolder, "scheduler_config.json")
+    if not os.path.isfile(config_path):
+        raise ModelNotFoundError(f"model folder {folder} has no {subfolder}/scheduler_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        class_name = json.load(handle)["_class_name"]
+    scheduler_class = getattr(diffusers, class_name, None)
+    if scheduler_class is None:
+        raise ValueError(f"{config_path} names {class_name!r}, which this diffusers version does not provide")
+    return scheduler_class.from_pretrained(folder, subfolder=subfolder)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (CPU for a parameterless module)."""
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (float32 if it has none)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def model_timesteps(timesteps: Tensor, device: torch.device) -> Tensor:
+    """Timesteps as the networks want them: float32, one per sample, on the latents' device.
+
+    The schedule hands out float64 values (t for DDPM, sigma * 1000 for flow). float64 is not
+    supported everywhere (MPS), and bf16/fp16 cannot represent them (999 rounds to 1000 in bf16),
+    so float32 is the one safe dtype: every family's sinusoidal embedding upcasts to float32 anyway.
+    """
+    timesteps = torch.as_tensor(timesteps)
+    if timesteps.ndim == 0:
+        timesteps = timesteps[None]
+    return timesteps.to(device=device, dtype=torch.float32)
+
+
+def existing_suffixes(model: nn.Module, candidates: tuple[str, ...]) -> list[str]:
+    """The entries of ``candidates`` that name at least one Linear layer of ``model`` (as peft matches them).
+
+    peft matches a string target ``s`` against module names equal to ``s`` or ending in ``"." + s``.
+    """
+    names = [name for name, module in unwrap(model).named_modules() if isinstance(module, nn.Linear)]
+    found = [s for s in candidates if any(name == s or name.endswith("." + s) for name in names)]
+    if not found:
+        raise ValueError(f"none of the LoRA targets {candidates} exist in {type(unwrap(model)).__name__}")
+    return found
+
+
+def lora_adapter_metadata(model: nn.Module) -> dict[str, Any] | None:
+    """The LoraConfig of the adapter being saved, as a dict diffusers stores beside the weights.
+
+    With it, ``load_lora_weights`` rebuilds the exact config (``lora_alpha`` included) instead of
+    guessing ``alpha = rank`` from the tensor shapes.
+    """
+    configs = getattr(unwrap(model), "peft_config", None)
+    if not configs:
+        return None
+    config = configs.get("default") or next(iter(configs.values()))
+    return config.to_dict()
+
+
+class DiffusersSpec:
+    """Base of the diffusers-backed specs: attributes and the save / LoRA plumbing they share.
+
+    Subclasses set the class attributes and implement ``from_pretrained``, ``predict``,
+    ``encode_prompts`` and ``encode_media``.
+    """
+
+    family: ClassVar[str] = ""
+    denoiser_subfolder: ClassVar[str] = "transformer"
+    """Pipeline subfolder (and pipeline argument name) of the denoiser: "unet" or "transformer"."""
+    lora_candidates: ClassVar[tuple[str, ...]] = ()
+    """Module-name suffixes LoRA should adapt, filtered by ``lora_target_modules`` to those present."""
+    default_media_format: ClassVar[MediaFormat] = MediaFormat()
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        denoiser: nn.Module,
+        media_format: MediaFormat | None = None,
+        vae: nn.Module | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.denoiser = denoiser
+        self.media_format = media_format or self.default_media_format
+        self.vae = vae
+
+    # ------------------------------------------------------------------ pipeline class
+    @classmethod
+    def pipeline_name(cls) -> str:
+        """Name of the diffusers pipeline class of this family."""
+        raise NotImplementedError
+
+    @property
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class (imported on first use: it pulls in transformers)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_name())
+
+    # ------------------------------------------------------------------ checks
+    def _require(self, component: Any, what: str, flag: str) -> Any:
+        if component is None:
+            raise RuntimeError(
+                f"the {self.family} spec was loaded without its {what}: load it with {flag}=True, "
+                f"or read the precomputed tensors from the precompute cache instead"
+            )
+        return component
+
+    def _require_vae(self) -> nn.Module:
+        return self._require(self.vae, "VAE", "load_vae")
+
+    # ------------------------------------------------------------------ LoRA and saving
+    def lora_target_modules(self) -> list[str]:
+        """Attention q/k/v/out and feed-forward projections present in this denoiser."""
+        return existing_suffixes(self.denoiser, self.lora_candidates)
+
+    def save_lora(self, output_dir: str | Path, model: nn.Module) -> None:
+        """Write ``model``'s adapters where the family pipeline's ``load_lora_weights`` finds them."""
+        name = self.denoiser_subfolder
+        kwargs: dict[str, Any] = {f"{name}_lora_layers": peft_lora_state_dict(model)}
+        metadata = lora_adapter_metadata(model)
+        if metadata is not None:
+            kwargs[f"{name}_lora_adapter_metadata"] = metadata
+        os.makedirs(output_dir, exist_ok=True)
+        self.pipeline_class.save_lora_weights(str(output_dir), **kwargs)
+
+    def save_full(self, output_dir: str | Path, model: nn.Module) -> None:
+        """Save the fine-tuned denoiser to ``output_dir/<unet|transformer>`` (a ``from_pretrained`` folder)."""
+        unwrap(model).save_pretrained(os.path.join(str(output_dir), self.denoiser_subfolder))

@@ -1,0 +1,283 @@
+"""Stable Diffusion 1.x/2.x and SDXL: UNet2DConditionModel + AutoencoderKL + CLIP text encoder(s).
+
+Latents are (B, 4, H/8, W/8), scaled by the VAE's ``scaling_factor``. The prediction type
+(epsilon or v) is whatever the pipeline's scheduler config says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sdpo.models._common import (
+    DiffusersSpec,
+    load_component,
+    load_scheduler,
+    model_timesteps,
+    module_device,
+    module_dtype,
+)
+from sdpo.models.base import MediaFormat, resolve_pretrained
+from sdpo.schedules import NoiseSchedule
+
+# Attention projections (self and cross) and the GEGLU feed-forward of every transformer block.
+_UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def _clip_token_ids(tokenizer: Any, prompts: list[str]) -> Tensor:
+    """Token ids padded / truncated to the tokenizer's own length (77 for CLIP), as the pipelines do."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def _check_prompts(prompts: list[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise TypeError("encode_prompts takes a list of prompts, not a single string")
+    return list(prompts)
+
+
+class StableDiffusionSpec(DiffusersSpec):
+    """Stable Diffusion 1.5 (and 2.x): epsilon- or v-prediction UNet, one CLIP text encoder.
+
+    Conditions: ``{"encoder_hidden_states": (B, 77, D)}`` (the text encoder's last hidden state).
+    """
+
+    family: ClassVar[str] = "sd"
+    denoiser_subfolder: ClassVar[str] = "unet"
+    lora_candidates: ClassVar[tuple[str, ...]] = _UNET_LORA_TARGETS
+    default_media_format: ClassVar[MediaFormat] = MediaFormat(height=512, width=512)
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        denoiser: nn.Module,
+        media_format: MediaFormat | None = None,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__(schedule, denoiser, media_format, vae)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def pipeline_name(cls) -> str:
+        return "StableDiffusionPipeline"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | Path,
+        *,
+        load_vae: bool = True,
+        load_text_encoder: bool = True,
+        media_format: MediaFormat | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+    ) -> StableDiffusionSpec:
+        """Load the spec from a diffusers pipeline folder or a cached hub id."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        folder = resolve_pretrained(pretrained)
+        return cls(
+            schedule=NoiseSchedule.from_scheduler(load_scheduler(folder)),
+            denoiser=load_component(UNet2DConditionModel, folder, "unet", torch_dtype=torch_dtype),
+            media_format=media_format,
+            vae=_load_vae(AutoencoderKL, folder, load_vae, torch_dtype),
+            text_encoder=load_component(
+                CLIPTextModel,
+                folder,
+                "text_encoder",
+                enabled=load_text_encoder,
+                torch_dtype=torch_dtype,
+                frozen=True,
+            ),
+            tokenizer=load_component(AutoTokenizer, folder, "tokenizer", enabled=load_text_encoder),
+        )
+
+    # ------------------------------------------------------------------ the network
+    def predict(
+        self, model: nn.Module, noisy_latents: Tensor, timesteps: Tensor, conditions: dict[str, Tensor]
+    ) -> Tensor:
+        """The UNet's eps (or v) prediction for latents (B, 4, h, w)."""
+        return model(
+            noisy_latents,
+            model_timesteps(timesteps, noisy_latents.device),
+            encoder_hidden_states=conditions["encoder_hidden_states"],
+            return_dict=False,
+        )[0]
+
+    # ------------------------------------------------------------------ encoders
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``{"encoder_hidden_states": (B, 77, D)}`` from the CLIP text encoder."""
+        prompts = _check_prompts(prompts)
+        encoder = self._require(self.text_encoder, "text encoder", "load_text_encoder")
+        tokenizer = self._require(self.tokenizer, "tokenizer", "load_text_encoder")
+        ids = _clip_token_ids(tokenizer, prompts).to(module_device(encoder))
+        # SD-era CLIP checkpoints are trained without an attention mask; a few configs ask for one.
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = (ids != tokenizer.pad_token_id).long()
+        with torch.no_grad():
+            hidden = encoder(ids, attention_mask=mask)[0]
+        return {"encoder_hidden_states": hidden}
+
+    def encode_media(
+        self, pixels: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Scaled latents (B, 4, H/8, W/8), float32, for images (B, 3, H, W) in [-1, 1].
+
+        By default the posterior mean is used (deterministic, so a precompute cache is
+        reproducible); ``sample=True`` draws from the posterior as the reference Diffusion-DPO code does.
+        """
+        vae = self._require_vae()
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"{self.family} expects images (B, 3, H, W), got shape {tuple(pixels.shape)}")
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(module_device(vae), module_dtype(vae))).latent_dist
+            latents = posterior.sample(generator) if sample else posterior.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * vae.config.scaling_factor
+
+
+def _load_vae(loader: Any, folder: str, enabled: bool, torch_dtype: torch.dtype) -> nn.Module | None:
+    """The AutoencoderKL, kept in float32 when its config says fp16 overflows (``force_upcast``, SDXL)."""
+    vae = load_component(loader, folder, "vae", enabled=enabled, torch_dtype=torch_dtype, frozen=True)
+    if vae is not None and torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)
+    return vae
+
+
+class StableDiffusionXLSpec(StableDiffusionSpec):
+    """SDXL: two CLIP text encoders, pooled text embeddings and size/crop micro-conditioning.
+
+    Conditions: ``encoder_hidden_states`` (B, 77, D1 + D2) (penultimate hidden states of both
+    encoders, concatenated), ``text_embeds`` (B, P) (the pooled, projected output of the second
+    encoder) and ``time_ids`` (B, 6) = (original H, W, crop top, left, target H, W). ``time_ids``
+    come from ``media_format`` at encode time (no crop, original size = target size); a loader that
+    knows the true original size and crop can overwrite them with :meth:`time_ids`.
+    """
+
+    family: ClassVar[str] = "sdxl"
+    default_media_format: ClassVar[MediaFormat] = MediaFormat(height=1024, width=1024)
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        denoiser: nn.Module,
+        media_format: MediaFormat | None = None,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer_2: Any = None,
+    ) -> None:
+        super().__init__(schedule, denoiser, media_format, vae, text_encoder, tokenizer)
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+
+    @classmethod
+    def pipeline_name(cls) -> str:
+        return "StableDiffusionXLPipeline"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | Path,
+        *,
+        load_vae: bool = True,
+        load_text_encoder: bool = True,
+        media_format: MediaFormat | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+    ) -> StableDiffusionXLSpec:
+        """Load the spec from a diffusers SDXL pipeline folder or a cached hub id."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        folder = resolve_pretrained(pretrained)
+
+        def encoder(loader: Any, subfolder: str) -> Any:
+            return load_component(
+                loader, folder, subfolder, enabled=load_text_encoder, torch_dtype=torch_dtype, frozen=True
+            )
+
+        return cls(
+            schedule=NoiseSchedule.from_scheduler(load_scheduler(folder)),
+            denoiser=load_component(UNet2DConditionModel, folder, "unet", torch_dtype=torch_dtype),
+            media_format=media_format,
+            vae=_load_vae(AutoencoderKL, folder, load_vae, torch_dtype),
+            text_encoder=encoder(CLIPTextModel, "text_encoder"),
+            tokenizer=load_component(AutoTokenizer, folder, "tokenizer", enabled=load_text_encoder),
+            text_encoder_2=encoder(CLIPTextModelWithProjection, "text_encoder_2"),
+            tokenizer_2=load_component(AutoTokenizer, folder, "tokenizer_2", enabled=load_text_encoder),
+        )
+
+    @staticmethod
+    def time_ids(
+        original_size: tuple[int, int],
+        crop_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        batch_size: int = 1,
+    ) -> Tensor:
+        """SDXL micro-conditioning (B, 6): original (H, W), crop (top, left), target (H, W), float32."""
+        target_size = target_size or original_size
+        row = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+        return row.expand(batch_size, 6).clone()
+
+    def predict(
+        self, model: nn.Module, noisy_latents: Tensor, timesteps: Tensor, conditions: dict[str, Tensor]
+    ) -> Tensor:
+        """The UNet's prediction, with the pooled text and size conditioning as ``added_cond_kwargs``."""
+        time_ids = conditions.get("time_ids")
+        if time_ids is None:  # conditions from an older cache: fall back to the configured media size
+            size = (self.media_format.height, self.media_format.width)
+            time_ids = self.time_ids(size, batch_size=noisy_latents.shape[0])
+        added = {
+            "text_embeds": conditions["text_embeds"],
+            "time_ids": time_ids.to(device=noisy_latents.device, dtype=conditions["text_embeds"].dtype),
+        }
+        return model(
+            noisy_latents,
+            model_timesteps(timesteps, noisy_latents.device),
+            encoder_hidden_states=conditions["encoder_hidden_states"],
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``encoder_hidden_states``, pooled ``text_embeds`` and ``time_ids`` for each prompt."""
+        prompts = _check_prompts(prompts)
+        pairs = [
+            (self._require(self.text_encoder, "text encoder", "load_text_encoder"), self.tokenizer),
+            (
+                self._require(self.text_encoder_2, "second text encoder", "load_text_encoder"),
+                self.tokenizer_2,
+            ),
+        ]
+        hidden_states, pooled = [], None
+        with torch.no_grad():
+            for encoder, tokenizer in pairs:
+                self._require(tokenizer, "tokenizers", "load_text_encoder")
+                ids = _clip_token_ids(tokenizer, prompts).to(module_device(encoder))
+                output = encoder(ids, output_hidden_states=True)
+                # SDXL conditions on the penultimate layer of both encoders (no final layer norm).
+                hidden_states.append(output.hidden_states[-2])
+                pooled = getattr(output, "text_embeds", None)
+        if pooled is None:
+            raise RuntimeError(
+                "the second SDXL text encoder must be a CLIPTextModelWithProjection (pooled output)"
+            )
+        size = (self.media_format.height, self.media_format.width)
+        return {
+            "encoder_hidden_states": torch.cat(hidden_states, dim=-1),
+            "text_embeds": pooled,
+            "time_ids": self.time_ids(size, batch_size=len(prompts)).to(pooled.device),
+        }
