@@ -73,7 +73,12 @@ def test_expected_equals_monte_carlo_mean_of_sampled(schedule):
     x0, x0_hat, _, t, s, g = _setup(schedule, n=4, shape=(4,))
     draws = 20000
     z = torch.randn((draws, *x0.shape), generator=g, dtype=torch.float64)
-    sampled = torch.stack([log_importance_weight(schedule, x0, x0_hat, t, s, noise=zi) for zi in z])
+    n = x0.shape[0]
+    flat = log_importance_weight(  # every draw as its own row of one batch
+        schedule, x0.repeat(draws, 1), x0_hat.repeat(draws, 1), t.repeat(draws), s.repeat(draws),
+        noise=z.reshape(draws * n, -1),
+    )
+    sampled = flat.reshape(draws, n)
     mean, stderr = sampled.mean(0), sampled.std(0) / math.sqrt(draws)
     expected = log_importance_weight(schedule, x0, x0_hat, t, s)
     assert bool(((mean - expected).abs() <= 5 * stderr + 1e-12).all()), (mean, expected, stderr)
