@@ -1,0 +1,446 @@
+"""The toy world's base model: a small text-conditioned UNet pretrained on the 8x8 digits.
+
+``pretrain_base`` trains a diffusers ``UNet2DConditionModel`` and a tiny ``CLIPTextModel`` together,
+from scratch, on prompts such as "a handwritten digit 7", and writes a diffusers-style folder
+(``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that ``ToySpec.from_pretrained`` loads,
+like any Stable Diffusion folder without a VAE (the 8x8 pixels are the latents).
+
+The folder is cached under ``$SDPO_CACHE`` (or ``~/.cache/sdpo``) by a hash of the config, written
+to a temporary sibling and renamed into place only when complete, so an interrupted run never
+leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdpo.toy.data import DIGIT_WORDS, IMAGE_SIZE, NUM_CLASSES, PROMPT_TEMPLATE, load_split, prompts_for
+
+FORMAT_VERSION = 1
+"""Bumped whenever the folder layout or the training recipe changes, so old caches are not reused."""
+MARKER_FILE = "sdpo_toy.json"
+PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# Files that must exist in a complete folder; weights are checked further when read.
+REQUIRED_FILES = (
+    MARKER_FILE,
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/tokenizer.json",
+    "scheduler/scheduler_config.json",
+)
+
+
+class ToyCacheError(ValueError):
+    """A toy base-model folder that exists but cannot be used; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class ToyModelConfig:
+    """Size and training recipe of the toy base model. Every field is part of the cache key."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    """UNet channels per resolution level (8x8, then 4x4, ...)."""
+    full_resolution_attention: bool = False
+    """Give the 8x8 level attention too; lower levels and the middle block always have it. Off by
+    default: on two CPU cores it triples the step time for little gain on 8x8 digits."""
+    layers_per_block: int = 1
+    """ResNet (+ transformer) layers per UNet level."""
+    attention_heads: int = 4
+    """Attention heads in the UNet's transformer blocks (diffusers' ``attention_head_dim``)."""
+    norm_num_groups: int = 8
+    """GroupNorm groups in the UNet; must divide every entry of ``block_out_channels``."""
+    text_hidden_size: int = 32
+    """Width of the text encoder, and so the UNet's ``cross_attention_dim``."""
+    text_layers: int = 1
+    """Transformer layers of the text encoder."""
+    text_heads: int = 2
+    """Attention heads of the text encoder; must divide ``text_hidden_size``."""
+    max_prompt_tokens: int = 8
+    """Fixed padded prompt length in tokens, including the begin and end tokens."""
+    num_train_timesteps: int = 1000
+    """Length T of the DDPM training grid."""
+    beta_schedule: str = "squaredcos_cap_v2"
+    """DDPM beta schedule; the cosine schedule keeps more signal at mid t, which 8x8 images need."""
+    prediction_type: str = "epsilon"
+    """What the UNet predicts: "epsilon" or "v_prediction"."""
+    train_steps: int = 1500
+    """Optimiser steps of pretraining."""
+    batch_size: int = 128
+    """Images per pretraining step."""
+    learning_rate: float = 2e-3
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to a tenth of it)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Steps of linear learning-rate warm-up."""
+    ema_decay: float = 0.995
+    """Decay of the exponential moving average of the weights that is saved (0 saves the raw weights)."""
+    prompt_dropout: float = 0.1
+    """Share of training prompts replaced by the empty prompt, so classifier-free guidance works."""
+    seed: int = 0
+    """Seed of initialisation, batches, noise and timesteps."""
+
+    def __post_init__(self) -> None:
+        channels = tuple(int(c) for c in self.block_out_channels)
+        object.__setattr__(self, "block_out_channels", channels)
+        if not channels or any(c <= 0 for c in channels):
+            raise ValueError(f"block_out_channels must be positive integers, got {self.block_out_channels}")
+        # Each level but the last halves the resolution; 8 -> 4 -> 2 -> 1 is the deepest possible.
+        if len(channels) > 4:
+            raise ValueError(f"at most 4 UNet levels fit an 8x8 image, got {len(channels)}")
+        if self.norm_num_groups <= 0 or any(c % self.norm_num_groups for c in channels):
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels {channels}")
+        if self.attention_heads <= 0 or any(c % self.attention_heads for c in channels):
+            raise ValueError(f"attention_heads={self.attention_heads} must divide every block_out_channels {channels}")
+        for name in ("layers_per_block", "text_hidden_size", "text_layers", "text_heads", "train_steps", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.text_hidden_size % self.text_heads:
+            raise ValueError(f"text_heads={self.text_heads} must divide text_hidden_size={self.text_hidden_size}")
+        # [BOS] + "a handwritten digit N" + [EOS] is 6 tokens; shorter would cut the digit off.
+        if self.max_prompt_tokens < 6:
+            raise ValueError(f"max_prompt_tokens must be at least 6 to hold a prompt, got {self.max_prompt_tokens}")
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("weight_decay and warmup_steps must not be negative")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (tuples become lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ToyModelConfig:
+        """The config from ``to_dict`` output; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ToyModelConfig fields: {unknown}")
+        return cls(**values)
+
+    def short_hash(self) -> str:
+        """Ten hex digits identifying the config and the folder format (the cache key)."""
+        text = json.dumps({"format": FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@dataclass
+class _Models:
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler: Any
+    history: list[float] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ building
+def vocabulary() -> list[str]:
+    """The tokenizer's words: special tokens, the words of the prompt template, digits and digit words."""
+    template_words = PROMPT_TEMPLATE.replace("{digit}", "").split()
+    words = [*SPECIAL_TOKENS, *template_words, *(str(d) for d in range(NUM_CLASSES)), *DIGIT_WORDS]
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer(max_length: int) -> Any:
+    """A word-level fast tokenizer: lower-cased, whitespace split, [BOS] ... [EOS], padded with [PAD]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
+        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN]), (EOS_TOKEN, vocab[EOS_TOKEN])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=max_length,
+    )
+
+
+def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> Tensor:
+    """Token ids (B, max_length), padded to the fixed length as the UNet was trained with."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def build_models(config: ToyModelConfig) -> _Models:
+    """Freshly initialised UNet, text encoder, tokenizer and scheduler for ``config`` (seeded)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer(config.max_prompt_tokens)
+    levels = len(config.block_out_channels)
+    first_down = "CrossAttnDownBlock2D" if config.full_resolution_attention else "DownBlock2D"
+    last_up = "CrossAttnUpBlock2D" if config.full_resolution_attention else "UpBlock2D"
+    # Initialise under a private RNG so building a model never moves the caller's global stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_hidden_size,
+            intermediate_size=4 * config.text_hidden_size,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=config.max_prompt_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        text_encoder = CLIPTextModel(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=IMAGE_SIZE,
+            in_channels=1,
+            out_channels=1,
+            down_block_types=(first_down, *("CrossAttnDownBlock2D",) * (levels - 1)),
+            up_block_types=(*("CrossAttnUpBlock2D",) * (levels - 1), last_up),
+            block_out_channels=config.block_out_channels,
+            layers_per_block=config.layers_per_block,
+            norm_num_groups=config.norm_num_groups,
+            cross_attention_dim=config.text_hidden_size,
+            attention_head_dim=config.attention_heads,  # diffusers' name for the number of heads
+        )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        clip_sample=True,
+        clip_sample_range=1.0,
+    )
+    return _Models(unet, text_encoder, tokenizer, scheduler)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _learning_rate(config: ToyModelConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.train_steps - config.warmup_steps)
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _train(config: ToyModelConfig, models: _Models, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    from sdpo.schedules import NoiseSchedule
+
+    images, labels = load_split("train")
+    prompts = prompts_for(labels)
+    ids_by_class = tokenize(models.tokenizer, prompts, config.max_prompt_tokens)
+    empty_ids = tokenize(models.tokenizer, [""], config.max_prompt_tokens)[0]
+    schedule = NoiseSchedule.from_scheduler(models.scheduler)
+
+    unet, text_encoder = models.unet, models.text_encoder
+    unet.train()
+    text_encoder.train()
+    params = [p for module in (unet, text_encoder) for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
+
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(images), generator=generator)
+    cursor = 0
+    bar = tqdm(range(config.train_steps), desc="pretraining toy base", disable=not progress, leave=False)
+    for step in bar:
+        # Shuffled epochs, so each image is seen equally often even with few steps.
+        if cursor + config.batch_size > len(order):
+            order = torch.randperm(len(images), generator=generator)
+            cursor = 0
+        batch = order[cursor : cursor + config.batch_size]
+        cursor += config.batch_size
+        x0 = images[batch]
+        ids = ids_by_class[batch].clone()
+        drop = torch.rand(len(batch), generator=generator) < config.prompt_dropout
+        ids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=generator)
+        t = schedule.sample_timesteps(len(batch), generator=generator)
+        noisy = schedule.add_noise(x0, noise, t)
+
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        hidden = text_encoder(ids).last_hidden_state
+        prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = torch.nn.functional.mse_loss(prediction, schedule.target(x0, noise, t))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+        if ema is not None:
+            # The usual warm-up of the decay: early weights are poor, so the average forgets them fast.
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+        models.history.append(loss.item())
+        if step % 25 == 0 or step == config.train_steps - 1:
+            recent = models.history[-50:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+    bar.close()
+
+    if ema is not None:
+        with torch.no_grad():
+            for p, average in zip(params, ema, strict=True):
+                p.copy_(average)
+    unet.eval()
+    text_encoder.eval()
+
+
+# ------------------------------------------------------------------------------------------ cache
+def default_cache_root() -> Path:
+    """``$SDPO_CACHE`` if set, else ``~/.cache/sdpo``."""
+    env = os.environ.get("SDPO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sdpo"
+
+
+def base_folder(config: ToyModelConfig, cache_root: str | os.PathLike[str] | None = None) -> Path:
+    """Where the base model for ``config`` is (or will be) cached."""
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    return root / f"toy-base-{config.short_hash()}"
+
+
+def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``sdpo_toy.json`` of a toy folder; ToyCacheError if missing, unreadable or incomplete."""
+    folder = Path(folder)
+    path = folder / MARKER_FILE
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise _corrupt(folder, f"{MARKER_FILE} is missing or not valid JSON ({type(error).__name__})") from error
+    if not isinstance(marker, dict) or marker.get("complete") is not True or "config" not in marker:
+        raise _corrupt(folder, f"{MARKER_FILE} does not mark a completed pretraining")
+    return marker
+
+
+def check_folder(folder: str | os.PathLike[str], config: ToyModelConfig | None = None) -> dict[str, Any]:
+    """Validate a toy base folder without loading the models; returns its marker.
+
+    Checks the marker, that every required file exists, that the weight files have readable
+    safetensors headers whose sizes match the files (a truncated copy fails), and, given
+    ``config``, that the folder was trained with it. Raises ToyCacheError otherwise.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    marker = read_marker(folder)
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise _corrupt(folder, f"missing {', '.join(missing)}")
+    for name in REQUIRED_FILES:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(folder / name), framework="pt") as handle:
+                    if not list(handle.keys()):
+                        raise ValueError("no tensors")
+            except Exception as error:  # noqa: BLE001 - any read failure means the file is damaged
+                raise _corrupt(folder, f"{name} is unreadable ({type(error).__name__})") from error
+        elif name.endswith(".json"):
+            try:
+                json.loads((folder / name).read_text())
+            except ValueError as error:
+                raise _corrupt(folder, f"{name} is not valid JSON") from error
+    if config is not None:
+        try:
+            stored = ToyModelConfig.from_dict(marker["config"])
+        except (TypeError, ValueError) as error:
+            raise _corrupt(folder, f"{MARKER_FILE} holds an invalid config ({error})") from error
+        if stored != config:
+            raise _corrupt(folder, f"{MARKER_FILE} holds a different config than its name's hash")
+    return marker
+
+
+def _corrupt(folder: Path, why: str) -> ToyCacheError:
+    return ToyCacheError(f"toy base model folder {folder} is corrupt: {why}; delete it and run again to retrain it")
+
+
+def save_models(models: _Models, folder: Path) -> None:
+    """Write the four diffusers subfolders."""
+    models.unet.save_pretrained(folder / "unet")
+    models.text_encoder.save_pretrained(folder / "text_encoder")
+    models.tokenizer.save_pretrained(folder / "tokenizer")
+    models.scheduler.save_pretrained(folder / "scheduler")
+
+
+def pretrain_base(
+    config: ToyModelConfig | None = None,
+    cache_root: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """The folder of the pretrained toy base model for ``config``, training it on first use.
+
+    A complete cached folder is reused as it is. Otherwise the model is trained on the train split
+    of the digits and written to a temporary sibling folder that is renamed into place at the end,
+    so an interrupted run leaves nothing behind that could be mistaken for a finished model.
+    Raises ToyCacheError when the folder exists but is damaged.
+    """
+    config = config or ToyModelConfig()
+    final = base_folder(config, cache_root)
+    if final.exists():
+        check_folder(final, config)
+        return final
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        start = time.perf_counter()
+        models = build_models(config)
+        _train(config, models, progress)
+        seconds = time.perf_counter() - start
+        save_models(models, temporary)
+        tail = models.history[-100:]
+        marker = {
+            "format": FORMAT_VERSION,
+            "complete": True,
+            "config": config.to_dict(),
+            "config_hash": config.short_hash(),
+            "train_seconds": round(seconds, 2),
+            "final_loss": sum(tail) / len(tail),
+            "torch_threads": torch.get_num_threads(),
+        }
+        # The marker is written last: a folder without it is never complete.
+        (temporary / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.replace(temporary, final)
+        except OSError:
+            # Another process finished the same config first (the target is a non-empty folder):
+            # its copy is as good as ours.
+            if not final.exists():
+                raise
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(temporary)
+    check_folder(final, config)
+    return final
