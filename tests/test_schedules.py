@@ -150,3 +150,17 @@ def test_float_timesteps_rejected():
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler())
     with pytest.raises(TypeError, match="integer"):
         schedule.alpha(torch.tensor([0.5]))
+
+
+def test_flow_sigma_unipc_is_not_misread_as_ddpm():
+    from diffusers import UniPCMultistepScheduler
+
+    from sdpo.models.wan import flow_training_scheduler
+
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    with pytest.raises(ValueError, match="flow_training_scheduler"):
+        NoiseSchedule.from_scheduler(unipc)
+    converted = NoiseSchedule.from_scheduler(flow_training_scheduler(unipc))
+    reference = NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert converted.prediction_type == "flow"
+    torch.testing.assert_close(converted.sigmas, reference.sigmas)

@@ -64,6 +64,12 @@ class NoiseSchedule:
         """
         fresh = type(scheduler).from_config(scheduler.config)
         config = fresh.config
+        if config.get("use_flow_sigmas", False) or config.get("prediction_type") == "flow_prediction":
+            # e.g. Wan's UniPCMultistepScheduler: it also carries unused DDPM tables, which must not be read.
+            raise ValueError(
+                f"{type(scheduler).__name__} samples a flow model with its own sigma grid; convert it with "
+                "sdpo.models.wan.flow_training_scheduler(scheduler) first"
+            )
         if hasattr(fresh, "alphas_cumprod"):
             prediction_type = config.get("prediction_type", "epsilon")
             if prediction_type not in ("epsilon", "v_prediction"):
