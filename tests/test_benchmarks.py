@@ -1,0 +1,90 @@
+"""benchmarks/gpu_step.py in --tiny mode on the CPU: every architecture builds, adapts and steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_step():
+    # One thread: the tiny models are all per-op overhead, and a second thread only adds barrier waits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("sdpo_bench_gpu_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        torch.set_num_threads(threads)
+
+
+TINY_CPU = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--weight-repeats", "2"]
+
+
+def test_tiny_run_covers_every_model(gpu_step, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rows = gpu_step.main([*TINY_CPU, "--json", str(out)])  # bf16 base, float32 LoRA, as on the GPU
+    models = list(gpu_step.ARCHS)
+    assert [row["model"] for row in rows] == [m for m in models for _ in ("diffusion-dpo", "sdpo")]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["median_s"]) and row["median_s"] > 0
+        assert row["params"] > 0
+        assert 0 < row["lora_params"] < row["params"]
+        assert math.isfinite(row["loss"])
+        assert row["weights_ms"] >= 0 and row["peak_gb"] is None  # no CUDA memory on the CPU
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows
+    table = capsys.readouterr().out
+    assert all(f"| {m} | sdpo |" in table for m in models)
+
+
+def test_float32_without_checkpointing(gpu_step):
+    rows = gpu_step.main([*TINY_CPU, "--models", "cogvideox-5b,wan2.1-1.3b", "--method", "dpo-cm",
+                          "--dtype", "fp32", "--no-checkpointing"])
+    assert [(row["model"], row["method"]) for row in rows] == [("cogvideox-5b", "dpo-cm"), ("wan2.1-1.3b", "dpo-cm")]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["loss"]) and row["median_s"] > 0
+        assert 0 < row["lora_params"] < row["params"]
+
+
+def test_full_size_configs_match_published_sizes(gpu_step):
+    rows = gpu_step.count_only(list(gpu_step.ARCHS.values()), tiny=False, rank=64, with_lora=False)
+    billions = {row["model"]: row["params"] / 1e9 for row in rows}
+    published = {"sd15": 0.86, "sdxl": 2.57, "cogvideox-2b": 1.69, "cogvideox-5b": 5.57, "wan2.1-1.3b": 1.42}
+    for model, size in published.items():
+        assert billions[model] == pytest.approx(size, rel=0.02), model
+
+
+def test_bad_arguments_are_rejected(gpu_step):
+    with pytest.raises(SystemExit):
+        gpu_step.parse_args(["--models", "sd3"])
+    with pytest.raises(SystemExit):
+        gpu_step.parse_args(["--method", "ppo"])
+
+
+def test_out_of_memory_is_reported_not_raised(gpu_step, monkeypatch):
+    real = gpu_step.bench_model
+
+    def bench_model(arch, args, methods):
+        if arch.name == "sdxl":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(arch, args, methods)
+
+    monkeypatch.setattr(gpu_step, "bench_model", bench_model)
+    rows = gpu_step.main([*TINY_CPU, "--models", "sdxl,wan2.1-1.3b", "--method", "sdpo"])
+    assert [(row["model"], row["status"]) for row in rows] == [("sdxl", "OOM"), ("wan2.1-1.3b", "ok")]
+    assert "| sdxl | sdpo | OOM |" in gpu_step.markdown_table(rows)
