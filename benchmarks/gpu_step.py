@@ -300,27 +300,16 @@ def building_on(device: torch.device | str, dtype: torch.dtype) -> Iterator[None
 
 
 def build_denoiser(arch: Arch, tiny: bool, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """The denoiser with random weights, built on ``device`` in ``dtype``; every tensor ends in ``dtype``.
-
-    Buffers that the constructor makes in float32 on purpose (positional tables) are cast too, as
-    the trainer's ``model.to(device, dtype=weight_dtype)`` casts them.
-    """
+    """The denoiser with random weights, built on ``device`` in ``dtype`` and cast as the trainer casts it."""
     import diffusers
 
     denoiser_class = getattr(diffusers, arch.denoiser_class)
     with building_on(device, dtype):
         model = denoiser_class(**(arch.tiny_config if tiny else arch.config))
     if torch.device(device).type != "meta":
-        # As the trainer's ``model.to(device, dtype=weight_dtype)``: everything in ``dtype``, including
-        # the modules diffusers' from_pretrained would keep in float32 (its warning about that is muted).
-        from diffusers.utils import logging as diffusers_logging
+        from sdpo.models.base import cast_frozen
 
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()
-        try:
-            model.to(device=device, dtype=dtype)
-        finally:
-            diffusers_logging.set_verbosity(level)
+        cast_frozen(model, device, dtype)  # exactly as the trainer casts the frozen base
     return model
 
 

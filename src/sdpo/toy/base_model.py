@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sdpo.toy.data import DIGIT_WORDS, IMAGE_SIZE, NUM_CLASSES, PROMPT_TEMPLATE, load_split, prompts_for
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the folder layout or the training recipe changes, so old caches are not reused."""
 MARKER_FILE = "sdpo_toy.json"
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
@@ -81,9 +81,9 @@ class ToyModelConfig:
     """DDPM beta schedule; the cosine schedule keeps more signal at mid t, which 8x8 images need."""
     prediction_type: str = "epsilon"
     """What the UNet predicts: "epsilon" or "v_prediction"."""
-    train_steps: int = 1500
+    train_steps: int = 1000
     """Optimiser steps of pretraining."""
-    batch_size: int = 128
+    batch_size: int = 64
     """Images per pretraining step."""
     learning_rate: float = 2e-3
     """Peak AdamW learning rate (linear warm-up, then cosine decay to a tenth of it)."""
@@ -163,20 +163,29 @@ class _Models:
 
 # ------------------------------------------------------------------------------------------ building
 def vocabulary() -> list[str]:
-    """The tokenizer's words: special tokens, the words of the prompt template, digits and digit words."""
+    """The tokenizer's words: special tokens, the words of the prompt template and the ten numerals."""
     template_words = PROMPT_TEMPLATE.replace("{digit}", "").split()
-    words = [*SPECIAL_TOKENS, *template_words, *(str(d) for d in range(NUM_CLASSES)), *DIGIT_WORDS]
+    words = [*SPECIAL_TOKENS, *template_words, *(str(d) for d in range(NUM_CLASSES))]
     return list(dict.fromkeys(words))
 
 
 def build_tokenizer(max_length: int) -> Any:
-    """A word-level fast tokenizer: lower-cased, whitespace split, [BOS] ... [EOS], padded with [PAD]."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    """A word-level fast tokenizer: lower-cased, whitespace split, [BOS] ... [EOS], padded with [PAD].
+
+    Digit words are rewritten to numerals before the split ("seven" -> "7"), so the model, trained
+    on numerals only, understands every prompt ``parse_digit`` accepts.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {word: index for index, word in enumerate(vocabulary())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    core.normalizer = normalizers.Lowercase()
+    core.normalizer = normalizers.Sequence(
+        [
+            normalizers.Lowercase(),
+            *(normalizers.Replace(Regex(rf"\b{word}\b"), str(d)) for d, word in enumerate(DIGIT_WORDS)),
+        ]
+    )
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
@@ -304,7 +313,8 @@ def _train(config: ToyModelConfig, models: _Models, progress: bool) -> None:
             # The usual warm-up of the decay: early weights are poor, so the average forgets them fast.
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+                for average, p in zip(ema, params, strict=True):
+                    average.lerp_(p, 1.0 - decay)
         models.history.append(loss.item())
         if step % 25 == 0 or step == config.train_steps - 1:
             recent = models.history[-50:]
@@ -394,6 +404,11 @@ def save_models(models: _Models, folder: Path) -> None:
     models.scheduler.save_pretrained(folder / "scheduler")
 
 
+def _tenths(values: list[float]) -> list[list[float]]:
+    size = max(1, math.ceil(len(values) / 10))
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
 def pretrain_base(
     config: ToyModelConfig | None = None,
     cache_root: str | os.PathLike[str] | None = None,
@@ -428,6 +443,10 @@ def pretrain_base(
             "config_hash": config.short_hash(),
             "train_seconds": round(seconds, 2),
             "final_loss": sum(tail) / len(tail),
+            # Mean loss over each tenth of training, to judge whether more steps would still help.
+            "loss_by_tenth": [
+                round(sum(part) / len(part), 4) for part in _tenths(models.history) if part
+            ],
             "torch_threads": torch.get_num_threads(),
         }
         # The marker is written last: a folder without it is never complete.

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from sdpo.toy.data import IMAGE_SIZE
 
-DEFAULT_GUIDANCE_SCALE = 2.0
+DEFAULT_GUIDANCE_SCALE = 1.25
 """Classifier-free guidance weight of ``sample`` (1 disables guidance)."""
 DEFAULT_STEPS = 50
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sdpo.data.cache import collate_pairs
-from sdpo.models.base import ModelSpec, unwrap
+from sdpo.models.base import ModelSpec, cast_frozen, unwrap
 from sdpo.train.config import TrainConfig
 from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
 
@@ -90,17 +90,6 @@ def _add_lora(model: nn.Module, config: TrainConfig, spec: ModelSpec) -> None:
         target_modules=targets,
     )
     model.add_adapter(lora)
-
-
-def _cast_frozen(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move the frozen base to ``dtype``, keeping the modules the model marks as float32-only
-    (``_keep_in_fp32_modules``, e.g. Wan's time embedder and norms) in float32, as from_pretrained does."""
-    model.to(device, dtype=dtype)
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    if dtype != torch.float32 and keep:
-        for name, module in model.named_modules():
-            if any(part in name for part in keep):
-                module.to(torch.float32)
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -204,7 +193,7 @@ def train(
     model.requires_grad_(False)
     reference_copy: nn.Module | None = None
     if config.lora_rank > 0:
-        _cast_frozen(model, accelerator.device, weight_dtype)
+        cast_frozen(model, accelerator.device, weight_dtype)
         _add_lora(model, config, spec)
         for param in model.parameters():  # adapters train in float32 whatever the base dtype
             if param.requires_grad:
