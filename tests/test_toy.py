@@ -1,0 +1,358 @@
+"""The offline toy world: digits data, the cached tiny base model, its ModelSpec, sampling, the reward."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from sdpo.models.base import MediaFormat, ModelNotFoundError, ModelSpec
+from sdpo.toy import base_model
+from sdpo.toy.base_model import ToyCacheError, ToyModelConfig, base_folder, pretrain_base
+from sdpo.toy.data import (
+    load_digit_images,
+    load_split,
+    parse_digit,
+    parse_digits,
+    prompt_for,
+    prompts_for,
+    split_indices,
+)
+from sdpo.toy.reward import digit_reward, feature_distance, thickness_score
+from sdpo.toy.sampling import image_grid, make_noise, sample
+from sdpo.toy.spec import ToySpec
+
+# Small enough that building, 20 steps of training and saving take about a second.
+TINY = ToyModelConfig(
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    attention_heads=2,
+    text_hidden_size=8,
+    text_heads=2,
+    train_steps=20,
+    batch_size=16,
+    warmup_steps=2,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These tensors are tiny: a second thread only adds OpenMP barriers, and on a shared 2-core
+    # machine those stall (measured 10-20x slower than one thread under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory):
+    return pretrain_base(TINY, cache_root=tmp_path_factory.mktemp("toy-cache"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_folder) -> ToySpec:
+    return ToySpec.from_pretrained(tiny_folder)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_digit_images_have_the_media_convention():
+    images, labels = load_digit_images()
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32
+    assert labels.shape == (1797,) and labels.dtype == torch.int64
+    assert images.min() == -1.0 and images.max() == 1.0
+    assert set(labels.tolist()) == set(range(10))
+
+
+def test_split_is_fixed_disjoint_complete_and_stratified():
+    train, held_out = split_indices()
+    assert not set(train.tolist()) & set(held_out.tolist())
+    assert len(train) + len(held_out) == 1797
+    assert torch.equal(split_indices()[1], held_out)
+    _, held_labels = load_split("held_out")
+    counts = torch.bincount(held_labels, minlength=10)
+    assert counts.min() >= 34 and counts.max() <= 38  # 20% of 174..183 per class
+    with pytest.raises(ValueError, match="unknown split"):
+        load_split("test")
+
+
+def test_prompts_round_trip_and_parse():
+    assert prompt_for(7) == "a handwritten digit 7"
+    assert parse_digits(prompts_for(torch.arange(10))).tolist() == list(range(10))
+    assert parse_digit("A handwritten digit SEVEN") == 7
+    assert parse_digit("digit 3, please") == 3
+    with pytest.raises(ValueError, match="names no digit"):
+        parse_digit("a handwritten letter")
+    with pytest.raises(ValueError, match="several digits"):
+        parse_digit("a 3 or an 8")
+    with pytest.raises(ValueError):
+        parse_digit("digit 12")
+    with pytest.raises(ValueError):
+        prompt_for(10)
+
+
+# ------------------------------------------------------------------------------------------ config and cache
+def test_config_validation_and_hash():
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        ToyModelConfig(block_out_channels=(12, 24), norm_num_groups=8)
+    with pytest.raises(ValueError, match="prompt_dropout"):
+        ToyModelConfig(prompt_dropout=1.0)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        ToyModelConfig(beta_schedule="cosine")
+    assert ToyModelConfig.from_dict(TINY.to_dict()) == TINY
+    assert TINY.short_hash() != ToyModelConfig(**{**TINY.to_dict(), "seed": 1}).short_hash()
+    with pytest.raises(ValueError, match="unknown"):
+        ToyModelConfig.from_dict({"nonsense": 1})
+
+
+def test_pretrain_base_writes_a_diffusers_folder_and_reuses_it(tiny_folder, monkeypatch):
+    assert tiny_folder.name == f"toy-base-{TINY.short_hash()}"
+    for name in ("unet/config.json", "text_encoder/config.json", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
+        assert (tiny_folder / name).is_file()
+    marker = json.loads((tiny_folder / "sdpo_toy.json").read_text())
+    assert marker["complete"] is True and ToyModelConfig.from_dict(marker["config"]) == TINY
+    mtime = (tiny_folder / "unet/diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached base model must not be retrained")
+
+    monkeypatch.setattr(base_model, "_train", no_training)
+    assert pretrain_base(TINY, cache_root=tiny_folder.parent, progress=False) == tiny_folder
+    assert (tiny_folder / "unet/diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_tokenizer_loads_with_transformers(tiny_folder):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder / "tokenizer")
+    ids = tokenizer(["a handwritten digit 7", ""], padding="max_length", max_length=8).input_ids
+    assert ids[0][0] == tokenizer.bos_token_id and ids[0][5] == tokenizer.eos_token_id
+    assert ids[1][:3] == [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert tokenizer.unk_token_id not in ids[0]
+    # Digit words become numerals, so every prompt parse_digit accepts means the same to the model.
+    assert tokenizer(["A handwritten digit Seven"], padding="max_length", max_length=8).input_ids[0] == ids[0]
+
+
+def test_interrupted_pretraining_leaves_nothing(tmp_path, monkeypatch):
+    def crash(config, models, progress):
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(base_model, "_train", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain_base(TINY, cache_root=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    target = tmp_path / folder.name
+    shutil.copytree(folder, target)
+    return target
+
+
+@pytest.mark.parametrize("damage", ["missing_weights", "bad_marker", "truncated_weights", "incomplete_marker"])
+def test_corrupt_cache_is_reported_with_its_folder(tiny_folder, tmp_path, damage):
+    folder = _copy(tiny_folder, tmp_path)
+    weights = folder / "unet/diffusion_pytorch_model.safetensors"
+    if damage == "missing_weights":
+        weights.unlink()
+    elif damage == "bad_marker":
+        (folder / "sdpo_toy.json").write_text("{not json")
+    elif damage == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    else:
+        (folder / "sdpo_toy.json").write_text(json.dumps({"config": TINY.to_dict(), "complete": False}))
+    with pytest.raises(ToyCacheError, match="delete it") as caught:
+        pretrain_base(TINY, cache_root=tmp_path, progress=False)
+    assert str(folder) in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(ToyCacheError):
+        ToySpec.from_pretrained(folder)
+
+
+def test_default_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDPO_CACHE", str(tmp_path))
+    assert base_folder(TINY).parent == tmp_path
+
+
+# ------------------------------------------------------------------------------------------ spec
+def test_spec_loads_encodes_and_predicts(spec, tiny_folder):
+    assert isinstance(spec, ModelSpec)
+    assert spec.family == "toy" and spec.pretrained == tiny_folder and spec.denoiser is spec.unet
+    assert spec.media_format == MediaFormat(channels=1, height=8, width=8)
+    assert spec.schedule.num_timesteps == 1000 and spec.schedule.prediction_type == "epsilon"
+    conditions = spec.encode_prompts(prompts_for([3, 1, 4]))
+    assert conditions["encoder_hidden_states"].shape == (3, TINY.max_prompt_tokens, TINY.text_hidden_size)
+    pixels = load_split("held_out")[0][:3]
+    latents = spec.encode_media(pixels)
+    assert torch.equal(latents, pixels)
+    with pytest.raises(ValueError, match="shape"):
+        spec.encode_media(torch.zeros(3, 3, 8, 8))
+    t = spec.schedule.model_timestep(torch.tensor([0, 500, 999]))
+    with torch.no_grad():
+        prediction = spec.predict(spec.denoiser, latents, t, conditions)
+    assert prediction.shape == latents.shape and torch.isfinite(prediction).all()
+
+
+def test_spec_loading_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        ToySpec.from_pretrained(tmp_path / "absent")
+    with pytest.raises(ValueError, match="only handles"):
+        ToySpec.from_pretrained(tmp_path, media_format=MediaFormat(3, 8, 8))
+
+
+def test_spec_without_text_encoder(tiny_folder):
+    bare = ToySpec.from_pretrained(tiny_folder, load_text_encoder=False, load_vae=False)
+    assert bare.text_encoder is None
+    with pytest.raises(RuntimeError, match="load_text_encoder"):
+        bare.encode_prompts(["a handwritten digit 1"])
+
+
+def _lora_inputs(spec):
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((4, 1, 8, 8), generator=generator)
+    t = spec.schedule.model_timestep(torch.tensor([10, 200, 600, 990]))
+    return latents, t, spec.encode_prompts(prompts_for([0, 2, 5, 9]))
+
+
+def test_lora_add_disable_save_and_reload(tiny_folder, tmp_path):
+    import peft
+    from diffusers import StableDiffusionPipeline
+
+    spec = ToySpec.from_pretrained(tiny_folder)  # a private copy: adapters are added to it
+    targets = spec.lora_target_modules()
+    assert {"to_q", "to_k", "to_v", "to_out.0"} <= set(targets)
+    # lora_alpha != r, so a reload that forgot the scale would give different predictions.
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian")
+    spec.denoiser.add_adapter(config)
+    with torch.no_grad():  # B starts at zero; make the adapters act
+        for name, parameter in spec.denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    latents, t, conditions = _lora_inputs(spec)
+    with torch.no_grad():
+        tuned = spec.predict(spec.denoiser, latents, t, conditions)
+        spec.denoiser.disable_adapters()
+        base = spec.predict(spec.denoiser, latents, t, conditions)
+        spec.denoiser.enable_adapters()
+    assert not torch.allclose(tuned, base, atol=1e-4)
+
+    spec.save_lora(tmp_path / "lora", spec.denoiser)
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    with pytest.raises(ValueError, match="save_lora"):
+        spec.save_full(tmp_path / "full", spec.denoiser)
+
+    fresh = ToySpec.from_pretrained(tiny_folder)
+    # The path StableDiffusionPipeline.load_lora_weights takes.
+    state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(tmp_path / "lora", return_lora_metadata=True)
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas=alphas, unet=fresh.unet, metadata=metadata)
+    with torch.no_grad():
+        reloaded = fresh.predict(fresh.denoiser, latents, t, conditions)
+    torch.testing.assert_close(reloaded, tuned, rtol=1e-4, atol=1e-5)
+
+
+def test_save_full_round_trips(spec, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    spec.save_full(tmp_path, spec.denoiser)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    latents, t, conditions = _lora_inputs(spec)
+    with torch.no_grad():
+        torch.testing.assert_close(spec.predict(unet, latents, t, conditions), spec.predict(spec.denoiser, latents, t, conditions))
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        spec.save_lora(tmp_path / "lora", spec.denoiser)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_sampling_is_deterministic_and_in_range(spec):
+    prompts = prompts_for([0, 1, 2, 3, 4, 5])
+    noise = make_noise(len(prompts), seed=3)
+    assert torch.equal(noise, make_noise(len(prompts), seed=3))
+    first = sample(spec, spec.denoiser, prompts, noise, num_inference_steps=5)
+    again = sample(spec, spec.denoiser, prompts, noise.clone(), num_inference_steps=5)
+    assert first.shape == (6, 1, 8, 8)
+    assert torch.equal(first, again)
+    assert first.min() >= -1 and first.max() <= 1
+    other = sample(spec, spec.denoiser, prompts, make_noise(len(prompts), seed=4), num_inference_steps=5)
+    assert not torch.equal(first, other)
+    unguided = sample(spec, spec.denoiser, prompts, noise, num_inference_steps=5, guidance_scale=1.0)
+    assert not torch.equal(first, unguided)
+    chunked = sample(spec, spec.denoiser, prompts, noise, num_inference_steps=5, batch_size=4)
+    torch.testing.assert_close(chunked, first, rtol=1e-4, atol=1e-4)
+    assert spec.denoiser.training is False
+    with pytest.raises(ValueError, match="noise must have shape"):
+        sample(spec, spec.denoiser, prompts, make_noise(3), num_inference_steps=5)
+
+
+def test_image_grid_upscales():
+    grid = image_grid(load_split("train")[0][:12], nrow=4, scale=8, padding=1)
+    assert grid.size == ((4 * 9 + 1) * 8, (3 * 9 + 1) * 8) and grid.mode == "L"
+
+
+# ------------------------------------------------------------------------------------------ reward
+@pytest.fixture(scope="module")
+def held_out():
+    images, labels = load_split("held_out")
+    return images, labels, prompts_for(labels)
+
+
+def test_reward_prefers_the_prompted_digit(held_out):
+    images, labels, prompts = held_out
+    reward = digit_reward()
+    right = reward(images, prompts)
+    wrong = reward(images, prompts_for((labels + 1) % 10))
+    assert right.shape == (len(images),) and right.dtype == torch.float32
+    assert (right > wrong).float().mean() > 0.95
+    assert (right - wrong).mean() > 3.0
+
+
+def test_reward_has_headroom_on_real_digits(held_out):
+    images, _, prompts = held_out
+    scores = digit_reward()(images, prompts)
+    # The saturated form the reward replaces: most real digits score within a few hundredths of 1.
+    probability = digit_reward("probability")(images, prompts)
+    assert probability.median() > 0.98 and probability.quantile(0.75) > 0.99
+    assert 0.6 < scores.std() < 3.0
+    assert scores.quantile(0.75) - scores.quantile(0.25) > 1.0
+    assert scores.unique().numel() == scores.numel()  # no ties between different real digits
+    top_decile = scores.quantile(0.9)
+    assert (scores > top_decile).float().mean() < 0.11  # no ceiling where many pile up
+
+
+def test_style_term_is_met_by_about_half_of_real_digits(held_out):
+    images, labels, _ = held_out
+    train_images, train_labels = load_split("train")
+    assert 0.4 < (thickness_score(images, labels) > 0).float().mean() < 0.6
+    assert 0.45 < (thickness_score(train_images, train_labels) > 0).float().mean() < 0.55
+
+
+def test_reward_guards_against_blobs_and_checks_inputs(held_out):
+    images, _, prompts = held_out
+    reward = digit_reward()
+    blobs = torch.ones_like(images[:10])
+    assert reward(blobs, prompts[:10]).max() < reward(images, prompts).median()
+    with pytest.raises(ValueError, match="names no digit"):
+        reward(images[:1], ["a handwritten letter"])
+    with pytest.raises(ValueError, match="prompts"):
+        reward(images[:2], prompts[:1])
+    with pytest.raises(ValueError, match="unknown reward kind"):
+        digit_reward("aesthetics")
+
+
+def test_feature_distance_separates_real_from_noise(held_out):
+    images, _, _ = held_out
+    train_images, _ = load_split("train")
+    real = feature_distance(images, train_images)
+    noise = feature_distance(make_noise(len(images), seed=0).clamp(-1, 1), train_images)
+    assert 0 <= real < 1.0
+    assert noise > 10 * real
+    assert feature_distance(train_images, train_images) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_package_exports_lazily():
+    import sdpo.toy
+
+    assert sdpo.toy.ToySpec is ToySpec and sdpo.toy.sample is sample
+    assert os.fspath(base_folder(TINY, "/x")).startswith("/x")
