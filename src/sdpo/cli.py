@@ -70,6 +70,8 @@ def _precompute(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sdpo.demo import DemoConfig  # its defaults are the flags' defaults
+
     parser = argparse.ArgumentParser(prog="sdpo", description="Preference fine-tuning of diffusion models.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline end-to-end run on the embedded digits world")
     demo.add_argument("--method", nargs="+", default=["sdpo"], choices=[*METHODS, "all"],
                       help="method(s) to train and compare (default: sdpo; 'all' runs the three)")
-    demo.add_argument("--steps", type=int, default=400, help="optimizer steps per method")
+    demo.add_argument("--steps", type=int, default=DemoConfig.steps, help="optimizer steps per method")
     demo.add_argument("--beta", type=float, default=None, help="objective temperature (default: per method)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="outputs/demo", help="output folder (replaced when the run succeeds)")
-    demo.add_argument("--pairs-per-digit", type=int, default=64)
-    demo.add_argument("--eval-per-digit", type=int, default=50)
+    demo.add_argument("--seed", type=int, default=DemoConfig.seed)
+    demo.add_argument("--out", default=DemoConfig.out, help="output folder (replaced when the run succeeds)")
+    demo.add_argument("--pairs-per-digit", type=int, default=DemoConfig.pairs_per_digit)
+    demo.add_argument("--eval-per-digit", type=int, default=DemoConfig.eval_per_digit)
     demo.set_defaults(func=_demo)
 
     train = commands.add_parser("train", help="fine-tune a model from a YAML config (use with accelerate launch)")

@@ -34,7 +34,7 @@ class DemoConfig:
 
     methods: tuple[str, ...] = ("sdpo",)
     """Methods to fine-tune and compare: any of diffusion-dpo, dpo-cm, sdpo."""
-    steps: int = 400
+    steps: int = 300
     """Optimizer steps per method."""
     beta: float | None = None
     """Objective temperature; None uses the method's demo default (DEMO_BETA)."""
@@ -42,19 +42,19 @@ class DemoConfig:
     """Seed of pair sampling, training and evaluation noise."""
     out: str = "outputs/demo"
     """Output folder; replaced as a whole when the run succeeds."""
-    pairs_per_digit: int = 64
+    pairs_per_digit: int = 32
     """Preference pairs per digit prompt (10 prompts)."""
     samples_per_prompt: int = 4
     """Candidates sampled per pair; the best and worst by reward form the pair."""
     eval_per_digit: int = 50
     """Held-out evaluation samples per digit, from seeds never used for pairs."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Pairs per optimizer step."""
     learning_rate: float = 1e-3
     """LoRA learning rate."""
     lora_rank: int = 8
     """LoRA rank."""
-    num_inference_steps: int = 50
+    num_inference_steps: int = 25
     """Sampler steps for pairs and evaluation (and the K of the importance weights)."""
     cache_root: str | None = None
     """Where the pretrained base model is cached (default $SDPO_CACHE or ~/.cache/sdpo)."""

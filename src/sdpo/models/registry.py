@@ -24,6 +24,7 @@ SPECS: dict[str, type] = {
 LAZY_SPECS: dict[str, str] = {
     # The toy family lives in its own package and is imported only when asked for.
     "toy": "sdpo.toy.spec:ToySpec",
+    "toy-video": "sdpo.toy.video:VideoToySpec",
 }
 """Families registered as ``"module:Class"``, imported on first use (keeps ``import`` of this module light)."""
 
@@ -61,7 +62,7 @@ def load_spec(
     cache needs neither). Extra keyword arguments go to the family's ``from_pretrained``.
     """
     cls = spec_class(family)
-    return cls.from_pretrained(
+    spec = cls.from_pretrained(
         pretrained,
         load_vae=load_vae,
         load_text_encoder=load_text_encoder,
@@ -69,3 +70,6 @@ def load_spec(
         torch_dtype=torch_dtype,
         **kwargs,
     )
+    if getattr(spec, "pretrained", None) is None:
+        spec.pretrained = str(pretrained)  # recorded in cache manifests; validation reloads the pipeline from it
+    return spec

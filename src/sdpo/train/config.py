@@ -78,6 +78,12 @@ class TrainConfig:
     """Optimizer steps between resumable checkpoints (0: only at the end)."""
     checkpoints_total_limit: int | None = 2
     """Keep at most this many checkpoints (None keeps all)."""
+    validation_prompts: list[str] = field(default_factory=list)
+    """Prompts sampled with the family's diffusers pipeline during training (empty: none)."""
+    validation_every: int = 0
+    """Optimizer steps between validation samples (0: only after the last step, if prompts are set)."""
+    validation_inference_steps: int = 25
+    """Sampler steps of the validation pipeline."""
     report_to: str = "tensorboard"
     """Experiment tracker: tensorboard, wandb, all or none (metrics.jsonl is always written)."""
     num_workers: int = 0
@@ -99,7 +105,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lora_rank", "lr_warmup_steps", "checkpoint_every", "num_workers", "t_min"):
+        for name in ("lora_rank", "lr_warmup_steps", "checkpoint_every", "num_workers", "t_min", "validation_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -187,6 +187,7 @@ def train(
 
         dataset = CachedPairs(config.cache_dir)
         check_cache_matches(dataset.manifest, spec.family)
+        spec.media_format = dataset.media_format  # the size the cache was encoded at (validation samples it)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     model = spec.denoiser
@@ -276,6 +277,12 @@ def train(
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.2f}")
                 if on_log is not None:
                     on_log(done, logged, unwrap(model))
+        validate_now = config.validation_every and done % config.validation_every == 0
+        if config.validation_prompts and accelerator.is_main_process and (validate_now or done == config.max_steps):
+            from sdpo.train.validation import write_validation_samples
+
+            write_validation_samples(spec, model, list(config.validation_prompts), output_dir / "validation" /
+                                     f"step-{done:06d}", config.validation_inference_steps, config.seed)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps:
             _save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
 
