@@ -42,7 +42,7 @@ def write_report(
     batch = collate_pairs([dataset[i] for i in range(min(len(dataset), 256))])
     grid = torch.arange(0, spec.schedule.num_timesteps, spec.schedule.num_timesteps // 25)
     profile = weight_profile(spec, spec.denoiser, batch, grid, config.num_inference_steps, seed=config.seed)
-    plot_weight_profile(profile, folder / "weight_profile.png", "base model, demo pairs (K = 50)")
+    plot_weight_profile(profile, folder / "weight_profile.png", f"base model, demo pairs (K = {config.num_inference_steps})")
 
     lines = [
         "# sdpo demo report",
