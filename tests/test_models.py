@@ -377,7 +377,7 @@ def test_wan_schedule_normalisation_and_prompt_padding(folders: dict[str, Path])
 def test_registry_lists_families_and_rejects_unknown() -> None:
     assert {"sd", "sdxl", "cogvideox", "wan"} <= set(SPECS)
     assert LAZY_SPECS["toy"] == "sdpo.toy.spec:ToySpec"
-    assert known_families() == sorted({"sd", "sdxl", "cogvideox", "wan", "toy", *SPECS})
+    assert known_families() == sorted({"sd", "sdxl", "cogvideox", "wan", "toy", *SPECS, *LAZY_SPECS})
     with pytest.raises(ValueError, match="unknown model family 'sd3'.*cogvideox.*toy.*wan"):
         load_spec("sd3", "/nowhere")
 
