@@ -38,6 +38,17 @@ def test_demo_end_to_end_writes_the_report(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+def test_video_demo_end_to_end(tmp_path):
+    from test_toy_video import TINY as TINY_VIDEO
+
+    out = run_demo(_tiny(tmp_path / "video", tmp_path / "models", world="video", methods=("sdpo",),
+                         toy_overrides=TINY_VIDEO))
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"base", "sdpo"} and results["sdpo"]["n"] == 20
+    assert (out / "samples_sdpo.png").is_file() and (out / "sdpo" / "pytorch_lora_weights.safetensors").is_file()
+    assert "video digits world" in (out / "report.md").read_text()
+
+
 def test_failed_demo_leaves_nothing_behind(tmp_path, monkeypatch):
     import sdpo.train.trainer as trainer
 

@@ -65,6 +65,16 @@ def tiny_config(arch: str, **overrides) -> VideoToyConfig:
     return VideoToyConfig(arch=arch, **{**TINY, **overrides})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models run thousands of small ops, which one thread does fastest: a second thread
+    only adds synchronisation, and on a shared machine it waits for a busy core at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("video-cache")

@@ -28,7 +28,7 @@ def _demo(args: argparse.Namespace) -> None:
     from sdpo.demo import DemoConfig, run_demo
 
     config = DemoConfig(
-        methods=tuple(args.method), steps=args.steps, beta=args.beta, seed=args.seed, out=args.out,
+        world=args.world, methods=tuple(args.method), steps=args.steps, beta=args.beta, seed=args.seed, out=args.out,
         pairs_per_digit=args.pairs_per_digit, eval_per_digit=args.eval_per_digit, progress=not args.quiet,
     )
     out = run_demo(config)
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline end-to-end run on the embedded digits world")
     demo.add_argument("--method", nargs="+", default=["sdpo"], choices=[*METHODS, "all"],
                       help="method(s) to train and compare (default: sdpo; 'all' runs the three)")
+    demo.add_argument("--world", choices=["image", "video"], default=DemoConfig.world,
+                      help="embedded world: still 8x8 digits, or clips of a moving digit")
     demo.add_argument("--steps", type=int, default=DemoConfig.steps, help="optimizer steps per method")
     demo.add_argument("--beta", type=float, default=None, help="objective temperature (default: per method)")
     demo.add_argument("--seed", type=int, default=DemoConfig.seed)

@@ -32,6 +32,8 @@ DEMO_BETA = {"diffusion-dpo": 2000.0, "dpo-cm": 2000.0, "sdpo": 2000.0}
 class DemoConfig:
     """Settings of `sdpo demo`; every field is a command-line flag."""
 
+    world: str = "image"
+    """Embedded world: "image" (8x8 digits, a UNet) or "video" (moving digits, a tiny video transformer)."""
     methods: tuple[str, ...] = ("sdpo",)
     """Methods to fine-tune and compare: any of diffusion-dpo, dpo-cm, sdpo."""
     steps: int = 300
@@ -59,7 +61,7 @@ class DemoConfig:
     cache_root: str | None = None
     """Where the pretrained base model is cached (default $SDPO_CACHE or ~/.cache/sdpo)."""
     toy_overrides: dict = field(default_factory=dict)
-    """ToyModelConfig fields to override (tests use a tiny, fast base model)."""
+    """Base-model config fields to override (ToyModelConfig or VideoToyConfig; tests use tiny ones)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -69,6 +71,10 @@ class DemoConfig:
         self.methods = tuple(METHODS if "all" in self.methods else self.methods)
         for name in self.methods:
             MethodConfig.preset(name)  # raises a one-line error for an unknown method
+        from sdpo.toy.worlds import WORLDS
+
+        if self.world not in WORLDS:
+            raise ValueError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
         for name in ("steps", "pairs_per_digit", "eval_per_digit", "batch_size", "num_inference_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -82,7 +88,7 @@ class DemoConfig:
         """The TrainConfig of one method's fine-tuning run."""
         beta = self.beta if self.beta is not None else DEMO_BETA[method]
         return TrainConfig(
-            family="toy",
+            family="toy" if self.world == "image" else "toy-video",
             output_dir=str(output_dir),
             method=MethodConfig.preset(method, beta=beta, num_inference_steps=self.num_inference_steps),
             lora_rank=self.lora_rank,
@@ -125,13 +131,11 @@ def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the output folder holding report.md."""
     from sdpo.data import CachedPairs, precompute, read_pairs
     from sdpo.evaluate import compare
-    from sdpo.toy.base_model import ToyModelConfig, pretrain_base
-    from sdpo.toy.data import NUM_CLASSES, load_split, prompts_for
-    from sdpo.toy.pairs import generate_pairs
-    from sdpo.toy.reward import digit_reward, feature_distance
-    from sdpo.toy.spec import ToySpec
+    from sdpo.toy.report import write_report
+    from sdpo.toy.worlds import get_world
     from sdpo.train.trainer import train
 
+    world = get_world(config.world, config.toy_overrides)
     out = Path(config.out)
     for method in config.methods:
         config.train_config(method, out)  # validate every run's settings before any work
@@ -139,16 +143,15 @@ def run_demo(config: DemoConfig) -> Path:
     timings: dict[str, float] = {}
     try:
         clock = time.perf_counter()
-        base_folder = pretrain_base(ToyModelConfig(**config.toy_overrides), config.cache_root, config.progress)
+        base_folder = world.pretrain(config.cache_root, config.progress)
         timings["base model"] = time.perf_counter() - clock
 
-        spec = ToySpec.from_pretrained(base_folder)
-        reward = digit_reward()
+        spec = world.load_spec(base_folder)
+        reward = world.reward()
         clock = time.perf_counter()
-        train_prompts = prompts_for([d for d in range(NUM_CLASSES) for _ in range(config.pairs_per_digit)])
-        pairs_path = generate_pairs(spec, reward, train_prompts, staging / "pairs", config.samples_per_prompt,
-                                    seed=config.seed, num_inference_steps=config.num_inference_steps,
-                                    progress=config.progress)
+        pairs_path = world.generate_pairs(spec, reward, world.prompts(config.pairs_per_digit), staging / "pairs",
+                                          config.samples_per_prompt, seed=config.seed,
+                                          num_inference_steps=config.num_inference_steps, progress=config.progress)
         timings["pairs"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -156,41 +159,44 @@ def run_demo(config: DemoConfig) -> Path:
         dataset = CachedPairs(cache_dir)
         timings["precompute"] = time.perf_counter() - clock
 
-        eval_prompts = prompts_for([d for d in range(NUM_CLASSES) for _ in range(config.eval_per_digit)])
-        fmt = spec.media_format
-        eval_noise = torch.randn((len(eval_prompts), fmt.channels, fmt.height, fmt.width),
+        eval_prompts = world.prompts(config.eval_per_digit)
+        sample_shape = tuple(dataset[0]["latents_chosen"].shape)
+        eval_noise = torch.randn((len(eval_prompts), *_pixel_shape(spec, sample_shape)),
                                  generator=torch.Generator().manual_seed(10_000 + config.seed))
-        real_images, _ = load_split("held_out")
-        base_samples = _sample(spec, spec.denoiser, eval_prompts, eval_noise, config)
+        real = world.real("held_out")
+        clock = time.perf_counter()
+        base_samples = world.sample(spec, spec.denoiser, eval_prompts, eval_noise, config.num_inference_steps,
+                                    config.progress)
+        timings["evaluate base"] = time.perf_counter() - clock
         base_scores = reward(base_samples, eval_prompts)
-        results = {"base": {"fid_like": feature_distance(base_samples, real_images),
+        results = {"base": {"fid_like": world.feature_distance(base_samples, real),
                             "mean_reward": base_scores.mean().item()}}
         samples = {"base": base_samples, "noise": eval_noise}
         histories = {}
         for method in config.methods:
             clock = time.perf_counter()
-            spec = ToySpec.from_pretrained(base_folder)  # a fresh base network per method
+            spec = world.load_spec(base_folder)  # a fresh base network per method
             run = train(config.train_config(method, staging / method), spec=spec, dataset=dataset,
                         progress=config.progress)
             timings[f"train {method}"] = time.perf_counter() - clock
-            tuned = _sample(spec, run.model, eval_prompts, eval_noise, config)
+            tuned = world.sample(spec, run.model, eval_prompts, eval_noise, config.num_inference_steps,
+                                 config.progress)
             comparison = compare(base_scores, reward(tuned, eval_prompts))
-            results[method] = {**comparison.as_dict(), "fid_like": feature_distance(tuned, real_images)}
+            results[method] = {**comparison.as_dict(), "fid_like": world.feature_distance(tuned, real)}
             samples[method] = tuned
             histories[method] = run.history
 
-        from sdpo.toy.report import write_report
-
-        save_file({k: v.contiguous() for k, v in samples.items()} | {
-            "digits": torch.tensor([d for d in range(NUM_CLASSES) for _ in range(config.eval_per_digit)])},
-            str(staging / "eval_samples.safetensors"),
-            metadata={"prompts": json.dumps(eval_prompts), "seed": str(10_000 + config.seed),
-                      "layout": "images (N, 1, 8, 8) in [-1, 1]; noise is the shared initial DDIM noise"})
+        save_file({k: v.contiguous() for k, v in samples.items()},
+                  str(staging / "eval_samples.safetensors"),
+                  metadata={"prompts": json.dumps(eval_prompts), "seed": str(10_000 + config.seed),
+                            "world": config.world,
+                            "layout": "samples in [-1, 1] as the world's sampler returns them; noise is the "
+                                      "shared initial noise of base and tuned sampling"})
         (staging / "results.json").write_text(json.dumps(
             {"config": asdict(config), "results": results, "timings_s": timings,
-             "real_vs_real_fid_like": feature_distance(load_split("train")[0], real_images)},
+             "real_vs_real_fid_like": world.feature_distance(world.real("train"), real)},
             indent=2, default=str))
-        write_report(staging, config, results, histories, samples, eval_prompts, spec, dataset, timings)
+        write_report(staging, config, world, results, histories, samples, eval_prompts, spec, dataset, timings)
         _publish(staging, out)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -199,8 +205,9 @@ def run_demo(config: DemoConfig) -> Path:
     return out
 
 
-def _sample(spec, model, prompts, noise, config: DemoConfig) -> torch.Tensor:
-    from sdpo.toy.sampling import sample
-
-    return sample(spec, model, prompts, noise, num_inference_steps=config.num_inference_steps,
-                  progress=config.progress)
+def _pixel_shape(spec, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one sample's starting noise: the world's pixel layout (C, H, W) or (F, C, H, W)."""
+    fmt = spec.media_format
+    if fmt.frames is None:
+        return (fmt.channels, fmt.height, fmt.width)
+    return (fmt.frames, fmt.channels, fmt.height, fmt.width)

@@ -10,20 +10,12 @@ import torch
 from sdpo.analysis.plots import plot_training_curves, plot_weight_profile
 from sdpo.analysis.weights import weight_profile
 from sdpo.data import collate_pairs
-from sdpo.toy.sampling import image_grid
-
-GRID_PER_DIGIT = 8
-
-
-def _grid(samples: torch.Tensor, per_digit: int, path: Path) -> None:
-    """A 10-row grid (one row per digit) of the first ``GRID_PER_DIGIT`` samples of each digit."""
-    rows = samples.reshape(10, per_digit, *samples.shape[1:])[:, :GRID_PER_DIGIT]
-    image_grid(rows.reshape(-1, *samples.shape[1:]), nrow=min(GRID_PER_DIGIT, per_digit)).save(path)
 
 
 def write_report(
     folder: Path,
     config: Any,
+    world: Any,
     results: dict[str, dict],
     histories: dict[str, list[dict]],
     samples: dict[str, torch.Tensor],
@@ -34,9 +26,9 @@ def write_report(
 ) -> Path:
     """Write report.md and its PNG figures into ``folder``."""
     per_digit = len(prompts) // 10
-    _grid(samples["base"], per_digit, folder / "samples_base.png")
+    world.grid(samples["base"], per_digit, folder / "samples_base.png")
     for method in histories:
-        _grid(samples[method], per_digit, folder / f"samples_{method}.png")
+        world.grid(samples[method], per_digit, folder / f"samples_{method}.png")
     plot_training_curves(histories, folder / "training_curves.png")
 
     batch = collate_pairs([dataset[i] for i in range(min(len(dataset), 256))])
@@ -47,7 +39,7 @@ def write_report(
     lines = [
         "# sdpo demo report",
         "",
-        f"Base model: the embedded digits world. Pairs: {len(dataset)} (best vs worst of "
+        f"Base model: the embedded {world.name} digits world. Pairs: {len(dataset)} (best vs worst of "
         f"{config.samples_per_prompt} samples). Training: {config.steps} steps, batch {config.batch_size}, "
         f"LoRA rank {config.lora_rank}, lr {config.learning_rate}. Evaluation: {len(prompts)} held-out seeds "
         f"({per_digit} per digit), base and tuned sampled from identical initial noise.",
@@ -78,7 +70,7 @@ def write_report(
         "",
         "![weight profile](weight_profile.png)",
         "",
-        "## Samples (rows: digits 0-9; same seeds in every grid)",
+        "## Samples (digits 0-9 in order; same seeds in every grid)",
         "",
         "base:",
         "",
