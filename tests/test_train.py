@@ -60,6 +60,7 @@ def test_every_method_trains_and_saves_a_loadable_lora(world, tmp_path, method):
     assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in result.history)
     assert result.history[-1]["loss"] != first["loss"]
     assert any(key.startswith("w_by_t/") for key in first)
+    assert all(row["weight_min"] <= row["weight_mean"] + 1e-12 for row in result.history)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
     fresh = ToySpec.from_pretrained(base)

@@ -24,6 +24,7 @@ from sdpo.train.config import TrainConfig
 from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
 
 TIMESTEP_BUCKETS = 10
+MINIMUM_KEY = "weight_min"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -109,12 +110,16 @@ class _IntervalMeter:
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.minimum = math.inf
         self.count = 0
         self.bucket_sum = torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64)
         self.bucket_count = torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64)
 
     def add(self, metrics: dict[str, float], timesteps: Tensor, raw_weights: Tensor, num_timesteps: int) -> None:
         for key, value in metrics.items():
+            if key == MINIMUM_KEY:  # a minimum, not a mean: reduced separately
+                self.minimum = min(self.minimum, float(value))
+                continue
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
         self.count += 1
         buckets = (timesteps.cpu() * TIMESTEP_BUCKETS // num_timesteps).clamp_max(TIMESTEP_BUCKETS - 1)
@@ -131,6 +136,9 @@ class _IntervalMeter:
         sums = total[len(keys) + 1 : len(keys) + 1 + TIMESTEP_BUCKETS]
         counts = total[len(keys) + 1 + TIMESTEP_BUCKETS :]
         width = num_timesteps // TIMESTEP_BUCKETS
+        if math.isfinite(self.minimum) or accelerator.num_processes > 1:
+            local_min = torch.tensor([self.minimum], dtype=torch.float64, device=accelerator.device)
+            result[MINIMUM_KEY] = accelerator.gather(local_min).min().item()
         for b in range(TIMESTEP_BUCKETS):
             if counts[b] > 0:
                 result[f"w_by_t/{b * width:04d}-{(b + 1) * width - 1:04d}"] = (sums[b] / counts[b]).item()
