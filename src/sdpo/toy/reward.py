@@ -75,8 +75,13 @@ def _outliers(images: Tensor, count: int, generator: torch.Generator) -> Tensor:
     return torch.cat([noise, flat, smeared, overlaid])
 
 
-@lru_cache(maxsize=4)
 def digit_classifier(seed: int = 0, hidden: int = 64, steps: int = 400) -> DigitClassifier:
+    """The cached classifier for these settings (one cache key however the arguments are spelled)."""
+    return _digit_classifier(int(seed), int(hidden), int(steps))
+
+
+@lru_cache(maxsize=4)
+def _digit_classifier(seed: int, hidden: int, steps: int) -> DigitClassifier:
     """The classifier trained on the train split of the real digits (deterministic, cached, frozen).
 
     Full-batch AdamW with weight decay. Training digits get small Gaussian pixel noise, and a set of
