@@ -63,12 +63,30 @@ def generate_pairs(
     images = torch.cat(images).reshape(len(prompts), samples_per_prompt, *shape)
     scores = torch.cat(scores).reshape(len(prompts), samples_per_prompt)
 
+    return write_best_worst_pairs(prompts, images, scores, out_dir, "images", lambda x, path: to_png(x, path),
+                                  suffix=".png")
+
+
+def write_best_worst_pairs(
+    prompts: Sequence[str],
+    samples: Tensor,
+    scores: Tensor,
+    out_dir: Path,
+    subfolder: str,
+    write: Callable[[Tensor, Path], None],
+    suffix: str = "",
+) -> Path:
+    """Keep the best and worst of each prompt's candidates (samples (P, K, ...), scores (P, K)) as a pair.
+
+    ``write(sample, path)`` stores one medium; the pairs go to ``out_dir/pairs.jsonl`` with both scores.
+    """
     pairs = []
     for index, prompt in enumerate(prompts):
         best, worst = int(scores[index].argmax()), int(scores[index].argmin())
-        chosen, rejected = f"images/{index:05d}-chosen.png", f"images/{index:05d}-rejected.png"
-        to_png(images[index, best], out_dir / chosen)
-        to_png(images[index, worst], out_dir / rejected)
+        chosen = f"{subfolder}/{index:05d}-chosen{suffix}"
+        rejected = f"{subfolder}/{index:05d}-rejected{suffix}"
+        write(samples[index, best], out_dir / chosen)
+        write(samples[index, worst], out_dir / rejected)
         pairs.append(PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected,
                                     metadata={"chosen_score": float(scores[index, best]),
                                               "rejected_score": float(scores[index, worst])}))

@@ -27,8 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sdpo.data import PreferencePair, write_pairs_jsonl
-from sdpo.toy.pairs import to_png
+from sdpo.toy.pairs import to_png, write_best_worst_pairs
 from sdpo.toy.video_data import (
     DIRECTIONS,
     clip_directions,
@@ -147,15 +146,4 @@ def generate_video_pairs(
     clips_t = torch.cat(clips).reshape(len(prompts), samples_per_prompt, *shape)
     scores_t = torch.cat(scores).reshape(len(prompts), samples_per_prompt)
 
-    pairs = []
-    for index, prompt in enumerate(prompts):
-        best, worst = int(scores_t[index].argmax()), int(scores_t[index].argmin())
-        chosen, rejected = f"clips/{index:05d}-chosen", f"clips/{index:05d}-rejected"
-        write_clip_frames(clips_t[index, best], out_dir / chosen)
-        write_clip_frames(clips_t[index, worst], out_dir / rejected)
-        pairs.append(PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected,
-                                    metadata={"chosen_score": float(scores_t[index, best]),
-                                              "rejected_score": float(scores_t[index, worst])}))
-    path = out_dir / "pairs.jsonl"
-    write_pairs_jsonl(pairs, path)
-    return path
+    return write_best_worst_pairs(prompts, clips_t, scores_t, out_dir, "clips", write_clip_frames)
