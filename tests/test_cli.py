@@ -106,3 +106,26 @@ def test_missing_model_and_config_errors(tmp_path, capsys):
     bad.write_text("learning_rat: 1\n")
     assert main(["--quiet", "train", str(bad)]) == 2
     assert "unknown config key(s): learning_rat" in capsys.readouterr().err
+
+
+def test_a_bf16_cache_trains_in_fp32(tmp_path):
+    """Precompute on a GPU stores bf16 text states; a full-precision run must still read them."""
+    import json
+
+    model = tiny.build_tiny_sd(tmp_path / "model")
+    media = tmp_path / "media"
+    media.mkdir()
+    pairs = _write_pairs(media, None, 16, count=2)
+    cache = tmp_path / "cache"
+    assert main(["--quiet", "precompute", "--family", "sd", "--pretrained", str(model), "--pairs", str(pairs),
+                 "--out", str(cache), "--height", "16", "--width", "16", "--device", "cpu", "--dtype", "bf16", "--vae-tiling"]) == 0
+    tensors = json.loads((cache / "manifest.json").read_text())["tensors"]
+    assert tensors["latents_chosen"]["dtype"] == "float32"
+    assert tensors["cond.encoder_hidden_states"]["dtype"] == "bfloat16"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"family": "sd", "pretrained": str(model), "cache_dir": str(cache),
+                                      "output_dir": str(tmp_path / "run"), "lora_rank": 2, "max_steps": 1,
+                                      "train_batch_size": 2, "report_to": "none"}))
+    assert main(["--quiet", "train", str(config)]) == 0
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+

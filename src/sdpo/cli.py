@@ -54,8 +54,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> None:
+    import torch
+
     from sdpo.data import precompute, read_pairs
-    from sdpo.models.base import MediaFormat
+    from sdpo.models.base import MediaFormat, move_encoders
     from sdpo.models.registry import load_spec
 
     media_format = None
@@ -63,7 +65,17 @@ def _precompute(args: argparse.Namespace) -> None:
         if not (args.height and args.width):
             raise ValueError("--height and --width go together")
         media_format = MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
-    spec = load_spec(args.family, args.pretrained, media_format=media_format)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    ]
+    spec = load_spec(args.family, args.pretrained, media_format=media_format, torch_dtype=dtype)
+    move_encoders(spec, device)
+    if args.vae_tiling:
+        vae = getattr(spec, "vae", None)
+        if vae is None or not hasattr(vae, "enable_tiling"):
+            raise ValueError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
+        vae.enable_tiling()
     pairs = read_pairs(args.pairs)
     out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet)
     print(f"cache: {out} ({len(pairs)} pairs)")
@@ -105,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--width", type=int, default=None)
     pre.add_argument("--frames", type=int, default=None)
     pre.add_argument("--batch-size", type=int, default=4)
+    pre.add_argument("--device", default=None, help="where the encoders run (default: cuda if available, else cpu)")
+    pre.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                     help="encoder weights' dtype (default: bf16 on cuda, fp32 on cpu); latents are stored in fp32")
+    pre.add_argument("--vae-tiling", action="store_true",
+                     help="encode large frames tile by tile (less memory for long, high-resolution videos)")
     pre.set_defaults(func=_precompute)
     return parser
 

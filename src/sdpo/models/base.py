@@ -152,6 +152,17 @@ def to_device_dtype(conditions: dict[str, Tensor], device: torch.device, dtype: 
     }
 
 
+def move_encoders(spec: Any, device: torch.device | str) -> None:
+    """Move every network of ``spec`` except its denoiser (VAE, text encoders) to ``device``.
+
+    Precompute runs only the encoders, so the denoiser stays where it was loaded.
+    """
+    denoiser = getattr(spec, "denoiser", None)
+    for value in vars(spec).values():
+        if isinstance(value, nn.Module) and value is not denoiser:
+            value.to(device)
+
+
 def cast_frozen(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
     """Move a frozen base network to ``device`` and ``dtype``, keeping the modules the model marks as
     float32-only (``_keep_in_fp32_modules``, e.g. Wan's time embedder and norms) in float32, as

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sdpo.data.cache import collate_pairs
-from sdpo.models.base import ModelSpec, cast_frozen, unwrap
+from sdpo.models.base import ModelSpec, cast_frozen, to_device_dtype, unwrap
 from sdpo.train.config import TrainConfig
 from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
 
@@ -208,8 +208,8 @@ def train(
             if param.requires_grad:
                 param.data = param.data.float()
     else:
-        reference_copy = copy.deepcopy(model).to(weight_dtype).eval()
-        reference_copy.to("cpu" if config.offload_reference else accelerator.device)
+        reference_copy = copy.deepcopy(model).eval()
+        cast_frozen(reference_copy, "cpu" if config.offload_reference else accelerator.device, weight_dtype)
         model.requires_grad_(True)
         model.to(accelerator.device)
     if config.gradient_checkpointing:
@@ -256,7 +256,7 @@ def train(
         for micro in range(config.gradient_accumulation_steps):
             micro_step = step * config.gradient_accumulation_steps + micro
             rows, positions = order.indices(micro_step)
-            batch = _to_device(collate_pairs([dataset[int(i)] for i in rows]), accelerator.device)
+            batch = _to_device(collate_pairs([dataset[int(i)] for i in rows]), accelerator.device, weight_dtype)
             draws = draw_for_pairs(positions, micro_step, config.seed, sample_shape, num_timesteps,
                                    config.t_min, config.t_max, config.method.estimator == "sampled")
             with accelerator.accumulate(model), accelerator.autocast():
@@ -322,11 +322,12 @@ class _offloaded:
             self.module.to("cpu")
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def _to_device(batch: dict, device: torch.device, weight_dtype: torch.dtype) -> dict:
+    # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
     return {
         "latents_chosen": batch["latents_chosen"].to(device),
         "latents_rejected": batch["latents_rejected"].to(device),
-        "cond": {k: v.to(device) for k, v in batch["cond"].items()},
+        "cond": to_device_dtype(batch["cond"], device, weight_dtype),
     }
 
 
