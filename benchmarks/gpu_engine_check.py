@@ -124,7 +124,8 @@ def check_family(family: str, root: Path, args: argparse.Namespace) -> list[dict
             result = train(config, progress=False)
             losses = [entry["loss"] for entry in result.history]
             row.update(ok=all(math.isfinite(x) for x in losses), first_loss=losses[0], last_loss=losses[-1],
-                       weight_mean=result.history[-1].get("weight_mean"))
+                       weight_mean=result.history[-1].get("weight_mean"),
+                       masked_fraction=result.history[-1].get("masked_fraction"))
             if overrides["lora_rank"] > 0:
                 row["pipeline_sample_finite"] = sample_with_lora(family, model, out, size, frames, args.device)
                 row["ok"] = row["ok"] and row["pipeline_sample_finite"]
@@ -167,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdpo-gpu-check-") as temporary:
         for family in families:
             rows.extend(check_family(family, Path(temporary) / family, args))
-    print("\n| family | run | ok | first loss | last loss | s | peak MB |\n|---|---|---|---|---|---|---|")
+    print("\n| family | run | ok | first loss | last loss | masked | s | peak MB |\n|---|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [format(row[key], spec) if isinstance(row.get(key), float) else "-"
-                 for key, spec in (("first_loss", ".4f"), ("last_loss", ".4f"), ("seconds", ".1f"), ("peak_mb", ".0f"))]
+                 for key, spec in (("first_loss", ".4f"), ("last_loss", ".4f"), ("masked_fraction", ".2f"),
+                                  ("seconds", ".1f"), ("peak_mb", ".0f"))]
         print(f"| {row['family']} | {row['run']} | {row['ok']} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

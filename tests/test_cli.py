@@ -129,3 +129,21 @@ def test_a_bf16_cache_trains_in_fp32(tmp_path):
     assert main(["--quiet", "train", str(config)]) == 0
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
+
+
+def test_validation_samples_under_bf16_mixed_precision(tmp_path):
+    """accelerate's bf16 wrapper returns float32 latents; SD's pipeline feeds them to a bf16 VAE."""
+    model = tiny.build_tiny_sd(tmp_path / "model")
+    media = tmp_path / "media"
+    media.mkdir()
+    pairs = _write_pairs(media, None, 16, count=2)
+    cache = tmp_path / "cache"
+    assert main(["--quiet", "precompute", "--family", "sd", "--pretrained", str(model), "--pairs", str(pairs),
+                 "--out", str(cache), "--height", "16", "--width", "16", "--device", "cpu"]) == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"family": "sd", "pretrained": str(model), "cache_dir": str(cache),
+                                      "output_dir": str(tmp_path / "run"), "lora_rank": 2, "max_steps": 1,
+                                      "train_batch_size": 2, "report_to": "none", "mixed_precision": "bf16",
+                                      "validation_prompts": ["a prompt"], "validation_inference_steps": 2}))
+    assert main(["--quiet", "train", str(config)]) == 0
+    assert (tmp_path / "run" / "validation" / "step-000001" / "00.png").is_file()

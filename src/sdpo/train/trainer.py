@@ -178,6 +178,7 @@ def train(
     output_dir = Path(config.output_dir)
     _check_writable(output_dir)
     trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
+    _forget_other_precision(config.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -320,6 +321,18 @@ class _offloaded:
     def __exit__(self, *exc: object) -> None:
         if self.offload:
             self.module.to("cpu")
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Let a second ``train`` in one process (a notebook, a sweep) use another mixed precision.
+
+    accelerate keeps one process-wide state and refuses a new precision; the process group
+    (PartialState) is kept, only the precision-bearing part is cleared.
+    """
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _to_device(batch: dict, device: torch.device, weight_dtype: torch.dtype) -> dict:

@@ -7,6 +7,7 @@ PNG, videos as animated GIF (no video codec needed).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,17 @@ def write_validation_samples(
     size = {"height": fmt.height, "width": fmt.width}
     if fmt.frames is not None:
         size["num_frames"] = fmt.frames
+    # Under mixed precision accelerate wraps the denoiser's forward to return float32, and pipelines such
+    # as SD's hand those latents straight to a bf16 VAE; autocast makes the dtypes meet again.
+    autocast = (torch.autocast(parameter.device.type, dtype=parameter.dtype)
+                if parameter.dtype in (torch.float16, torch.bfloat16) else contextlib.nullcontext())
     written = []
     was_training = denoiser.training
     denoiser.eval()
     try:
         for index, prompt in enumerate(prompts):
             generator = torch.Generator(device="cpu").manual_seed(seed + index)
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 output = pipe(prompt, num_inference_steps=num_inference_steps, generator=generator,
                               output_type="pil", **size)
             if fmt.frames is None:
