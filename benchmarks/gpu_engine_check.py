@@ -4,10 +4,13 @@ The test suite runs these paths on the CPU in float32. This script runs them whe
 tiny random pipelines of every family (saved with ``save_pretrained``, loaded back as a real folder),
 ``sdpo precompute`` with the encoders on the GPU in bf16, ``sdpo train`` with bf16 mixed precision
 and gradient checkpointing for every method, one full fine-tune with an offloaded reference copy, and
-the LoRA loaded by the family's diffusers pipeline on the GPU. It prints one row per run and exits
-non-zero if any run failed or logged a non-finite loss.
+the LoRA loaded by the family's diffusers pipeline on the GPU. ``--accelerate-config`` adds runs
+launched through ``accelerate launch`` with that config (e.g. FSDP), LoRA and full, whose outputs
+are loaded back. It prints one row per run and exits non-zero if any run failed or logged a
+non-finite loss.
 
     python benchmarks/gpu_engine_check.py                       # on cuda
+    python benchmarks/gpu_engine_check.py --families wan --accelerate-config configs/accelerate/fsdp.yaml
     python benchmarks/gpu_engine_check.py --device cpu --families sd --steps 1   # a CPU smoke run
 """
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,8 +111,11 @@ def check_family(family: str, root: Path, args: argparse.Namespace) -> list[dict
         (f"lora {method}", {"method": {"name": method, "beta": 500.0}, "lora_rank": 4})
         for method in ("diffusion-dpo", "dpo-cm", "sdpo")
     ]
-    runs.append(("full sdpo, offloaded reference", {"method": {"name": "sdpo", "beta": 500.0}, "lora_rank": 0,
-                                                    "offload_reference": True, "learning_rate": 1e-5}))
+    if args.skip_in_process:
+        runs = []
+    else:
+        runs.append(("full sdpo, offloaded reference", {"method": {"name": "sdpo", "beta": 500.0}, "lora_rank": 0,
+                                                        "offload_reference": True, "learning_rate": 1e-5}))
     for name, overrides in runs:
         out = root / name.replace(" ", "-").replace(",", "")
         config = TrainConfig.from_dict({
@@ -141,7 +148,72 @@ def check_family(family: str, root: Path, args: argparse.Namespace) -> list[dict
             torch.cuda.reset_peak_memory_stats()
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.accelerate_config:
+        rows.extend(launched_runs(family, model, cache, args))
     return rows
+
+
+def launched_runs(family: str, model: Path, cache: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``accelerate launch --config_file ...`` of ``sdpo train``, LoRA and full; outputs loaded back."""
+    import yaml
+
+    rows = []
+    config_name = Path(args.accelerate_config).stem
+    for rank in (4, 0):
+        out = model.parent / f"{config_name}-rank{rank}"
+        config = {"family": family, "pretrained": str(model), "cache_dir": str(cache), "output_dir": str(out),
+                  "max_steps": args.steps, "train_batch_size": 1, "log_every": 1, "mixed_precision": "bf16",
+                  "gradient_checkpointing": True, "report_to": "none", "lora_rank": rank, "checkpoint_every": 1,
+                  "learning_rate": 1e-3 if rank else 1e-5, "method": {"name": "sdpo", "beta": 500.0}}
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(config))
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
+                   "--num_processes", str(args.num_processes), "-m", "sdpo.cli", "--quiet", "train", str(path)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        row: dict[str, Any] = {"family": family, "run": f"{config_name} {'lora' if rank else 'full'}",
+                               "ok": done.returncode == 0, "seconds": time.perf_counter() - started}
+        if done.returncode != 0:
+            print(done.stdout[-2000:], done.stderr[-4000:], sep="\n", flush=True)
+            row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+        else:
+            info = json.loads((out / "run_info.json").read_text())
+            losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+            row.update(distributed_type=info["distributed_type"], num_processes=info["num_processes"],
+                       first_loss=losses[0], last_loss=losses[-1], ok=all(math.isfinite(x) for x in losses))
+            try:
+                row["ok"] = row["ok"] and load_back(family, model, out, rank)
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                row.update(ok=False, error=f"load back: {type(error).__name__}: {error}"[:200])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def load_back(family: str, model: Path, out: Path, rank: int) -> bool:
+    """The run's output loads the diffusers way and differs from the base (training did something)."""
+    import diffusers
+
+    from sdpo.models.registry import spec_class
+
+    cls = spec_class(family)
+    if rank:
+        pipe = getattr(diffusers, cls.pipeline_name()).from_pretrained(str(model))
+        pipe.load_lora_weights(str(out))
+        denoiser = getattr(pipe, cls.denoiser_subfolder)
+        lora_b = [p for n, p in denoiser.named_parameters() if "lora_B" in n]
+        return bool(lora_b) and any(bool(p.abs().sum() > 0) for p in lora_b)
+    base = getattr(diffusers, type_name(model, cls.denoiser_subfolder))
+    tuned = base.from_pretrained(str(out), subfolder=cls.denoiser_subfolder)
+    original = base.from_pretrained(str(model), subfolder=cls.denoiser_subfolder)
+    tuned_state, original_state = tuned.state_dict(), original.state_dict()
+    return tuned_state.keys() == original_state.keys() and any(
+        not torch.equal(tuned_state[k].float(), original_state[k].float()) for k in tuned_state)
+
+
+def type_name(model: Path, subfolder: str) -> str:
+    return json.loads((model / subfolder / "config.json").read_text())["_class_name"]
 
 
 def spec_subfolder(family: str) -> str:
@@ -156,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (default 3)")
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--accelerate-config", default=None,
+                        help="also run `accelerate launch --config_file THIS` (LoRA and full) per family")
+    parser.add_argument("--num-processes", type=int, default=1, help="processes for --accelerate-config")
+    parser.add_argument("--skip-in-process", action="store_true", help="only the --accelerate-config runs")
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     unknown = [f for f in families if f not in FAMILIES]

@@ -147,3 +147,31 @@ def test_validation_samples_under_bf16_mixed_precision(tmp_path):
                                       "validation_prompts": ["a prompt"], "validation_inference_steps": 2}))
     assert main(["--quiet", "train", str(config)]) == 0
     assert (tmp_path / "run" / "validation" / "step-000001" / "00.png").is_file()
+
+
+def test_full_fine_tuning_starts_at_ln2_under_bf16(tmp_path):
+    """Before the first update the policy is the reference, so the loss must be ln 2 exactly.
+
+    A reference copy kept in bf16 beside float32 trained weights computes differently (Wan keeps some
+    modules in float32 only in the copy) and, multiplied by beta, biased the first loss to ~0.64.
+    """
+    import json
+    import math
+
+    model = tiny.build_tiny_wan(tmp_path / "model")
+    media = tmp_path / "media"
+    media.mkdir()
+    pairs = _write_pairs(media, 5, 32, count=2)
+    cache = tmp_path / "cache"
+    assert main(["--quiet", "precompute", "--family", "wan", "--pretrained", str(model), "--pairs", str(pairs),
+                 "--out", str(cache), "--height", "32", "--width", "32", "--frames", "5", "--device", "cpu"]) == 0
+    out = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"family": "wan", "pretrained": str(model), "cache_dir": str(cache),
+                                      "output_dir": str(out), "lora_rank": 0, "max_steps": 1, "log_every": 1,
+                                      "train_batch_size": 2, "report_to": "none", "mixed_precision": "bf16",
+                                      "method": {"name": "sdpo", "beta": 500.0}}))
+    assert main(["--quiet", "train", str(config)]) == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    assert json.loads((out / "run_info.json").read_text())["mixed_precision"] == "bf16"

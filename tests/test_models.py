@@ -241,6 +241,27 @@ def test_save_full_round_trips(name: str, folders: dict[str, Path], tmp_path: Pa
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
+def test_gathered_state_dict_is_what_gets_saved(folders: dict[str, Path], tmp_path: Path) -> None:
+    """After sharded training the model's own parameters are one shard: save the gathered state given."""
+    case = CASES["wan"]
+    spec = _spec(case, folders["wan"], load_vae=False, load_text_encoder=False)
+    gathered = {key: value + 0.5 for key, value in spec.denoiser.state_dict().items()}
+    spec.save_full(tmp_path / "full", spec.denoiser, gathered)
+    reloaded = type(spec.denoiser).from_pretrained(str(tmp_path / "full"), subfolder=spec.denoiser_subfolder)
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, gathered[key], rtol=0, atol=0)
+
+    spec.denoiser.add_adapter(peft.LoraConfig(target_modules=spec.lora_target_modules(), r=2, lora_alpha=2))
+    state = spec.denoiser.state_dict()
+    lora_keys = [key for key in state if "lora_B" in key]
+    gathered = {key: (value + 1.0 if key in lora_keys else value) for key, value in state.items()}
+    spec.save_lora(tmp_path / "lora", spec.denoiser, gathered)
+    pipe = _pipeline(spec, folders["wan"])
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    loaded = {k: v for k, v in _pipeline_denoiser(pipe, spec).state_dict().items() if "lora_B" in k}
+    assert loaded and all(torch.all(v == 1.0) for v in loaded.values())  # B was 0 in the model, 1 in the gathered state
+
+
 @pytest.mark.parametrize("name", ["sd", "sdxl", "cogvideox", "wan"])
 def test_without_encoders_encoding_says_how_to_fix_it(name: str, folders: dict[str, Path]) -> None:
     case = CASES[name]

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, unwrap
+from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, save_denoiser, unwrap
 from sdpo.schedules import NoiseSchedule
 
 
@@ -181,16 +181,19 @@ class DiffusersSpec:
         """Attention q/k/v/out and feed-forward projections present in this denoiser."""
         return existing_suffixes(self.denoiser, self.lora_candidates)
 
-    def save_lora(self, output_dir: str | Path, model: nn.Module) -> None:
-        """Write ``model``'s adapters where the family pipeline's ``load_lora_weights`` finds them."""
+    def save_lora(self, output_dir: str | Path, model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write ``model``'s adapters where the family pipeline's ``load_lora_weights`` finds them.
+
+        ``state_dict``: the full state gathered from sharded training; None reads ``model``.
+        """
         name = self.denoiser_subfolder
-        kwargs: dict[str, Any] = {f"{name}_lora_layers": peft_lora_state_dict(model)}
+        kwargs: dict[str, Any] = {f"{name}_lora_layers": peft_lora_state_dict(model, state_dict)}
         metadata = lora_adapter_metadata(model)
         if metadata is not None:
             kwargs[f"{name}_lora_adapter_metadata"] = metadata
         os.makedirs(output_dir, exist_ok=True)
         self.pipeline_class.save_lora_weights(str(output_dir), **kwargs)
 
-    def save_full(self, output_dir: str | Path, model: nn.Module) -> None:
+    def save_full(self, output_dir: str | Path, model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> None:
         """Save the fine-tuned denoiser to ``output_dir/<unet|transformer>`` (a ``from_pretrained`` folder)."""
-        unwrap(model).save_pretrained(os.path.join(str(output_dir), self.denoiser_subfolder))
+        save_denoiser(model, os.path.join(str(output_dir), self.denoiser_subfolder), state_dict)

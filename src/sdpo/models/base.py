@@ -78,12 +78,16 @@ class ModelSpec(Protocol):
         """Normalised latents for pixels in [-1, 1] (needs the VAE)."""
         ...
 
-    def save_lora(self, output_dir: str | Path, model: nn.Module) -> None:
-        """Write the adapters of ``model`` in the format the family's pipeline ``load_lora_weights`` reads."""
+    def save_lora(self, output_dir: str | Path, model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write the adapters of ``model`` in the format the family's pipeline ``load_lora_weights`` reads.
+
+        ``state_dict`` is the model's full state gathered from sharded training (FSDP, ZeRO-3);
+        None reads the model's own parameters.
+        """
         ...
 
-    def save_full(self, output_dir: str | Path, model: nn.Module) -> None:
-        """Write the fully fine-tuned denoiser as a ``from_pretrained`` folder."""
+    def save_full(self, output_dir: str | Path, model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write the fully fine-tuned denoiser as a ``from_pretrained`` folder (``state_dict`` as in save_lora)."""
         ...
 
 
@@ -136,12 +140,34 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def peft_lora_state_dict(model: nn.Module) -> dict[str, Any]:
-    """The adapters of a diffusers model in diffusers' LoRA key format."""
+def peft_lora_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """The adapters of a diffusers model in diffusers' LoRA key format, read from ``state_dict`` if given."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(model)))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(model), state_dict=state_dict))
+
+
+def save_denoiser(model: nn.Module, folder: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+    """``model.save_pretrained(folder)``, or its config plus ``state_dict`` in the same sharded layout.
+
+    diffusers' ``save_pretrained`` always reads the model's own parameters, which after sharded
+    training hold only this process's shard; the gathered ``state_dict`` is written instead.
+    """
+    inner = unwrap(model)
+    if state_dict is None:
+        inner.save_pretrained(str(folder))
+        return
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(folder, exist_ok=True)
+    inner.save_config(str(folder))
+    save_torch_state_dict(
+        {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()},
+        str(folder),
+        filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+        max_shard_size="10GB",
+    )
 
 
 def to_device_dtype(conditions: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:

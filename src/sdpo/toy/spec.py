@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, unwrap
+from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, save_denoiser, unwrap
 from sdpo.schedules import NoiseSchedule
 from sdpo.toy.base_model import ToyCacheError, ToyModelConfig, check_folder, tokenize
 from sdpo.toy.data import IMAGE_SIZE
@@ -147,7 +147,9 @@ class ToySpec:
         return [c for c in _LORA_CANDIDATES if any(name == c or name.endswith("." + c) for name in names)]
 
     # ---------------------------------------------------------------- saving
-    def save_lora(self, output_dir: str | os.PathLike[str], model: nn.Module) -> None:
+    def save_lora(
+        self, output_dir: str | os.PathLike[str], model: nn.Module, state_dict: dict[str, Tensor] | None = None
+    ) -> None:
         """Write the adapters as ``pytorch_lora_weights.safetensors``, readable by SD's ``load_lora_weights``.
 
         The adapter config (rank, alpha, targets) goes into the file's metadata, so a reload restores
@@ -163,13 +165,14 @@ class ToySpec:
         adapter = "default" if "default" in peft_config else next(iter(peft_config))
         StableDiffusionPipeline.save_lora_weights(
             str(output_dir),
-            unet_lora_layers=peft_lora_state_dict(inner),
+            unet_lora_layers=peft_lora_state_dict(inner, state_dict),
             unet_lora_adapter_metadata=peft_config[adapter].to_dict(),
         )
 
-    def save_full(self, output_dir: str | os.PathLike[str], model: nn.Module) -> None:
+    def save_full(
+        self, output_dir: str | os.PathLike[str], model: nn.Module, state_dict: dict[str, Tensor] | None = None
+    ) -> None:
         """Write the fully fine-tuned UNet to ``output_dir/unet`` (a ``from_pretrained`` folder)."""
-        inner = unwrap(model)
-        if getattr(inner, "peft_config", None):
+        if getattr(unwrap(model), "peft_config", None):
             raise ValueError("the model carries LoRA adapters: save them with save_lora (or fuse them first)")
-        inner.save_pretrained(Path(output_dir) / "unet")
+        save_denoiser(model, Path(output_dir) / "unet", state_dict)

@@ -194,11 +194,13 @@ class VideoToySpec(DiffusersSpec):
         return run_transformer(model, self.arch, noisy_latents, timesteps, hidden)
 
     # ---------------------------------------------------------------- saving and LoRA
-    def save_full(self, output_dir: str | os.PathLike[str], model: nn.Module) -> None:
+    def save_full(
+        self, output_dir: str | os.PathLike[str], model: nn.Module, state_dict: dict[str, Tensor] | None = None
+    ) -> None:
         """Write the fully fine-tuned transformer to ``output_dir/transformer`` (a ``from_pretrained`` folder)."""
         if getattr(unwrap(model), "peft_config", None):
             raise ValueError("the model carries LoRA adapters: save them with save_lora (or fuse them first)")
-        super().save_full(output_dir, model)
+        super().save_full(output_dir, model, state_dict)
 
     def lora_target_modules(self) -> list[str]:
         """Attention q/k/v/out and feed-forward projections, named as in the real family's spec."""

@@ -89,7 +89,8 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
     offload_reference: bool = False
-    """Full fine-tuning only: keep the frozen reference on the CPU between uses."""
+    """Full fine-tuning only: keep the frozen reference (a copy in the trained weights' dtype) on the CPU
+    between uses."""
 
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):

@@ -209,8 +209,10 @@ def train(
             if param.requires_grad:
                 param.data = param.data.float()
     else:
-        reference_copy = copy.deepcopy(model).eval()
-        cast_frozen(reference_copy, "cpu" if config.offload_reference else accelerator.device, weight_dtype)
+        # The reference keeps the trained weights' dtype: a bf16 copy computes differently from the
+        # float32 policy and, times beta, biases the loss away from ln 2 before any update.
+        reference_copy = copy.deepcopy(model).requires_grad_(False).eval()
+        reference_copy.to("cpu" if config.offload_reference else accelerator.device)
         model.requires_grad_(True)
         model.to(accelerator.device)
     if config.gradient_checkpointing:
@@ -226,6 +228,7 @@ def train(
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
 
     def reference():
         if reference_copy is None:
@@ -269,6 +272,8 @@ def train(
                 accelerator.backward(result.output.loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+                    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
+                        grad_norm = grad_norm.full_tensor()
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -296,13 +301,16 @@ def train(
             _save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
 
     accelerator.wait_for_everyone()
+    # Collective: under FSDP / ZeRO-3 each process holds a shard; this gathers the full state.
+    state_dict = accelerator.get_state_dict(model)
     final = unwrap(accelerator.unwrap_model(model))
     if accelerator.is_main_process:
         if config.lora_rank > 0:
-            spec.save_lora(output_dir, final)
+            spec.save_lora(output_dir, final, state_dict)
         else:
-            spec.save_full(output_dir, final)
+            spec.save_full(output_dir, final, state_dict)
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (output_dir / "run_info.json").write_text(json.dumps(_run_info(accelerator), indent=2))
     accelerator.end_training()
     return TrainResult(output_dir=output_dir, history=history, model=final)
 
@@ -321,6 +329,21 @@ class _offloaded:
     def __exit__(self, *exc: object) -> None:
         if self.offload:
             self.module.to("cpu")
+
+
+def _run_info(accelerator: Any) -> dict[str, Any]:
+    """How the run was launched, for the record: the config alone does not say it."""
+    import accelerate
+    import diffusers
+
+    return {
+        "distributed_type": str(accelerator.distributed_type.value),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "accelerate": accelerate.__version__},
+    }
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
