@@ -70,6 +70,11 @@ def write_random_pairs(folder: Path, size: int, frames: int | None, count: int) 
     return write_pairs_jsonl(pairs, folder / "pairs.jsonl")
 
 
+def starts_at_ln2(losses: list[float]) -> bool:
+    """Before the first update the policy is the reference (LoRA B = 0, or an exact copy): loss ln 2."""
+    return abs(losses[0] - math.log(2)) < 1e-4
+
+
 def sample_with_lora(family: str, model: Path, lora: Path, size: int, frames: int | None, device: str) -> bool:
     """Load the family pipeline in bf16 on ``device`` with the LoRA and sample two steps; finite?"""
     import diffusers
@@ -130,7 +135,8 @@ def check_family(family: str, root: Path, args: argparse.Namespace) -> list[dict
         try:
             result = train(config, progress=False)
             losses = [entry["loss"] for entry in result.history]
-            row.update(ok=all(math.isfinite(x) for x in losses), first_loss=losses[0], last_loss=losses[-1],
+            row.update(ok=starts_at_ln2(losses) and all(math.isfinite(x) for x in losses), first_loss=losses[0],
+                       last_loss=losses[-1],
                        weight_mean=result.history[-1].get("weight_mean"),
                        masked_fraction=result.history[-1].get("masked_fraction"))
             if overrides["lora_rank"] > 0:
@@ -180,7 +186,8 @@ def launched_runs(family: str, model: Path, cache: Path, args: argparse.Namespac
             info = json.loads((out / "run_info.json").read_text())
             losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
             row.update(distributed_type=info["distributed_type"], num_processes=info["num_processes"],
-                       first_loss=losses[0], last_loss=losses[-1], ok=all(math.isfinite(x) for x in losses))
+                       first_loss=losses[0], last_loss=losses[-1],
+                       ok=starts_at_ln2(losses) and all(math.isfinite(x) for x in losses))
             try:
                 row["ok"] = row["ok"] and load_back(family, model, out, rank)
             except Exception as error:  # noqa: BLE001

@@ -90,7 +90,8 @@ class TrainConfig:
     """DataLoader worker processes."""
     offload_reference: bool = False
     """Full fine-tuning only: keep the frozen reference (a copy in the trained weights' dtype) on the CPU
-    between uses."""
+    between uses. Under FSDP the reference is sharded like the policy instead (offload with FSDP's
+    ``fsdp_offload_params``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sdpo.data.cache import collate_pairs
 from sdpo.models.base import ModelSpec, cast_frozen, to_device_dtype, unwrap
 from sdpo.train.config import TrainConfig
+from sdpo.train.sharding import enable_gradient_checkpointing, shard_like_policy, uses_fsdp
 from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
 
 TIMESTEP_BUCKETS = 10
@@ -212,11 +213,14 @@ def train(
         # The reference keeps the trained weights' dtype: a bf16 copy computes differently from the
         # float32 policy and, times beta, biases the loss away from ln 2 before any update.
         reference_copy = copy.deepcopy(model).requires_grad_(False).eval()
-        reference_copy.to("cpu" if config.offload_reference else accelerator.device)
+        if uses_fsdp(accelerator):
+            reference_copy = shard_like_policy(accelerator, reference_copy)
+        else:
+            reference_copy.to("cpu" if config.offload_reference else accelerator.device)
         model.requires_grad_(True)
         model.to(accelerator.device)
     if config.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(accelerator, model)
     model.train()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -233,7 +237,7 @@ def train(
     def reference():
         if reference_copy is None:
             return adapters_disabled(model)
-        return _offloaded(reference_copy, accelerator.device, config.offload_reference)
+        return _offloaded(reference_copy, accelerator.device, config.offload_reference and not uses_fsdp(accelerator))
 
     order = GlobalBatchOrder(len(dataset), config.train_batch_size, accelerator.num_processes,
                              accelerator.process_index, config.seed)
