@@ -181,7 +181,9 @@ def launched_runs(family: str, model: Path, cache: Path, args: argparse.Namespac
                                "ok": done.returncode == 0, "seconds": time.perf_counter() - started}
         if done.returncode != 0:
             print(done.stdout[-2000:], done.stderr[-4000:], sep="\n", flush=True)
-            row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+            lines = done.stderr.strip().splitlines()
+            errors = [line for line in lines if line.startswith("sdpo: error") or "Error" in line]
+            row["error"] = (errors or lines or ["?"])[0 if errors else -1][:200]
         else:
             info = json.loads((out / "run_info.json").read_text())
             losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -241,6 +241,31 @@ def test_save_full_round_trips(name: str, folders: dict[str, Path], tmp_path: Pa
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
+def test_lora_export_matches_peft_and_survives_checkpoint_wrappers(folders: dict[str, Path]) -> None:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from sdpo.models.base import peft_lora_state_dict
+
+    spec = _spec(CASES["wan"], folders["wan"], load_vae=False, load_text_encoder=False)
+    model = spec.denoiser
+    model.add_adapter(peft.LoraConfig(target_modules=spec.lora_target_modules(), r=2, init_lora_weights="gaussian"))
+    expected = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    ours = peft_lora_state_dict(model)
+    assert ours.keys() == expected.keys() and len(ours) > 0
+    assert all(torch.equal(ours[key], expected[key]) for key in ours)
+
+    # FSDP's activation checkpointing wraps each block; peft's own walk then finds no adapter at all.
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "WanTransformerBlock":
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent).register_module(leaf, checkpoint_wrapper(module))
+    wrapped = peft_lora_state_dict(model, model.state_dict())
+    assert wrapped.keys() == expected.keys()
+    assert all(torch.equal(wrapped[key], expected[key]) for key in wrapped)
+
+
 def test_gathered_state_dict_is_what_gets_saved(folders: dict[str, Path], tmp_path: Path) -> None:
     """After sharded training the model's own parameters are one shard: save the gathered state given."""
     case = CASES["wan"]

@@ -140,12 +140,29 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def peft_lora_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> dict[str, Any]:
-    """The adapters of a diffusers model in diffusers' LoRA key format, read from ``state_dict`` if given."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+def peft_lora_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor] | None = None, adapter: str = "default"
+) -> dict[str, Any]:
+    """The LoRA A/B weights of a diffusers model in diffusers' key format, read from ``state_dict`` if given.
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(model), state_dict=state_dict))
+    Selected by key (``<module>.lora_A.<adapter>.weight`` -> ``<module>.lora_A.weight``, as peft names
+    them) rather than by peft's walk over module names: activation-checkpoint wrappers (FSDP) add a
+    segment to module names that ``state_dict()`` strips, and the walk then finds nothing.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    inner = unwrap(model)
+    if state_dict is None:
+        state_dict = inner.state_dict()
+    marker = f".{adapter}."
+    adapters = {
+        key.replace(marker, "."): value
+        for key, value in state_dict.items()
+        if marker in key and (".lora_A." in key or ".lora_B." in key)
+    }
+    if not adapters:
+        raise ValueError(f"the model has no LoRA weights of adapter {adapter!r} to save")
+    return convert_state_dict_to_diffusers(adapters)
 
 
 def save_denoiser(model: nn.Module, folder: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:

@@ -3,10 +3,10 @@
 - Gradient checkpointing is FSDP's own activation checkpointing of the blocks it wraps. The model's
   built-in checkpointing recomputes a block inside FSDP's input casts and, for Wan (whose rotary
   tables stay float32), saves bf16 tensors that the recomputation makes in float32.
-- A full fine-tune's frozen reference is sharded exactly like the policy, with the same
-  mixed-precision policy, so that at step 0 both compute the same function (loss ln 2) and the
-  reference's memory is split over the processes like the policy's. accelerate's ``prepare``
-  insists on an optimizer next to each FSDP2 model, so the reference is sharded here directly.
+- A full fine-tune's frozen reference is sharded like the policy, by the same accelerate function
+  with the same mixed-precision policy, so that both cast at the same places and compute the same
+  function at step 0, and the reference's memory is split over the processes like the policy's. accelerate's
+  ``prepare`` insists on an optimizer next to each FSDP2 model, so that function is called directly.
 """
 
 from __future__ import annotations
@@ -31,26 +31,18 @@ def enable_gradient_checkpointing(accelerator: Any, model: nn.Module) -> None:
         model.enable_gradient_checkpointing()
 
 
-def _block_class_names(plugin: Any, model: nn.Module) -> set[str]:
-    names = getattr(plugin, "transformer_cls_names_to_wrap", None) or getattr(model, "_no_split_modules", None)
-    return set(names or [])
-
-
 def shard_like_policy(accelerator: Any, reference: nn.Module) -> nn.Module:
-    """``fully_shard`` the reference per block and at the root, with the policy's plugin settings."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """Shard the frozen reference with accelerate's own FSDP2 preparation, as the policy is sharded.
+
+    The same wrap policy, extra units (accelerate gives the final norm its own) and mixed-precision
+    policy, so both cast inputs and parameters at the same places. Upcasting touches only trainable
+    parameters, so the frozen reference keeps the dtype it was copied in.
+    """
+    from accelerate.utils import fsdp2_prepare_model
 
     plugin = accelerator.state.fsdp_plugin
     if getattr(plugin, "fsdp_version", 2) != 2:
         raise ValueError("full fine-tuning under FSDP needs fsdp_version: 2 in the accelerate config")
-    options: dict[str, Any] = {
-        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
-        "reshard_after_forward": plugin.reshard_after_forward,
-    }
+    plugin.set_auto_wrap_policy(reference)
     reference.to(accelerator.device)
-    blocks = _block_class_names(plugin, reference)
-    for module in reversed(list(reference.modules())[1:]):  # inner blocks before the ones holding them
-        if type(module).__name__ in blocks:
-            fully_shard(module, **options)
-    fully_shard(reference, **options)
-    return reference
+    return fsdp2_prepare_model(accelerator, reference)

@@ -1,0 +1,58 @@
+"""FSDP pieces that run on the CPU: a one-process gloo group and torch's ``fully_shard``.
+
+accelerate itself runs FSDP only on accelerators, so the policy is sharded here with the function
+accelerate's ``prepare`` calls, and the reference with ``sdpo.train.sharding``.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import copy, os, sys, types
+import torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from accelerate.utils import FullyShardedDataParallelPlugin, fsdp2_prepare_model
+from diffusers import WanTransformer3DModel
+from sdpo.train.sharding import shard_like_policy
+
+model = WanTransformer3DModel.from_pretrained(sys.argv[1], subfolder="transformer")
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+plugin.set_mixed_precision("bf16")
+accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"),
+                                    mixed_precision="bf16", is_main_process=True, torch_device_mesh=None,
+                                    parallelism_config=None)
+reference = shard_like_policy(accelerator, copy.deepcopy(model).requires_grad_(False).eval())
+plugin.set_auto_wrap_policy(model)
+policy = fsdp2_prepare_model(accelerator, model.requires_grad_(True).train())
+generator = torch.Generator().manual_seed(0)
+inputs = dict(hidden_states=torch.randn(2, 4, 2, 4, 4, generator=generator), timestep=torch.tensor([999.0, 500.0]),
+              encoder_hidden_states=torch.randn(2, 8, 16, generator=generator), return_dict=False)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    ours = policy(**inputs)[0].float()
+    with torch.no_grad():
+        theirs = reference(**inputs)[0].float()
+unsharded = WanTransformer3DModel.from_pretrained(sys.argv[1], subfolder="transformer").eval()
+with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+    naive = unsharded(**inputs)[0].float()
+print("DIFF", (ours - theirs).abs().max().item(), (ours - naive).abs().max().item())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process group checked on linux")
+def test_reference_sharded_like_the_policy_computes_the_same_function(tmp_path):
+    from sdpo.models import tiny
+
+    model = tiny.build_tiny_wan(tmp_path / "wan")
+    script = tmp_path / "shard.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(model), "29671"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("DIFF"))
+    sharded_diff, naive_diff = (float(x) for x in line.split()[1:])
+    assert sharded_diff == 0.0
+    assert naive_diff > 0.0  # an unsharded float32 reference does not match the bf16-sharded policy
