@@ -108,45 +108,48 @@ def test_missing_model_and_config_errors(tmp_path, capsys):
     assert "unknown config key(s): learning_rat" in capsys.readouterr().err
 
 
+def _cached_model(tmp_path, family, *precompute_flags):
+    """A tiny ``family`` model folder and a two-pair cache made with ``precompute_flags`` (on the CPU)."""
+    build, _, size_flags, frames = CASES[family]
+    model = build(tmp_path / "model")
+    media = tmp_path / "media"
+    media.mkdir()
+    pairs = _write_pairs(media, frames, int(size_flags[1]), count=2)
+    cache = tmp_path / "cache"
+    assert main(["--quiet", "precompute", "--family", family, "--pretrained", str(model), "--pairs", str(pairs),
+                 "--out", str(cache), *size_flags, "--device", "cpu", *precompute_flags]) == 0
+    return model, cache
+
+
+def _train(tmp_path, family, model, cache, **fields):
+    """``sdpo train`` for one step of rank-2 LoRA (unless ``fields`` say otherwise); the run folder."""
+    out = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"family": family, "pretrained": str(model), "cache_dir": str(cache),
+                                      "output_dir": str(out), "lora_rank": 2, "max_steps": 1, "log_every": 1,
+                                      "train_batch_size": 2, "report_to": "none", **fields}))
+    assert main(["--quiet", "train", str(config)]) == 0
+    return out
+
+
 def test_a_bf16_cache_trains_in_fp32(tmp_path):
     """Precompute on a GPU stores bf16 text states; a full-precision run must still read them."""
     import json
 
-    model = tiny.build_tiny_sd(tmp_path / "model")
-    media = tmp_path / "media"
-    media.mkdir()
-    pairs = _write_pairs(media, None, 16, count=2)
-    cache = tmp_path / "cache"
-    assert main(["--quiet", "precompute", "--family", "sd", "--pretrained", str(model), "--pairs", str(pairs),
-                 "--out", str(cache), "--height", "16", "--width", "16", "--device", "cpu", "--dtype", "bf16", "--vae-tiling"]) == 0
+    model, cache = _cached_model(tmp_path, "sd", "--dtype", "bf16", "--vae-tiling")
     tensors = json.loads((cache / "manifest.json").read_text())["tensors"]
     assert tensors["latents_chosen"]["dtype"] == "float32"
     assert tensors["cond.encoder_hidden_states"]["dtype"] == "bfloat16"
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"family": "sd", "pretrained": str(model), "cache_dir": str(cache),
-                                      "output_dir": str(tmp_path / "run"), "lora_rank": 2, "max_steps": 1,
-                                      "train_batch_size": 2, "report_to": "none"}))
-    assert main(["--quiet", "train", str(config)]) == 0
-    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
-
+    out = _train(tmp_path, "sd", model, cache)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_validation_samples_under_bf16_mixed_precision(tmp_path):
     """accelerate's bf16 wrapper returns float32 latents; SD's pipeline feeds them to a bf16 VAE."""
-    model = tiny.build_tiny_sd(tmp_path / "model")
-    media = tmp_path / "media"
-    media.mkdir()
-    pairs = _write_pairs(media, None, 16, count=2)
-    cache = tmp_path / "cache"
-    assert main(["--quiet", "precompute", "--family", "sd", "--pretrained", str(model), "--pairs", str(pairs),
-                 "--out", str(cache), "--height", "16", "--width", "16", "--device", "cpu"]) == 0
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"family": "sd", "pretrained": str(model), "cache_dir": str(cache),
-                                      "output_dir": str(tmp_path / "run"), "lora_rank": 2, "max_steps": 1,
-                                      "train_batch_size": 2, "report_to": "none", "mixed_precision": "bf16",
-                                      "validation_prompts": ["a prompt"], "validation_inference_steps": 2}))
-    assert main(["--quiet", "train", str(config)]) == 0
-    assert (tmp_path / "run" / "validation" / "step-000001" / "00.png").is_file()
+    model, cache = _cached_model(tmp_path, "sd")
+    out = _train(tmp_path, "sd", model, cache, mixed_precision="bf16", validation_prompts=["a prompt"],
+                 validation_inference_steps=2)
+    assert (out / "validation" / "step-000001" / "00.png").is_file()
 
 
 def test_full_fine_tuning_starts_at_ln2_under_bf16(tmp_path):
@@ -158,20 +161,9 @@ def test_full_fine_tuning_starts_at_ln2_under_bf16(tmp_path):
     import json
     import math
 
-    model = tiny.build_tiny_wan(tmp_path / "model")
-    media = tmp_path / "media"
-    media.mkdir()
-    pairs = _write_pairs(media, 5, 32, count=2)
-    cache = tmp_path / "cache"
-    assert main(["--quiet", "precompute", "--family", "wan", "--pretrained", str(model), "--pairs", str(pairs),
-                 "--out", str(cache), "--height", "32", "--width", "32", "--frames", "5", "--device", "cpu"]) == 0
-    out = tmp_path / "run"
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"family": "wan", "pretrained": str(model), "cache_dir": str(cache),
-                                      "output_dir": str(out), "lora_rank": 0, "max_steps": 1, "log_every": 1,
-                                      "train_batch_size": 2, "report_to": "none", "mixed_precision": "bf16",
-                                      "method": {"name": "sdpo", "beta": 500.0}}))
-    assert main(["--quiet", "train", str(config)]) == 0
+    model, cache = _cached_model(tmp_path, "wan")
+    out = _train(tmp_path, "wan", model, cache, lora_rank=0, mixed_precision="bf16",
+                 method={"name": "sdpo", "beta": 500.0})
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["loss"] - math.log(2)) < 1e-6
     assert json.loads((out / "run_info.json").read_text())["mixed_precision"] == "bf16"
