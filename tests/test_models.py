@@ -241,6 +241,25 @@ def test_save_full_round_trips(name: str, folders: dict[str, Path], tmp_path: Pa
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
+def test_component_dtypes_follow_the_family_rules(folders: dict[str, Path], tmp_path: Path) -> None:
+    """fp16 asked for: SD's VAE stays float32 when its config says force_upcast; Wan's VAE always does."""
+    import json
+    import shutil
+
+    sd = tmp_path / "sd"
+    shutil.copytree(folders["sd"], sd)
+    config_path = sd / "vae" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "force_upcast": True}))
+    spec = load_spec("sd", sd, torch_dtype=torch.float16)
+    assert next(spec.vae.parameters()).dtype == torch.float32
+    assert next(spec.denoiser.parameters()).dtype == torch.float16
+    assert next(spec.text_encoder.parameters()).dtype == torch.float16
+    wan = load_spec("wan", folders["wan"], torch_dtype=torch.bfloat16, load_text_encoder=False)
+    assert next(wan.vae.parameters()).dtype == torch.float32 and wan.text_encoder is None
+    with pytest.raises(TypeError, match="no component"):
+        type(wan)(wan.schedule, wan.denoiser, unet=None)
+
+
 def test_lora_export_matches_peft_and_survives_checkpoint_wrappers(folders: dict[str, Path]) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict

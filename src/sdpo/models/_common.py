@@ -6,15 +6,24 @@ registry) stays cheap; the heavy libraries are imported when a model is actually
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, save_denoiser, unwrap
+from sdpo.models.base import (
+    MediaFormat,
+    ModelNotFoundError,
+    peft_lora_state_dict,
+    resolve_pretrained,
+    save_denoiser,
+    unwrap,
+)
 from sdpo.schedules import NoiseSchedule
 
 
@@ -125,6 +134,22 @@ def lora_adapter_metadata(model: nn.Module) -> dict[str, Any] | None:
     return config.to_dict()
 
 
+@dataclass(frozen=True)
+class Component:
+    """One entry of a diffusers pipeline folder that a spec loads."""
+
+    name: str
+    """Keyword of the spec's constructor and attribute name ("denoiser", "vae", "text_encoder", ...)."""
+    subfolder: str
+    """Folder inside the pipeline folder ("unet", "transformer", "vae", "tokenizer_2", ...)."""
+    library: str
+    """Module that provides ``class_name``: "diffusers" or "transformers"."""
+    class_name: str
+    """Class whose ``from_pretrained`` loads it; a name ending in "Tokenizer" is loaded without a dtype."""
+    role: str
+    """"denoiser", "vae" (skipped with ``load_vae=False``) or "text" (skipped with ``load_text_encoder=False``)."""
+
+
 class DiffusersSpec:
     """Base of the diffusers-backed specs: attributes and the save / LoRA plumbing they share.
 
@@ -139,17 +164,69 @@ class DiffusersSpec:
     """Module-name suffixes LoRA should adapt, filtered by ``lora_target_modules`` to those present."""
     default_media_format: ClassVar[MediaFormat] = MediaFormat()
 
+    components: ClassVar[tuple[Component, ...]] = ()
+    """What ``from_pretrained`` loads from the pipeline folder, besides the scheduler."""
+
     def __init__(
         self,
         schedule: NoiseSchedule,
         denoiser: nn.Module,
         media_format: MediaFormat | None = None,
-        vae: nn.Module | None = None,
+        **components: Any,
     ) -> None:
+        """``components``: the VAE, text encoders and tokenizers by name (see ``components``); missing ones are None."""
+        names = {c.name for c in self.components if c.role != "denoiser"}
+        unknown = set(components) - names - {"vae"}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no component(s) {', '.join(sorted(unknown))}")
         self.schedule = schedule
         self.denoiser = denoiser
         self.media_format = media_format or self.default_media_format
-        self.vae = vae
+        self.vae = components.get("vae")
+        for name in names:
+            setattr(self, name, components.get(name))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | Path,
+        *,
+        load_vae: bool = True,
+        load_text_encoder: bool = True,
+        media_format: MediaFormat | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+    ) -> Any:
+        """Load the spec from a diffusers pipeline folder or a cached hub id.
+
+        ``load_vae`` / ``load_text_encoder`` false skip those components (training from a precompute
+        cache needs neither); encoders are frozen and in eval mode.
+        """
+        folder = resolve_pretrained(pretrained)
+        enabled = {"denoiser": True, "vae": load_vae, "text": load_text_encoder}
+        loaded = {}
+        for component in cls.components:
+            loader = getattr(importlib.import_module(component.library), component.class_name)
+            is_network = not component.class_name.endswith("Tokenizer")
+            loaded[component.name] = load_component(
+                loader,
+                folder,
+                component.subfolder,
+                enabled=enabled[component.role],
+                torch_dtype=cls.component_dtype(folder, component, torch_dtype) if is_network else None,
+                frozen=component.role != "denoiser",
+            )
+        return cls(cls.schedule_from_folder(folder), media_format=media_format, **loaded)
+
+    @classmethod
+    def schedule_from_folder(cls, folder: str) -> NoiseSchedule:
+        """The training schedule of the pipeline's scheduler."""
+        return NoiseSchedule.from_scheduler(load_scheduler(folder))
+
+    @classmethod
+    def component_dtype(cls, folder: str, component: Component, torch_dtype: torch.dtype) -> torch.dtype:
+        """The dtype ``component`` is loaded in when ``torch_dtype`` is asked for (a family may keep one in fp32)."""
+        return torch_dtype
 
     # ------------------------------------------------------------------ pipeline class
     @classmethod

@@ -8,22 +8,19 @@ forward pass; :meth:`CogVideoXSpec.predict` builds them from the latent shape.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.models._common import (
+    Component,
     DiffusersSpec,
-    load_component,
-    load_scheduler,
     model_timesteps,
     module_device,
     module_dtype,
 )
-from sdpo.models.base import MediaFormat, resolve_pretrained, unwrap
-from sdpo.schedules import NoiseSchedule
+from sdpo.models.base import MediaFormat, unwrap
 
 # Self-attention over the joint text+video sequence, and the feed-forward of each block.
 _COGVIDEOX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -95,57 +92,16 @@ class CogVideoXSpec(DiffusersSpec):
     lora_candidates: ClassVar[tuple[str, ...]] = _COGVIDEOX_LORA_TARGETS
     default_media_format: ClassVar[MediaFormat] = MediaFormat(height=480, width=720, frames=49)
 
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        denoiser: nn.Module,
-        media_format: MediaFormat | None = None,
-        vae: nn.Module | None = None,
-        text_encoder: nn.Module | None = None,
-        tokenizer: Any = None,
-    ) -> None:
-        super().__init__(schedule, denoiser, media_format, vae)
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+    components: ClassVar[tuple[Component, ...]] = (
+        Component("denoiser", "transformer", "diffusers", "CogVideoXTransformer3DModel", "denoiser"),
+        Component("vae", "vae", "diffusers", "AutoencoderKLCogVideoX", "vae"),
+        Component("text_encoder", "text_encoder", "transformers", "T5EncoderModel", "text"),
+        Component("tokenizer", "tokenizer", "transformers", "AutoTokenizer", "text"),
+    )
 
     @classmethod
     def pipeline_name(cls) -> str:
         return "CogVideoXPipeline"
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained: str | Path,
-        *,
-        load_vae: bool = True,
-        load_text_encoder: bool = True,
-        media_format: MediaFormat | None = None,
-        torch_dtype: torch.dtype = torch.float32,
-    ) -> CogVideoXSpec:
-        """Load the spec from a diffusers CogVideoX pipeline folder or a cached hub id."""
-        from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        folder = resolve_pretrained(pretrained)
-        return cls(
-            schedule=NoiseSchedule.from_scheduler(load_scheduler(folder)),
-            denoiser=load_component(
-                CogVideoXTransformer3DModel, folder, "transformer", torch_dtype=torch_dtype
-            ),
-            media_format=media_format,
-            vae=load_component(
-                AutoencoderKLCogVideoX, folder, "vae", enabled=load_vae, torch_dtype=torch_dtype, frozen=True
-            ),
-            text_encoder=load_component(
-                T5EncoderModel,
-                folder,
-                "text_encoder",
-                enabled=load_text_encoder,
-                torch_dtype=torch_dtype,
-                frozen=True,
-            ),
-            tokenizer=load_component(AutoTokenizer, folder, "tokenizer", enabled=load_text_encoder),
-        )
 
     # ------------------------------------------------------------------ the network
     def predict(

@@ -6,22 +6,21 @@ Latents are (B, 4, H/8, W/8), scaled by the VAE's ``scaling_factor``. The predic
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import os
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.models._common import (
+    Component,
     DiffusersSpec,
-    load_component,
-    load_scheduler,
     model_timesteps,
     module_device,
     module_dtype,
 )
-from sdpo.models.base import MediaFormat, resolve_pretrained
-from sdpo.schedules import NoiseSchedule
+from sdpo.models.base import MediaFormat
 
 # Attention projections (self and cross) and the GEGLU feed-forward of every transformer block.
 _UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -55,53 +54,27 @@ class StableDiffusionSpec(DiffusersSpec):
     lora_candidates: ClassVar[tuple[str, ...]] = _UNET_LORA_TARGETS
     default_media_format: ClassVar[MediaFormat] = MediaFormat(height=512, width=512)
 
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        denoiser: nn.Module,
-        media_format: MediaFormat | None = None,
-        vae: nn.Module | None = None,
-        text_encoder: nn.Module | None = None,
-        tokenizer: Any = None,
-    ) -> None:
-        super().__init__(schedule, denoiser, media_format, vae)
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+    components: ClassVar[tuple[Component, ...]] = (
+        Component("denoiser", "unet", "diffusers", "UNet2DConditionModel", "denoiser"),
+        Component("vae", "vae", "diffusers", "AutoencoderKL", "vae"),
+        Component("text_encoder", "text_encoder", "transformers", "CLIPTextModel", "text"),
+        Component("tokenizer", "tokenizer", "transformers", "AutoTokenizer", "text"),
+    )
 
     @classmethod
     def pipeline_name(cls) -> str:
         return "StableDiffusionPipeline"
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained: str | Path,
-        *,
-        load_vae: bool = True,
-        load_text_encoder: bool = True,
-        media_format: MediaFormat | None = None,
-        torch_dtype: torch.dtype = torch.float32,
-    ) -> StableDiffusionSpec:
-        """Load the spec from a diffusers pipeline folder or a cached hub id."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        folder = resolve_pretrained(pretrained)
-        return cls(
-            schedule=NoiseSchedule.from_scheduler(load_scheduler(folder)),
-            denoiser=load_component(UNet2DConditionModel, folder, "unet", torch_dtype=torch_dtype),
-            media_format=media_format,
-            vae=_load_vae(AutoencoderKL, folder, load_vae, torch_dtype),
-            text_encoder=load_component(
-                CLIPTextModel,
-                folder,
-                "text_encoder",
-                enabled=load_text_encoder,
-                torch_dtype=torch_dtype,
-                frozen=True,
-            ),
-            tokenizer=load_component(AutoTokenizer, folder, "tokenizer", enabled=load_text_encoder),
-        )
+    def component_dtype(cls, folder: str, component: Component, torch_dtype: torch.dtype) -> torch.dtype:
+        """fp16 overflows in a VAE whose config says ``force_upcast`` (SDXL's): such a VAE loads in float32."""
+        if component.role == "vae" and torch_dtype == torch.float16:
+            config_path = os.path.join(folder, component.subfolder, "config.json")
+            if os.path.isfile(config_path):
+                with open(config_path, encoding="utf-8") as handle:
+                    if json.load(handle).get("force_upcast", False):
+                        return torch.float32
+        return torch_dtype
 
     # ------------------------------------------------------------------ the network
     def predict(
@@ -148,14 +121,6 @@ class StableDiffusionSpec(DiffusersSpec):
         return (latents.float() - shift) * vae.config.scaling_factor
 
 
-def _load_vae(loader: Any, folder: str, enabled: bool, torch_dtype: torch.dtype) -> nn.Module | None:
-    """The AutoencoderKL, kept in float32 when its config says fp16 overflows (``force_upcast``, SDXL)."""
-    vae = load_component(loader, folder, "vae", enabled=enabled, torch_dtype=torch_dtype, frozen=True)
-    if vae is not None and torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)
-    return vae
-
-
 class StableDiffusionXLSpec(StableDiffusionSpec):
     """SDXL: two CLIP text encoders, pooled text embeddings and size/crop micro-conditioning.
 
@@ -169,56 +134,15 @@ class StableDiffusionXLSpec(StableDiffusionSpec):
     family: ClassVar[str] = "sdxl"
     default_media_format: ClassVar[MediaFormat] = MediaFormat(height=1024, width=1024)
 
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        denoiser: nn.Module,
-        media_format: MediaFormat | None = None,
-        vae: nn.Module | None = None,
-        text_encoder: nn.Module | None = None,
-        tokenizer: Any = None,
-        text_encoder_2: nn.Module | None = None,
-        tokenizer_2: Any = None,
-    ) -> None:
-        super().__init__(schedule, denoiser, media_format, vae, text_encoder, tokenizer)
-        self.text_encoder_2 = text_encoder_2
-        self.tokenizer_2 = tokenizer_2
+    components: ClassVar[tuple[Component, ...]] = (
+        *StableDiffusionSpec.components,
+        Component("text_encoder_2", "text_encoder_2", "transformers", "CLIPTextModelWithProjection", "text"),
+        Component("tokenizer_2", "tokenizer_2", "transformers", "AutoTokenizer", "text"),
+    )
 
     @classmethod
     def pipeline_name(cls) -> str:
         return "StableDiffusionXLPipeline"
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained: str | Path,
-        *,
-        load_vae: bool = True,
-        load_text_encoder: bool = True,
-        media_format: MediaFormat | None = None,
-        torch_dtype: torch.dtype = torch.float32,
-    ) -> StableDiffusionXLSpec:
-        """Load the spec from a diffusers SDXL pipeline folder or a cached hub id."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-        folder = resolve_pretrained(pretrained)
-
-        def encoder(loader: Any, subfolder: str) -> Any:
-            return load_component(
-                loader, folder, subfolder, enabled=load_text_encoder, torch_dtype=torch_dtype, frozen=True
-            )
-
-        return cls(
-            schedule=NoiseSchedule.from_scheduler(load_scheduler(folder)),
-            denoiser=load_component(UNet2DConditionModel, folder, "unet", torch_dtype=torch_dtype),
-            media_format=media_format,
-            vae=_load_vae(AutoencoderKL, folder, load_vae, torch_dtype),
-            text_encoder=encoder(CLIPTextModel, "text_encoder"),
-            tokenizer=load_component(AutoTokenizer, folder, "tokenizer", enabled=load_text_encoder),
-            text_encoder_2=encoder(CLIPTextModelWithProjection, "text_encoder_2"),
-            tokenizer_2=load_component(AutoTokenizer, folder, "tokenizer_2", enabled=load_text_encoder),
-        )
 
     @staticmethod
     def time_ids(

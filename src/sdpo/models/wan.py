@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import html
 import re
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.models._common import (
+    Component,
     DiffusersSpec,
-    load_component,
     load_scheduler,
     model_timesteps,
     module_device,
     module_dtype,
 )
-from sdpo.models.base import MediaFormat, resolve_pretrained
+from sdpo.models.base import MediaFormat
 from sdpo.schedules import NoiseSchedule
 
 # Self- and cross-attention projections and the feed-forward of each block. ``add_k_proj`` /
@@ -86,63 +85,36 @@ class WanSpec(DiffusersSpec):
     max_sequence_length: int = 512
     """Text tokens per prompt (the pipeline's default; an instance may change it)."""
 
+    components: ClassVar[tuple[Component, ...]] = (
+        Component("denoiser", "transformer", "diffusers", "WanTransformer3DModel", "denoiser"),
+        Component("vae", "vae", "diffusers", "AutoencoderKLWan", "vae"),
+        Component("text_encoder", "text_encoder", "transformers", "UMT5EncoderModel", "text"),
+        Component("tokenizer", "tokenizer", "transformers", "AutoTokenizer", "text"),
+    )
+
     def __init__(
-        self,
-        schedule: NoiseSchedule,
-        denoiser: nn.Module,
-        media_format: MediaFormat | None = None,
-        vae: nn.Module | None = None,
-        text_encoder: nn.Module | None = None,
-        tokenizer: Any = None,
+        self, schedule: NoiseSchedule, denoiser: nn.Module, media_format: MediaFormat | None = None, **components: Any
     ) -> None:
-        super().__init__(schedule, denoiser, media_format, vae)
         if schedule.prediction_type != "flow":
             raise ValueError(
                 f"Wan is a flow model, but its scheduler gave a {schedule.prediction_type!r} schedule"
             )
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        super().__init__(schedule, denoiser, media_format, **components)
 
     @classmethod
     def pipeline_name(cls) -> str:
         return "WanPipeline"
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained: str | Path,
-        *,
-        load_vae: bool = True,
-        load_text_encoder: bool = True,
-        media_format: MediaFormat | None = None,
-        torch_dtype: torch.dtype = torch.float32,
-    ) -> WanSpec:
-        """Load the spec from a diffusers Wan pipeline folder or a cached hub id.
+    def schedule_from_folder(cls, folder: str) -> NoiseSchedule:
+        """The shipped UniPC scheduler converted to the flow-matching one it samples (see flow_training_scheduler)."""
+        return NoiseSchedule.from_scheduler(flow_training_scheduler(load_scheduler(folder)))
 
-        The VAE is always loaded in float32: the Wan reference code runs it in float32, and the
-        normalised latents it produces are what the cache keeps.
-        """
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        folder = resolve_pretrained(pretrained)
-        return cls(
-            schedule=NoiseSchedule.from_scheduler(flow_training_scheduler(load_scheduler(folder))),
-            denoiser=load_component(WanTransformer3DModel, folder, "transformer", torch_dtype=torch_dtype),
-            media_format=media_format,
-            vae=load_component(
-                AutoencoderKLWan, folder, "vae", enabled=load_vae, torch_dtype=torch.float32, frozen=True
-            ),
-            text_encoder=load_component(
-                UMT5EncoderModel,
-                folder,
-                "text_encoder",
-                enabled=load_text_encoder,
-                torch_dtype=torch_dtype,
-                frozen=True,
-            ),
-            tokenizer=load_component(AutoTokenizer, folder, "tokenizer", enabled=load_text_encoder),
-        )
+    @classmethod
+    def component_dtype(cls, folder: str, component: Component, torch_dtype: torch.dtype) -> torch.dtype:
+        """The VAE stays float32: the Wan reference code runs it in float32, and its normalised latents
+        are what the cache keeps."""
+        return torch.float32 if component.role == "vae" else torch_dtype
 
     # ------------------------------------------------------------------ the network
     def predict(
