@@ -6,6 +6,7 @@ base model, with a 95% interval across seeds (t distribution), and the feature d
 digits (the quality guard). Usage:
 
     python benchmarks/methods.py --seeds 3 --steps 400 --out benchmarks/results/methods
+    python benchmarks/methods.py --seeds 2 --steps 300 --learning-rate 3e-3 --out /tmp/lr3e-3
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--beta", type=float, default=None)
+    parser.add_argument("--learning-rate", type=float, default=DemoConfig.learning_rate)
     parser.add_argument("--out", default="benchmarks/results/methods")
     args = parser.parse_args()
 
@@ -50,7 +52,8 @@ def main() -> None:
     start = time.perf_counter()
     for seed in range(args.seeds):
         folder = run_demo(DemoConfig(methods=tuple(args.methods), steps=args.steps, beta=args.beta, seed=seed,
-                                     out=str(out / f"seed-{seed}"), progress=False))
+                                     learning_rate=args.learning_rate, out=str(out / f"seed-{seed}"),
+                                     progress=False))
         runs.append(json.loads((folder / "results.json").read_text())["results"])
         print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -64,7 +67,8 @@ def main() -> None:
     base_fid = across_seeds([run["base"]["fid_like"] for run in runs])
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-        f"{args.seeds} seeds x {args.steps} steps; {time.perf_counter() - start:.0f} s in all.",
+        f"{args.seeds} seeds x {args.steps} steps, learning rate {args.learning_rate:g}; "
+        f"{time.perf_counter() - start:.0f} s in all.",
         "",
         "| method | reward gain vs base (mean ± 95% CI over seeds) | win rate vs base | feature distance (base "
         f"{base_fid[0]:.2f}) | win rate per seed |",

@@ -10,7 +10,7 @@ import torch
 
 from sdpo.models.base import MediaFormat, ModelNotFoundError, ModelSpec
 from sdpo.toy import base_model
-from sdpo.toy.base_model import ToyCacheError, ToyModelConfig, base_folder, pretrain_base
+from sdpo.toy.base_model import ToyModelConfig, base_folder, pretrain_base
 from sdpo.toy.data import (
     load_digit_images,
     load_split,
@@ -20,6 +20,7 @@ from sdpo.toy.data import (
     prompts_for,
     split_indices,
 )
+from sdpo.toy.pretraining import ToyCacheError
 from sdpo.toy.reward import digit_reward, feature_distance, thickness_score
 from sdpo.toy.sampling import image_grid, make_noise, sample
 from sdpo.toy.spec import ToySpec

@@ -17,8 +17,9 @@ import torch
 
 from sdpo.models.base import ModelSpec
 from sdpo.toy import video_model
-from sdpo.toy.base_model import MARKER_FILE, ToyCacheError
+from sdpo.toy.base_model import MARKER_FILE
 from sdpo.toy.data import IMAGE_SIZE, load_split
+from sdpo.toy.pretraining import ToyCacheError
 from sdpo.toy.video import (
     DIRECTIONS,
     VideoToyConfig,

@@ -28,7 +28,7 @@ _EXPORTS = {
     "parse_digit": "sdpo.toy.data",
     "parse_digits": "sdpo.toy.data",
     "ToyModelConfig": "sdpo.toy.base_model",
-    "ToyCacheError": "sdpo.toy.base_model",
+    "ToyCacheError": "sdpo.toy.pretraining",
     "pretrain_base": "sdpo.toy.base_model",
     "base_folder": "sdpo.toy.base_model",
     "default_cache_root": "sdpo.toy.base_model",

@@ -12,15 +12,8 @@ leaves a folder that looks finished.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
-import math
 import os
-import shutil
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +22,17 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.toy.data import DIGIT_WORDS, IMAGE_SIZE, NUM_CLASSES, PROMPT_TEMPLATE, load_split, prompts_for
+from sdpo.toy.pretraining import (
+    MARKER_FILE,
+    PretrainSettings,
+    build_text_encoder,
+    corrupt_folder_error,
+    pretrain,
+    pretrain_into_cache,
+)
 
 FORMAT_VERSION = 2
 """Bumped whenever the folder layout or the training recipe changes, so old caches are not reused."""
-MARKER_FILE = "sdpo_toy.json"
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -48,12 +48,8 @@ REQUIRED_FILES = (
 )
 
 
-class ToyCacheError(ValueError):
-    """A toy base-model folder that exists but cannot be used; the message names it and the fix."""
-
-
 @dataclass(frozen=True)
-class ToyModelConfig:
+class ToyModelConfig(PretrainSettings):
     """Size and training recipe of the toy base model. Every field is part of the cache key."""
 
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -67,36 +63,10 @@ class ToyModelConfig:
     """Attention heads in the UNet's transformer blocks (diffusers' ``attention_head_dim``)."""
     norm_num_groups: int = 8
     """GroupNorm groups in the UNet; must divide every entry of ``block_out_channels``."""
-    text_hidden_size: int = 32
-    """Width of the text encoder, and so the UNet's ``cross_attention_dim``."""
-    text_layers: int = 1
-    """Transformer layers of the text encoder."""
-    text_heads: int = 2
-    """Attention heads of the text encoder; must divide ``text_hidden_size``."""
-    max_prompt_tokens: int = 8
-    """Fixed padded prompt length in tokens, including the begin and end tokens."""
-    num_train_timesteps: int = 1000
-    """Length T of the DDPM training grid."""
     beta_schedule: str = "squaredcos_cap_v2"
     """DDPM beta schedule; the cosine schedule keeps more signal at mid t, which 8x8 images need."""
     prediction_type: str = "epsilon"
     """What the UNet predicts: "epsilon" or "v_prediction"."""
-    train_steps: int = 1000
-    """Optimiser steps of pretraining."""
-    batch_size: int = 64
-    """Images per pretraining step."""
-    learning_rate: float = 2e-3
-    """Peak AdamW learning rate (linear warm-up, then cosine decay to a tenth of it)."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay."""
-    warmup_steps: int = 50
-    """Steps of linear learning-rate warm-up."""
-    ema_decay: float = 0.995
-    """Decay of the exponential moving average of the weights that is saved (0 saves the raw weights)."""
-    prompt_dropout: float = 0.1
-    """Share of training prompts replaced by the empty prompt, so classifier-free guidance works."""
-    seed: int = 0
-    """Seed of initialisation, batches, noise and timesteps."""
 
     def __post_init__(self) -> None:
         channels = tuple(int(c) for c in self.block_out_channels)
@@ -110,46 +80,16 @@ class ToyModelConfig:
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels {channels}")
         if self.attention_heads <= 0 or any(c % self.attention_heads for c in channels):
             raise ValueError(f"attention_heads={self.attention_heads} must divide every block_out_channels {channels}")
-        for name in ("layers_per_block", "text_hidden_size", "text_layers", "text_heads", "train_steps", "batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.text_hidden_size % self.text_heads:
-            raise ValueError(f"text_heads={self.text_heads} must divide text_hidden_size={self.text_hidden_size}")
-        # [BOS] + "a handwritten digit N" + [EOS] is 6 tokens; shorter would cut the digit off.
-        if self.max_prompt_tokens < 6:
-            raise ValueError(f"max_prompt_tokens must be at least 6 to hold a prompt, got {self.max_prompt_tokens}")
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if int(self.layers_per_block) <= 0:
+            raise ValueError(f"layers_per_block must be positive, got {self.layers_per_block}")
+        self.check_pretrain_settings()
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("weight_decay and warmup_steps must not be negative")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields (tuples become lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ToyModelConfig:
-        """The config from ``to_dict`` output; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ToyModelConfig fields: {unknown}")
-        return cls(**values)
-
-    def short_hash(self) -> str:
-        """Ten hex digits identifying the config and the folder format (the cache key)."""
-        text = json.dumps({"format": FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
+    def hash_header(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION}
 
 
 @dataclass
@@ -211,7 +151,6 @@ def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> Tensor:
 def build_models(config: ToyModelConfig) -> _Models:
     """Freshly initialised UNet, text encoder, tokenizer and scheduler for ``config`` (seeded)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer(config.max_prompt_tokens)
     levels = len(config.block_out_channels)
@@ -220,18 +159,7 @@ def build_models(config: ToyModelConfig) -> _Models:
     # Initialise under a private RNG so building a model never moves the caller's global stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.text_hidden_size,
-            intermediate_size=4 * config.text_hidden_size,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            max_position_embeddings=config.max_prompt_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = build_text_encoder(config, tokenizer)
         unet = UNet2DConditionModel(
             sample_size=IMAGE_SIZE,
             in_channels=1,
@@ -255,78 +183,26 @@ def build_models(config: ToyModelConfig) -> _Models:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _learning_rate(config: ToyModelConfig, step: int) -> float:
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.train_steps - config.warmup_steps)
-    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _train(config: ToyModelConfig, models: _Models, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     from sdpo.schedules import NoiseSchedule
 
     images, labels = load_split("train")
-    prompts = prompts_for(labels)
-    ids_by_class = tokenize(models.tokenizer, prompts, config.max_prompt_tokens)
+    ids_by_image = tokenize(models.tokenizer, prompts_for(labels), config.max_prompt_tokens)
     empty_ids = tokenize(models.tokenizer, [""], config.max_prompt_tokens)[0]
     schedule = NoiseSchedule.from_scheduler(models.scheduler)
 
-    unet, text_encoder = models.unet, models.text_encoder
-    unet.train()
-    text_encoder.train()
-    params = [p for module in (unet, text_encoder) for p in module.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
-
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(images), generator=generator)
-    cursor = 0
-    bar = tqdm(range(config.train_steps), desc="pretraining toy base", disable=not progress, leave=False)
-    for step in bar:
-        # Shuffled epochs, so each image is seen equally often even with few steps.
-        if cursor + config.batch_size > len(order):
-            order = torch.randperm(len(images), generator=generator)
-            cursor = 0
-        batch = order[cursor : cursor + config.batch_size]
-        cursor += config.batch_size
+    def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
         x0 = images[batch]
-        ids = ids_by_class[batch].clone()
-        drop = torch.rand(len(batch), generator=generator) < config.prompt_dropout
-        ids[drop] = empty_ids
+        ids = ids_by_image[batch].clone()
+        ids[torch.rand(len(batch), generator=generator) < config.prompt_dropout] = empty_ids
         noise = torch.randn(x0.shape, generator=generator)
         t = schedule.sample_timesteps(len(batch), generator=generator)
-        noisy = schedule.add_noise(x0, noise, t)
+        hidden = models.text_encoder(ids).last_hidden_state
+        prediction = models.unet(schedule.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
+        return torch.nn.functional.mse_loss(prediction, schedule.target(x0, noise, t))
 
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        hidden = text_encoder(ids).last_hidden_state
-        prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
-        loss = torch.nn.functional.mse_loss(prediction, schedule.target(x0, noise, t))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-
-        if ema is not None:
-            # The usual warm-up of the decay: early weights are poor, so the average forgets them fast.
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for average, p in zip(ema, params, strict=True):
-                    average.lerp_(p, 1.0 - decay)
-        models.history.append(loss.item())
-        if step % 25 == 0 or step == config.train_steps - 1:
-            recent = models.history[-50:]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-    bar.close()
-
-    if ema is not None:
-        with torch.no_grad():
-            for p, average in zip(params, ema, strict=True):
-                p.copy_(average)
-    unet.eval()
-    text_encoder.eval()
+    pretrain(config, [models.unet, models.text_encoder], len(images), batch_loss, models.history,
+             "pretraining toy base", progress)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -349,9 +225,9 @@ def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         marker = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise _corrupt(folder, f"{MARKER_FILE} is missing or not valid JSON ({type(error).__name__})") from error
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} is missing or not valid JSON ({type(error).__name__})") from error
     if not isinstance(marker, dict) or marker.get("complete") is not True or "config" not in marker:
-        raise _corrupt(folder, f"{MARKER_FILE} does not mark a completed pretraining")
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} does not mark a completed pretraining")
     return marker
 
 
@@ -368,7 +244,7 @@ def check_folder(folder: str | os.PathLike[str], config: ToyModelConfig | None =
     marker = read_marker(folder)
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
-        raise _corrupt(folder, f"missing {', '.join(missing)}")
+        raise corrupt_folder_error(folder, f"missing {', '.join(missing)}")
     for name in REQUIRED_FILES:
         if name.endswith(".safetensors"):
             try:
@@ -376,24 +252,20 @@ def check_folder(folder: str | os.PathLike[str], config: ToyModelConfig | None =
                     if not list(handle.keys()):
                         raise ValueError("no tensors")
             except Exception as error:  # noqa: BLE001 - any read failure means the file is damaged
-                raise _corrupt(folder, f"{name} is unreadable ({type(error).__name__})") from error
+                raise corrupt_folder_error(folder, f"{name} is unreadable ({type(error).__name__})") from error
         elif name.endswith(".json"):
             try:
                 json.loads((folder / name).read_text())
             except ValueError as error:
-                raise _corrupt(folder, f"{name} is not valid JSON") from error
+                raise corrupt_folder_error(folder, f"{name} is not valid JSON") from error
     if config is not None:
         try:
             stored = ToyModelConfig.from_dict(marker["config"])
         except (TypeError, ValueError) as error:
-            raise _corrupt(folder, f"{MARKER_FILE} holds an invalid config ({error})") from error
+            raise corrupt_folder_error(folder, f"{MARKER_FILE} holds an invalid config ({error})") from error
         if stored != config:
-            raise _corrupt(folder, f"{MARKER_FILE} holds a different config than its name's hash")
+            raise corrupt_folder_error(folder, f"{MARKER_FILE} holds a different config than its name's hash")
     return marker
-
-
-def _corrupt(folder: Path, why: str) -> ToyCacheError:
-    return ToyCacheError(f"toy base model folder {folder} is corrupt: {why}; delete it and run again to retrain it")
 
 
 def save_models(models: _Models, folder: Path) -> None:
@@ -402,11 +274,6 @@ def save_models(models: _Models, folder: Path) -> None:
     models.text_encoder.save_pretrained(folder / "text_encoder")
     models.tokenizer.save_pretrained(folder / "tokenizer")
     models.scheduler.save_pretrained(folder / "scheduler")
-
-
-def _tenths(values: list[float]) -> list[list[float]]:
-    size = max(1, math.ceil(len(values) / 10))
-    return [values[i : i + size] for i in range(0, len(values), size)]
 
 
 def pretrain_base(
@@ -422,44 +289,12 @@ def pretrain_base(
     Raises ToyCacheError when the folder exists but is damaged.
     """
     config = config or ToyModelConfig()
-    final = base_folder(config, cache_root)
-    if final.exists():
-        check_folder(final, config)
-        return final
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        start = time.perf_counter()
+    def train_and_save(folder: Path) -> list[float]:
         models = build_models(config)
         _train(config, models, progress)
-        seconds = time.perf_counter() - start
-        save_models(models, temporary)
-        tail = models.history[-100:]
-        marker = {
-            "format": FORMAT_VERSION,
-            "complete": True,
-            "config": config.to_dict(),
-            "config_hash": config.short_hash(),
-            "train_seconds": round(seconds, 2),
-            "final_loss": sum(tail) / len(tail),
-            # Mean loss over each tenth of training, to judge whether more steps would still help.
-            "loss_by_tenth": [
-                round(sum(part) / len(part), 4) for part in _tenths(models.history) if part
-            ],
-            "torch_threads": torch.get_num_threads(),
-        }
-        # The marker is written last: a folder without it is never complete.
-        (temporary / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        try:
-            os.replace(temporary, final)
-        except OSError:
-            # Another process finished the same config first (the target is a non-empty folder):
-            # its copy is as good as ours.
-            if not final.exists():
-                raise
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(temporary)
-    check_folder(final, config)
-    return final
+        save_models(models, folder)
+        return models.history
+
+    return pretrain_into_cache(base_folder(config, cache_root), config, train_and_save,
+                               lambda folder: check_folder(folder, config))

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, save_denoiser, unwrap
 from sdpo.schedules import NoiseSchedule
-from sdpo.toy.base_model import ToyCacheError, ToyModelConfig, check_folder, tokenize
+from sdpo.toy.base_model import ToyModelConfig, check_folder, tokenize
 from sdpo.toy.data import IMAGE_SIZE
+from sdpo.toy.pretraining import ToyCacheError
 
 TOY_MEDIA_FORMAT = MediaFormat(channels=1, height=IMAGE_SIZE, width=IMAGE_SIZE)
 # The projections of diffusers' BasicTransformerBlock: attention (self and cross) and feed-forward.

@@ -15,33 +15,32 @@ complete, and a damaged folder raises ``ToyCacheError`` naming it.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
 import os
-import shutil
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.models.base import unwrap
 from sdpo.toy.base_model import (
-    MARKER_FILE,
-    ToyCacheError,
-    _corrupt,
-    _learning_rate,
     build_tokenizer,
     default_cache_root,
     read_marker,
     tokenize,
 )
 from sdpo.toy.data import load_split
+from sdpo.toy.pretraining import (
+    MARKER_FILE,
+    PretrainSettings,
+    ToyCacheError,
+    build_text_encoder,
+    corrupt_folder_error,
+    pretrain,
+    pretrain_into_cache,
+)
 from sdpo.toy.video_data import (
     DEFAULT_CANVAS,
     DEFAULT_FRAMES,
@@ -72,7 +71,7 @@ _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 @dataclass(frozen=True)
-class VideoToyConfig:
+class VideoToyConfig(PretrainSettings):
     """Clip geometry, model size and training recipe of a video toy base model. Every field is part of the cache key."""
 
     arch: str = "cogvideox"
@@ -97,16 +96,6 @@ class VideoToyConfig:
     """Transformer blocks."""
     time_embed_dim: int = 64
     """Timestep embedding width (CogVideoX's ``time_embed_dim``, Wan's ``freq_dim``)."""
-    text_hidden_size: int = 32
-    """Width of the CLIP text encoder (the transformer's ``text_embed_dim`` / ``text_dim``)."""
-    text_layers: int = 1
-    """Transformer layers of the text encoder."""
-    text_heads: int = 2
-    """Attention heads of the text encoder; must divide ``text_hidden_size``."""
-    max_prompt_tokens: int = 8
-    """Fixed padded prompt length, including begin / end tokens (CogVideoX's ``max_text_seq_length``)."""
-    num_train_timesteps: int = 1000
-    """Length T of the training timestep grid."""
     beta_schedule: str = "squaredcos_cap_v2"
     """CogVideoX only: beta schedule before the zero-terminal-SNR rescale (cosine keeps more signal at
     mid t, which tiny frames need)."""
@@ -124,26 +113,17 @@ class VideoToyConfig:
     """Optimiser steps of pretraining (about 105 ms each on one idle CPU core at the default size)."""
     batch_size: int = 32
     """Clips per pretraining step."""
-    learning_rate: float = 2e-3
-    """Peak AdamW learning rate (linear warm-up, then cosine decay to a tenth of it)."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay."""
-    warmup_steps: int = 50
-    """Steps of linear learning-rate warm-up."""
     ema_decay: float = 0.99
     """Decay of the exponential moving average of the weights that is saved (0 saves the raw weights)."""
-    prompt_dropout: float = 0.1
-    """Share of training prompts replaced by the empty prompt, so classifier-free guidance works."""
-    seed: int = 0
-    """Seed of initialisation, batches, directions, noise and timesteps."""
+
+    # [BOS] a handwritten digit N moving DIR [EOS] is 8 tokens; shorter would cut the direction off.
+    min_prompt_tokens: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         check_geometry(self.frames, self.canvas, self.speed)
-        positive = ("patch_size", "num_attention_heads", "attention_head_dim", "num_layers", "time_embed_dim",
-                    "text_hidden_size", "text_layers", "text_heads", "train_steps", "batch_size")
-        for name in positive:
+        for name in ("patch_size", "num_attention_heads", "attention_head_dim", "num_layers", "time_embed_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.canvas % self.patch_size:
@@ -155,43 +135,14 @@ class VideoToyConfig:
             raise ValueError(f"CogVideoX needs num_attention_heads * attention_head_dim divisible by 16, got {width}")
         if self.arch == "wan" and self.attention_head_dim < 12:
             raise ValueError(f"Wan's rotary embedding needs attention_head_dim >= 12, got {self.attention_head_dim}")
-        if self.text_hidden_size % self.text_heads:
-            raise ValueError(f"text_heads={self.text_heads} must divide text_hidden_size={self.text_hidden_size}")
-        # [BOS] a handwritten digit N moving DIR [EOS] is 8 tokens; shorter would cut the direction off.
-        if self.max_prompt_tokens < 8:
-            raise ValueError(f"max_prompt_tokens must be at least 8 to hold a prompt, got {self.max_prompt_tokens}")
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        self.check_pretrain_settings()
         if self.beta_schedule not in _BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {_BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if not self.snr_shift_scale > 0 or not self.flow_shift > 0:
             raise ValueError("snr_shift_scale and flow_shift must be positive")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("weight_decay and warmup_steps must not be negative")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> VideoToyConfig:
-        """The config from ``to_dict`` output; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown VideoToyConfig fields: {unknown}")
-        return cls(**values)
-
-    def short_hash(self) -> str:
-        """Ten hex digits identifying the config and the folder format (the cache key)."""
-        text = json.dumps({"format": VIDEO_FORMAT_VERSION, "world": WORLD, **self.to_dict()}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
+    def hash_header(self) -> dict[str, Any]:
+        return {"format": VIDEO_FORMAT_VERSION, "world": WORLD}
 
 
 @dataclass
@@ -274,23 +225,11 @@ def build_transformer(config: VideoToyConfig) -> nn.Module:
 
 def build_video_models(config: VideoToyConfig) -> _Models:
     """Freshly initialised transformer, text encoder, tokenizer and scheduler for ``config`` (seeded)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tokenizer = build_video_tokenizer(config.max_prompt_tokens)
     # Initialise under a private RNG so building a model never moves the caller's global stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.text_hidden_size,
-            intermediate_size=4 * config.text_hidden_size,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            max_position_embeddings=config.max_prompt_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ))
+        text_encoder = build_text_encoder(config, tokenizer)
         transformer = build_transformer(config)
     return _Models(transformer, text_encoder, tokenizer, build_scheduler(config))
 
@@ -328,8 +267,6 @@ def run_transformer(model: nn.Module, arch: str, latents: Tensor, timesteps: Ten
 
 # ------------------------------------------------------------------------------------------ training
 def _train(config: VideoToyConfig, models: _Models, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     from sdpo.schedules import NoiseSchedule
 
     images, labels = load_split("train")
@@ -339,62 +276,22 @@ def _train(config: VideoToyConfig, models: _Models, progress: bool) -> None:
     empty_ids = tokenize(models.tokenizer, [""], config.max_prompt_tokens)[0]
     schedule = NoiseSchedule.from_scheduler(models.scheduler)
 
-    transformer, text_encoder = models.transformer, models.text_encoder
-    transformer.train()
-    text_encoder.train()
-    params = [p for module in (transformer, text_encoder) for p in module.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
-
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(images), generator=generator)
-    cursor = 0
-    bar = tqdm(range(config.train_steps), desc=f"pretraining toy video base ({config.arch})",
-               disable=not progress, leave=False)
-    for step in bar:
-        # Shuffled epochs over the digits; each visit draws a fresh direction (4x the clips).
-        if cursor + config.batch_size > len(order):
-            order = torch.randperm(len(images), generator=generator)
-            cursor = 0
-        batch = order[cursor : cursor + config.batch_size]
-        cursor += config.batch_size
+    def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
+        # Each visit of a digit draws a fresh direction (4x the clips).
         directions = torch.randint(0, len(DIRECTIONS), (len(batch),), generator=generator)
         x0 = to_layout(render_clips(images[batch], directions, config.frames, config.canvas, config.speed),
                        config.arch)
         batch_ids = ids[batch, directions].clone()
-        drop = torch.rand(len(batch), generator=generator) < config.prompt_dropout
-        batch_ids[drop] = empty_ids
+        batch_ids[torch.rand(len(batch), generator=generator) < config.prompt_dropout] = empty_ids
         noise = torch.randn(x0.shape, generator=generator)
         t = schedule.sample_timesteps(len(batch), generator=generator)
-        noisy = schedule.add_noise(x0, noise, t)
+        hidden = models.text_encoder(batch_ids).last_hidden_state
+        prediction = run_transformer(models.transformer, config.arch, schedule.add_noise(x0, noise, t),
+                                     schedule.model_timestep(t), hidden)
+        return nn.functional.mse_loss(prediction, schedule.target(x0, noise, t))
 
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        hidden = text_encoder(batch_ids).last_hidden_state
-        prediction = run_transformer(transformer, config.arch, noisy, schedule.model_timestep(t), hidden)
-        loss = nn.functional.mse_loss(prediction, schedule.target(x0, noise, t))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-
-        if ema is not None:
-            # The usual warm-up of the decay: early weights are poor, so the average forgets them fast.
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-        models.history.append(loss.item())
-        if step % 25 == 0 or step == config.train_steps - 1:
-            recent = models.history[-50:]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-    bar.close()
-
-    if ema is not None:
-        with torch.no_grad():
-            for p, average in zip(params, ema, strict=True):
-                p.copy_(average)
-    transformer.eval()
-    text_encoder.eval()
+    pretrain(config, [models.transformer, models.text_encoder], len(images), batch_loss, models.history,
+             f"pretraining toy video base ({config.arch})", progress)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -416,10 +313,10 @@ def check_video_folder(folder: str | os.PathLike[str], config: VideoToyConfig | 
     folder = Path(folder)
     marker = read_marker(folder)
     if marker.get("world") != WORLD:
-        raise _corrupt(folder, f"{MARKER_FILE} is not a video toy marker (world {marker.get('world')!r})")
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} is not a video toy marker (world {marker.get('world')!r})")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
-        raise _corrupt(folder, f"missing {', '.join(missing)}")
+        raise corrupt_folder_error(folder, f"missing {', '.join(missing)}")
     for name in REQUIRED_FILES:
         try:
             if name.endswith(".safetensors"):
@@ -429,13 +326,13 @@ def check_video_folder(folder: str | os.PathLike[str], config: VideoToyConfig | 
             elif name.endswith(".json"):
                 json.loads((folder / name).read_text())
         except Exception as error:  # noqa: BLE001 - any read failure means the file is damaged
-            raise _corrupt(folder, f"{name} is unreadable ({type(error).__name__})") from error
+            raise corrupt_folder_error(folder, f"{name} is unreadable ({type(error).__name__})") from error
     try:
         stored = VideoToyConfig.from_dict(marker["config"])
     except (TypeError, ValueError) as error:
-        raise _corrupt(folder, f"{MARKER_FILE} holds an invalid config ({error})") from error
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} holds an invalid config ({error})") from error
     if config is not None and stored != config:
-        raise _corrupt(folder, f"{MARKER_FILE} holds a different config than its name's hash")
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} holds a different config than its name's hash")
     return marker
 
 
@@ -460,45 +357,15 @@ def pretrain_video_base(
     ToyCacheError when the folder exists but is damaged.
     """
     config = config or VideoToyConfig()
-    final = video_base_folder(config, cache_root)
-    if final.exists():
-        check_video_folder(final, config)
-        return final
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        start, cpu_start = time.perf_counter(), time.process_time()
+    def train_and_save(folder: Path) -> list[float]:
         models = build_video_models(config)
         _train(config, models, progress)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        save_video_models(models, temporary)
-        tail = models.history[-100:]
-        marker = {
-            "format": VIDEO_FORMAT_VERSION,
-            "world": WORLD,
-            "complete": True,
-            "config": config.to_dict(),
-            "config_hash": config.short_hash(),
-            "train_seconds": round(seconds, 2),
-            "train_cpu_seconds": round(cpu_seconds, 2),
-            "final_loss": sum(tail) / len(tail),
-            "torch_threads": torch.get_num_threads(),
-        }
-        # The marker is written last: a folder without it is never complete.
-        (temporary / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        try:
-            os.replace(temporary, final)
-        except OSError:
-            # Another process finished the same config first (the target is a non-empty folder):
-            # its copy is as good as ours.
-            if not final.exists():
-                raise
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(temporary)
-    check_video_folder(final, config)
-    return final
+        save_video_models(models, folder)
+        return models.history
+
+    return pretrain_into_cache(video_base_folder(config, cache_root), config, train_and_save,
+                               lambda folder: check_video_folder(folder, config))
 
 
 __all__ = [

@@ -20,7 +20,8 @@ from sdpo.models.base import MediaFormat, ModelNotFoundError, unwrap
 from sdpo.models.cogvideox import CogVideoXSpec
 from sdpo.models.wan import WanSpec
 from sdpo.schedules import NoiseSchedule
-from sdpo.toy.base_model import ToyCacheError, tokenize
+from sdpo.toy.base_model import tokenize
+from sdpo.toy.pretraining import ToyCacheError
 from sdpo.toy.video_model import VideoToyConfig, check_video_folder, from_layout, run_transformer, to_layout
 
 _PIPELINES = {"cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
