@@ -11,7 +11,8 @@ classifier plus a style term fitted to the real digits at first use.
     scores = digit_reward()(digits, prompts)
 
 Heavy imports (torch, diffusers, transformers) happen when a name is first used, so importing the
-package itself is cheap.
+package itself is cheap. The moving-digit video world exports its names from ``sdpo.toy.video``;
+what both worlds' base models share is in ``sdpo.toy.pretraining``.
 """
 
 from __future__ import annotations
