@@ -56,3 +56,20 @@ def test_reference_sharded_like_the_policy_computes_the_same_function(tmp_path):
     sharded_diff, naive_diff = (float(x) for x in line.split()[1:])
     assert sharded_diff == 0.0
     assert naive_diff > 0.0  # an unsharded float32 reference does not match the bf16-sharded policy
+
+
+def test_only_several_fsdp_or_deepspeed_processes_count_as_sharded():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from sdpo.train.sharding import parameters_are_sharded, uses_fsdp
+
+    def accelerator(kind, processes):
+        return SimpleNamespace(distributed_type=kind, num_processes=processes)
+
+    assert parameters_are_sharded(accelerator(DistributedType.FSDP, 2))
+    assert parameters_are_sharded(accelerator(DistributedType.DEEPSPEED, 8))
+    assert not parameters_are_sharded(accelerator(DistributedType.FSDP, 1))
+    assert not parameters_are_sharded(accelerator(DistributedType.MULTI_GPU, 8))
+    assert uses_fsdp(accelerator(DistributedType.FSDP, 1)) and not uses_fsdp(accelerator(DistributedType.NO, 1))

@@ -81,3 +81,18 @@ def test_compare_counts_ties_half():
     assert result.ties == 0.25 and result.gain.value == pytest.approx(0.375)
     with pytest.raises(ValueError, match="NaN"):
         compare(base, torch.tensor([math.nan, 0.0, 0.0, 0.0]))
+
+
+def test_validation_without_writing_samples_but_saves_nothing(tmp_path):
+    """The non-main processes of a sharded model sample (their forward is needed) and write nothing."""
+    from sdpo.models import tiny
+    from sdpo.models.base import MediaFormat
+    from sdpo.models.registry import load_spec
+    from sdpo.train.validation import write_validation_samples
+
+    spec = load_spec("sd", tiny.build_tiny_sd(tmp_path / "model"), media_format=MediaFormat(height=16, width=16))
+    folder = tmp_path / "validation"
+    assert write_validation_samples(spec, spec.denoiser, ["a prompt"], folder, 2, write=False) == []
+    assert not folder.exists()
+    written = write_validation_samples(spec, spec.denoiser, ["a prompt"], folder, 2)
+    assert [p.name for p in written] == ["00.png"] and (folder / "prompts.txt").is_file()

@@ -23,6 +23,17 @@ def uses_fsdp(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def parameters_are_sharded(accelerator: Any) -> bool:
+    """Whether the policy's parameters are split over processes (FSDP, DeepSpeed), so that a forward
+    pass needs every process, not only the main one."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.num_processes > 1 and accelerator.distributed_type in (
+        DistributedType.FSDP,
+        DistributedType.DEEPSPEED,
+    )
+
+
 def enable_gradient_checkpointing(accelerator: Any, model: nn.Module) -> None:
     """Checkpoint activations: FSDP's way under FSDP (set before ``prepare``), the model's otherwise."""
     if uses_fsdp(accelerator):

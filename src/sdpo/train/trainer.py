@@ -21,7 +21,12 @@ from tqdm.auto import tqdm
 from sdpo.data.cache import collate_pairs
 from sdpo.models.base import ModelSpec, cast_frozen, to_device_dtype, unwrap
 from sdpo.train.config import TrainConfig
-from sdpo.train.sharding import enable_gradient_checkpointing, shard_like_policy, uses_fsdp
+from sdpo.train.sharding import (
+    enable_gradient_checkpointing,
+    parameters_are_sharded,
+    shard_like_policy,
+    uses_fsdp,
+)
 from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
 
 TIMESTEP_BUCKETS = 10
@@ -296,11 +301,14 @@ def train(
                 if on_log is not None:
                     on_log(done, logged, unwrap(model))
         validate_now = config.validation_every and done % config.validation_every == 0
-        if config.validation_prompts and accelerator.is_main_process and (validate_now or done == config.max_steps):
+        # A sharded model's forward is collective, so then every process samples and the main one writes.
+        samples_here = accelerator.is_main_process or parameters_are_sharded(accelerator)
+        if config.validation_prompts and samples_here and (validate_now or done == config.max_steps):
             from sdpo.train.validation import write_validation_samples
 
             write_validation_samples(spec, model, list(config.validation_prompts), output_dir / "validation" /
-                                     f"step-{done:06d}", config.validation_inference_steps, config.seed)
+                                     f"step-{done:06d}", config.validation_inference_steps, config.seed,
+                                     write=accelerator.is_main_process)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps:
             _save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
 

@@ -24,8 +24,13 @@ def write_validation_samples(
     folder: str | Path,
     num_inference_steps: int = 25,
     seed: int = 0,
+    write: bool = True,
 ) -> list[Path]:
-    """Sample one image or clip per prompt with the current weights and save them under ``folder``."""
+    """Sample one image or clip per prompt with the current weights and save them under ``folder``.
+
+    ``write=False`` samples without saving: the other processes of a sharded model, whose forward
+    passes the main process needs.
+    """
     pipeline_class = getattr(spec, "pipeline_class", None)
     pretrained = getattr(spec, "pretrained", None)
     if pipeline_class is None or pretrained is None:
@@ -37,7 +42,8 @@ def write_validation_samples(
     pipe.to(parameter.device)
     pipe.set_progress_bar_config(disable=True)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
     fmt = spec.media_format
     size = {"height": fmt.height, "width": fmt.width}
     if fmt.frames is not None:
@@ -55,6 +61,8 @@ def write_validation_samples(
             with torch.no_grad(), autocast:
                 output = pipe(prompt, num_inference_steps=num_inference_steps, generator=generator,
                               output_type="pil", **size)
+            if not write:
+                continue
             if fmt.frames is None:
                 path = folder / f"{index:02d}.png"
                 output.images[0].save(path)
@@ -65,5 +73,7 @@ def write_validation_samples(
             written.append(path)
     finally:
         denoiser.train(was_training)
+    if not write:
+        return written
     (folder / "prompts.txt").write_text("".join(f"{i:02d}\t{p}\n" for i, p in enumerate(prompts)))
     return written
