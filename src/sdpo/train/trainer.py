@@ -283,6 +283,8 @@ def train(
                     grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
                     if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
                         grad_norm = grad_norm.full_tensor()
+                    elif grad_norm is None:  # DeepSpeed clips inside its engine and may not report it
+                        grad_norm = torch.tensor(math.nan)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
