@@ -122,3 +122,14 @@ def test_two_processes_match_one_process(world, tmp_path):
         runs[processes] = _losses(out)
     torch.testing.assert_close(torch.tensor(runs[2]), torch.tensor(runs[1]), rtol=1e-4, atol=1e-6)
     assert runs[1][-1] != runs[1][0]
+
+
+def test_a_run_where_every_member_is_masked_says_so(world, tmp_path):
+    import dataclasses
+
+    base, cache = world
+    config = dataclasses.replace(_config(tmp_path, max_steps=2),
+                                 method=MethodConfig.preset("dpo-cm", beta=500.0, mask_threshold=1e6))
+    with pytest.warns(UserWarning, match="every pair member was masked"):
+        result = train(config, spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache), progress=False)
+    assert all(row["masked_fraction"] == 1.0 for row in result.history)

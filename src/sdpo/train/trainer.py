@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,7 @@ def train(
     metrics_path = output_dir / "metrics.jsonl"
     history: list[dict[str, float]] = _read_history(metrics_path, first_step) if resume else []
     meter = _IntervalMeter()
+    warned_all_masked = False
     num_timesteps = spec.schedule.num_timesteps
     sample_shape = tuple(dataset[0]["latents_chosen"].shape)
     bar = tqdm(range(first_step, config.max_steps), desc=f"train {config.method.name}", initial=first_step,
@@ -295,6 +297,14 @@ def train(
             logged = meter.flush(accelerator, num_timesteps)
             logged.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], step=done)
             if accelerator.is_main_process:
+                if logged.get("masked_fraction", 0.0) >= 1.0 and not warned_all_masked:
+                    warned_all_masked = True
+                    warnings.warn(
+                        f"every pair member was masked up to step {done} (w below method.mask_threshold="
+                        f"{config.method.mask_threshold}), so the loss has no gradient; lower the threshold "
+                        "or start from a base model that fits the pairs better",
+                        stacklevel=2,
+                    )
                 history.append(logged)
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(logged) + "\n")
