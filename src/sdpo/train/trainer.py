@@ -206,29 +206,7 @@ def train(
         spec.media_format = dataset.media_format  # the size the cache was encoded at (validation samples it)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    model = spec.denoiser
-    model.requires_grad_(False)
-    reference_copy: nn.Module | None = None
-    if config.lora_rank > 0:
-        cast_frozen(model, accelerator.device, weight_dtype)
-        _add_lora(model, config, spec)
-        for param in model.parameters():  # adapters train in float32 whatever the base dtype
-            if param.requires_grad:
-                param.data = param.data.float()
-    else:
-        # The reference keeps the trained weights' dtype: a bf16 copy computes differently from the
-        # float32 policy and, times beta, biases the loss away from ln 2 before any update.
-        reference_copy = copy.deepcopy(model).requires_grad_(False).eval()
-        if uses_fsdp(accelerator):
-            reference_copy = shard_like_policy(accelerator, reference_copy)
-        else:
-            reference_copy.to("cpu" if config.offload_reference else accelerator.device)
-        model.requires_grad_(True)
-        model.to(accelerator.device)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(accelerator, model)
-    model.train()
-
+    model, reference_copy = _policy_and_reference(spec, config, accelerator, weight_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
     lr_scheduler = get_scheduler(
@@ -353,6 +331,36 @@ class _offloaded:
     def __exit__(self, *exc: object) -> None:
         if self.offload:
             self.module.to("cpu")
+
+
+def _policy_and_reference(
+    spec: ModelSpec, config: TrainConfig, accelerator: Any, weight_dtype: torch.dtype
+) -> tuple[nn.Module, nn.Module | None]:
+    """The trainable denoiser and, for full fine-tuning, its frozen reference copy (None with LoRA:
+    the reference is the same network with its adapters disabled)."""
+    model = spec.denoiser
+    model.requires_grad_(False)
+    reference_copy: nn.Module | None = None
+    if config.lora_rank > 0:
+        cast_frozen(model, accelerator.device, weight_dtype)
+        _add_lora(model, config, spec)
+        for param in model.parameters():  # adapters train in float32 whatever the base dtype
+            if param.requires_grad:
+                param.data = param.data.float()
+    else:
+        # The reference keeps the trained weights' dtype: a bf16 copy computes differently from the
+        # float32 policy and, times beta, biases the loss away from ln 2 before any update.
+        reference_copy = copy.deepcopy(model).requires_grad_(False).eval()
+        if uses_fsdp(accelerator):
+            reference_copy = shard_like_policy(accelerator, reference_copy)
+        else:
+            reference_copy.to("cpu" if config.offload_reference else accelerator.device)
+        model.requires_grad_(True)
+        model.to(accelerator.device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(accelerator, model)
+    model.train()
+    return model, reference_copy
 
 
 def _run_info(accelerator: Any) -> dict[str, Any]:
