@@ -241,6 +241,15 @@ def train(
     warned_all_masked = False
     num_timesteps = spec.schedule.num_timesteps
     sample_shape = tuple(dataset[0]["latents_chosen"].shape)
+    if progress and accelerator.is_main_process:
+        trainable = sum(p.numel() for p in params)
+        what = f"LoRA rank {config.lora_rank}" if config.lora_rank > 0 else "full fine-tuning"
+        processes = accelerator.num_processes
+        launch = "one process" if processes == 1 else f"{processes} processes ({accelerator.distributed_type.value})"
+        pairs_per_step = config.train_batch_size * config.gradient_accumulation_steps * processes
+        tqdm.write(f"sdpo: {spec.family}, {config.method.name}, {what} ({trainable:,} trainable parameters), "
+                   f"{launch}, mixed precision {config.mixed_precision}; {config.max_steps} steps of "
+                   f"{pairs_per_step} pairs from {len(dataset)} cached pairs")
     bar = tqdm(range(first_step, config.max_steps), desc=f"train {config.method.name}", initial=first_step,
                total=config.max_steps, disable=not (progress and accelerator.is_main_process), unit="step")
 
