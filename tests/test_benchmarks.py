@@ -88,3 +88,30 @@ def test_out_of_memory_is_reported_not_raised(gpu_step, monkeypatch):
     rows = gpu_step.main([*TINY_CPU, "--models", "sdxl,wan2.1-1.3b", "--method", "sdpo"])
     assert [(row["model"], row["status"]) for row in rows] == [("sdxl", "OOM"), ("wan2.1-1.3b", "ok")]
     assert "| sdxl | sdpo | OOM |" in gpu_step.markdown_table(rows)
+
+
+def test_head_to_head_ranks_real_digits_above_noise(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdpo.toy.data import load_split, prompts_for
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head_to_head.py"
+    loader = importlib.util.spec_from_file_location("sdpo_bench_head_to_head", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+
+    images, labels = load_split("held_out")
+    images, labels = images[:40], labels[:40]
+    prompts = prompts_for(labels)
+    folders = []
+    for seed in range(2):
+        folder = tmp_path / f"seed-{seed}"
+        folder.mkdir()
+        noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        save_file({"real": images.contiguous(), "noise_model": noise, "noise": noise.clone()},
+                  str(folder / "eval_samples.safetensors"), metadata={"prompts": json.dumps(prompts)})
+        folders.append(folder)
+    table = module.head_to_head(folders)
+    assert "2 run(s), 80 paired samples" in table
+    row = next(line for line in table.splitlines() if line.startswith("| noise_model vs real"))
+    assert float(row.split("|")[2].split()[0]) < 0.1  # noise loses to real digits on the reward

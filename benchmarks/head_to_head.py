@@ -1,0 +1,72 @@
+"""Compare the methods with each other, not only with the base, from finished demo runs.
+
+Every demo run (`sdpo demo`, or a seed folder of `benchmarks/methods.py`) saves its evaluation
+samples: every model sampled from the same noise and prompts. This script re-scores them with the
+world's reward and compares each pair of methods sample by sample:
+- the share of samples where A scores higher than B (ties count half), with a Wilson interval;
+- the mean reward difference, with a normal interval.
+
+Samples of several runs (seeds) are pooled. The intervals therefore cover the evaluation noise, not
+the variation between training seeds; the per-run columns show that variation.
+
+    python benchmarks/head_to_head.py benchmarks/results/methods/seed-*
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from sdpo.evaluate import compare
+from sdpo.toy.worlds import get_world
+
+
+def run_scores(folder: Path, reward: object) -> dict[str, torch.Tensor]:
+    """Reward of every model's evaluation samples in one demo run folder."""
+    with safe_open(str(folder / "eval_samples.safetensors"), "pt") as handle:
+        prompts = json.loads(handle.metadata()["prompts"])
+        return {name: reward(handle.get_tensor(name), prompts) for name in handle.keys() if name != "noise"}  # noqa: SIM118
+
+
+def head_to_head(folders: list[Path], world: str = "image") -> str:
+    """A markdown table: every pair of models present in all ``folders``, pooled and per run."""
+    reward = get_world(world).reward()
+    runs = [run_scores(folder, reward) for folder in folders]
+    models = [name for name in runs[0] if all(name in run for run in runs)]
+    lines = [
+        f"{len(folders)} run(s), {sum(len(run[models[0]]) for run in runs)} paired samples per comparison.",
+        "",
+        "| A vs B | A wins (pooled, 95% CI) | reward A - B (pooled, 95% CI) | A wins, per run |",
+        "|---|---|---|---|",
+    ]
+    for a, b in itertools.combinations(models, 2):
+        pooled = compare(torch.cat([run[b] for run in runs]), torch.cat([run[a] for run in runs]))
+        per_run = [compare(run[b], run[a]).win_rate.value for run in runs]
+        lines.append(f"| {a} vs {b} | {pooled.win_rate} | {pooled.gain.value:+.3f} "
+                     f"[{pooled.gain.low:+.3f}, {pooled.gain.high:+.3f}] | "
+                     + ", ".join(f"{w:.3f}" for w in per_run) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="demo run folders (each with eval_samples.safetensors)")
+    parser.add_argument("--world", default="image", choices=["image", "video"])
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args()
+    missing = [str(f) for f in args.folders if not (f / "eval_samples.safetensors").is_file()]
+    if missing:
+        parser.error(f"no eval_samples.safetensors in: {', '.join(missing)}")
+    table = head_to_head(args.folders, args.world)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
