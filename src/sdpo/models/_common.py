@@ -58,12 +58,26 @@ def load_component(
 
 
 def _dtype_keyword(loader: Any) -> str:
-    """``dtype`` for transformers >= 5 models (``torch_dtype`` is deprecated there), else ``torch_dtype``."""
-    if not getattr(loader, "__module__", "").startswith("transformers"):
-        return "torch_dtype"
-    import transformers
+    """The ``from_pretrained`` keyword for the dtype: ``dtype`` where ``torch_dtype`` is deprecated
+    (transformers >= 5, diffusers >= 0.42), else ``torch_dtype``."""
+    module = getattr(loader, "__module__", "")
+    if module.startswith("transformers"):
+        import transformers
 
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        return "dtype" if _version(transformers.__version__) >= (5, 0) else "torch_dtype"
+    return diffusers_dtype_keyword()
+
+
+def diffusers_dtype_keyword() -> str:
+    """``dtype`` for diffusers >= 0.42 (which deprecates ``torch_dtype``), else ``torch_dtype``."""
+    import diffusers
+
+    return "dtype" if _version(diffusers.__version__) >= (0, 42) else "torch_dtype"
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def load_scheduler(folder: str, subfolder: str = "scheduler") -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdpo.models._common import diffusers_dtype_keyword
 from sdpo.models.base import unwrap
 
 
@@ -38,7 +39,7 @@ def write_validation_samples(
     denoiser = unwrap(model)
     parameter = next(denoiser.parameters())
     pipe = pipeline_class.from_pretrained(str(pretrained), **{spec.denoiser_subfolder: denoiser},
-                                          torch_dtype=parameter.dtype)
+                                          **{diffusers_dtype_keyword(): parameter.dtype})
     pipe.to(parameter.device)
     pipe.set_progress_bar_config(disable=True)
     folder = Path(folder)
