@@ -167,3 +167,16 @@ def test_full_fine_tuning_starts_at_ln2_under_bf16(tmp_path):
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["loss"] - math.log(2)) < 1e-6
     assert json.loads((out / "run_info.json").read_text())["mixed_precision"] == "bf16"
+
+
+def test_a_stopped_training_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import sdpo.train.trainer as trainer
+    from sdpo.cli import STOPPED_EXIT_CODE
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"family": "sd", "output_dir": str(tmp_path / "run"), "report_to": "none"}))
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: trainer.TrainResult(
+        output_dir=tmp_path / "run", stopped_at=7, stop_signal="SIGUSR1"))
+    assert main(["--quiet", "train", str(config)]) == STOPPED_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "stopped by SIGUSR1 after step 7" in err and "--resume latest" in err

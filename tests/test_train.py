@@ -133,3 +133,29 @@ def test_a_run_where_every_member_is_masked_says_so(world, tmp_path):
     with pytest.warns(UserWarning, match="every pair member was masked"):
         result = train(config, spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache), progress=False)
     assert all(row["masked_fraction"] == 1.0 for row in result.history)
+
+
+def test_a_stop_signal_checkpoints_and_resume_matches_an_uninterrupted_run(world, tmp_path):
+    import signal
+
+    base, cache = world
+    whole = tmp_path / "whole"
+    train(_config(whole), spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache), progress=False)
+
+    def send_sigterm(step, logged, model):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a cluster sends before pre-empting the job
+
+    stopped = tmp_path / "stopped"
+    previous = signal.getsignal(signal.SIGTERM)
+    result = train(_config(stopped), spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache), progress=False,
+                   on_log=send_sigterm)
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is only there during training
+    assert (result.stopped_at, result.stop_signal) == (2, "SIGTERM")
+    assert latest_checkpoint(stopped).name == "checkpoint-2"
+    assert not (stopped / "pytorch_lora_weights.safetensors").exists()  # no final export from a cut run
+
+    resumed = train(_config(stopped), spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache),
+                    resume="latest", progress=False)
+    assert resumed.stopped_at is None and (stopped / "pytorch_lora_weights.safetensors").is_file()
+    torch.testing.assert_close(torch.tensor(_losses(stopped)), torch.tensor(_losses(whole)), rtol=1e-6, atol=1e-8)

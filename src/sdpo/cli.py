@@ -35,6 +35,14 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.md'}")
 
 
+STOPPED_EXIT_CODE = 3
+"""Exit status of `sdpo train` stopped by SIGTERM / SIGUSR1 after saving a checkpoint (resumable)."""
+
+
+class StoppedEarly(Exception):
+    """`sdpo train` stopped on a signal; its checkpoint is saved."""
+
+
 def _train(args: argparse.Namespace) -> None:
     from sdpo.train.config import TrainConfig
     from sdpo.train.trainer import train
@@ -50,6 +58,11 @@ def _train(args: argparse.Namespace) -> None:
             target[leaf] = value
         config = TrainConfig.from_dict(data)
     result = train(config, resume=args.resume, progress=not args.quiet)
+    if result.stopped_at is not None:
+        raise StoppedEarly(
+            f"stopped by {result.stop_signal or 'a stop signal'} after step {result.stopped_at}; the checkpoint is "
+            f"saved: run the same command with --resume latest to continue"
+        )
     print(f"trained weights: {result.output_dir}")
 
 
@@ -134,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"sdpo: error: {error}", file=sys.stderr)
         return 2
+    except StoppedEarly as stop:
+        print(f"sdpo: {stop}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     except KeyboardInterrupt:
         print("sdpo: interrupted", file=sys.stderr)
         return 130

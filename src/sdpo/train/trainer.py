@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from sdpo.data.cache import collate_pairs
 from sdpo.models.base import ModelSpec, cast_frozen, to_device_dtype, unwrap
 from sdpo.train.config import TrainConfig
+from sdpo.train.preemption import StopRequests
 from sdpo.train.sharding import (
     enable_gradient_checkpointing,
     parameters_are_sharded,
@@ -45,6 +46,10 @@ class TrainResult:
     """Logged metrics, one dict per logging step (what metrics.jsonl holds)."""
     model: nn.Module | None = None
     """The trained denoiser (unwrapped), still in memory for evaluation."""
+    stopped_at: int | None = None
+    """The step after which a stop signal ended the run early (its checkpoint is saved), or None."""
+    stop_signal: str | None = None
+    """The signal that stopped this process's run (None if another process received it)."""
 
 
 class GlobalBatchOrder:
@@ -253,64 +258,77 @@ def train(
     bar = tqdm(range(first_step, config.max_steps), desc=f"train {config.method.name}", initial=first_step,
                total=config.max_steps, disable=not (progress and accelerator.is_main_process), unit="step")
 
-    for step in bar:
-        grad_norm = torch.tensor(0.0)
-        for micro in range(config.gradient_accumulation_steps):
-            micro_step = step * config.gradient_accumulation_steps + micro
-            rows, positions = order.indices(micro_step)
-            batch = _to_device(collate_pairs([dataset[int(i)] for i in rows]), accelerator.device, weight_dtype)
-            draws = draw_for_pairs(positions, micro_step, config.seed, sample_shape, num_timesteps,
-                                   config.t_min, config.t_max, config.method.estimator == "sampled")
-            with accelerator.accumulate(model), accelerator.autocast():
-                result = preference_step(spec, model, batch, draws, config.method, reference)
-                if not torch.isfinite(result.output.loss):
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step}: lower the learning rate or beta, or use bf16 not fp16"
-                    )
-                accelerator.backward(result.output.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-                    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
-                        grad_norm = grad_norm.full_tensor()
-                    elif grad_norm is None:  # DeepSpeed clips inside its engine and may not report it
-                        grad_norm = torch.tensor(math.nan)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            metrics = {k: v.item() for k, v in result.output.metrics.items()}
-            meter.add(metrics, result.timesteps, result.raw_weights, num_timesteps)
-        done = step + 1
-        if done % config.log_every == 0 or done == config.max_steps:
-            logged = meter.flush(accelerator, num_timesteps)
-            logged.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], step=done)
-            if accelerator.is_main_process:
-                if logged.get("masked_fraction", 0.0) >= 1.0 and not warned_all_masked:
-                    warned_all_masked = True
-                    warnings.warn(
-                        f"every pair member was masked up to step {done} (w below method.mask_threshold="
-                        f"{config.method.mask_threshold}), so the loss has no gradient; lower the threshold "
-                        "or start from a base model that fits the pairs better",
-                        stacklevel=2,
-                    )
-                history.append(logged)
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(logged) + "\n")
-                accelerator.log({k: v for k, v in logged.items() if k != "step"}, step=done)
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.2f}")
-                if on_log is not None:
-                    on_log(done, logged, unwrap(model))
-        validate_now = config.validation_every and done % config.validation_every == 0
-        # A sharded model's forward is collective, so then every process samples and the main one writes.
-        samples_here = accelerator.is_main_process or parameters_are_sharded(accelerator)
-        if config.validation_prompts and samples_here and (validate_now or done == config.max_steps):
-            from sdpo.train.validation import write_validation_samples
+    stopped_at: int | None = None
+    with StopRequests() as stops:
+        for step in bar:
+            grad_norm = torch.tensor(0.0)
+            for micro in range(config.gradient_accumulation_steps):
+                micro_step = step * config.gradient_accumulation_steps + micro
+                rows, positions = order.indices(micro_step)
+                batch = _to_device(collate_pairs([dataset[int(i)] for i in rows]), accelerator.device, weight_dtype)
+                draws = draw_for_pairs(positions, micro_step, config.seed, sample_shape, num_timesteps,
+                                       config.t_min, config.t_max, config.method.estimator == "sampled")
+                with accelerator.accumulate(model), accelerator.autocast():
+                    result = preference_step(spec, model, batch, draws, config.method, reference)
+                    if not torch.isfinite(result.output.loss):
+                        raise FloatingPointError(
+                            f"non-finite loss at step {step}: lower the learning rate or beta, or use bf16 not fp16"
+                        )
+                    accelerator.backward(result.output.loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+                        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
+                            grad_norm = grad_norm.full_tensor()
+                        elif grad_norm is None:  # DeepSpeed clips inside its engine and may not report it
+                            grad_norm = torch.tensor(math.nan)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                metrics = {k: v.item() for k, v in result.output.metrics.items()}
+                meter.add(metrics, result.timesteps, result.raw_weights, num_timesteps)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.max_steps:
+                logged = meter.flush(accelerator, num_timesteps)
+                logged.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], step=done)
+                if accelerator.is_main_process:
+                    if logged.get("masked_fraction", 0.0) >= 1.0 and not warned_all_masked:
+                        warned_all_masked = True
+                        warnings.warn(
+                            f"every pair member was masked up to step {done} (w below method.mask_threshold="
+                            f"{config.method.mask_threshold}), so the loss has no gradient; lower the threshold "
+                            "or start from a base model that fits the pairs better",
+                            stacklevel=2,
+                        )
+                    history.append(logged)
+                    with metrics_path.open("a") as handle:
+                        handle.write(json.dumps(logged) + "\n")
+                    accelerator.log({k: v for k, v in logged.items() if k != "step"}, step=done)
+                    bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.2f}")
+                    if on_log is not None:
+                        on_log(done, logged, unwrap(model))
+            validate_now = config.validation_every and done % config.validation_every == 0
+            # A sharded model's forward is collective, so then every process samples and the main one writes.
+            samples_here = accelerator.is_main_process or parameters_are_sharded(accelerator)
+            if config.validation_prompts and samples_here and (validate_now or done == config.max_steps):
+                from sdpo.train.validation import write_validation_samples
 
-            write_validation_samples(spec, model, list(config.validation_prompts), output_dir / "validation" /
-                                     f"step-{done:06d}", config.validation_inference_steps, config.seed,
-                                     write=accelerator.is_main_process)
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps:
-            _save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
+                write_validation_samples(spec, model, list(config.validation_prompts), output_dir / "validation" /
+                                         f"step-{done:06d}", config.validation_inference_steps, config.seed,
+                                         write=accelerator.is_main_process)
+            saved = config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps
+            if saved:
+                _save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
+            if done < config.max_steps and stops.agreed(accelerator):
+                if not saved:
+                    _save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
+                stopped_at = done
+                break
 
+    if stopped_at is not None:
+        bar.close()
+        accelerator.end_training()
+        return TrainResult(output_dir=output_dir, history=history, model=unwrap(accelerator.unwrap_model(model)),
+                           stopped_at=stopped_at, stop_signal=stops.received)
     accelerator.wait_for_everyone()
     # Collective: under FSDP / ZeRO-3 each process holds a shard; this gathers the full state.
     state_dict = accelerator.get_state_dict(model)
