@@ -247,14 +247,7 @@ def train(
     num_timesteps = spec.schedule.num_timesteps
     sample_shape = tuple(dataset[0]["latents_chosen"].shape)
     if progress and accelerator.is_main_process:
-        trainable = sum(p.numel() for p in params)
-        what = f"LoRA rank {config.lora_rank}" if config.lora_rank > 0 else "full fine-tuning"
-        processes = accelerator.num_processes
-        launch = "one process" if processes == 1 else f"{processes} processes ({accelerator.distributed_type.value})"
-        pairs_per_step = config.train_batch_size * config.gradient_accumulation_steps * processes
-        tqdm.write(f"sdpo: {spec.family}, {config.method.name}, {what} ({trainable:,} trainable parameters), "
-                   f"{launch}, mixed precision {config.mixed_precision}; {config.max_steps} steps of "
-                   f"{pairs_per_step} pairs from {len(dataset)} cached pairs")
+        tqdm.write(_announcement(spec, config, accelerator, params, len(dataset)))
     bar = tqdm(range(first_step, config.max_steps), desc=f"train {config.method.name}", initial=first_step,
                total=config.max_steps, disable=not (progress and accelerator.is_main_process), unit="step")
 
@@ -388,6 +381,18 @@ def _policy_and_reference(
         enable_gradient_checkpointing(accelerator, model)
     model.train()
     return model, reference_copy
+
+
+def _announcement(spec: ModelSpec, config: TrainConfig, accelerator: Any, params: list, num_pairs: int) -> str:
+    """One line saying what the run is about to do."""
+    trainable = sum(p.numel() for p in params)
+    what = f"LoRA rank {config.lora_rank}" if config.lora_rank > 0 else "full fine-tuning"
+    processes = accelerator.num_processes
+    launch = "one process" if processes == 1 else f"{processes} processes ({accelerator.distributed_type.value})"
+    pairs_per_step = config.train_batch_size * config.gradient_accumulation_steps * processes
+    return (f"sdpo: {spec.family}, {config.method.name}, {what} ({trainable:,} trainable parameters), {launch}, "
+            f"mixed precision {config.mixed_precision}; {config.max_steps} steps of {pairs_per_step} pairs from "
+            f"{num_pairs} cached pairs")
 
 
 def _run_info(accelerator: Any) -> dict[str, Any]:
