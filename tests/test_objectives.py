@@ -55,6 +55,7 @@ def test_weighted_logit_formula():
     out = preference_loss(mw, ml, rw, rl, 2.0, ww, wl)
     torch.testing.assert_close(out.logits, -(ww * (mw - rw) - wl * (ml - rl)))
     torch.testing.assert_close(out.metrics["reward_margin"], out.logits.mean() / 2.0)
+    torch.testing.assert_close(out.metrics["weight_gap"], (ww - wl).mean())
 
 
 def test_gradcheck():

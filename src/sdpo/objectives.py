@@ -144,7 +144,7 @@ class PreferenceOutput:
     """Per-pair z, shape (B,) (carries gradient)."""
     metrics: dict[str, Tensor] = field(default_factory=dict)
     """accuracy (z > 0, ties count half), reward_margin (mean z / beta), weight_mean, weight_min,
-    masked_fraction (share of pair members with W = 0)."""
+    masked_fraction (share of pair members with W = 0), weight_gap (mean W^w - W^l)."""
 
 
 def _check_errors(**errors: Tensor) -> None:
@@ -195,5 +195,7 @@ def preference_loss(
             "weight_mean": both.mean(),
             "weight_min": both.min(),
             "masked_fraction": (both == 0).to(logits.dtype).mean(),
+            # > 0: winners weigh more than their losers, so the objective is no longer antisymmetric.
+            "weight_gap": (weight_w - weight_l).mean(),
         }
     return PreferenceOutput(loss=loss, logits=logits, metrics=metrics)
