@@ -37,6 +37,25 @@ def test_demo_end_to_end_writes_the_report(tmp_path):
         assert len(json.loads(handle.metadata()["prompts"])) == 20
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
+    # The benchmark scripts read this folder format: a method variant retrained on its pairs, and
+    # the methods compared head to head on its samples.
+    variant = _benchmark("variant").run_variant(out, "sdpo", {"normalize": True}, 2)
+    assert "sdpo + normalize=True, 2 steps" in variant
+    assert all(f"| {name} |" in variant for name in ("base", "diffusion-dpo", "dpo-cm", "sdpo"))
+    table = _benchmark("head_to_head").head_to_head([out])
+    assert "| diffusion-dpo vs sdpo |" in table and "20 paired samples" in table
+
+
+def _benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"sdpo_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def test_video_demo_end_to_end(tmp_path):
     from test_toy_video import TINY as TINY_VIDEO
