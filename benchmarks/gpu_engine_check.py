@@ -96,6 +96,7 @@ def sample_with_lora(family: str, model: Path, lora: Path, size: int, frames: in
 def check_family(family: str, root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     from sdpo.cli import main as cli
     from sdpo.models import tiny
+    from sdpo.models.registry import spec_class
     from sdpo.train.config import TrainConfig
     from sdpo.train.trainer import train
 
@@ -143,7 +144,7 @@ def check_family(family: str, root: Path, args: argparse.Namespace) -> list[dict
                 row["pipeline_sample_finite"] = sample_with_lora(family, model, out, size, frames, args.device)
                 row["ok"] = row["ok"] and row["pipeline_sample_finite"]
             else:
-                saved = out / spec_subfolder(family) / "config.json"
+                saved = out / spec_class(family).denoiser_subfolder / "config.json"
                 row["ok"] = row["ok"] and saved.is_file()
         except Exception as error:  # noqa: BLE001 - report every family, not only the first failure
             traceback.print_exc()
@@ -223,12 +224,6 @@ def load_back(family: str, model: Path, out: Path, rank: int) -> bool:
 
 def type_name(model: Path, subfolder: str) -> str:
     return json.loads((model / subfolder / "config.json").read_text())["_class_name"]
-
-
-def spec_subfolder(family: str) -> str:
-    from sdpo.models.registry import spec_class
-
-    return spec_class(family).denoiser_subfolder
 
 
 def main(argv: list[str] | None = None) -> int:

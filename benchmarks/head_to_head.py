@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from sdpo.demo import EVAL_SAMPLES_FILE, load_eval_samples
 from sdpo.evaluate import compare
 from sdpo.toy.worlds import get_world
 
 
 def run_scores(folder: Path, reward: object) -> dict[str, torch.Tensor]:
     """Reward of every model's evaluation samples in one demo run folder."""
-    with safe_open(str(folder / "eval_samples.safetensors"), "pt") as handle:
-        prompts = json.loads(handle.metadata()["prompts"])
-        return {name: reward(handle.get_tensor(name), prompts) for name in handle.keys() if name != "noise"}  # noqa: SIM118
+    prompts, _, samples = load_eval_samples(folder)
+    return {name: reward(images, prompts) for name, images in samples.items()}
 
 
 def head_to_head(folders: list[Path], world: str = "image") -> str:
@@ -59,9 +57,9 @@ def main() -> None:
     parser.add_argument("--world", default="image", choices=["image", "video"])
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
-    missing = [str(f) for f in args.folders if not (f / "eval_samples.safetensors").is_file()]
+    missing = [str(f) for f in args.folders if not (f / EVAL_SAMPLES_FILE).is_file()]
     if missing:
-        parser.error(f"no eval_samples.safetensors in: {', '.join(missing)}")
+        parser.error(f"no {EVAL_SAMPLES_FILE} in: {', '.join(missing)}")
     table = head_to_head(args.folders, args.world)
     print(table)
     if args.out:

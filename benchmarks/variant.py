@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from safetensors import safe_open
 
 from sdpo.data import CachedPairs
-from sdpo.demo import DemoConfig
+from sdpo.demo import EVAL_SAMPLES_FILE, DemoConfig, load_eval_samples
 from sdpo.evaluate import compare
 from sdpo.toy.worlds import get_world
 from sdpo.train.trainer import train
@@ -49,10 +48,7 @@ def run_variant(folder: Path, method: str, settings: dict, steps: int | None) ->
                                toy_overrides=recorded.get("toy_overrides") or {})
     world = get_world(demo.world, demo.toy_overrides)
     base = world.pretrain(demo.cache_root, False)
-    with safe_open(str(folder / "eval_samples.safetensors"), "pt") as handle:
-        prompts = json.loads(handle.metadata()["prompts"])
-        noise = handle.get_tensor("noise")
-        saved = {name: handle.get_tensor(name) for name in handle.keys() if name != "noise"}  # noqa: SIM118
+    prompts, noise, saved = load_eval_samples(folder)
 
     template = demo.train_config(method, Path("unused"))
     variant = dataclasses.replace(template.method, **settings)  # validated again in __post_init__
@@ -81,7 +77,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="MethodConfig settings to change")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the run's own)")
     args = parser.parse_args()
-    for needed in ("results.json", "cache", "eval_samples.safetensors"):
+    for needed in ("results.json", "cache", EVAL_SAMPLES_FILE):
         if not (args.folder / needed).exists():
             parser.error(f"{args.folder} has no {needed}: pass a finished demo run folder")
     print(run_variant(args.folder, args.method, parse_settings(args.set), args.steps))

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from sdpo.objectives import METHODS, MethodConfig
 from sdpo.train.config import TrainConfig
@@ -101,6 +103,18 @@ class DemoConfig:
             seed=self.seed,
             report_to="tensorboard",
         )
+
+
+EVAL_SAMPLES_FILE = "eval_samples.safetensors"
+"""Evaluation samples of a run: one tensor per model, the shared noise, and the prompts in the metadata."""
+
+
+def load_eval_samples(run_folder: str | Path) -> tuple[list[str], Tensor, dict[str, Tensor]]:
+    """(prompts, shared noise, samples by model name) of a finished demo run."""
+    with safe_open(str(Path(run_folder) / EVAL_SAMPLES_FILE), "pt") as handle:
+        prompts = json.loads(handle.metadata()["prompts"])
+        samples = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    return prompts, samples.pop("noise"), samples
 
 
 def _prepare_output(out: Path) -> Path:
@@ -187,7 +201,7 @@ def run_demo(config: DemoConfig) -> Path:
             histories[method] = run.history
 
         save_file({k: v.contiguous() for k, v in samples.items()},
-                  str(staging / "eval_samples.safetensors"),
+                  str(staging / EVAL_SAMPLES_FILE),
                   metadata={"prompts": json.dumps(eval_prompts), "seed": str(10_000 + config.seed),
                             "world": config.world,
                             "layout": "samples in [-1, 1] as the world's sampler returns them; noise is the "
