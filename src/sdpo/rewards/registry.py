@@ -1,0 +1,57 @@
+"""Reward name -> factory, and ``load_reward`` to build one (plug-ins are imported on first use)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from sdpo.rewards.base import MediaKind, Reward
+
+REWARDS: dict[str, Callable[..., Reward]] = {}
+"""Rewards whose factory is imported already (``register_reward`` adds here)."""
+
+LAZY_REWARDS: dict[str, str] = {}
+"""Rewards registered as ``"module:factory"``, imported on first use (heavy plug-ins stay unimported)."""
+
+
+def register_reward(name: str, factory: Callable[..., Reward]) -> None:
+    """Make ``load_reward(name, **options)`` call ``factory(**options)``."""
+    REWARDS[name] = factory
+
+
+def known_rewards() -> list[str]:
+    """Every registered reward name, sorted."""
+    return sorted({*REWARDS, *LAZY_REWARDS})
+
+
+def load_reward(name: str, **options: Any) -> Reward:
+    """Build the reward registered as ``name`` with its options (model folder, device, ...)."""
+    if name not in REWARDS:
+        if name not in LAZY_REWARDS:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(known_rewards()) or 'none'}")
+        module_name, _, attribute = LAZY_REWARDS[name].partition(":")
+        REWARDS[name] = getattr(importlib.import_module(module_name), attribute)
+    return REWARDS[name](**options)
+
+
+class CallableReward:
+    """A plain ``(media, prompts) -> Tensor`` function seen as a Reward."""
+
+    def __init__(self, fn: Callable[[Tensor, list[str]], Tensor], name: str, media: MediaKind) -> None:
+        self.fn, self.name, self.media = fn, name, media
+
+    def score(self, media: Tensor, prompts: list[str]) -> Tensor:
+        return self.fn(media, prompts)
+
+
+def as_reward(value: Reward | Callable[[Tensor, list[str]], Tensor], name: str | None = None,
+              media: MediaKind = "image") -> Reward:
+    """``value`` itself if it is a Reward, else the callable wrapped under ``name``."""
+    if isinstance(value, Reward):
+        return value
+    if not callable(value):
+        raise ValueError(f"a reward must have a score(media, prompts) method or be callable, got {type(value).__name__}")
+    return CallableReward(value, name or getattr(value, "__name__", "reward"), media)
