@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from bisect import bisect_right
@@ -218,6 +219,7 @@ def _encode_all(
                 }
                 for key, value in _encode_prompts(spec, [pair.prompt for pair in batch]).items():
                     tensors[COND_PREFIX + key] = value
+                _check_encoded_finite(tensors, batch)
                 writer.add(tensors, len(batch))
                 bar.update(1)
     finally:
@@ -238,6 +240,22 @@ def _encode_prompts(spec: MediaEncoder, prompts: list[str]) -> dict[str, Tensor]
         value = _checked(value, len(unique), f"encode_prompts[{key!r}]")
         expanded[key] = value.index_select(0, index)
     return expanded
+
+
+def _check_encoded_finite(tensors: Mapping[str, Tensor], batch: Sequence[PreferencePair]) -> None:
+    # A NaN written into the cache would surface days later as a diverging loss; refuse it at the source.
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = sorted({int(i) for i in (~torch.isfinite(value)).reshape(len(batch), -1).any(1).nonzero()[:, 0]})
+            where = ", ".join(_pair_where(batch[i]) for i in bad[:3]) + (" ..." if len(bad) > 3 else "")
+            raise ValueError(
+                f"the encoder returned non-finite values (NaN/inf) in {name} for {where}: an fp16 VAE can "
+                f"overflow, try --dtype fp32 or bf16"
+            )
+
+
+def _pair_where(pair: PreferencePair) -> str:
+    return pair.where or f"prompt {pair.prompt!r:.60}"
 
 
 def _checked(value: Any, batch: int, what: str) -> Tensor:
@@ -392,13 +410,105 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def verify_cache(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any] | None = None) -> None:
-    """Check every shard's sha256 against the manifest (reads the whole cache); raises CacheError."""
+VERIFIED_NAME = ".verified.json"
+"""Beside the manifest: the shards already verified, so later runs need not hash them again."""
+
+
+def verify_cache(
+    cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any] | None = None, *, remember: bool = True
+) -> int:
+    """Check every shard's sha256 against the manifest and that its tensors are finite; raises CacheError.
+
+    Hashing reads the whole cache, so a shard that passed is remembered (``remember``) by its size,
+    modification time, change time and inode, in ``.verified.json`` in the cache folder, or under the
+    user cache folder when the cache is read-only; a shard whose file has not changed since is not
+    read again. Returns how many shards were hashed now.
+    """
     folder = Path(cache_dir)
     manifest = read_manifest(folder) if manifest is None else manifest
+    known = _read_verified(folder) if remember else {}
+    passed: dict[str, dict[str, Any]] = {}
+    hashed = 0
     for shard in manifest["shards"]:
-        if _sha256(folder / shard["file"]) != shard["sha256"]:
+        path = folder / shard["file"]
+        stamp = _file_stamp(path, shard["sha256"])
+        if known.get(shard["file"]) == stamp:
+            passed[shard["file"]] = stamp
+            continue
+        if path.stat().st_size != shard["bytes"]:
+            raise CacheError(f"{folder}: shard {shard['file']} has {path.stat().st_size} bytes, the manifest says "
+                             f"{shard['bytes']} (truncated?): {_REBUILD}")  # fmt: skip
+        if _sha256(path) != shard["sha256"]:
             raise CacheError(f"{folder}: shard {shard['file']} does not match its checksum (corrupt): {_REBUILD}")
+        _check_finite(path, shard["file"], folder)
+        hashed += 1
+        passed[shard["file"]] = stamp
+    if remember and hashed:
+        _write_verified(folder, passed)
+    return hashed
+
+
+def _file_stamp(path: Path, sha256: str) -> dict[str, Any]:
+    # ctime and inode as well as mtime: a rewrite that restores the modification time still shows.
+    info = path.stat()
+    return {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns,
+            "inode": info.st_ino, "sha256": sha256}  # fmt: skip
+
+
+def _check_finite(path: Path, name: str, folder: Path) -> None:
+    """Refuse a shard holding a NaN or an infinity (an encoder fault the checksum cannot see)."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            tensor = handle.get_slice(key)
+            rows = tensor.get_shape()[0] if tensor.get_shape() else 0
+            for start in range(0, max(rows, 1), 64):  # 64 rows at a time keeps memory small for video latents
+                part = tensor[start : start + 64] if rows else handle.get_tensor(key)
+                if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                    raise CacheError(f"{folder}: shard {name} holds non-finite values in {key}: {_REBUILD}")
+    except CacheError:
+        raise
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
+        raise CacheError(f"{folder}: shard {name} is not a readable safetensors file ({error}): {_REBUILD}") from None
+
+
+def _verified_paths(folder: Path) -> list[Path]:
+    """Where the verified record may live: in the cache folder, else under the user cache folder."""
+    resolved = folder.resolve()
+    user = Path(os.environ.get("SDPO_CACHE_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdpo")
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:20]
+    return [resolved / VERIFIED_NAME, user / "verified" / f"{digest}.json"]
+
+
+def _read_verified(folder: Path) -> dict[str, Any]:
+    for path in _verified_paths(folder):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent, unreadable or torn: hashing again is always safe
+        if isinstance(record, dict) and isinstance(record.get("shards"), dict):
+            return record["shards"]
+    return {}
+
+
+def _write_verified(folder: Path, shards: dict[str, dict[str, Any]]) -> None:
+    data = (json.dumps({"shards": shards}, indent=1) + "\n").encode()
+    for path in _verified_paths(folder):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(handle, "wb") as out:
+                    out.write(data)
+                os.replace(temporary, path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+            return
+        except OSError:
+            continue  # a read-only cache folder: try the user cache folder; failing both only costs a re-hash
 
 
 def check_cache_matches(
@@ -433,9 +543,29 @@ def check_cache_matches(
 
 
 def _same_model(first: str, second: str) -> bool:
+    """Whether two ``pretrained`` values name one model: equal, one folder, or a hub id and its cached snapshot."""
     if first.rstrip("/") == second.rstrip("/"):
         return True
-    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
+    if os.path.exists(first) and os.path.exists(second):
+        return os.path.samefile(first, second)
+    first_id, second_id = _hub_id_of(first), _hub_id_of(second)
+    return first_id is not None and first_id == second_id
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _hub_id_of(name: str) -> str | None:
+    """The hub id ``name`` stands for: itself when it is one, the repo of a hub-cache snapshot folder
+    (``.../models--org--name/snapshots/<revision>``), or None for any other folder."""
+    path = Path(name)
+    if not path.exists():
+        return name.rstrip("/").casefold() if _HUB_ID.match(name.rstrip("/")) else None
+    parts = Path(os.path.abspath(path)).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        # The hub forbids "--" inside names, so the folder name splits back into org and name.
+        return parts[-3].removeprefix("models--").replace("--", "/").casefold()
+    return None
 
 
 class CachedPairs(Dataset):
@@ -443,11 +573,12 @@ class CachedPairs(Dataset):
 
     Shards are opened lazily (memory-mapped) and each item reads only its own rows, so sequential
     and shuffled access are both cheap and memory stays small whatever the cache size; at most
-    ``max_open_shards`` shards are kept open. ``verify=True`` checks every shard's sha256 up front.
-    Safe to pass to a DataLoader with workers (open shards are not pickled).
+    ``max_open_shards`` shards are kept open. ``verify`` (the default) checks every shard's sha256
+    and that its tensors are finite up front (see :func:`verify_cache`: a shard unchanged since it
+    last passed is not read again). Safe to pass to a DataLoader with workers (open shards are not pickled).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], *, verify: bool = False, max_open_shards: int = 2) -> None:
+    def __init__(self, cache_dir: str | os.PathLike[str], *, verify: bool = True, max_open_shards: int = 2) -> None:
         self.cache_dir = Path(cache_dir)
         self.manifest: dict[str, Any] = read_manifest(self.cache_dir)
         if verify:

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +71,10 @@ class PreferencePair:
     rejected: MediaRef
     metadata: dict[str, Any] = field(default_factory=dict)
     """Anything else the source had for this pair (extra JSONL keys, parquet columns); not used in training."""
+    source: str | None = field(default=None, compare=False, repr=False)
+    """The manifest or parquet file the pair was read from (None for a pair made in code), for messages."""
+    line: int | None = field(default=None, compare=False, repr=False)
+    """Its line in a JSONL manifest (1-based) or row in a parquet file (0-based), for messages."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -80,13 +84,112 @@ class PreferencePair:
         if isinstance(self.rejected, str):
             self.rejected = Path(self.rejected)
 
+    @property
+    def where(self) -> str:
+        """``file:line`` (JSONL) or ``file row N`` (parquet), or "" for a pair made in code."""
+        return _where(self.source, self.line)
+
+
+def _where(source: str | None, line: int | None) -> str:
+    if source is None:
+        return ""
+    if line is None:
+        return source
+    return f"{source} row {line}" if source.endswith(".parquet") else f"{source}:{line}"
+
+
+@dataclass(frozen=True)
+class PairProblem:
+    """A pair (a manifest line, a parquet row) that was skipped or cannot be used, and why."""
+
+    source: str | None
+    """The manifest or parquet file (None for a pair made in code)."""
+    line: int | None
+    """JSONL line (1-based) or parquet row (0-based); None when not known."""
+    kind: str
+    """A short category, the key of the skip counts: "tie", "empty prompt", "bad line", "missing file", ..."""
+    reason: str
+    """What is wrong, in words (one line)."""
+
+    @property
+    def where(self) -> str:
+        """``file:line`` or ``file row N`` (see :attr:`PreferencePair.where`)."""
+        return _where(self.source, self.line)
+
+    def describe(self) -> str:
+        """One line: where, then why."""
+        return f"{self.where}: {self.reason}" if self.where else self.reason
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry recorded in a cache manifest's ``skipped`` list."""
+        return {"source": self.source, "line": self.line, "kind": self.kind, "reason": self.reason}
+
+
+MAX_LISTED_PROBLEMS = 20
+"""How many problems an error message lists one per line before it says "... and N more"."""
+
+
+class BadPairsError(ValueError):
+    """Pairs that cannot be used; the message lists every one (file and line), ``problems`` holds them."""
+
+    def __init__(self, problems: Sequence[PairProblem], hint: str = "") -> None:
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0].describe() + (f" ({hint})" if hint else "")
+        else:
+            shown = [f"  {problem.describe()}" for problem in self.problems[:MAX_LISTED_PROBLEMS]]
+            if len(self.problems) > MAX_LISTED_PROBLEMS:
+                shown.append(f"  ... and {len(self.problems) - MAX_LISTED_PROBLEMS} more")
+            message = f"{len(self.problems)} bad pairs" + (f" ({hint})" if hint else "") + ":\n" + "\n".join(shown)
+        super().__init__(message)
+
+
+class MissingMediaError(BadPairsError, FileNotFoundError):
+    """Every bad pair names a media file that does not exist."""
+
+
+def raise_problems(problems: Sequence[PairProblem], hint: str = "") -> None:
+    """Raise BadPairsError (MissingMediaError when every problem is a missing file) for ``problems``, if any."""
+    if not problems:
+        return
+    kind = MissingMediaError if all(problem.kind == "missing file" for problem in problems) else BadPairsError
+    raise kind(problems, hint)
+
+
+SKIP_HINT = "fix them, or skip them with on_bad_pair='skip' (--on-bad-pair skip)"
+
+OnBadPair = Literal["fail", "skip"]
+"""What to do with a pair that cannot be used: stop with every problem listed, or skip it and record why."""
+
 
 class PairList(list):
-    """The pairs a reader found, plus how many rows it skipped and why (``skipped``: reason -> count)."""
+    """The pairs a reader found, plus what it skipped: ``problems`` (each with where and why) and
+    ``skipped`` (kind -> count)."""
 
-    def __init__(self, pairs: Iterable[PreferencePair] = (), skipped: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        pairs: Iterable[PreferencePair] = (),
+        skipped: dict[str, int] | None = None,
+        problems: Iterable[PairProblem] = (),
+    ) -> None:
         super().__init__(pairs)
+        self.problems: list[PairProblem] = list(problems)
         self.skipped: dict[str, int] = dict(skipped or {})
+        for problem in self.problems:
+            if skipped is None:
+                self.skipped[problem.kind] = self.skipped.get(problem.kind, 0) + 1
+
+    def skip(self, problem: PairProblem) -> None:
+        """Record a skipped pair."""
+        self.problems.append(problem)
+        self.skipped[problem.kind] = self.skipped.get(problem.kind, 0) + 1
+
+
+def check_policy(on_bad_pair: str) -> OnBadPair:
+    """``on_bad_pair`` itself when it is "fail" or "skip"; ValueError otherwise."""
+    if on_bad_pair not in ("fail", "skip"):
+        raise ValueError(f"on_bad_pair must be 'fail' or 'skip', got {on_bad_pair!r}")
+    return on_bad_pair  # type: ignore[return-value]
 
 
 def natural_key(name: str) -> list[Any]:
@@ -147,22 +250,31 @@ def detect_format(source: str | os.PathLike[str]) -> Literal["jsonl", "pickapic"
 
 
 def read_pairs(
-    source: str | os.PathLike[str], *, skip_ties: bool = True, skip_empty_prompts: bool = False
+    source: str | os.PathLike[str],
+    *,
+    skip_ties: bool = True,
+    skip_empty_prompts: bool = False,
+    on_bad_pair: OnBadPair = "fail",
 ) -> PairList:
     """Read preference pairs from a JSONL manifest or Pick-a-Pic parquet file(s), detecting which.
 
     ``skip_ties`` (Pick-a-Pic only): drop rows labelled 0.5; when False they are kept with image 0 as
     "chosen" and ``metadata["tie"] = True``. ``skip_empty_prompts``: drop pairs whose prompt is empty
-    instead of failing. What was skipped is logged and returned in ``PairList.skipped``.
+    instead of failing. ``on_bad_pair``: "fail" reads the whole source, then raises BadPairsError
+    listing every bad line or row; "skip" drops them. What was skipped, and why, is logged and
+    returned in ``PairList.problems`` / ``PairList.skipped``.
     """
+    check_policy(on_bad_pair)
     path = Path(source)
     kind = detect_format(path)
     if kind == "jsonl":
         if path.is_dir():
             path = path / "pairs.jsonl"
-        pairs = read_jsonl_pairs(path, skip_empty_prompts=skip_empty_prompts)
+        pairs = read_jsonl_pairs(path, skip_empty_prompts=skip_empty_prompts, on_bad_pair=on_bad_pair)
     else:
-        pairs = read_pickapic_pairs(path, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts)
+        pairs = read_pickapic_pairs(
+            path, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts, on_bad_pair=on_bad_pair
+        )
     if pairs.skipped:
         detail = ", ".join(f"{count} {reason}" for reason, count in sorted(pairs.skipped.items()))
         logger.info("read %d pairs from %s (skipped %s)", len(pairs), source, detail)
@@ -171,136 +283,235 @@ def read_pairs(
     return pairs
 
 
-def read_jsonl_pairs(path: str | os.PathLike[str], *, skip_empty_prompts: bool = False) -> PairList:
-    """Read a JSONL manifest (see the module docstring); checks that every media file exists."""
+class _LineProblem(Exception):
+    """One manifest line that cannot be used (internal: becomes a PairProblem)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def read_jsonl_pairs(
+    path: str | os.PathLike[str], *, skip_empty_prompts: bool = False, on_bad_pair: OnBadPair = "fail"
+) -> PairList:
+    """Read a JSONL manifest (see the module docstring); checks that every media file exists.
+
+    The whole manifest is read before anything is raised, so one error lists every bad line.
+    """
+    check_policy(on_bad_pair)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pair manifest not found: {path}")
     base = path.parent
-    pairs = PairList()
-    empty_prompts = 0
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
+    pairs, problems = PairList(), []
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if lineno == 1:
+                if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    raise ValueError(f"{path}: the manifest is UTF-16 text; save it as UTF-8 (one JSON object a line)")
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key in _JSONL_KEYS:
-                if key not in record:
-                    raise ValueError(f"{where}: missing key {key!r} (each line needs prompt, chosen, rejected)")
-            prompt = record["prompt"]
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
-            if not prompt.strip():
-                if skip_empty_prompts:
-                    empty_prompts += 1
-                    continue
-                raise ValueError(f"{where}: empty prompt")
-            chosen = _manifest_media(record["chosen"], "chosen", base, where)
-            rejected = _manifest_media(record["rejected"], "rejected", base, where)
-            if chosen == rejected:
-                raise ValueError(f"{where}: chosen and rejected are the same file: {chosen}")
-            chosen_kind, rejected_kind = media_kind(chosen), media_kind(rejected)
-            if chosen_kind != rejected_kind:
-                raise ValueError(f"{where}: chosen is {chosen_kind} but rejected is {rejected_kind}")
-            metadata = {key: value for key, value in record.items() if key not in _JSONL_KEYS}
-            pairs.append(PreferencePair(prompt, chosen, rejected, metadata))
-    if empty_prompts:
-        pairs.skipped["empty prompt"] = empty_prompts
+                pair = _jsonl_pair(raw, base)
+            except _LineProblem as problem:
+                found = PairProblem(str(path), lineno, problem.kind, problem.reason)
+                if problem.kind == "empty prompt" and skip_empty_prompts:
+                    pairs.skip(found)
+                else:
+                    problems.append(found)
+                continue
+            if pair is not None:
+                pair.source, pair.line = str(path), lineno
+                pairs.append(pair)
+    if on_bad_pair == "fail":
+        raise_problems(problems, SKIP_HINT)
+    for problem in problems:
+        pairs.skip(problem)
     if not pairs:
-        raise ValueError(f"{path}: no pairs at all" + (f" ({empty_prompts} had empty prompts)" if empty_prompts else ""))
+        detail = ", ".join(f"{count} {kind}" for kind, count in sorted(pairs.skipped.items()))
+        raise ValueError(f"{path}: no pairs at all" + (f" (skipped {detail})" if detail else ""))
     return pairs
 
 
-def _manifest_media(value: Any, key: str, base: Path, where: str) -> Path:
+def _jsonl_pair(raw: bytes, base: Path) -> PreferencePair | None:
+    """The pair on one manifest line, None for a blank line; raises _LineProblem."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _LineProblem("bad line", f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise _LineProblem("bad line", f"invalid JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise _LineProblem("bad line", "invalid JSON (nested too deeply)") from None
+    if not isinstance(record, dict):
+        raise _LineProblem("bad line", f"expected a JSON object, got {_json_type(record)}")
+    for key in _JSONL_KEYS:
+        if key not in record:
+            raise _LineProblem("bad line", f"missing key {key!r} (each line needs prompt, chosen, rejected)")
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):
+        raise _LineProblem("bad line", f"'prompt' must be a string, got {_json_type(prompt)}")
+    if not prompt.strip():
+        raise _LineProblem("empty prompt", "empty prompt")
+    chosen = _manifest_media(record["chosen"], "chosen", base)
+    rejected = _manifest_media(record["rejected"], "rejected", base)
+    if chosen == rejected or _same_file(chosen, rejected):
+        raise _LineProblem("same media", f"chosen and rejected are the same file: {chosen}"
+                           + ("" if chosen == rejected else f" and {rejected}"))  # fmt: skip
+    chosen_kind, rejected_kind = media_kind(chosen), media_kind(rejected)
+    if chosen_kind != rejected_kind:
+        raise _LineProblem("bad line", f"chosen is {chosen_kind} but rejected is {rejected_kind}")
+    metadata = {key: value for key, value in record.items() if key not in _JSONL_KEYS}
+    return PreferencePair(prompt, chosen, rejected, metadata)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    # Another spelling of the same path, or a symlink to it: a pair with no preference in it.
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _manifest_media(value: Any, key: str, base: Path) -> Path:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: {key!r} must be a non-empty path string")
-    media = Path(value).expanduser()
-    if not media.is_absolute():
-        media = base / media
-    if not media.exists():
-        raise FileNotFoundError(f"{where}: {key} file not found: {media}")
+        raise _LineProblem("bad line", f"{key!r} must be a non-empty path string")
+    try:
+        media = Path(value).expanduser()
+        if not media.is_absolute():
+            media = base / media
+        exists = media.exists()
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, a name too long, an unknown ~user
+        raise _LineProblem("bad line", f"{key} is not a usable path {value!r:.80} ({error})") from None
+    if not exists:
+        raise _LineProblem("missing file", f"{key} file not found: {media}")
     try:
         media_kind(media)
-    except ValueError as error:
-        raise ValueError(f"{where}: {key}: {error}") from None
+    except (OSError, ValueError) as error:
+        raise _LineProblem("bad line", f"{key}: {error}") from None
     return media
 
 
 def read_pickapic_pairs(
-    source: str | os.PathLike[str], *, skip_ties: bool = True, skip_empty_prompts: bool = False
+    source: str | os.PathLike[str],
+    *,
+    skip_ties: bool = True,
+    skip_empty_prompts: bool = False,
+    on_bad_pair: OnBadPair = "fail",
 ) -> PairList:
     """Read Pick-a-Pic parquet file(s): a single file, or every ``*.parquet`` in a folder (sorted).
 
     Only the small columns are read here; images are decoded later from their :class:`ParquetImage`.
     Rows with ``has_label`` false (unlabelled) or ``are_different`` false (identical images) are
-    skipped when those optional columns exist, since neither carries a preference.
+    skipped when those optional columns exist, since neither carries a preference; every skipped
+    row is recorded in ``PairList.problems``. A file that cannot be read, or lacks a column, fails
+    at once; bad rows are all listed (``on_bad_pair="fail"``) or skipped (``"skip"``).
     """
-    import pyarrow.parquet as pq
-
+    check_policy(on_bad_pair)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"Pick-a-Pic source not found: {path}")
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"{path}: no *.parquet files")
-    pairs = PairList()
-    skipped = {"tie": 0, "unlabelled": 0, "identical images": 0, "empty prompt": 0}
+    pairs, problems = PairList(), []
     for file in files:
-        try:
-            parquet = pq.ParquetFile(file)
-        except Exception as error:  # noqa: BLE001 - pyarrow raises several types for unreadable files
-            raise ValueError(f"{file}: not a readable parquet file ({error})") from None
-        names = parquet.schema_arrow.names
-        for column in PICKAPIC_COLUMNS:
-            if column not in names:
-                raise ValueError(f"{file}: missing column {column!r} (Pick-a-Pic needs {', '.join(PICKAPIC_COLUMNS)})")
-        # Everything but the image bytes is small: keep it as metadata for provenance.
-        small = [name for name in names if name not in ("jpg_0", "jpg_1")]
-        row = 0
-        for group in range(parquet.num_row_groups):
-            records = parquet.read_row_group(group, columns=small).to_pylist()
-            for index, record in enumerate(records):
-                where = f"{file} row {row}"
-                row += 1
-                if record.get("has_label") is False:
-                    skipped["unlabelled"] += 1
-                    continue
-                if record.get("are_different") is False:
-                    skipped["identical images"] += 1
-                    continue
-                label = record["label_0"]
-                if not isinstance(label, (int, float)) or isinstance(label, bool) or label not in (0.0, 0.5, 1.0):
-                    raise ValueError(f"{where}: label_0 must be 1.0, 0.0 or 0.5 (tie), got {label!r}")
-                caption = record["caption"]
-                if caption is not None and not isinstance(caption, str):
-                    raise ValueError(f"{where}: caption must be a string, got {type(caption).__name__}")
-                if not caption or not caption.strip():
-                    if skip_empty_prompts:
-                        skipped["empty prompt"] += 1
-                        continue
-                    raise ValueError(f"{where}: empty prompt (caption); pass skip_empty_prompts=True to skip such rows")
-                label = float(label)
-                metadata = {key: value for key, value in record.items() if key != "caption"}
-                if label == 0.5:
-                    if skip_ties:
-                        skipped["tie"] += 1
-                        continue
-                    metadata["tie"] = True
-                first = ParquetImage(file, group, index, row - 1, "jpg_0")
-                second = ParquetImage(file, group, index, row - 1, "jpg_1")
-                chosen, rejected = (second, first) if label == 0.0 else (first, second)
-                pairs.append(PreferencePair(caption, chosen, rejected, metadata))
-    pairs.skipped = {reason: count for reason, count in skipped.items() if count}
+        _read_pickapic_file(file, pairs, problems, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts)
+    if on_bad_pair == "fail":
+        raise_problems(problems, SKIP_HINT)
+    for problem in problems:
+        pairs.skip(problem)
     if not pairs:
         detail = ", ".join(f"{count} {reason}" for reason, count in pairs.skipped.items())
         raise ValueError(f"{path}: no pairs at all" + (f" (skipped {detail})" if detail else ""))
     return pairs
+
+
+def _open_pickapic(file: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise ValueError(f"{file}: not a readable parquet file ({_one_line(error)})") from None
+    schema = parquet.schema_arrow
+    for column in PICKAPIC_COLUMNS:
+        if column not in schema.names:
+            raise ValueError(f"{file}: missing column {column!r} (Pick-a-Pic needs {', '.join(PICKAPIC_COLUMNS)})")
+    for column in ("jpg_0", "jpg_1"):
+        kind = schema.field(column).type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+            raise ValueError(f"{file}: column {column!r} holds {kind}, expected encoded image bytes (binary)")
+    return parquet
+
+
+def _read_pickapic_file(
+    file: Path, pairs: PairList, problems: list[PairProblem], *, skip_ties: bool, skip_empty_prompts: bool
+) -> None:
+    parquet = _open_pickapic(file)
+    # Everything but the image bytes is small: keep it as metadata for provenance.
+    small = [name for name in parquet.schema_arrow.names if name not in ("jpg_0", "jpg_1")]
+    row = 0
+    for group in range(parquet.num_row_groups):
+        try:
+            records = parquet.read_row_group(group, columns=small).to_pylist()
+        except Exception as error:  # noqa: BLE001 - a damaged row group
+            raise ValueError(f"{file}: row group {group} cannot be read ({_one_line(error)})") from None
+        for index, record in enumerate(records):
+            row += 1
+            try:
+                pair = _pickapic_pair(record, file, group, index, row - 1, skip_ties)
+            except _LineProblem as problem:
+                found = PairProblem(str(file), row - 1, problem.kind, problem.reason)
+                if problem.kind in _PICKAPIC_SKIPS or (problem.kind == "empty prompt" and skip_empty_prompts):
+                    pairs.skip(found)  # carries no preference: skipped (and recorded) whatever the policy
+                else:
+                    problems.append(found)
+                continue
+            pairs.append(pair)
+
+
+_PICKAPIC_SKIPS = ("tie", "unlabelled", "identical images")
+
+
+def _pickapic_pair(
+    record: dict[str, Any], file: Path, group: int, index: int, row: int, skip_ties: bool
+) -> PreferencePair:
+    if record.get("has_label") is False:
+        raise _LineProblem("unlabelled", "unlabelled (has_label is false)")
+    if record.get("are_different") is False:
+        raise _LineProblem("identical images", "identical images (are_different is false)")
+    label = record["label_0"]
+    if not isinstance(label, (int, float)) or isinstance(label, bool) or label not in (0.0, 0.5, 1.0):
+        raise _LineProblem("bad row", f"label_0 must be 1.0, 0.0 or 0.5 (tie), got {label!r:.40}")
+    caption = record["caption"]
+    if caption is not None and not isinstance(caption, str):
+        raise _LineProblem("bad row", f"caption must be a string, got {type(caption).__name__}")
+    if not caption or not caption.strip():
+        raise _LineProblem("empty prompt", "empty prompt (caption); pass skip_empty_prompts=True to skip such rows")
+    metadata = {key: value for key, value in record.items() if key != "caption"}
+    if float(label) == 0.5:
+        if skip_ties:
+            raise _LineProblem("tie", "tie (label_0 is 0.5)")
+        metadata["tie"] = True
+    first = ParquetImage(file, group, index, row, "jpg_0")
+    second = ParquetImage(file, group, index, row, "jpg_1")
+    chosen, rejected = (second, first) if float(label) == 0.0 else (first, second)
+    return PreferencePair(caption, chosen, rejected, metadata, source=str(file), line=row)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] or type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------- writer
