@@ -94,7 +94,9 @@ def _check_writable(output_dir: Path) -> None:
 def _add_lora(model: nn.Module, config: TrainConfig, spec: ModelSpec) -> None:
     from peft import LoraConfig
 
-    targets = spec.lora_target_modules()
+    from sdpo.train.config import resolve_lora_targets
+
+    targets = resolve_lora_targets(config.lora_target_modules, spec.lora_target_modules(), model)
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
