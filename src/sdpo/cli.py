@@ -15,15 +15,6 @@ from sdpo.objectives import METHODS
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError)
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-    import yaml
-
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
-
-
 def _demo(args: argparse.Namespace) -> None:
     from sdpo.demo import DemoConfig, run_demo
 
@@ -44,19 +35,17 @@ class StoppedEarly(Exception):
 
 
 def _train(args: argparse.Namespace) -> None:
-    from sdpo.train.config import TrainConfig
+    from sdpo.train.config import TrainConfig, parse_override
+
+    overrides = [parse_override(text) for text in args.set]
+    config = TrainConfig.from_file(args.config, overrides=overrides)
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return
     from sdpo.train.trainer import train
 
-    config = TrainConfig.from_file(args.config)
-    if args.set:
-        data = config.to_dict()
-        for key, value in args.set:
-            target = data
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target.setdefault(parent, {})
-            target[leaf] = value
-        config = TrainConfig.from_dict(data)
     result = train(config, resume=args.resume, progress=not args.quiet)
     if result.stopped_at is not None:
         raise StoppedEarly(
@@ -117,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a model from a YAML config (use with accelerate launch)")
     train.add_argument("config", help="YAML file of TrainConfig fields (see configs/)")
     train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    train.add_argument("--set", nargs="+", type=_parse_override, metavar="KEY=VALUE",
-                       help="override config fields, e.g. --set max_steps=10 method.beta=500")
+    train.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override config fields, e.g. --set max_steps=10 method.beta=500 (values are YAML; "
+                            "applied to what the file says before the method preset is expanded, so "
+                            "method.name=X gives X's defaults plus only the method keys written explicitly)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config (with --set), print it fully resolved as YAML and exit")
     train.set_defaults(func=_train)
 
     pre = commands.add_parser("precompute", help="encode pairs to latents and text embeddings once")

@@ -1,12 +1,27 @@
-"""The training configuration: one dataclass, one docstring per field, validated in one place."""
+"""The training configuration: one dataclass, one docstring per field, validated in one place.
+
+Values are coerced by each field's type annotation (`_coerce`), so numbers work in the forms people
+write them: PyYAML reads ``1e-4`` as a string, and ``--set learning_rate=1e-4`` does too. Every bad
+value ends in a one-line ValueError naming the field.
+
+Overrides (``sdpo train --set``) apply to the mapping the user wrote, before the method preset is
+expanded (`apply_overrides`): ``--set method.name=diffusion-dpo`` gives Diffusion-DPO's defaults plus
+only the method keys written in the file or on the command line.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import functools
 import math
+import re
+import types
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from sdpo.objectives import MethodConfig
 
@@ -17,7 +32,7 @@ TRACKERS = ("tensorboard", "wandb", "all", "none")
 
 @dataclass
 class TrainConfig:
-    """Everything `sdpo train` needs. Load from YAML with `TrainConfig.from_dict(yaml.safe_load(...))`."""
+    """Everything `sdpo train` needs. Load with `TrainConfig.from_file(path)` or `TrainConfig.from_dict(mapping)`."""
 
     family: str = "sd"
     """Model family: "sd", "sdxl", "cogvideox", "wan" (or "toy", the embedded demo model)."""
@@ -27,8 +42,9 @@ class TrainConfig:
     """Precompute cache made by `sdpo precompute` (latents and text embeddings of the pairs)."""
     output_dir: str = "outputs/run"
     """Where checkpoints, logs and the final LoRA / model are written."""
-    method: MethodConfig = field(default_factory=MethodConfig)
-    """The preference objective: a preset name plus overrides (beta, estimator, clip, mask, ...)."""
+    method: MethodConfig = field(default_factory=lambda: MethodConfig.preset("sdpo"))
+    """The preference objective: a preset name plus overrides (beta, estimator, clip, mask, ...). In a
+    file, a mapping whose ``name`` (default "sdpo") picks the preset the other keys override."""
 
     lora_rank: int = 16
     """LoRA rank; 0 trains the full denoiser against a frozen reference copy."""
@@ -36,6 +52,15 @@ class TrainConfig:
     """LoRA scale numerator (alpha / rank scales the update); None means alpha = rank."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | str | None = None
+    """Layers LoRA adapts: a list of module names (a name matches a module whose full name is it or
+    ends with "." + it, as in peft) or one regular expression matched against full module names.
+    None: the family default, ``spec.lora_target_modules()``: the attention projections to_q, to_k,
+    to_v, to_out.0 and the feed-forward projections (ff.net.0.proj, ff.net.2 on SD / SDXL /
+    CogVideoX and the toy models; ffn.net.0.proj, ffn.net.2 on Wan), those present in the denoiser.
+    The feed-forward layers are included because preference tuning moves style and detail, which
+    they carry; ["to_q", "to_k", "to_v", "to_out.0"] adapts attention only (about half the
+    trainable parameters and a little less memory). Checked against the denoiser when it loads."""
 
     learning_rate: float = 1e-4
     """Peak learning rate (AdamW)."""
@@ -86,86 +111,368 @@ class TrainConfig:
     """Sampler steps of the validation pipeline."""
     report_to: str = "tensorboard"
     """Experiment tracker: tensorboard, wandb, all or none (metrics.jsonl is always written)."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
     offload_reference: bool = False
     """Full fine-tuning only: keep the frozen reference (a copy in the trained weights' dtype) on the CPU
     between uses. Under FSDP the reference is sharded like the policy instead (offload with FSDP's
     ``fsdp_offload_params``)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.method, dict):
-            self.method = method_from_dict(self.method)
-        if isinstance(self.adam_betas, list):
-            self.adam_betas = tuple(self.adam_betas)
+        hints = _type_hints(type(self))
+        for item in fields(self):
+            if item.name != "method":
+                setattr(self, item.name, _coerce(item.name, hints[item.name], getattr(self, item.name)))
+        self.method = method_from_dict(self.method)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        positive_ints = ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lora_rank", "lr_warmup_steps", "checkpoint_every", "num_workers", "t_min", "validation_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
-        if self.report_to not in TRACKERS:
-            raise ValueError(f"report_to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        """Raise ValueError naming the first bad field (types are already coerced)."""
+        for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every",
+                     "validation_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lora_rank", "lr_warmup_steps", "checkpoint_every", "t_min", "validation_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("learning_rate", "adam_epsilon"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("report_to", self.report_to, TRACKERS)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number (or null for alpha = rank), got {self.lora_alpha}")
+        _check_lora_targets(self.lora_target_modules)
         if self.t_max is not None and self.t_max < self.t_min:
             raise ValueError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"checkpoints_total_limit must be a positive integer or null (keep all), "
+                             f"got {self.checkpoints_total_limit}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a plain mapping (a parsed YAML file), rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build from a plain mapping (a parsed YAML or JSON file), rejecting unknown keys by name.
+
+        ``TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config`` for every config.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a config must be a mapping of settings, got {_show(data)}")
+        _check_keys(data, _field_names(cls), "config key")
         return cls(**data)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML (or JSON) config file."""
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of settings")
-        return cls.from_dict(data)
+    def from_file(cls, path: str | Path, overrides: Iterable[tuple[str, Any]] = ()) -> TrainConfig:
+        """Read a YAML (or JSON) config file; ``overrides`` ((dotted key, value) pairs, as `sdpo train
+        --set` gives them) are merged into what the file says before anything is expanded."""
+        return cls.from_dict(apply_overrides(read_config_file(path), overrides))
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain, YAML-safe mapping of every setting."""
-        data = dataclasses.asdict(self)
-        data["adam_betas"] = list(self.adam_betas)
-        if data["method"].get("clip") is not None:
-            data["method"]["clip"] = list(data["method"]["clip"])
-        return data
+        """A plain, YAML- and JSON-safe mapping of every setting (the method fully expanded)."""
+        return _plain(dataclasses.asdict(self))
 
 
-def method_from_dict(data: dict[str, Any]) -> MethodConfig:
+# --------------------------------------------------------------------- files and overrides
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping a YAML (or JSON) config file holds, before any coercion or preset expansion."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {error.start})") from error
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {_one_line(error)}") from error
+    except RecursionError as error:
+        raise ValueError(f"config file {path} is nested too deeply") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got {_show(data)}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` as (key, value), the value read as YAML (``10``, ``1e-4``, ``[0.9, 0.99]``, ``null``)."""
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ValueError(f"--set {text!r}: the value is not valid YAML: {_one_line(error)}") from error
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of the raw config mapping ``data`` with each (dotted key, value) override set in it.
+
+    Overrides land in what the user wrote, not in the expanded config, so ``method.name=X`` switches to
+    preset X's defaults; method keys written explicitly (in the file or another override, e.g.
+    ``method.clip``) are the user's own and stay. Only ``method`` has sub-keys.
+    """
+    result = copy.deepcopy(dict(data))
+    for key, value in overrides:
+        parts = str(key).split(".")
+        if not all(parts):
+            raise ValueError(f"override {key!r}: expected a setting name such as max_steps or method.beta")
+        top = parts[0]
+        _check_keys({top: None}, _field_names(TrainConfig), "config key")
+        if len(parts) == 1:
+            result[top] = value
+            continue
+        if top != "method" or len(parts) > 2:
+            whole = ".".join(parts[:2]) if top == "method" else top
+            raise ValueError(f"override {key!r}: {whole} is a single setting, not a group (set {whole}=VALUE)")
+        _check_keys({parts[1]: None}, _field_names(MethodConfig), "method setting")
+        method = result.get("method", {})
+        if isinstance(method, MethodConfig):
+            raise ValueError(f"override {key!r}: the method is already built; override a mapping instead")
+        if not isinstance(method, dict):
+            raise ValueError(f"override {key!r}: method in the config is not a mapping (got {_show(method)})")
+        result["method"] = {**method, parts[1]: value}
+    return result
+
+
+# --------------------------------------------------------------------- the method
+def method_from_dict(data: Mapping[str, Any] | MethodConfig) -> MethodConfig:
     """A MethodConfig from a mapping whose optional "name" picks the preset the rest overrides."""
-    data = dict(data)
-    name = data.pop("name", "sdpo")
-    if isinstance(data.get("clip"), list):
-        data["clip"] = tuple(data["clip"])
-    return MethodConfig.preset(name, **data)
+    if isinstance(data, MethodConfig):
+        return data
+    if not isinstance(data, Mapping):
+        raise ValueError(f"method must be a mapping such as {{name: sdpo, beta: 1000.0}}, got {_show(data)}")
+    _check_keys(data, _field_names(MethodConfig), "method setting")
+    hints = _type_hints(MethodConfig)
+    values = {key: _coerce(f"method.{key}", hints[key], value) for key, value in data.items()}
+    return MethodConfig.preset(values.pop("name", "sdpo"), **values)
+
+
+# --------------------------------------------------------------------- resume check
+SAFE_RESUME_FIELDS = frozenset({
+    "max_steps", "log_every", "checkpoint_every", "checkpoints_total_limit", "report_to", "output_dir",
+    # Memory-only switches: they change where or when values are computed, not what is trained.
+    "gradient_checkpointing", "offload_reference",
+})
+"""Settings a resumed run may change (plus every ``validation_*``); any other change is refused."""
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """A setting that differs between a checkpoint's config and the resuming one (a dotted name for method keys)."""
+
+    field: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.old!r} -> {self.new!r}"
+
+
+class ConfigMismatchError(ValueError):
+    """Resuming with a changed setting that would corrupt the run (one line: the field, both values)."""
+
+
+def is_resume_safe(name: str) -> bool:
+    """Whether setting ``name`` (dotted for method keys) may change between a checkpoint and its resume."""
+    return name in SAFE_RESUME_FIELDS or name.startswith("validation_")
+
+
+def check_resume(saved: TrainConfig, current: TrainConfig) -> list[ConfigChange]:
+    """The safe changes from ``saved`` (the checkpoint's config) to ``current``, in field order.
+
+    Raises ConfigMismatchError naming the first unsafe change (model, cache, method, LoRA, optimizer,
+    schedule, batch geometry, precision, timesteps, seed, ...) with both values.
+    """
+    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    changes = []
+    for name in [*new, *(key for key in old if key not in new)]:
+        before, after = old.get(name), new.get(name)
+        if before == after and (name in old) == (name in new):
+            continue
+        if not is_resume_safe(name):
+            raise ConfigMismatchError(
+                f"cannot resume: {name} was {before!r} in the checkpoint and is {after!r} now; set it back "
+                f"to {before!r}, or start a new run in another output_dir"
+            )
+        changes.append(ConfigChange(name, before, after))
+    return changes
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if key == "method":
+            flat.update({f"method.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+# --------------------------------------------------------------------- LoRA targets
+def resolve_lora_targets(requested: list[str] | str | None, default: list[str] | str, model: Any) -> list[str] | str:
+    """peft's ``target_modules`` for ``model``: ``requested`` (checked to match a Linear / Conv /
+    Embedding layer of ``model``) or, when None, the family ``default``."""
+    if requested is None:
+        return default
+    import torch.nn as nn
+
+    adaptable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+    names = [name for name, module in model.named_modules() if name and isinstance(module, adaptable)]
+    if isinstance(requested, str):
+        pattern = re.compile(requested)
+        missing = [] if any(pattern.fullmatch(name) for name in names) else [requested]
+    else:
+        missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        what = "no layer's full name matches" if isinstance(requested, str) else "no adaptable layer is named"
+        raise ValueError(f"lora_target_modules: {what} {', '.join(map(repr, missing))}; the denoiser's "
+                         f"Linear/Conv layers are named: {', '.join(_short_names(names))}")
+    return list(requested) if not isinstance(requested, str) else requested
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Distinct trailing names ("to_k", "to_out.0": an index keeps its parent) of module paths."""
+    short = set()
+    for name in names:
+        parts = name.split(".")
+        short.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    return sorted(short)
+
+
+def _check_lora_targets(targets: list[str] | str | None) -> None:
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise ValueError(f"lora_target_modules is not a valid regular expression: {error}") from error
+        if not targets:
+            raise ValueError("lora_target_modules must not be empty (null: the family default)")
+    elif targets is not None and (not targets or not all(targets)):
+        raise ValueError(f"lora_target_modules must be non-empty module names (null: the family default), "
+                         f"got {targets!r}")
+
+
+# --------------------------------------------------------------------- coercion by annotation
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [item.name for item in fields(cls)]
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """``value`` as the type ``annotation`` names, or a one-line ValueError naming field ``name``."""
+    try:
+        return _convert(annotation, value)
+    except (ValueError, TypeError, OverflowError):
+        raise ValueError(f"{name} must be {_expected(annotation)}, got {_show(value)}") from None
+
+
+def _convert(annotation: Any, value: Any) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value)
+            except (ValueError, TypeError, OverflowError):
+                continue
+        raise ValueError
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        if origin is tuple and Ellipsis not in args:
+            if len(value) != len(args):
+                raise ValueError
+            return tuple(_convert(a, v) for a, v in zip(args, value, strict=True))
+        return origin(_convert(args[0], v) for v in value)
+    if annotation is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
+    if isinstance(value, bool):  # YAML's yes/no/true/false are never numbers or names
+        raise ValueError
+    if annotation is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        number = float(value) if isinstance(value, (float, str)) else math.nan  # "1e3" is 1000
+        if not (math.isfinite(number) and number.is_integer()):
+            raise ValueError
+        return int(number)
+    if annotation is float:
+        if not isinstance(value, (int, float, str)):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    return value
+
+
+def _expected(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        parts = [_expected(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin is tuple and Ellipsis not in args:
+        return f"a list of {len(args)} {_expected(args[0]).split(' ', 1)[1]}s"
+    if origin in (list, tuple):
+        return f"a list of {_expected(args[0]).split(' ', 1)[1]}s"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(
+        annotation, str(annotation))
+
+
+# --------------------------------------------------------------------- small helpers
+def _check_keys(data: Mapping[Any, Any], known: list[str], what: str) -> None:
+    unknown = sorted(str(key) for key in data if key not in known)
+    if unknown:
+        hints = [m for key in unknown for m in difflib.get_close_matches(key, known, n=1)]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise ValueError(f"unknown {what}(s): {', '.join(unknown)}{hint}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _show(value: Any) -> str:
+    """A short one-line rendering of a user's value (YAML spelling for None and booleans)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: what YAML and JSON hold."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
