@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,8 +26,8 @@ import tempfile
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,9 +36,20 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from sdpo.data.media import load_media
-from sdpo.data.pairs import PreferencePair, media_kind
+from sdpo.data.media import check_pairs, load_media
+from sdpo.data.pairs import (
+    SKIP_HINT,
+    BadPairsError,
+    OnBadPair,
+    PairList,
+    PairProblem,
+    PreferencePair,
+    check_policy,
+    media_kind,
+)
 from sdpo.models.base import MediaFormat
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "sdpo-pair-cache"
 """The ``format`` field of every cache manifest."""
@@ -84,6 +96,8 @@ def precompute(
     overwrite: bool = False,
     pad_frames: bool = False,
     num_workers: int = 4,
+    on_bad_pair: OnBadPair = "fail",
+    check_media: bool = True,
 ) -> Path:
     """Encode every pair once through ``spec`` and write the cache to ``out_dir``; returns ``out_dir``.
 
@@ -99,10 +113,18 @@ def precompute(
     ``num_pairs``, ``bytes``, ``sha256`` each), ``tensors`` (name -> per-pair ``shape`` and ``dtype``),
     ``extra`` (``extra_manifest``), ``created`` and ``sdpo_version``.
 
+    Before the first encode every pair's media are checked (:func:`sdpo.data.media.check_pairs`;
+    ``check_media=False`` when the caller already did): ``on_bad_pair="fail"`` raises BadPairsError
+    listing every bad pair, ``"skip"`` leaves them out; a pair that still fails to load while
+    encoding is handled the same way. Skipped pairs (also those a reader skipped, such as Pick-a-Pic
+    ties, when ``pairs`` is a PairList) are recorded in the manifest: ``skipped`` (``source``,
+    ``line``, ``kind``, ``reason`` each; the first 10,000) and ``skipped_counts`` (kind -> count).
+
     An existing non-empty ``out_dir`` is an error unless ``overwrite``; even then it is replaced
     only after the new cache is complete.
     """
-    pairs = list(pairs)
+    check_policy(on_bad_pair)
+    pairs = pairs if isinstance(pairs, PairList) else PairList(pairs)
     out_dir = Path(out_dir)
     if not pairs:
         raise ValueError("no pairs to precompute")
@@ -115,29 +137,32 @@ def precompute(
         raise ValueError(f"extra_manifest is not JSON-serialisable: {error}") from None
     _check_out_dir(out_dir, overwrite)
     media_format = spec.media_format
-    wanted = "image" if media_format.frames is None else "video"
-    for number, pair in enumerate(pairs):
-        # Fail now, not hours into encoding, when the data does not suit the model.
-        for side in ("chosen", "rejected"):
-            kind = media_kind(getattr(pair, side))
-            if kind != wanted:
-                raise ValueError(f"pair {number}: {side} is {kind} but {spec.family} takes {wanted}s")
+    # Fail now, not hours into encoding, when the data does not suit the model or does not decode.
+    if check_media:
+        pairs = check_pairs(pairs, media_format, pad_frames=pad_frames, on_bad_pair=on_bad_pair,
+                            num_workers=num_workers, model=spec.family)  # fmt: skip
+    else:
+        _check_kinds(pairs, media_format, spec.family)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         writer = _ShardWriter(staging, shard_size)
-        _encode_all(pairs, spec, writer, batch_size, progress, pad_frames, num_workers)
+        _encode_all(pairs, spec, writer, _EncodeSettings(batch_size, progress, pad_frames, num_workers, on_bad_pair))
         writer.flush(final=True)
+        if not writer.shards:
+            raise BadPairsError(pairs.problems, "no pair could be encoded")
         manifest = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
             "family": spec.family,
             "pretrained": _pretrained_of(spec),
             "media_format": asdict(media_format),
-            "num_pairs": len(pairs),
+            "num_pairs": sum(shard["num_pairs"] for shard in writer.shards),
             "shards": writer.shards,
             "tensors": writer.tensor_info,
+            "skipped": [problem.to_json() for problem in pairs.problems[:MAX_RECORDED_SKIPS]],
+            "skipped_counts": dict(sorted(pairs.skipped.items())),
             "extra": extra,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sdpo_version": _sdpo_version(),
@@ -150,11 +175,36 @@ def precompute(
     return out_dir
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+MAX_RECORDED_SKIPS = 10_000
+"""At most this many skipped pairs are listed in a manifest (``skipped_counts`` counts them all)."""
+
+
+class CacheExistsError(CacheError, FileExistsError):
+    """The output folder of precompute already holds something."""
+
+
+def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Raise CacheExistsError when ``out_dir`` is a file, or a non-empty folder and not ``overwrite``."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"cache folder {out_dir} exists and is not a folder")
+        raise CacheExistsError(f"cache folder {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"cache folder {out_dir} already exists and is not empty: pass overwrite=True or another folder")
+        raise CacheExistsError(
+            f"cache folder {out_dir} already exists and is not empty: choose another folder, or replace it "
+            f"(overwrite=True; --overwrite on the command line)"
+        )
+
+
+_check_out_dir = check_out_dir
+
+
+def _check_kinds(pairs: Sequence[PreferencePair], media_format: MediaFormat, family: str) -> None:
+    wanted = "image" if media_format.frames is None else "video"
+    for number, pair in enumerate(pairs):
+        for side in ("chosen", "rejected"):
+            kind = media_kind(getattr(pair, side))
+            if kind != wanted:
+                raise ValueError(f"{pair.where or f'pair {number}'}: {side} is {kind} but {family} takes {wanted}s")
 
 
 def _swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
@@ -173,58 +223,76 @@ def _swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _encode_all(
-    pairs: list[PreferencePair],
-    spec: MediaEncoder,
-    writer: _ShardWriter,
-    batch_size: int,
-    progress: bool,
-    pad_frames: bool,
-    num_workers: int,
-) -> None:
+@dataclass(frozen=True)
+class _EncodeSettings:
+    batch_size: int
+    progress: bool
+    pad_frames: bool
+    num_workers: int
+    on_bad_pair: OnBadPair
+
+
+def _encode_all(pairs: PairList, spec: MediaEncoder, writer: _ShardWriter, settings: _EncodeSettings) -> None:
     from tqdm.auto import tqdm
 
     media_format = spec.media_format
-    batches = [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
+    size = settings.batch_size
+    batches = [pairs[start : start + size] for start in range(0, len(pairs), size)]
 
     def load(ref: Any) -> Tensor:
-        return load_media(ref, media_format, pad_frames=pad_frames)
+        return load_media(ref, media_format, pad_frames=settings.pad_frames)
 
-    pool = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
+    def load_pair(pair: PreferencePair) -> tuple[Tensor, Tensor]:
+        return load(pair.chosen), load(pair.rejected)
 
-    def submit(batch: list[PreferencePair]) -> list[Future[Tensor]] | list[PreferencePair]:
-        if pool is None:
-            return batch
-        return [pool.submit(load, getattr(pair, side)) for side in ("chosen", "rejected") for pair in batch]
+    pool = ThreadPoolExecutor(max_workers=settings.num_workers) if settings.num_workers > 0 else None
 
-    def collect(pending: Any, size: int) -> tuple[Tensor, Tensor]:
-        if pool is None:
-            chosen = [load(pair.chosen) for pair in pending]
-            rejected = [load(pair.rejected) for pair in pending]
-        else:
-            loaded = [future.result() for future in pending]
-            chosen, rejected = loaded[:size], loaded[size:]
-        return torch.stack(chosen), torch.stack(rejected)
+    def submit(batch: list[PreferencePair]) -> list[Any]:
+        return list(batch) if pool is None else [pool.submit(load_pair, pair) for pair in batch]
+
+    def collect(pending: list[Any], batch: list[PreferencePair]) -> tuple[list[PreferencePair], list[Tensor]]:
+        kept, chosen, rejected = [], [], []
+        for pair, job in zip(batch, pending, strict=True):
+            try:
+                first, second = load_pair(job) if pool is None else job.result()
+            except (OSError, ValueError) as error:
+                # Missed by the cheap check (a stream damaged past its headers): the policy decides.
+                problem = PairProblem(pair.source, pair.line, "unreadable media", f"{error}")
+                if settings.on_bad_pair == "fail":
+                    raise BadPairsError([problem], SKIP_HINT) from None
+                pairs.skip(problem)
+                logger.warning("skipped %s", problem.describe())
+                continue
+            kept.append(pair)
+            chosen.append(first)
+            rejected.append(second)
+        return kept, [torch.stack(chosen), torch.stack(rejected)] if kept else []
 
     try:
         pending = submit(batches[0])
-        with torch.no_grad(), tqdm(total=len(batches), desc="precompute", unit="batch", disable=not progress) as bar:
+        with torch.no_grad(), tqdm(total=len(batches), desc="precompute", unit="batch",
+                                   disable=not settings.progress) as bar:  # fmt: skip
             for number, batch in enumerate(batches):
-                chosen_pixels, rejected_pixels = collect(pending, len(batch))
+                kept, pixels = collect(pending, batch)
                 if number + 1 < len(batches):
                     pending = submit(batches[number + 1])  # decoded while this batch is encoded
-                tensors = {
-                    "latents_chosen": _checked(spec.encode_media(chosen_pixels), len(batch), "encode_media"),
-                    "latents_rejected": _checked(spec.encode_media(rejected_pixels), len(batch), "encode_media"),
-                }
-                for key, value in _encode_prompts(spec, [pair.prompt for pair in batch]).items():
-                    tensors[COND_PREFIX + key] = value
-                _check_encoded_finite(tensors, batch)
-                writer.add(tensors, len(batch))
+                if kept:
+                    _encode_batch(spec, kept, pixels, writer)
                 bar.update(1)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encode_batch(spec: MediaEncoder, batch: list[PreferencePair], pixels: list[Tensor], writer: _ShardWriter) -> None:
+    tensors = {
+        "latents_chosen": _checked(spec.encode_media(pixels[0]), len(batch), "encode_media"),
+        "latents_rejected": _checked(spec.encode_media(pixels[1]), len(batch), "encode_media"),
+    }
+    for key, value in _encode_prompts(spec, [pair.prompt for pair in batch]).items():
+        tensors[COND_PREFIX + key] = value
+    _check_encoded_finite(tensors, batch)
+    writer.add(tensors, len(batch))
 
 
 def _encode_prompts(spec: MediaEncoder, prompts: list[str]) -> dict[str, Tensor]:
@@ -404,6 +472,8 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         raise bad("no conditioning tensors ('cond.*') listed")
     if not isinstance(manifest.get("extra", {}), dict):
         raise bad("'extra' must be an object")
+    if not isinstance(manifest.get("skipped", []), list) or not isinstance(manifest.get("skipped_counts", {}), dict):
+        raise bad("'skipped' must be a list and 'skipped_counts' an object")
 
 
 def _is_count(value: Any) -> bool:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+import os
+import re
+import subprocess
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,20 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from sdpo.data.pairs import MediaRef, ParquetImage, frame_files, media_kind
+from sdpo.data.pairs import (
+    SKIP_HINT,
+    BadPairsError,
+    MediaRef,
+    OnBadPair,
+    PairList,
+    PairProblem,
+    ParquetImage,
+    PreferencePair,
+    check_policy,
+    frame_files,
+    media_kind,
+    raise_problems,
+)
 from sdpo.models.base import MediaFormat
 
 _EXIF_ORIENTATION = 0x0112
@@ -75,7 +92,7 @@ def open_image(ref: MediaRef) -> Image.Image:
         image.load()
         image = ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for a broken file
-        raise ValueError(f"cannot read image {_describe(ref)}: {error}") from None
+        raise ValueError(f"cannot read image {_describe(ref)}: {_one_line(error)}") from None
     if image.mode.startswith("I;16") or image.mode == "I":
         # Pillow's 16/32-bit to 8-bit conversion clips instead of scaling: 16-bit PNGs would turn white.
         array = np.asarray(image, dtype=np.float64)
@@ -109,7 +126,7 @@ def sample_frame_indices(total: int, frames: int, *, pad_frames: bool = False) -
     if total < frames:
         if not pad_frames:
             raise ValueError(
-                f"the clip has {total} frames but {frames} are needed (pass pad_frames=True to repeat its last frame)"
+                f"the clip has {total} frames but {frames} are needed (pad_frames=True, --pad-frames on the command line, repeats its last frame)"
             )
         return list(range(total)) + [total - 1] * (frames - total)
     if frames == 1:
@@ -145,7 +162,7 @@ def load_video(
     try:
         total = _count_frames(path)
     except Exception as error:  # noqa: BLE001 - imageio/ffmpeg raise OSError, RuntimeError, ...
-        raise ValueError(f"cannot read video {path}: {error}") from None
+        raise ValueError(f"cannot read video {path}: {_one_line(error)}") from None
     indices = _video_indices(path, total, media_format.frames, pad_frames)
     decoded, seen = _decode_frames(path, set(indices), height, width, channels)
     if len(decoded) < len(set(indices)):
@@ -196,7 +213,7 @@ def _decode_frames(
                 if len(decoded) == len(wanted):
                     break  # closing the iterator stops ffmpeg without decoding the rest
     except Exception as error:  # noqa: BLE001
-        raise ValueError(f"cannot decode video {path}: {error}") from None
+        raise ValueError(f"cannot decode video {path}: {_one_line(error)}") from None
     return decoded, seen
 
 
@@ -241,6 +258,162 @@ def media_size(ref: MediaRef) -> tuple[int, int]:
 
     shape = iio.improps(path).shape
     return int(shape[-3]), int(shape[-2])
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_media(ref: MediaRef, frames: int | None = None, *, pad_frames: bool = False) -> None:
+    """Raise ValueError (FileNotFoundError for a missing file), one line, when ``ref`` cannot be read.
+
+    Cheap, so a whole data set can be checked before hours of encoding: an image's header is read
+    and its data checked (PNG: every chunk's checksum, without inflating; JPEG: decoded at 1/8 scale;
+    other formats: decoded); a video file is demuxed without decoding to count its frames (one
+    ffmpeg run, ~20 ms); a frame folder's sampled frames are checked as images. ``frames`` (a video
+    model's clip length) also checks that a clip is long enough, unless ``pad_frames``.
+    """
+    if media_kind(ref) == "image":
+        _check_image(ref)
+        return
+    path = Path(ref)
+    if path.is_dir():
+        files = frame_files(path)
+        indices = _video_indices(path, len(files), frames, pad_frames) if frames else [0, len(files) - 1]
+        for index in sorted(set(indices)):
+            _check_image(files[index])
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    total = count_video_frames(path)
+    if frames:
+        _video_indices(path, total, frames, pad_frames)
+
+
+def check_pairs(
+    pairs: Iterable[PreferencePair],
+    media_format: MediaFormat,
+    *,
+    pad_frames: bool = False,
+    on_bad_pair: OnBadPair = "fail",
+    num_workers: int = 4,
+    model: str = "the model",
+) -> PairList:
+    """Check every pair's media before any encoding: the right kind for ``media_format``, decodable
+    (see :func:`check_media`) and, for clips, long enough.
+
+    All pairs are checked before anything is raised. ``on_bad_pair="fail"``: raise BadPairsError
+    listing every bad pair (file and line); ``"skip"``: return the good ones, with each skipped pair
+    and why added to ``problems`` (a PairList's own problems, such as ties, are kept). ``model``
+    names the model in messages. ``num_workers`` threads check files in parallel.
+    """
+    check_policy(on_bad_pair)
+    pairs = pairs if isinstance(pairs, PairList) else PairList(pairs)
+    results: list[PairProblem | None]
+    if num_workers > 0 and len(pairs) > 1:
+        with ThreadPoolExecutor(max_workers=num_workers) as pool:
+            results = list(pool.map(lambda item: _pair_problem(*item, media_format, pad_frames, model), enumerate(pairs)))
+    else:
+        results = [_pair_problem(number, pair, media_format, pad_frames, model) for number, pair in enumerate(pairs)]
+    problems = [problem for problem in results if problem is not None]
+    if on_bad_pair == "fail" and problems:
+        hint = SKIP_HINT
+        if any(problem.kind == "too few frames" for problem in problems):
+            hint += "; --pad-frames repeats a short clip's last frame"
+        raise_problems(problems, hint)
+    checked = PairList([pair for pair, problem in zip(pairs, results, strict=True) if problem is None],
+                       skipped=pairs.skipped,
+                       problems=pairs.problems)  # fmt: skip
+    for problem in problems:
+        checked.skip(problem)
+    if not checked:
+        raise BadPairsError(problems, "no usable pair is left")
+    return checked
+
+
+def _pair_problem(
+    number: int, pair: PreferencePair, media_format: MediaFormat, pad_frames: bool, model: str
+) -> PairProblem | None:
+    wanted = "image" if media_format.frames is None else "video"
+    line = pair.line if pair.source is not None else number  # a pair made in code is named by its position
+    for side in ("chosen", "rejected"):
+        ref = getattr(pair, side)
+        try:
+            kind = media_kind(ref)
+            if kind != wanted:
+                return PairProblem(pair.source, line, "wrong media", f"{side} is {kind} but {model} takes {wanted}s")
+            check_media(ref, media_format.frames, pad_frames=pad_frames)
+        except FileNotFoundError as error:
+            return PairProblem(pair.source, line, "missing file", f"{side}: {error}")
+        except (OSError, ValueError) as error:
+            kind = "too few frames" if "frames are needed" in str(error) else "unreadable media"
+            return PairProblem(pair.source, line, kind, f"{side}: {error}")
+    return None
+
+
+def _check_image(ref: MediaRef) -> None:
+    if isinstance(ref, (Path, str)) and not Path(ref).is_file():
+        raise FileNotFoundError(f"image not found: {ref}")
+    try:
+        source: Any = io.BytesIO(_parquet_bytes(ref)) if isinstance(ref, ParquetImage) else (
+            io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else Path(ref))  # fmt: skip
+        with Image.open(source) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft("RGB", (1, 1))  # let libjpeg decode at its smallest scale
+                image.load()
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for a broken file
+        raise ValueError(f"cannot read image {_describe(ref)}: {_one_line(error)}") from None
+
+
+def count_video_frames(path: str | os.PathLike[str]) -> int:
+    """The frames of a video file, counted without decoding (ffmpeg demuxes its packets; GIFs are read).
+
+    A file that cannot be opened raises ValueError with ffmpeg's reason on one line.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".gif":
+        import imageio.v3 as iio
+
+        try:
+            return int(iio.improps(path).shape[0])
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(f"cannot read video {path}: {_one_line(error)}") from None
+    import imageio_ffmpeg
+
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
+               "-c", "copy", "-f", "null", "-", "-progress", "pipe:1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, check=False)
+    if result.returncode != 0:
+        raise ValueError(f"cannot read video {path}: {ffmpeg_reason(result.stderr.decode(errors='replace'))}")
+    counts = [line for line in result.stdout.decode(errors="replace").splitlines() if line.startswith("frame=")]
+    if not counts or not counts[-1].removeprefix("frame=").strip().isdigit():
+        raise ValueError(f"cannot read video {path}: ffmpeg reported no frame count")
+    return int(counts[-1].removeprefix("frame=").strip())
+
+
+_FFMPEG_BANNER = ("ffmpeg version", "built with", "configuration:", "lib", "input #", "metadata", "duration",
+                  "stream #", "ffmpeg call failed", "major_brand", "minor_version", "compatible_brands", "encoder",
+                  "output #", "press [q]")  # fmt: skip
+
+
+def ffmpeg_reason(text: str) -> str:
+    """The first line of ffmpeg's output that says what went wrong, without its banner and ``[x @ 0x..]`` tags."""
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(\[[^\]]*\]\s*)+", "", line).strip()
+        if line and not line.lower().startswith(_FFMPEG_BANNER):
+            return line[:200]
+    return "ffmpeg could not read it"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error)
+    if "ffmpeg" in text.lower():
+        return ffmpeg_reason(text)  # imageio puts ffmpeg's whole banner in its messages
+    return " ".join(text.split())[:300] or type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------- buckets
@@ -296,6 +469,8 @@ def _parquet_bytes(ref: ParquetImage) -> bytes:
         raise ValueError(f"cannot read {ref}: {error}") from None
     if not value:
         raise ValueError(f"{ref}: no image bytes")
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"{ref}: holds {type(value).__name__}, not encoded image bytes")
     return bytes(value)
 
 

@@ -92,7 +92,7 @@ class PreferencePair:
 
 def _where(source: str | None, line: int | None) -> str:
     if source is None:
-        return ""
+        return "" if line is None else f"pair {line}"  # a pair made in code: its position in the list
     if line is None:
         return source
     return f"{source} row {line}" if source.endswith(".parquet") else f"{source}:{line}"
