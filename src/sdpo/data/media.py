@@ -297,6 +297,7 @@ def check_pairs(
     on_bad_pair: OnBadPair = "fail",
     num_workers: int = 4,
     model: str = "the model",
+    progress: bool = False,
 ) -> PairList:
     """Check every pair's media before any encoding: the right kind for ``media_format``, decodable
     (see :func:`check_media`) and, for clips, long enough.
@@ -304,16 +305,22 @@ def check_pairs(
     All pairs are checked before anything is raised. ``on_bad_pair="fail"``: raise BadPairsError
     listing every bad pair (file and line); ``"skip"``: return the good ones, with each skipped pair
     and why added to ``problems`` (a PairList's own problems, such as ties, are kept). ``model``
-    names the model in messages. ``num_workers`` threads check files in parallel.
+    names the model in messages. ``num_workers`` threads check files in parallel; ``progress`` shows a bar.
     """
+    from tqdm.auto import tqdm
+
     check_policy(on_bad_pair)
     pairs = pairs if isinstance(pairs, PairList) else PairList(pairs)
-    results: list[PairProblem | None]
-    if num_workers > 0 and len(pairs) > 1:
-        with ThreadPoolExecutor(max_workers=num_workers) as pool:
-            results = list(pool.map(lambda item: _pair_problem(*item, media_format, pad_frames, model), enumerate(pairs)))
-    else:
-        results = [_pair_problem(number, pair, media_format, pad_frames, model) for number, pair in enumerate(pairs)]
+
+    def one(item: tuple[int, PreferencePair]) -> PairProblem | None:
+        return _pair_problem(*item, media_format, pad_frames, model)
+
+    with tqdm(total=len(pairs), desc="check media", unit="pair", disable=not progress) as bar:
+        if num_workers > 0 and len(pairs) > 1:
+            with ThreadPoolExecutor(max_workers=num_workers) as pool:
+                results = [bar.update(1) or found for found in pool.map(one, enumerate(pairs))]
+        else:
+            results = [bar.update(1) or one(item) for item in enumerate(pairs)]
     problems = [problem for problem in results if problem is not None]
     if on_bad_pair == "fail" and problems:
         hint = SKIP_HINT
