@@ -7,6 +7,7 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -56,17 +57,42 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> None:
-    import torch
-
-    from sdpo.data import precompute, read_pairs
-    from sdpo.models.base import MediaFormat, move_encoders
-    from sdpo.models.registry import load_spec
+    from sdpo.data import check_out_dir, check_pairs, precompute, read_manifest, read_pairs
+    from sdpo.models.base import _HUB_ID, MediaFormat, resolve_pretrained
 
     media_format = None
     if args.height or args.width or args.frames:
         if not (args.height and args.width):
             raise ValueError("--height and --width go together")
         media_format = MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # Every check that needs no model comes before the model loads: a mistake costs seconds, not minutes.
+    check_out_dir(args.out, args.overwrite)
+    if not os.path.isdir(args.pretrained) and not _HUB_ID.fullmatch(args.pretrained):
+        resolve_pretrained(args.pretrained)  # neither a folder nor a hub id: fails with one line, loading nothing
+    pairs = read_pairs(args.pairs, on_bad_pair=args.on_bad_pair)
+    from sdpo.models.registry import spec_class
+
+    expected = media_format or getattr(spec_class(args.family), "default_media_format", None)
+    if expected is not None:
+        pairs = check_pairs(pairs, expected, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
+                            model=args.family, progress=not args.quiet)  # fmt: skip
+    spec = _precompute_spec(args, media_format)
+    out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet,
+                     overwrite=args.overwrite, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
+                     check_media=spec.media_format != expected)  # fmt: skip
+    manifest = read_manifest(out)
+    _print_skipped(manifest, out)
+    print(f"cache: {out} ({manifest['num_pairs']} pairs)")
+
+
+def _precompute_spec(args: argparse.Namespace, media_format: object) -> object:
+    import torch
+
+    from sdpo.models.base import move_encoders
+    from sdpo.models.registry import load_spec
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
@@ -78,9 +104,22 @@ def _precompute(args: argparse.Namespace) -> None:
         if vae is None or not hasattr(vae, "enable_tiling"):
             raise ValueError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
         vae.enable_tiling()
-    pairs = read_pairs(args.pairs)
-    out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet)
-    print(f"cache: {out} ({len(pairs)} pairs)")
+    return spec
+
+
+def _print_skipped(manifest: dict, out: object, shown: int = 10) -> None:
+    from sdpo.data import PairProblem
+
+    skipped, counts = manifest.get("skipped", []), manifest.get("skipped_counts", {})
+    if not counts:
+        return
+    detail = ", ".join(f"{count} {kind}" for kind, count in counts.items())
+    print(f"sdpo: skipped {sum(counts.values())} pairs ({detail}); they are listed in {out}/manifest.json "
+          f"'skipped'", file=sys.stderr)  # fmt: skip
+    for entry in skipped[:shown]:
+        print(f"  {PairProblem(**entry).describe()}", file=sys.stderr)
+    if sum(counts.values()) > shown:
+        print(f"  ... and {sum(counts.values()) - shown} more", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encoder weights' dtype (default: bf16 on cuda, fp32 on cpu); latents are stored in fp32")
     pre.add_argument("--vae-tiling", action="store_true",
                      help="encode large frames tile by tile (less memory for long, high-resolution videos)")
+    pre.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --out cache (only once the new one is complete)")
+    pre.add_argument("--on-bad-pair", choices=["fail", "skip"], default="fail",
+                     help="a pair whose line is malformed or whose media do not decode: fail listing every "
+                          "one (default), or skip it; skipped pairs are printed and listed in the manifest")
+    pre.add_argument("--pad-frames", action="store_true",
+                     help="a clip shorter than --frames repeats its last frame (default: such a clip is an error)")
     pre.set_defaults(func=_precompute)
     return parser
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -156,7 +157,7 @@ def raise_problems(problems: Sequence[PairProblem], hint: str = "") -> None:
     raise kind(problems, hint)
 
 
-SKIP_HINT = "fix them, or skip them with on_bad_pair='skip' (--on-bad-pair skip)"
+SKIP_HINT = "fix the data, or skip bad pairs with on_bad_pair='skip' / --on-bad-pair skip"
 
 OnBadPair = Literal["fail", "skip"]
 """What to do with a pair that cannot be used: stop with every problem listed, or skip it and record why."""
@@ -341,11 +342,13 @@ def _jsonl_pair(raw: bytes, base: Path) -> PreferencePair | None:
     if not line.strip():
         return None
     try:
-        record = json.loads(line)
+        record = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as error:
         raise _LineProblem("bad line", f"invalid JSON ({error.msg} at column {error.colno})") from None
     except RecursionError:
         raise _LineProblem("bad line", "invalid JSON (nested too deeply)") from None
+    except ValueError as error:  # e.g. an integer of more than 4,300 digits
+        raise _LineProblem("bad line", f"invalid JSON ({_one_line(error)[:120]})") from None
     if not isinstance(record, dict):
         raise _LineProblem("bad line", f"expected a JSON object, got {_json_type(record)}")
     for key in _JSONL_KEYS:
@@ -366,6 +369,18 @@ def _jsonl_pair(raw: bytes, base: Path) -> PreferencePair | None:
         raise _LineProblem("bad line", f"chosen is {chosen_kind} but rejected is {rejected_kind}")
     metadata = {key: value for key, value in record.items() if key not in _JSONL_KEYS}
     return PreferencePair(prompt, chosen, rejected, metadata)
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which JSON does not: a NaN in metadata would travel on silently.
+    raise _LineProblem("bad line", f"invalid JSON ({name} is not a JSON value)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to infinity
+        raise _LineProblem("bad line", f"number {text[:40]} is out of range")
+    return value
 
 
 def _json_type(value: Any) -> str:
