@@ -209,7 +209,7 @@ def train(
         from sdpo.data import CachedPairs, check_cache_matches
 
         dataset = CachedPairs(config.cache_dir)
-        check_cache_matches(dataset.manifest, spec.family)
+        check_cache_matches(dataset.manifest, spec.family, config.pretrained)
         spec.media_format = dataset.media_format  # the size the cache was encoded at (validation samples it)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
