@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import string
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,8 @@ def test_a_verified_shard_is_not_hashed_again_until_it_changes(small_cache, monk
     hashed.clear()
     CachedPairs(small_cache)
     assert verify_cache(small_cache) == 0 and hashed == []  # the second run reads no shard
-    flip_last_byte(small_cache / "shard-00002.safetensors")  # a new inode or mtime: hashed again, and refused
+    time.sleep(0.05)  # file times tick in jiffies: a rewrite within the same few ms could keep every stamp
+    flip_last_byte(small_cache / "shard-00002.safetensors")  # a new mtime and ctime: hashed again, and refused
     with pytest.raises(CacheError, match="shard-00002"):
         CachedPairs(small_cache)
     assert hashed == ["shard-00002.safetensors"]
@@ -323,8 +325,6 @@ def test_short_clips_offer_pad_frames_and_corrupt_videos_are_one_line(tmp_path):
 
 
 def test_decode_check_costs_milliseconds_per_file(tmp_path):
-    import time
-
     image = save_png(tmp_path / "big.png", 0, size=512)
     clip = write_clip(tmp_path / "clip.mp4", 24)
     for ref, budget in [(image, 0.05), (clip, 0.5)]:
@@ -494,3 +494,22 @@ def test_random_bytes_files_are_clean_errors(tmp_path, data, suffix):
     path = tmp_path / f"random{suffix}"
     path.write_bytes(data)
     assert_clean_outcome(lambda: read_pairs(path)) is None or suffix == ".jsonl"
+
+
+def test_training_on_a_cache_of_another_model_of_the_same_family_is_refused(tmp_path, capsys):
+    import yaml
+
+    from sdpo.cli import main
+    from sdpo.models import tiny
+
+    made_with, run_with = tiny.build_tiny_sd(tmp_path / "model-a"), tiny.build_tiny_sd(tmp_path / "model-b")
+    pairs = manifest_of(tmp_path / "media", 2)
+    code, _ = run_precompute(capsys, "--pretrained", str(made_with), "--height", "16", "--width", "16",
+                             "--pairs", str(pairs), "--out", str(tmp_path / "cache"), "--device", "cpu")  # fmt: skip
+    assert code == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"family": "sd", "pretrained": str(run_with), "cache_dir": str(tmp_path / "cache"),
+                                      "output_dir": str(tmp_path / "run"), "report_to": "none"}))  # fmt: skip
+    assert main(["--quiet", "train", str(config)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("sdpo: error: the cache was made with model") and "model-a" in last and "model-b" in last
