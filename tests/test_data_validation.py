@@ -160,6 +160,16 @@ def test_a_verified_shard_is_not_hashed_again_until_it_changes(small_cache, monk
         CachedPairs(small_cache)
 
 
+def test_processes_opening_one_cache_at_once_hash_it_once(small_cache, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    real = cache_module._sha256
+    monkeypatch.setattr(cache_module, "_sha256", lambda path: time.sleep(0.05) or real(path))
+    with ThreadPoolExecutor(2) as pool:  # flock excludes separate opens within one process as between processes
+        counts = list(pool.map(lambda _: verify_cache(small_cache), range(2)))
+    assert sorted(counts) == [0, 3]
+
+
 def test_the_record_goes_to_the_user_cache_when_the_cache_folder_is_read_only(small_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("SDPO_CACHE_HOME", str(tmp_path / "user"))
     (small_cache / ".verified.json").mkdir()  # cannot be written as a file (root ignores chmod)

@@ -16,6 +16,7 @@ cache; an interrupted run leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ import shutil
 import tempfile
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -496,26 +497,56 @@ def verify_cache(
     """
     folder = Path(cache_dir)
     manifest = read_manifest(folder) if manifest is None else manifest
-    known = _read_verified(folder) if remember else {}
-    passed: dict[str, dict[str, Any]] = {}
-    hashed = 0
-    for shard in manifest["shards"]:
-        path = folder / shard["file"]
-        stamp = _file_stamp(path, shard["sha256"])
-        if known.get(shard["file"]) == stamp:
+    # One process hashes while the others (every rank of a multi-GPU run opens the cache) wait for its record.
+    with _verify_lock(folder) if remember else contextlib.nullcontext():
+        known = _read_verified(folder) if remember else {}
+        passed: dict[str, dict[str, Any]] = {}
+        hashed = 0
+        for shard in manifest["shards"]:
+            path = folder / shard["file"]
+            stamp = _file_stamp(path, shard["sha256"])
+            if known.get(shard["file"]) != stamp:
+                _verify_shard(folder, shard)
+                hashed += 1
             passed[shard["file"]] = stamp
-            continue
-        if path.stat().st_size != shard["bytes"]:
-            raise CacheError(f"{folder}: shard {shard['file']} has {path.stat().st_size} bytes, the manifest says "
-                             f"{shard['bytes']} (truncated?): {_REBUILD}")  # fmt: skip
-        if _sha256(path) != shard["sha256"]:
-            raise CacheError(f"{folder}: shard {shard['file']} does not match its checksum (corrupt): {_REBUILD}")
-        _check_finite(path, shard["file"], folder)
-        hashed += 1
-        passed[shard["file"]] = stamp
-    if remember and hashed:
-        _write_verified(folder, passed)
+        if remember and hashed:
+            _write_verified(folder, passed)
     return hashed
+
+
+def _verify_shard(folder: Path, shard: Mapping[str, Any]) -> None:
+    path = folder / shard["file"]
+    if path.stat().st_size != shard["bytes"]:
+        raise CacheError(f"{folder}: shard {shard['file']} has {path.stat().st_size} bytes, the manifest says "
+                         f"{shard['bytes']} (truncated?): {_REBUILD}")  # fmt: skip
+    if _sha256(path) != shard["sha256"]:
+        raise CacheError(f"{folder}: shard {shard['file']} does not match its checksum (corrupt): {_REBUILD}")
+    _check_finite(path, shard["file"], folder)
+
+
+@contextlib.contextmanager
+def _verify_lock(folder: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent processes each hash, which is only slower
+        yield
+        return
+    handle = None
+    for record in _verified_paths(folder):
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(record.with_name(record.name + ".lock"), "a+b")  # noqa: SIM115 - held across the yield
+            break
+        except OSError:
+            continue
+    if handle is None:
+        yield
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # closing releases the lock
 
 
 def _file_stamp(path: Path, sha256: str) -> dict[str, Any]:
