@@ -436,12 +436,14 @@ def media_folder(tmp_path_factory):
     return folder
 
 
-def assert_clean_outcome(read) -> PairList | None:
-    """A PairList of sane pairs, or a ValueError / FileNotFoundError: never another type, never a NaN."""
+def assert_clean_outcome(read, names: Path | None = None) -> PairList | None:
+    """A PairList of sane pairs, or a ValueError / FileNotFoundError (naming the file ``names``): never
+    another type, never a NaN."""
     try:
         pairs = read()
     except (ValueError, FileNotFoundError) as error:
         assert str(error).strip() and "Traceback" not in str(error)
+        assert names is None or str(names) in str(error)
         assert "nan" not in str(error).split(":")[0].lower()
         return None
     assert isinstance(pairs, PairList) and len(pairs) > 0
@@ -457,7 +459,7 @@ def assert_clean_outcome(read) -> PairList | None:
 def test_jsonl_reader_on_random_input(media_folder, body, policy):
     path = media_folder / "pairs.jsonl"
     path.write_bytes(b"\n".join(body) + (b"\n" if body else b""))
-    pairs = assert_clean_outcome(lambda: read_pairs(path, on_bad_pair=policy))
+    pairs = assert_clean_outcome(lambda: read_pairs(path, on_bad_pair=policy), names=path)
     if pairs is not None:
         for pair in pairs:
             assert Path(pair.chosen).exists() and Path(pair.rejected).exists()
@@ -491,7 +493,7 @@ def test_pickapic_reader_on_random_rows(tmp_path, rows, drop, policy):
         columns.pop(drop)
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table(columns), path, row_group_size=2)
-    pairs = assert_clean_outcome(lambda: read_pairs(path, on_bad_pair=policy))
+    pairs = assert_clean_outcome(lambda: read_pairs(path, on_bad_pair=policy), names=path)
     if pairs is not None:
         assert all(pair.metadata["label_0"] in (0.0, 1.0) for pair in pairs)
         # Undecodable image cells are the media check's to report, one clean line each.

@@ -6,6 +6,7 @@ Layout of a cache folder::
     shard-00000.safetensors   # pairs 0 .. shard_size-1
     shard-00001.safetensors
     ...
+    .verified.json            # written by readers: shards whose sha256 passed (see verify_cache)
 
 Each shard holds, for its N pairs, ``latents_chosen`` (N, ...), ``latents_rejected`` (N, ...) and one
 ``cond.<key>`` (N, ...) per conditioning tensor of ``spec.encode_prompts``. ``manifest.json`` says

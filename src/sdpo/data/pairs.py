@@ -8,8 +8,11 @@
   tie) and ``caption``. Images stay in the parquet files (:class:`ParquetImage` points at one cell)
   because the full data set is far larger than memory.
 
-Readers check everything they can without decoding media and fail with one line that names the file
-and the line (JSONL, 1-based) or row (parquet, 0-based within the file).
+Readers check everything they can without decoding media, reading the whole source before they
+raise: a BadPairsError lists every bad line (JSONL, 1-based) or row (parquet, 0-based within the
+file), one line each with the file. ``on_bad_pair="skip"`` skips them instead; every skipped pair,
+and why, is kept in ``PairList.problems`` (Pick-a-Pic ties and unlabelled rows are always skipped
+and recorded there too), so precompute can record them in the cache manifest.
 """
 
 from __future__ import annotations
