@@ -28,6 +28,7 @@ from sdpo.data import (
     check_pairs,
     load_video,
     precompute,
+    read_checked_pairs,
     read_manifest,
     read_pairs,
     verify_cache,
@@ -280,6 +281,24 @@ def test_a_truncated_png_as_the_last_pair_fails_before_any_encode_or_is_skipped_
                                                                                  (7, "unreadable media")]
     assert manifest["skipped_counts"] == {"unreadable media": 2}
     assert manifest["skipped"][0]["source"] == str(path) and "Truncated" in manifest["skipped"][0]["reason"]
+
+
+def test_bad_lines_and_undecodable_media_are_reported_together(tmp_path):
+    path = manifest_of(tmp_path / "media", 4, truncate=(3,))
+    with path.open("a") as handle:
+        handle.write('{"prompt": "p", "chosen": "c0.png"}\n')
+    with pytest.raises(BadPairsError) as caught:
+        read_checked_pairs(path, IMAGE_FORMAT)
+    text = str(caught.value)
+    assert text.startswith("2 bad pairs") and "pairs.jsonl:4: chosen: cannot read image" in text
+    assert "pairs.jsonl:5: missing key 'rejected'" in text
+    kept = read_checked_pairs(path, IMAGE_FORMAT, on_bad_pair="skip")
+    assert [p.line for p in kept] == [1, 2, 3] and [p.line for p in kept.problems] == [5, 4]
+    # Pairs read with "skip" keep their skips when checked with the default policy.
+    assert len(check_pairs(read_pairs(path, on_bad_pair="skip"), IMAGE_FORMAT, on_bad_pair="skip")) == 3
+    with pytest.raises(BadPairsError) as only_media:
+        check_pairs(read_pairs(path, on_bad_pair="skip"), IMAGE_FORMAT)
+    assert "pairs.jsonl:4:" in str(only_media.value) and "pairs.jsonl:5" not in str(only_media.value)
 
 
 def test_pickapic_ties_are_recorded_in_the_cache_manifest(tmp_path):

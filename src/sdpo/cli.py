@@ -57,7 +57,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> None:
-    from sdpo.data import check_out_dir, check_pairs, precompute, read_manifest, read_pairs
+    from sdpo.data import check_out_dir, precompute, read_checked_pairs, read_manifest, read_pairs
     from sdpo.models.base import _HUB_ID, MediaFormat, resolve_pretrained
 
     media_format = None
@@ -71,13 +71,14 @@ def _precompute(args: argparse.Namespace) -> None:
     check_out_dir(args.out, args.overwrite)
     if not os.path.isdir(args.pretrained) and not _HUB_ID.fullmatch(args.pretrained):
         resolve_pretrained(args.pretrained)  # neither a folder nor a hub id: fails with one line, loading nothing
-    pairs = read_pairs(args.pairs, on_bad_pair=args.on_bad_pair)
     from sdpo.models.registry import spec_class
 
     expected = media_format or getattr(spec_class(args.family), "default_media_format", None)
-    if expected is not None:
-        pairs = check_pairs(pairs, expected, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
-                            model=args.family, progress=not args.quiet)  # fmt: skip
+    if expected is None:  # the family sizes media from its model folder: precompute checks them after loading
+        pairs = read_pairs(args.pairs, on_bad_pair=args.on_bad_pair)
+    else:  # bad lines and undecodable media, all in one report
+        pairs = read_checked_pairs(args.pairs, expected, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
+                                   model=args.family, progress=not args.quiet)  # fmt: skip
     spec = _precompute_spec(args, media_format)
     out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet,
                      overwrite=args.overwrite, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,

@@ -25,6 +25,7 @@ from sdpo.data.media import (
     load_media,
     load_video,
     media_size,
+    read_checked_pairs,
     resize_center_crop,
     sample_frame_indices,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "media_kind",
     "media_size",
     "precompute",
+    "read_checked_pairs",
     "read_jsonl_pairs",
     "read_manifest",
     "read_pairs",

@@ -38,6 +38,7 @@ from sdpo.data.pairs import (
     frame_files,
     media_kind,
     raise_problems,
+    read_pairs,
 )
 from sdpo.models.base import MediaFormat
 
@@ -298,6 +299,7 @@ def check_pairs(
     num_workers: int = 4,
     model: str = "the model",
     progress: bool = False,
+    fail_on_skipped: bool = False,
 ) -> PairList:
     """Check every pair's media before any encoding: the right kind for ``media_format``, decodable
     (see :func:`check_media`) and, for clips, long enough.
@@ -306,6 +308,7 @@ def check_pairs(
     listing every bad pair (file and line); ``"skip"``: return the good ones, with each skipped pair
     and why added to ``problems`` (a PairList's own problems, such as ties, are kept). ``model``
     names the model in messages. ``num_workers`` threads check files in parallel; ``progress`` shows a bar.
+    ``fail_on_skipped``: the "fail" policy also refuses the bad lines a reader skipped (listed with the rest).
     """
     from tqdm.auto import tqdm
 
@@ -322,11 +325,14 @@ def check_pairs(
         else:
             results = [bar.update(1) or one(item) for item in enumerate(pairs)]
     problems = [problem for problem in results if problem is not None]
-    if on_bad_pair == "fail" and problems:
+    if on_bad_pair == "fail":
+        # Bad lines a reader skipped (read_checked_pairs) are reported with these, all in one error.
+        everything = sorted([*(p for p in pairs.problems if p.bad and fail_on_skipped), *problems],
+                            key=lambda p: (p.source or "", p.line if p.line is not None else -1))  # fmt: skip
         hint = SKIP_HINT
         if any(problem.kind == "too few frames" for problem in problems):
             hint += "; --pad-frames repeats a short clip's last frame"
-        raise_problems(problems, hint)
+        raise_problems(everything, hint)
     checked = PairList([pair for pair, problem in zip(pairs, results, strict=True) if problem is None],
                        skipped=pairs.skipped,
                        problems=pairs.problems)  # fmt: skip
@@ -335,6 +341,31 @@ def check_pairs(
     if not checked:
         raise BadPairsError(problems, "no usable pair is left")
     return checked
+
+
+def read_checked_pairs(
+    source: str | os.PathLike[str],
+    media_format: MediaFormat,
+    *,
+    on_bad_pair: OnBadPair = "fail",
+    pad_frames: bool = False,
+    skip_ties: bool = True,
+    skip_empty_prompts: bool = False,
+    num_workers: int = 4,
+    model: str = "the model",
+    progress: bool = False,
+) -> PairList:
+    """:func:`read_pairs` then :func:`check_pairs`, reporting the bad lines of the source and the
+    undecodable media of the rest together: one error lists every problem (``on_bad_pair="fail"``)."""
+    check_policy(on_bad_pair)
+    try:
+        pairs = read_pairs(source, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts, on_bad_pair="skip")
+    except ValueError:
+        if on_bad_pair == "fail":  # nothing usable: the failing read lists every bad line, if there are any
+            read_pairs(source, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts, on_bad_pair="fail")
+        raise
+    return check_pairs(pairs, media_format, pad_frames=pad_frames, on_bad_pair=on_bad_pair,
+                       num_workers=num_workers, model=model, progress=progress, fail_on_skipped=True)  # fmt: skip
 
 
 def _pair_problem(

@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +114,9 @@ class PairProblem:
     """A short category, the key of the skip counts: "tie", "empty prompt", "bad line", "missing file", ..."""
     reason: str
     """What is wrong, in words (one line)."""
+    bad: bool = field(default=True, compare=False)
+    """False for a pair skipped by design (a tie, an unlabelled row, an empty prompt with
+    ``skip_empty_prompts``), True for bad data that the "fail" policy refuses."""
 
     @property
     def where(self) -> str:
@@ -319,7 +322,7 @@ def read_jsonl_pairs(
             except _LineProblem as problem:
                 found = PairProblem(str(path), lineno, problem.kind, problem.reason)
                 if problem.kind == "empty prompt" and skip_empty_prompts:
-                    pairs.skip(found)
+                    pairs.skip(replace(found, bad=False))
                 else:
                     problems.append(found)
                 continue
@@ -491,7 +494,7 @@ def _read_pickapic_file(
             except _LineProblem as problem:
                 found = PairProblem(str(file), row - 1, problem.kind, problem.reason)
                 if problem.kind in _PICKAPIC_SKIPS or (problem.kind == "empty prompt" and skip_empty_prompts):
-                    pairs.skip(found)  # carries no preference: skipped (and recorded) whatever the policy
+                    pairs.skip(replace(found, bad=False))  # no preference in it: skipped whatever the policy
                 else:
                     problems.append(found)
                 continue
