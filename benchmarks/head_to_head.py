@@ -22,13 +22,14 @@ import torch
 
 from sdpo.demo import EVAL_SAMPLES_FILE, load_eval_samples
 from sdpo.evaluate import compare
-from sdpo.toy.worlds import get_world
+from sdpo.rewards import Reward
+from sdpo.toy.world import get_world
 
 
-def run_scores(folder: Path, reward: object) -> dict[str, torch.Tensor]:
+def run_scores(folder: Path, reward: Reward) -> dict[str, torch.Tensor]:
     """Reward of every model's evaluation samples in one demo run folder."""
     prompts, _, samples = load_eval_samples(folder)
-    return {name: reward(images, prompts) for name, images in samples.items()}
+    return {name: reward.score(images, prompts) for name, images in samples.items()}
 
 
 def head_to_head(folders: list[Path], world: str = "image") -> str:

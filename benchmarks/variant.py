@@ -24,7 +24,8 @@ import yaml
 from sdpo.data import CachedPairs
 from sdpo.demo import EVAL_SAMPLES_FILE, DemoConfig, load_eval_samples
 from sdpo.evaluate import compare
-from sdpo.toy.worlds import get_world
+from sdpo.models.registry import load_spec
+from sdpo.toy.world import get_world
 from sdpo.train.trainer import train
 
 
@@ -54,18 +55,19 @@ def run_variant(folder: Path, method: str, settings: dict, steps: int | None) ->
     variant = dataclasses.replace(template.method, **settings)  # validated again in __post_init__
     with tempfile.TemporaryDirectory(prefix="sdpo-variant-") as out:
         config = dataclasses.replace(template, output_dir=out, method=variant, report_to="none")
-        spec = world.load_spec(base)
+        spec = load_spec(world.family, base)
         run = train(config, spec=spec, dataset=CachedPairs(folder / "cache"), progress=False)
-        samples = world.sample(spec, run.model, prompts, noise, demo.num_inference_steps, False)
+        samples = spec.sample(prompts, spec.encode_media(noise), model=run.model,
+                              num_inference_steps=demo.num_inference_steps, guidance_scale=world.guidance_scale)
 
     reward = world.reward()
-    scores = reward(samples, prompts)
+    scores = reward.score(samples, prompts)
     label = f"{method} + " + ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else method
     lines = [f"{folder}: {label}, {config.max_steps} steps, final training loss {run.history[-1]['loss']:.3f}, "
              f"mean W {run.history[-1]['weight_mean']:.3f}", "",
              "| variant vs | variant wins [95% CI] | reward difference [95% CI] |", "|---|---|---|"]
     for name, other in saved.items():
-        result = compare(reward(other, prompts), scores)
+        result = compare(reward.score(other, prompts), scores)
         lines.append(f"| {name} | {result.win_rate} | {result.gain} |")
     return "\n".join(lines)
 

@@ -93,7 +93,7 @@ def test_out_of_memory_is_reported_not_raised(gpu_step, monkeypatch):
 def test_head_to_head_ranks_real_digits_above_noise(tmp_path):
     from safetensors.torch import save_file
 
-    from sdpo.toy.data import load_split, prompts_for
+    from sdpo.toy.digits.data import load_split, prompts_for
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "head_to_head.py"
     loader = importlib.util.spec_from_file_location("sdpo_bench_head_to_head", path)

@@ -114,7 +114,8 @@ def test_cli_unwritable_output(capsys, tmp_path):
 
 
 def test_corrupt_base_model_cache_is_a_clear_error(tmp_path):
-    from sdpo.toy.base_model import ToyModelConfig, pretrain_base
+    from sdpo.toy.digits.model import ToyModelConfig
+    from sdpo.toy.pretraining import pretrain_base
 
     folder = pretrain_base(ToyModelConfig(**TINY_TOY), cache_root=tmp_path / "models", progress=False)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sdpo.models.base import MediaFormat, ModelNotFoundError, ModelSpec
-from sdpo.toy import base_model
-from sdpo.toy.base_model import ToyModelConfig, base_folder, pretrain_base
-from sdpo.toy.data import (
+from sdpo.rewards import Reward, load_reward
+from sdpo.toy.digits import model as base_model
+from sdpo.toy.digits.data import (
     load_digit_images,
     load_split,
     parse_digit,
@@ -20,9 +20,10 @@ from sdpo.toy.data import (
     prompts_for,
     split_indices,
 )
-from sdpo.toy.pretraining import ToyCacheError
-from sdpo.toy.reward import digit_reward, feature_distance, thickness_score
-from sdpo.toy.sampling import image_grid, make_noise, sample
+from sdpo.toy.digits.model import ToyModelConfig
+from sdpo.toy.digits.reward import digit_reward, feature_distance, thickness_score
+from sdpo.toy.grids import media_grid
+from sdpo.toy.pretraining import ToyCacheError, base_folder, pretrain_base
 from sdpo.toy.spec import ToySpec
 
 # Small enough that building, 20 steps of training and saving take about a second.
@@ -119,7 +120,7 @@ def test_pretrain_base_writes_a_diffusers_folder_and_reuses_it(tiny_folder, monk
     def no_training(*args, **kwargs):
         raise AssertionError("a cached base model must not be retrained")
 
-    monkeypatch.setattr(base_model, "_train", no_training)
+    monkeypatch.setattr(base_model, "train_base", no_training)
     assert pretrain_base(TINY, cache_root=tiny_folder.parent, progress=False) == tiny_folder
     assert (tiny_folder / "unet/diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
 
@@ -140,7 +141,7 @@ def test_interrupted_pretraining_leaves_nothing(tmp_path, monkeypatch):
     def crash(config, models, progress):
         raise RuntimeError("killed mid-training")
 
-    monkeypatch.setattr(base_model, "_train", crash)
+    monkeypatch.setattr(base_model, "train_base", crash)
     with pytest.raises(RuntimeError, match="killed"):
         pretrain_base(TINY, cache_root=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -181,7 +182,7 @@ def test_default_cache_root_follows_the_environment(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ spec
 def test_spec_loads_encodes_and_predicts(spec, tiny_folder):
     assert isinstance(spec, ModelSpec)
-    assert spec.family == "toy" and spec.pretrained == tiny_folder and spec.denoiser is spec.unet
+    assert spec.family == "toy" and spec.pretrained == str(tiny_folder) and spec.denoiser is spec.unet
     assert spec.media_format == MediaFormat(channels=1, height=8, width=8)
     assert spec.schedule.num_timesteps == 1000 and spec.schedule.prediction_type == "epsilon"
     conditions = spec.encode_prompts(prompts_for([3, 1, 4]))
@@ -197,11 +198,13 @@ def test_spec_loads_encodes_and_predicts(spec, tiny_folder):
     assert prediction.shape == latents.shape and torch.isfinite(prediction).all()
 
 
-def test_spec_loading_errors(tmp_path):
+def test_spec_loading_errors(tmp_path, tiny_folder):
     with pytest.raises(ModelNotFoundError, match="not found"):
         ToySpec.from_pretrained(tmp_path / "absent")
     with pytest.raises(ValueError, match="only handles"):
-        ToySpec.from_pretrained(tmp_path, media_format=MediaFormat(3, 8, 8))
+        ToySpec.from_pretrained(tiny_folder, media_format=MediaFormat(3, 8, 8))
+    with pytest.raises(ToyCacheError, match="delete it"):
+        ToySpec.from_pretrained(tmp_path)  # a folder without a marker
 
 
 def test_spec_without_text_encoder(tiny_folder):
@@ -252,6 +255,13 @@ def test_lora_add_disable_save_and_reload(tiny_folder, tmp_path):
     with torch.no_grad():
         reloaded = fresh.predict(fresh.denoiser, latents, t, conditions)
     torch.testing.assert_close(reloaded, tuned, rtol=1e-4, atol=1e-5)
+    # The spec's own load_lora takes the same path.
+    again = ToySpec.from_pretrained(tiny_folder)
+    again.load_lora(tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(again.predict(again.denoiser, latents, t, conditions), tuned, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no LoRA weights"):
+        again.load_lora(tmp_path)
 
 
 def test_save_full_round_trips(spec, tmp_path):
@@ -267,28 +277,37 @@ def test_save_full_round_trips(spec, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ sampling
+def test_initial_latents_depend_on_seed_and_index_only(spec):
+    latents = spec.initial_latents(5, seed=3)
+    assert latents.shape == (5, 1, 8, 8) and latents.dtype == torch.float32
+    assert torch.equal(spec.initial_latents(2, seed=3), latents[:2])  # fewer samples: the same first ones
+    assert not torch.equal(spec.initial_latents(5, seed=4), latents)
+    assert not torch.equal(latents[0], latents[1])
+    assert spec.initial_latents(0, seed=3).shape == (0, 1, 8, 8)
+
+
 def test_sampling_is_deterministic_and_in_range(spec):
     prompts = prompts_for([0, 1, 2, 3, 4, 5])
-    noise = make_noise(len(prompts), seed=3)
-    assert torch.equal(noise, make_noise(len(prompts), seed=3))
-    first = sample(spec, spec.denoiser, prompts, noise, num_inference_steps=5)
-    again = sample(spec, spec.denoiser, prompts, noise.clone(), num_inference_steps=5)
+    noise = spec.initial_latents(len(prompts), seed=3)
+    settings = dict(num_inference_steps=5, guidance_scale=1.25)
+    first = spec.sample(prompts, noise, **settings)
+    again = spec.sample(prompts, noise.clone(), model=spec.denoiser, **settings)
     assert first.shape == (6, 1, 8, 8)
     assert torch.equal(first, again)
     assert first.min() >= -1 and first.max() <= 1
-    other = sample(spec, spec.denoiser, prompts, make_noise(len(prompts), seed=4), num_inference_steps=5)
+    other = spec.sample(prompts, spec.initial_latents(len(prompts), seed=4), **settings)
     assert not torch.equal(first, other)
-    unguided = sample(spec, spec.denoiser, prompts, noise, num_inference_steps=5, guidance_scale=1.0)
+    unguided = spec.sample(prompts, noise, num_inference_steps=5, guidance_scale=1.0)
     assert not torch.equal(first, unguided)
-    chunked = sample(spec, spec.denoiser, prompts, noise, num_inference_steps=5, batch_size=4)
+    chunked = spec.sample(prompts, noise, batch_size=4, **settings)
     torch.testing.assert_close(chunked, first, rtol=1e-4, atol=1e-4)
     assert spec.denoiser.training is False
-    with pytest.raises(ValueError, match="noise must have shape"):
-        sample(spec, spec.denoiser, prompts, make_noise(3), num_inference_steps=5)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        spec.sample(prompts, spec.initial_latents(3, seed=0), **settings)
 
 
 def test_image_grid_upscales():
-    grid = image_grid(load_split("train")[0][:12], nrow=4, scale=8, padding=1)
+    grid = media_grid(load_split("train")[0][:12], nrow=4, scale=8, padding=1)
     assert grid.size == ((4 * 9 + 1) * 8, (3 * 9 + 1) * 8) and grid.mode == "L"
 
 
@@ -313,7 +332,7 @@ def test_reward_has_headroom_on_real_digits(held_out):
     images, _, prompts = held_out
     scores = digit_reward()(images, prompts)
     # The saturated form the reward replaces: most real digits score within a few hundredths of 1.
-    probability = digit_reward("probability")(images, prompts)
+    probability = digit_reward(kind="probability")(images, prompts)
     assert probability.median() > 0.98 and probability.quantile(0.75) > 0.99
     assert 0.6 < scores.std() < 3.0
     assert scores.quantile(0.75) - scores.quantile(0.25) > 1.0
@@ -339,14 +358,23 @@ def test_reward_guards_against_blobs_and_checks_inputs(held_out):
     with pytest.raises(ValueError, match="prompts"):
         reward(images[:2], prompts[:1])
     with pytest.raises(ValueError, match="unknown reward kind"):
-        digit_reward("aesthetics")
+        digit_reward(kind="aesthetics")
+
+
+def test_reward_is_a_registered_reward(held_out):
+    images, _, prompts = held_out
+    reward = load_reward("digits")
+    assert isinstance(reward, Reward) and reward.name == "digits" and reward.media == "image"
+    torch.testing.assert_close(reward.score(images[:8], prompts[:8]), digit_reward()(images[:8], prompts[:8]))
+    assert load_reward("digits", kind="log_odds").name == "digits-log_odds"
 
 
 def test_feature_distance_separates_real_from_noise(held_out):
     images, _, _ = held_out
     train_images, _ = load_split("train")
     real = feature_distance(images, train_images)
-    noise = feature_distance(make_noise(len(images), seed=0).clamp(-1, 1), train_images)
+    noise = feature_distance(torch.randn(images.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1),
+                             train_images)
     assert 0 <= real < 1.0
     assert noise > 10 * real
     assert feature_distance(train_images, train_images) == pytest.approx(0.0, abs=1e-6)
@@ -355,5 +383,5 @@ def test_feature_distance_separates_real_from_noise(held_out):
 def test_package_exports_lazily():
     import sdpo.toy
 
-    assert sdpo.toy.ToySpec is ToySpec and sdpo.toy.sample is sample
+    assert sdpo.toy.ToySpec is ToySpec and sdpo.toy.media_grid is media_grid
     assert os.fspath(base_folder(TINY, "/x")).startswith("/x")

@@ -16,34 +16,32 @@ import pytest
 import torch
 
 from sdpo.models.base import ModelSpec
-from sdpo.toy import video_model
-from sdpo.toy.base_model import MARKER_FILE
-from sdpo.toy.data import IMAGE_SIZE, load_split
-from sdpo.toy.pretraining import ToyCacheError
-from sdpo.toy.video import (
+from sdpo.rewards import Reward, load_reward
+from sdpo.toy.digits.data import IMAGE_SIZE, load_split
+from sdpo.toy.grids import media_grid
+from sdpo.toy.moving import model as video_model
+from sdpo.toy.moving.data import (
     DIRECTIONS,
-    VideoToyConfig,
-    VideoToySpec,
     clip_directions,
-    clip_velocity,
-    digit_crops,
-    generate_video_pairs,
     load_video_clips,
-    make_video_noise,
-    motion_score,
-    moved_direction,
     parse_video_prompt,
-    pretrain_video_base,
     render_clips,
-    sample_video,
-    video_base_folder,
-    video_feature_distance,
-    video_grid,
-    video_metrics,
     video_prompt_for,
     video_prompts_for,
-    video_reward,
 )
+from sdpo.toy.moving.model import VideoToyConfig
+from sdpo.toy.moving.reward import (
+    clip_velocity,
+    digit_crops,
+    motion_score,
+    moved_direction,
+    moving_digit_reward,
+    video_feature_distance,
+    video_metrics,
+)
+from sdpo.toy.pairs import generate_pairs
+from sdpo.toy.pretraining import MARKER_FILE, ToyCacheError, base_folder, pretrain_base
+from sdpo.toy.spec import ToySpec
 
 ARCHS = ("cogvideox", "wan")
 # 3 frames of 10x10 (a digit moving 1 px per frame), patch 2: 75 video tokens, one block.
@@ -83,7 +81,7 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def folders(cache_root: Path) -> dict[str, Path]:
-    return {arch: pretrain_video_base(tiny_config(arch), cache_root, progress=False) for arch in ARCHS}
+    return {arch: pretrain_base(tiny_config(arch), cache_root, progress=False) for arch in ARCHS}
 
 
 def _train_a_little(model: torch.nn.Module) -> None:
@@ -95,7 +93,7 @@ def _train_a_little(model: torch.nn.Module) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
-def _inputs(spec: VideoToySpec) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def _inputs(spec: ToySpec) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     clips, labels = load_video_clips("held_out", spec.config.frames, spec.config.canvas, spec.config.speed)
     prompts = video_prompts_for(labels[:2], clip_directions("held_out")[:2])
     latents = spec.encode_media(clips[:2])
@@ -176,8 +174,8 @@ def test_config_validation() -> None:
 
 def test_pretraining_is_cached_and_crash_safe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_config("cogvideox", train_steps=1, seed=5)
-    folder = pretrain_video_base(config, tmp_path, progress=False)
-    assert folder == video_base_folder(config, tmp_path)
+    folder = pretrain_base(config, tmp_path, progress=False)
+    assert folder == base_folder(config, tmp_path)
     marker = json.loads((folder / MARKER_FILE).read_text())
     assert marker["complete"] is True and marker["world"] == "toy-video" and marker["config"] == config.to_dict()
     for sub in ("transformer", "text_encoder", "tokenizer", "scheduler"):
@@ -186,8 +184,8 @@ def test_pretraining_is_cached_and_crash_safe(tmp_path: Path, monkeypatch: pytes
     def must_not_train(*args, **kwargs):
         raise AssertionError("a cached base model was trained again")
 
-    monkeypatch.setattr(video_model, "_train", must_not_train)
-    assert pretrain_video_base(config, tmp_path, progress=False) == folder  # reused, not retrained
+    monkeypatch.setattr(video_model, "train_video_base", must_not_train)
+    assert pretrain_base(config, tmp_path, progress=False) == folder  # reused, not retrained
 
     # A crash mid-training leaves neither the final folder nor a temporary one behind.
     other = dataclasses.replace(config, seed=6)
@@ -195,26 +193,26 @@ def test_pretraining_is_cached_and_crash_safe(tmp_path: Path, monkeypatch: pytes
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(video_model, "_train", crash)
+    monkeypatch.setattr(video_model, "train_video_base", crash)
     with pytest.raises(KeyboardInterrupt):
-        pretrain_video_base(other, tmp_path, progress=False)
+        pretrain_base(other, tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
 
     # A damaged folder is reported, not silently used or overwritten.
     (folder / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"truncated")
     with pytest.raises(ToyCacheError, match="unreadable"):
-        pretrain_video_base(config, tmp_path, progress=False)
+        pretrain_base(config, tmp_path, progress=False)
     (folder / MARKER_FILE).write_text("{")
     with pytest.raises(ToyCacheError, match="corrupt"):
-        VideoToySpec.from_pretrained(folder)
+        ToySpec.from_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------------------ spec
 @pytest.mark.parametrize("arch", ARCHS)
 def test_spec_loads_encodes_and_predicts(arch: str, folders: dict[str, Path]) -> None:
-    spec = VideoToySpec.from_pretrained(folders[arch])
+    spec = ToySpec.from_pretrained(folders[arch])
     assert isinstance(spec, ModelSpec)
-    assert spec.family == "toy-video" and spec.arch == arch and spec.pretrained == folders[arch]
+    assert spec.family == "toy-video" and spec.arch == arch and spec.pretrained == str(folders[arch])
     assert spec.schedule.prediction_type == ("v_prediction" if arch == "cogvideox" else "flow")
     if arch == "cogvideox":  # zero terminal SNR: the last training step is pure noise
         assert float(spec.schedule.alphas[-1]) == 0.0
@@ -238,12 +236,12 @@ def test_spec_loads_encodes_and_predicts(arch: str, folders: dict[str, Path]) ->
         with pytest.raises(ValueError, match="max_text_seq_length=8"):
             spec.predict(spec.denoiser, noisy, timesteps, short)
 
-    without_text = VideoToySpec.from_pretrained(folders[arch], load_text_encoder=False, load_vae=False)
+    without_text = ToySpec.from_pretrained(folders[arch], load_text_encoder=False, load_vae=False)
     assert without_text.text_encoder is None
     with pytest.raises(RuntimeError, match="load_text_encoder"):
         without_text.encode_prompts(["a handwritten digit 1 moving up"])
     with pytest.raises(ValueError, match="only handles"):
-        VideoToySpec.from_pretrained(folders[arch], media_format=dataclasses.replace(fmt, frames=5))
+        ToySpec.from_pretrained(folders[arch], media_format=dataclasses.replace(fmt, frames=5))
 
 
 def test_registry_loads_the_family(folders: dict[str, Path]) -> None:
@@ -251,12 +249,12 @@ def test_registry_loads_the_family(folders: dict[str, Path]) -> None:
 
     assert "toy-video" in known_families()
     spec = load_spec("toy-video", folders["wan"], load_vae=False, load_text_encoder=False)
-    assert isinstance(spec, VideoToySpec) and spec.arch == "wan" and spec.text_encoder is None
+    assert isinstance(spec, ToySpec) and spec.arch == "wan" and spec.text_encoder is None
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_changes_prediction_and_reloads(arch: str, folders: dict[str, Path], tmp_path: Path) -> None:
-    spec = VideoToySpec.from_pretrained(folders[arch])
+    spec = ToySpec.from_pretrained(folders[arch])
     noisy, timesteps, conditions = _inputs(spec)
     targets = spec.lora_target_modules()
     feed_forward = "ff.net.2" if arch == "cogvideox" else "ffn.net.2"
@@ -272,7 +270,7 @@ def test_lora_changes_prediction_and_reloads(arch: str, folders: dict[str, Path]
 
     spec.save_lora(tmp_path, spec.denoiser)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
-    fresh = VideoToySpec.from_pretrained(folders[arch])
+    fresh = ToySpec.from_pretrained(folders[arch])
     fresh.load_lora(tmp_path)
     with torch.no_grad():  # alpha != rank survives through the saved adapter metadata
         torch.testing.assert_close(fresh.predict(fresh.denoiser, noisy, timesteps, conditions), with_lora,
@@ -285,24 +283,26 @@ def test_lora_changes_prediction_and_reloads(arch: str, folders: dict[str, Path]
 # ------------------------------------------------------------------------------------------ sampling
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sampling_is_deterministic_and_in_range(arch: str, folders: dict[str, Path]) -> None:
-    spec = VideoToySpec.from_pretrained(folders[arch])
+    spec = ToySpec.from_pretrained(folders[arch])
     prompts = [video_prompt_for(3, "left"), video_prompt_for(8, "down")]
-    noise = make_video_noise(2, spec.media_format, seed=0)
-    first = sample_video(spec, spec.denoiser, prompts, noise, num_inference_steps=3)
-    again = sample_video(spec, spec.denoiser, prompts, noise.clone(), num_inference_steps=3, batch_size=1)
-    other = sample_video(spec, spec.denoiser, prompts, make_video_noise(2, spec.media_format, seed=1),
-                         num_inference_steps=3)
+    noise = spec.initial_latents(2, seed=0)
+    assert noise.shape == (2, *spec.encode_media(torch.zeros(1, 3, 1, 10, 10)).shape[1:])
+    assert torch.equal(spec.initial_latents(1, seed=0), noise[:1])
+    settings = dict(num_inference_steps=3, guidance_scale=2.0)
+    first = spec.sample(prompts, noise, **settings)
+    again = spec.sample(prompts, noise.clone(), batch_size=1, **settings)
+    other = spec.sample(prompts, spec.initial_latents(2, seed=1), **settings)
     assert first.shape == (2, 3, 1, 10, 10)
     assert first.min() >= -1 and first.max() <= 1
     torch.testing.assert_close(first, again)
     assert not torch.allclose(first, other)
-    with pytest.raises(ValueError, match="noise must have shape"):
-        sample_video(spec, spec.denoiser, prompts, noise[:1])
+    with pytest.raises(ValueError, match="latents must have shape"):
+        spec.sample(prompts, noise[:1], **settings)
 
 
 def test_video_grid_size() -> None:
     clips = torch.zeros(3, 5, 1, 12, 12)
-    grid = video_grid(clips, nrow=1, scale=2, padding=1)
+    grid = media_grid(clips, nrow=1, scale=2, padding=1)
     assert grid.size == (2 * (5 * 13 + 1), 2 * (3 * 13 + 1))  # (width, height): one clip per row
 
 
@@ -310,7 +310,9 @@ def test_video_grid_size() -> None:
 def test_reward_prefers_the_prompted_digit_and_direction() -> None:
     clips, labels = load_video_clips("held_out")
     directions = clip_directions("held_out")
-    reward = video_reward()
+    reward = moving_digit_reward()
+    assert isinstance(reward, Reward) and reward.name == "moving-digits" and reward.media == "video"
+    assert isinstance(load_reward("moving-digits", kind="motion"), Reward)
     right = reward(clips, video_prompts_for(labels, directions))
     for shift in (1, 2, 3):  # every wrong direction: the motion term drops from 1 to at most 0
         wrong = reward(clips, video_prompts_for(labels, (directions + shift) % 4))
@@ -346,10 +348,10 @@ def test_preference_training_end_to_end(arch: str, folders: dict[str, Path], tmp
     from sdpo.train.config import TrainConfig
     from sdpo.train.trainer import train
 
-    spec = VideoToySpec.from_pretrained(folders[arch])
+    spec = ToySpec.from_pretrained(folders[arch])
     prompts = [video_prompt_for(d, d % 4) for d in range(4)]
-    pairs_path = generate_video_pairs(spec, video_reward(), prompts, tmp_path / "pairs", samples_per_prompt=2,
-                                      num_inference_steps=2, progress=False)
+    pairs_path = generate_pairs(spec, moving_digit_reward(), prompts, tmp_path / "pairs", samples_per_prompt=2,
+                                num_inference_steps=2, guidance_scale=2.0, progress=False)
     pairs = read_pairs(pairs_path)
     assert len(pairs) == 4
     for pair in pairs:
@@ -370,7 +372,7 @@ def test_preference_training_end_to_end(arch: str, folders: dict[str, Path], tmp
     for name, p in spec.denoiser.named_parameters():  # the base weights are untouched; only adapters train
         if name in before:
             assert torch.equal(p, before[name])
-    fresh = VideoToySpec.from_pretrained(folders[arch])
+    fresh = ToySpec.from_pretrained(folders[arch])
     fresh.load_lora(tmp_path / "run")
     noisy, timesteps, conditions = _inputs(fresh)
     with torch.no_grad():

@@ -73,7 +73,7 @@ class DemoConfig:
         self.methods = tuple(METHODS if "all" in self.methods else self.methods)
         for name in self.methods:
             MethodConfig.preset(name)  # raises a one-line error for an unknown method
-        from sdpo.toy.worlds import WORLDS
+        from sdpo.toy.world import WORLDS
 
         if self.world not in WORLDS:
             raise ValueError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
@@ -145,8 +145,10 @@ def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the output folder holding report.md."""
     from sdpo.data import CachedPairs, precompute, read_pairs
     from sdpo.evaluate import compare
+    from sdpo.models.registry import load_spec
+    from sdpo.toy.pairs import generate_pairs
     from sdpo.toy.report import write_report
-    from sdpo.toy.worlds import get_world
+    from sdpo.toy.world import get_world
     from sdpo.train.trainer import train
 
     world = get_world(config.world, config.toy_overrides)
@@ -160,12 +162,13 @@ def run_demo(config: DemoConfig) -> Path:
         base_folder = world.pretrain(config.cache_root, config.progress)
         timings["base model"] = time.perf_counter() - clock
 
-        spec = world.load_spec(base_folder)
+        spec = load_spec(world.family, base_folder)
         reward = world.reward()
         clock = time.perf_counter()
-        pairs_path = world.generate_pairs(spec, reward, world.prompts(config.pairs_per_digit), staging / "pairs",
-                                          config.samples_per_prompt, seed=config.seed,
-                                          num_inference_steps=config.num_inference_steps, progress=config.progress)
+        pairs_path = generate_pairs(spec, reward, world.prompts(config.pairs_per_digit), staging / "pairs",
+                                    config.samples_per_prompt, seed=config.seed,
+                                    num_inference_steps=config.num_inference_steps,
+                                    guidance_scale=world.guidance_scale, progress=config.progress)
         timings["pairs"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -179,24 +182,24 @@ def run_demo(config: DemoConfig) -> Path:
                                  generator=torch.Generator().manual_seed(10_000 + config.seed))
         real = world.real("held_out")
         clock = time.perf_counter()
-        base_samples = world.sample(spec, spec.denoiser, eval_prompts, eval_noise, config.num_inference_steps,
-                                    config.progress)
+        sampler = dict(num_inference_steps=config.num_inference_steps, guidance_scale=world.guidance_scale,
+                       progress=config.progress)
+        base_samples = spec.sample(eval_prompts, spec.encode_media(eval_noise), **sampler)
         timings["evaluate base"] = time.perf_counter() - clock
-        base_scores = reward(base_samples, eval_prompts)
-        results = {"base": {"fid_like": world.feature_distance(base_samples, real),
+        base_scores = reward.score(base_samples, eval_prompts)
+        results = {"base": {"fid_like": world.quality(base_samples, real),
                             "mean_reward": base_scores.mean().item()}}
         samples = {"base": base_samples, "noise": eval_noise}
         histories = {}
         for method in config.methods:
             clock = time.perf_counter()
-            spec = world.load_spec(base_folder)  # a fresh base network per method
+            spec = load_spec(world.family, base_folder)  # a fresh base network per method
             run = train(config.train_config(method, staging / method), spec=spec, dataset=dataset,
                         progress=config.progress)
             timings[f"train {method}"] = time.perf_counter() - clock
-            tuned = world.sample(spec, run.model, eval_prompts, eval_noise, config.num_inference_steps,
-                                 config.progress)
-            comparison = compare(base_scores, reward(tuned, eval_prompts))
-            results[method] = {**comparison.as_dict(), "fid_like": world.feature_distance(tuned, real)}
+            tuned = spec.sample(eval_prompts, spec.encode_media(eval_noise), model=run.model, **sampler)
+            comparison = compare(base_scores, reward.score(tuned, eval_prompts))
+            results[method] = {**comparison.as_dict(), "fid_like": world.quality(tuned, real)}
             samples[method] = tuned
             histories[method] = run.history
 
@@ -208,7 +211,7 @@ def run_demo(config: DemoConfig) -> Path:
                                       "shared initial noise of base and tuned sampling"})
         (staging / "results.json").write_text(json.dumps(
             {"config": asdict(config), "results": results, "timings_s": timings,
-             "real_vs_real_fid_like": world.feature_distance(world.real("train"), real)},
+             "real_vs_real_fid_like": world.quality(world.real("train"), real)},
             indent=2, default=str))
         write_report(staging, config, world, results, histories, samples, eval_prompts, spec, dataset, timings)
         _publish(staging, out)

@@ -22,9 +22,10 @@ SPECS: dict[str, type] = {
 """Families whose spec class is imported already. Lazy families move here on first use."""
 
 LAZY_SPECS: dict[str, str] = {
-    # The toy family lives in its own package and is imported only when asked for.
+    # The embedded worlds live in their own package and are imported only when asked for; one spec
+    # class serves both (the folder says which world, and so which family, it holds).
     "toy": "sdpo.toy.spec:ToySpec",
-    "toy-video": "sdpo.toy.video:VideoToySpec",
+    "toy-video": "sdpo.toy.spec:ToySpec",
 }
 """Families registered as ``"module:Class"``, imported on first use (keeps ``import`` of this module light)."""
 

@@ -13,7 +13,10 @@ from sdpo.rewards.base import MediaKind, Reward
 REWARDS: dict[str, Callable[..., Reward]] = {}
 """Rewards whose factory is imported already (``register_reward`` adds here)."""
 
-LAZY_REWARDS: dict[str, str] = {}
+LAZY_REWARDS: dict[str, str] = {
+    "digits": "sdpo.toy.digits.reward:digit_reward",
+    "moving-digits": "sdpo.toy.moving.reward:moving_digit_reward",
+}
 """Rewards registered as ``"module:factory"``, imported on first use (heavy plug-ins stay unimported)."""
 
 

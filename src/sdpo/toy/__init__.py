@@ -1,18 +1,21 @@
-"""The embedded offline toy world: real 8x8 handwritten digits, a small pretrained base model, a reward.
+"""The embedded offline worlds: real 8x8 handwritten digits, still (``digits``) or moving (``moving``).
 
-Everything loads without a network: the digits ship inside scikit-learn, the base model is
-pretrained locally in a few CPU minutes and cached (``pretrain_base``), and the reward is a small
-classifier plus a style term fitted to the real digits at first use.
+Everything loads without a network: the digits ship inside scikit-learn, each world's base model is
+pretrained locally in a few CPU minutes and cached (``sdpo.toy.pretraining``), and the rewards are a
+small classifier plus a style term fitted to the real digits at first use.
 
     folder = pretrain_base()                       # cached under $SDPO_CACHE or ~/.cache/sdpo
-    spec = ToySpec.from_pretrained(folder)         # the ModelSpec of family "toy"
+    spec = ToySpec.from_pretrained(folder)         # the ModelSpec of family "toy" (or "toy-video")
     prompts = prompts_for(range(10))
-    digits = sample(spec, spec.denoiser, prompts, make_noise(len(prompts), seed=0))
-    scores = digit_reward()(digits, prompts)
+    digits = spec.sample(prompts, spec.initial_latents(len(prompts), seed=0),
+                         num_inference_steps=25, guidance_scale=1.25)
+    scores = digit_reward().score(digits, prompts)
 
-Heavy imports (torch, diffusers, transformers) happen when a name is first used, so importing the
-package itself is cheap. The moving-digit video world exports its names from ``sdpo.toy.video``;
-what both worlds' base models share is in ``sdpo.toy.pretraining``.
+Layout: ``world`` (the ``World`` protocol the demo runs on), ``pretraining`` (what both base models
+share: settings, tokenizer, training loop, cache folders), ``spec`` (the one ModelSpec of both
+worlds, with their sampler), ``grids`` and ``report`` (the demo's figures), and one folder per world
+with what differs: ``digits/`` and ``moving/``, each ``data``, ``model``, ``reward`` and ``world``.
+Heavy imports (torch, diffusers, transformers) happen when a name is first used.
 """
 
 from __future__ import annotations
@@ -21,27 +24,29 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load_digit_images": "sdpo.toy.data",
-    "load_split": "sdpo.toy.data",
-    "split_indices": "sdpo.toy.data",
-    "prompt_for": "sdpo.toy.data",
-    "prompts_for": "sdpo.toy.data",
-    "parse_digit": "sdpo.toy.data",
-    "parse_digits": "sdpo.toy.data",
-    "ToyModelConfig": "sdpo.toy.base_model",
+    "load_digit_images": "sdpo.toy.digits.data",
+    "load_split": "sdpo.toy.digits.data",
+    "split_indices": "sdpo.toy.digits.data",
+    "prompt_for": "sdpo.toy.digits.data",
+    "prompts_for": "sdpo.toy.digits.data",
+    "parse_digit": "sdpo.toy.digits.data",
+    "parse_digits": "sdpo.toy.digits.data",
+    "ToyModelConfig": "sdpo.toy.digits.model",
+    "pretrain_base": "sdpo.toy.pretraining",
+    "base_folder": "sdpo.toy.pretraining",
+    "digit_reward": "sdpo.toy.digits.reward",
+    "digit_classifier": "sdpo.toy.digits.reward",
+    "feature_distance": "sdpo.toy.digits.reward",
+    "video_prompts_for": "sdpo.toy.moving.data",
+    "load_video_clips": "sdpo.toy.moving.data",
+    "VideoToyConfig": "sdpo.toy.moving.model",
+    "moving_digit_reward": "sdpo.toy.moving.reward",
     "ToyCacheError": "sdpo.toy.pretraining",
-    "pretrain_base": "sdpo.toy.base_model",
-    "base_folder": "sdpo.toy.base_model",
-    "default_cache_root": "sdpo.toy.base_model",
+    "default_cache_root": "sdpo.toy.pretraining",
     "ToySpec": "sdpo.toy.spec",
-    "sample": "sdpo.toy.sampling",
-    "make_noise": "sdpo.toy.sampling",
-    "image_grid": "sdpo.toy.sampling",
-    "DEFAULT_GUIDANCE_SCALE": "sdpo.toy.sampling",
-    "digit_reward": "sdpo.toy.reward",
-    "digit_classifier": "sdpo.toy.reward",
-    "feature_distance": "sdpo.toy.reward",
-    "RewardFn": "sdpo.toy.reward",
+    "media_grid": "sdpo.toy.grids",
+    "World": "sdpo.toy.world",
+    "get_world": "sdpo.toy.world",
 }
 
 __all__ = sorted(_EXPORTS)

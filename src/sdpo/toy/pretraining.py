@@ -1,8 +1,11 @@
-"""What the image and video toy base models share: settings, text encoder, and the pretraining loop.
+"""What both worlds' base models share: settings, tokenizer, text encoder, pretraining loop, cache folders.
 
-Each world's config extends ``PretrainSettings`` with its denoiser's fields; each world supplies
-the loss of one batch, and ``pretrain`` runs the shuffled-epoch AdamW loop with warm-up, cosine
-decay and an exponential moving average of the weights around it.
+Each world's config extends ``PretrainSettings`` with its denoiser's fields and supplies a builder
+of fresh models and the loss of one batch; ``pretrain`` runs the shuffled-epoch AdamW loop with
+warm-up, cosine decay and an exponential moving average of the weights around it, and
+``pretrain_base_model`` caches the result as a diffusers-style folder (``unet/`` or ``transformer/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``, and the marker ``sdpo_toy.json`` written last),
+keyed by a hash of the config, so an interrupted run never leaves a folder that looks finished.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,6 +29,9 @@ from torch import Tensor, nn
 
 MARKER_FILE = "sdpo_toy.json"
 """Written last into a base-model folder: its presence marks the folder complete."""
+PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 class ToyCacheError(ValueError):
@@ -70,6 +76,10 @@ class PretrainSettings:
 
     min_prompt_tokens: ClassVar[int] = 6
     """The shortest ``max_prompt_tokens`` that holds the world's prompts with begin and end tokens."""
+    world: ClassVar[str | None] = None
+    """The ``world`` entry of the folder's marker (None: the digits world, whose markers predate it)."""
+    denoiser_subfolder: ClassVar[str] = "unet"
+    """Folder of the denoiser in the saved model: "unet" or "transformer"."""
 
     def check_pretrain_settings(self) -> None:
         """Raise ValueError naming the first shared field that is out of range."""
@@ -109,6 +119,14 @@ class PretrainSettings:
 
     def hash_header(self) -> dict[str, Any]:
         """Entries hashed with the fields: the folder format (and world) the cache key stands for."""
+        raise NotImplementedError
+
+    def folder_name(self) -> str:
+        """The cached folder's name: ``toy-base-<short_hash>`` (a world may name its folders otherwise)."""
+        return f"toy-base-{self.short_hash()}"
+
+    def pretrained_models(self, progress: bool) -> BaseModels:
+        """Freshly initialised models (seeded), pretrained on the world's training data."""
         raise NotImplementedError
 
     def short_hash(self) -> str:
@@ -254,3 +272,183 @@ def pretrain_into_cache(
             shutil.rmtree(temporary)
     check(final)
     return final
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def vocabulary() -> list[str]:
+    """The tokenizer's words: special tokens, the words of the digit prompt template and the ten numerals."""
+    from sdpo.toy.digits.data import NUM_CLASSES, PROMPT_TEMPLATE
+
+    template_words = PROMPT_TEMPLATE.replace("{digit}", "").split()
+    words = [*SPECIAL_TOKENS, *template_words, *(str(d) for d in range(NUM_CLASSES))]
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer(max_length: int, extra_words: tuple[str, ...] = ()) -> Any:
+    """A word-level fast tokenizer: lower-cased, whitespace split, [BOS] ... [EOS], padded with [PAD].
+
+    Digit words are rewritten to numerals before the split ("seven" -> "7"), so the model, trained
+    on numerals only, understands every prompt ``parse_digit`` accepts. ``extra_words`` (a world's
+    own words, e.g. the motion directions) are added as whole-word tokens after the base vocabulary.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from sdpo.toy.digits.data import DIGIT_WORDS
+
+    vocab = {word: index for index, word in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    core.normalizer = normalizers.Sequence(
+        [
+            normalizers.Lowercase(),
+            *(normalizers.Replace(Regex(rf"\b{word}\b"), str(d)) for d, word in enumerate(DIGIT_WORDS)),
+        ]
+    )
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
+        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN]), (EOS_TOKEN, vocab[EOS_TOKEN])],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=max_length,
+    )
+    if extra_words:
+        tokenizer.add_tokens([AddedToken(word, single_word=True) for word in extra_words])
+    return tokenizer
+
+
+def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> Tensor:
+    """Token ids (B, max_length), padded to the fixed length as the denoiser was trained with."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+# ------------------------------------------------------------------------------------------ cache folders
+def default_cache_root() -> Path:
+    """``$SDPO_CACHE`` if set, else ``~/.cache/sdpo``."""
+    env = os.environ.get("SDPO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sdpo"
+
+
+def base_folder(config: PretrainSettings, cache_root: str | os.PathLike[str] | None = None) -> Path:
+    """Where the base model of ``config`` is (or will be) cached, under ``cache_root`` (default:
+    ``default_cache_root()``)."""
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    return root / config.folder_name()
+
+
+def required_files(denoiser_subfolder: str) -> tuple[str, ...]:
+    """Files that must exist in a complete folder; weights are checked further when read."""
+    return (
+        MARKER_FILE,
+        f"{denoiser_subfolder}/config.json",
+        f"{denoiser_subfolder}/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+        "scheduler/scheduler_config.json",
+    )
+
+
+def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``sdpo_toy.json`` of a toy folder; ToyCacheError if missing, unreadable or incomplete."""
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} is missing or not valid JSON ({type(error).__name__})") from error
+    if not isinstance(marker, dict) or marker.get("complete") is not True or "config" not in marker:
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} does not mark a completed pretraining")
+    return marker
+
+
+def check_folder(
+    folder: str | os.PathLike[str], config_class: type[PretrainSettings], config: PretrainSettings | None = None
+) -> dict[str, Any]:
+    """Validate a base-model folder of ``config_class``'s world without loading the models; returns its marker.
+
+    Checks the marker (complete, of this world), that every required file exists and parses
+    (safetensors headers, JSON; a truncated copy fails), that it holds a valid config and, given
+    ``config``, that the folder was trained with it. Raises ToyCacheError otherwise.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    marker = read_marker(folder)
+    world = config_class.world
+    if marker.get("world") != world:
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} is not a marker of world {world!r} "
+                                           f"(world {marker.get('world')!r})")
+    names = required_files(config_class.denoiser_subfolder)
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise corrupt_folder_error(folder, f"missing {', '.join(missing)}")
+    for name in names:
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(str(folder / name), framework="pt") as handle:
+                    if not list(handle.keys()):
+                        raise ValueError("no tensors")
+            elif name.endswith(".json"):
+                json.loads((folder / name).read_text())
+        except Exception as error:  # noqa: BLE001 - any read failure means the file is damaged
+            raise corrupt_folder_error(folder, f"{name} is unreadable ({type(error).__name__})") from error
+    try:
+        stored = config_class.from_dict(marker["config"])
+    except (TypeError, ValueError) as error:
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} holds an invalid config ({error})") from error
+    if config is not None and stored != config:
+        raise corrupt_folder_error(folder, f"{MARKER_FILE} holds a different config than its name's hash")
+    return marker
+
+
+@dataclass
+class BaseModels:
+    """A world's freshly built (or trained) networks, and what ``save`` writes."""
+
+    denoiser: nn.Module
+    denoiser_subfolder: str
+    """"unet" or "transformer": the denoiser's folder (and diffusers pipeline argument)."""
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler: Any
+    history: list[float] = field(default_factory=list)
+    """Pretraining loss per step."""
+
+    def save(self, folder: Path) -> None:
+        """Write the four diffusers subfolders."""
+        self.denoiser.save_pretrained(folder / self.denoiser_subfolder)
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.scheduler.save_pretrained(folder / "scheduler")
+
+
+def pretrain_base(
+    config: PretrainSettings | None = None,
+    cache_root: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """The folder of the pretrained base model of ``config`` (default: the digits world's), trained on first use.
+
+    A complete cached folder is reused as it is (after ``check_folder``); otherwise the model is
+    built and trained by the config's world and written through ``pretrain_into_cache``. Raises
+    ToyCacheError when the folder exists but is damaged.
+    """
+    if config is None:
+        from sdpo.toy.digits.model import ToyModelConfig
+
+        config = ToyModelConfig()
+
+    def train_and_save(target: Path) -> list[float]:
+        models = config.pretrained_models(progress)
+        models.save(target)
+        return models.history
+
+    return pretrain_into_cache(base_folder(config, cache_root), config, train_and_save,
+                               lambda found: check_folder(found, type(config), config))

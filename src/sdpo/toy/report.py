@@ -10,6 +10,14 @@ import torch
 from sdpo.analysis.plots import plot_training_curves, plot_weight_profile
 from sdpo.analysis.weights import weight_profile
 from sdpo.data import collate_pairs
+from sdpo.toy.grids import media_grid
+
+
+def digit_grid(samples: torch.Tensor, per_digit: int, path: Path) -> None:
+    """Write a PNG of the first samples of each digit (samples digit-major): 8 images or 2 clips a digit."""
+    shown = min(2 if samples.ndim == 5 else 8, per_digit)
+    rows = samples.reshape(10, per_digit, *samples.shape[1:])[:, :shown]
+    media_grid(rows.reshape(-1, *samples.shape[1:]), nrow=shown).save(path)
 
 
 def write_report(
@@ -26,9 +34,8 @@ def write_report(
 ) -> Path:
     """Write report.md and its PNG figures into ``folder``."""
     per_digit = len(prompts) // 10
-    world.grid(samples["base"], per_digit, folder / "samples_base.png")
-    for method in histories:
-        world.grid(samples[method], per_digit, folder / f"samples_{method}.png")
+    for name in ("base", *histories):
+        digit_grid(samples[name], per_digit, folder / f"samples_{name}.png")
     plot_training_curves(histories, folder / "training_curves.png")
 
     batch = collate_pairs([dataset[i] for i in range(min(len(dataset), 256))])

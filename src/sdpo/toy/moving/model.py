@@ -1,47 +1,27 @@
-"""The video toy world's base models: tiny CogVideoX-style and Wan-style transformers, pretrained on moving digits.
+"""The moving-digits world's base models: tiny CogVideoX-style and Wan-style transformers, pretrained on clips.
 
 ``pretrain_video_base`` trains a diffusers ``CogVideoXTransformer3DModel`` (v-prediction on a
 zero-terminal-SNR ``CogVideoXDDIMScheduler``) or ``WanTransformer3DModel`` (rectified flow,
 ``FlowMatchEulerDiscreteScheduler`` with shift 3) together with a tiny ``CLIPTextModel``, from scratch,
 on clips of the real digits moving in four directions ("a handwritten digit 7 moving right"). It
 writes a diffusers-style folder (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``
-and the marker ``sdpo_toy.json``) that ``VideoToySpec.from_pretrained`` loads. Pixels are the latents
+and the marker ``sdpo_toy.json``) that ``ToySpec.from_pretrained`` loads. Pixels are the latents
 (no VAE), in each family's own layout: CogVideoX (B, F, C, H, W), Wan (B, C, F, H, W).
 
-Caching, crash safety and corruption checks are those of the image toy (``sdpo.toy.base_model``): the
-folder is keyed by a hash of the config, built in a temporary sibling and renamed into place only when
-complete, and a damaged folder raises ``ToyCacheError`` naming it.
+Caching, crash safety and corruption checks are the shared ones of ``sdpo.toy.pretraining``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.models.base import unwrap
-from sdpo.toy.base_model import (
-    build_tokenizer,
-    default_cache_root,
-    read_marker,
-    tokenize,
-)
-from sdpo.toy.data import load_split
-from sdpo.toy.pretraining import (
-    MARKER_FILE,
-    PretrainSettings,
-    ToyCacheError,
-    build_text_encoder,
-    corrupt_folder_error,
-    pretrain,
-    pretrain_into_cache,
-)
-from sdpo.toy.video_data import (
+from sdpo.toy.digits.data import load_split
+from sdpo.toy.moving.data import (
     DEFAULT_CANVAS,
     DEFAULT_FRAMES,
     DEFAULT_SPEED,
@@ -50,6 +30,15 @@ from sdpo.toy.video_data import (
     render_clips,
     video_prompts_for,
 )
+from sdpo.toy.pretraining import (
+    BETA_SCHEDULES,
+    BaseModels,
+    PretrainSettings,
+    build_text_encoder,
+    build_tokenizer,
+    pretrain,
+    tokenize,
+)
 
 VIDEO_FORMAT_VERSION = 1
 """Bumped whenever the folder layout or the training recipe changes, so old caches are not reused."""
@@ -57,22 +46,17 @@ WORLD = "toy-video"
 """The ``world`` entry of the marker: tells a video toy folder from an image toy folder."""
 ARCHS = ("cogvideox", "wan")
 EXTRA_WORDS = ("moving", *DIRECTIONS)
-"""Words the image toy's tokenizer lacks; added as whole-word tokens."""
-REQUIRED_FILES = (
-    MARKER_FILE,
-    "transformer/config.json",
-    "transformer/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "tokenizer/tokenizer.json",
-    "scheduler/scheduler_config.json",
-)
-_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+"""Words the digits world's tokenizer lacks; added as whole-word tokens."""
 
 
 @dataclass(frozen=True)
 class VideoToyConfig(PretrainSettings):
     """Clip geometry, model size and training recipe of a video toy base model. Every field is part of the cache key."""
+
+    # [BOS] a handwritten digit N moving DIR [EOS] is 8 tokens; shorter would cut the direction off.
+    min_prompt_tokens: ClassVar[int] = 8
+    world: ClassVar[str | None] = WORLD
+    denoiser_subfolder: ClassVar[str] = "transformer"
 
     arch: str = "cogvideox"
     """Transformer family: "cogvideox" (CogVideoXTransformer3DModel, v-prediction, DDIM) or "wan"
@@ -116,9 +100,6 @@ class VideoToyConfig(PretrainSettings):
     ema_decay: float = 0.99
     """Decay of the exponential moving average of the weights that is saved (0 saves the raw weights)."""
 
-    # [BOS] a handwritten digit N moving DIR [EOS] is 8 tokens; shorter would cut the direction off.
-    min_prompt_tokens: ClassVar[int] = 8
-
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
@@ -136,34 +117,24 @@ class VideoToyConfig(PretrainSettings):
         if self.arch == "wan" and self.attention_head_dim < 12:
             raise ValueError(f"Wan's rotary embedding needs attention_head_dim >= 12, got {self.attention_head_dim}")
         self.check_pretrain_settings()
-        if self.beta_schedule not in _BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule must be one of {_BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if not self.snr_shift_scale > 0 or not self.flow_shift > 0:
             raise ValueError("snr_shift_scale and flow_shift must be positive")
+
+    def pretrained_models(self, progress: bool) -> BaseModels:
+        models = build_video_models(self)
+        train_video_base(self, models, progress)
+        return models
 
     def hash_header(self) -> dict[str, Any]:
         return {"format": VIDEO_FORMAT_VERSION, "world": WORLD}
 
-
-@dataclass
-class _Models:
-    transformer: nn.Module
-    text_encoder: nn.Module
-    tokenizer: Any
-    scheduler: Any
-    history: list[float] = field(default_factory=list)
+    def folder_name(self) -> str:
+        return f"toy-video-{self.arch}-{self.short_hash()}"
 
 
 # ------------------------------------------------------------------------------------------ building
-def build_video_tokenizer(max_length: int) -> Any:
-    """The image toy's word-level tokenizer with the motion words added as whole-word tokens."""
-    from tokenizers import AddedToken
-
-    tokenizer = build_tokenizer(max_length)
-    tokenizer.add_tokens([AddedToken(word, single_word=True) for word in EXTRA_WORDS])
-    return tokenizer
-
-
 def build_scheduler(config: VideoToyConfig) -> Any:
     """The training scheduler of the arch: zero-terminal-SNR v-prediction DDIM, or shifted flow matching."""
     if config.arch == "cogvideox":
@@ -223,15 +194,15 @@ def build_transformer(config: VideoToyConfig) -> nn.Module:
     )
 
 
-def build_video_models(config: VideoToyConfig) -> _Models:
+def build_video_models(config: VideoToyConfig) -> BaseModels:
     """Freshly initialised transformer, text encoder, tokenizer and scheduler for ``config`` (seeded)."""
-    tokenizer = build_video_tokenizer(config.max_prompt_tokens)
+    tokenizer = build_tokenizer(config.max_prompt_tokens, EXTRA_WORDS)
     # Initialise under a private RNG so building a model never moves the caller's global stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         text_encoder = build_text_encoder(config, tokenizer)
         transformer = build_transformer(config)
-    return _Models(transformer, text_encoder, tokenizer, build_scheduler(config))
+    return BaseModels(transformer, "transformer", text_encoder, tokenizer, build_scheduler(config))
 
 
 def to_layout(clips: Tensor, arch: str) -> Tensor:
@@ -239,16 +210,28 @@ def to_layout(clips: Tensor, arch: str) -> Tensor:
     return clips if arch == "cogvideox" else clips.permute(0, 2, 1, 3, 4)
 
 
-def from_layout(latents: Tensor, arch: str) -> Tensor:
-    """Latents in the arch's layout back to clips (B, F, C, H, W)."""
-    return latents if arch == "cogvideox" else latents.permute(0, 2, 1, 3, 4)
-
-
 def frame_positions(latents: Tensor) -> Tensor:
     """The frame channel for Wan-layout latents (B, C, F, H, W): (B, 1, F, H, W), -1 on the first frame to +1 on the last."""
     batch, _, frames, height, width = latents.shape
     ramp = torch.linspace(-1.0, 1.0, frames, device=latents.device, dtype=latents.dtype)
     return ramp.view(1, 1, frames, 1, 1).expand(batch, 1, frames, height, width)
+
+
+def check_transformer_inputs(model: nn.Module, arch: str, latents: Tensor, hidden: Tensor) -> None:
+    """Refuse inputs a CogVideoX transformer would mishandle: its sinusoidal position table covers the
+    joint [text; video] sequence, so the latents must have the frames and size it was built for and
+    the text exactly ``max_text_seq_length`` tokens; anything else is a clear error here rather than a
+    shape mismatch (or a silently rebuilt table) inside diffusers. Wan's rotary positions take any size."""
+    if arch != "cogvideox":
+        return
+    config = unwrap(model).config
+    if hidden.ndim != 3 or hidden.shape[1] != config.max_text_seq_length:
+        raise ValueError(f"CogVideoX needs exactly max_text_seq_length={config.max_text_seq_length} text "
+                         f"tokens, got encoder_hidden_states of shape {tuple(hidden.shape)}")
+    frames, _, height, width = latents.shape[1:]
+    if (frames, height, width) != (config.sample_frames, config.sample_height, config.sample_width):
+        raise ValueError(f"CogVideoX's position table is for {config.sample_frames} frames of "
+                         f"{config.sample_height}x{config.sample_width}, got {frames} of {height}x{width}")
 
 
 def run_transformer(model: nn.Module, arch: str, latents: Tensor, timesteps: Tensor, hidden: Tensor) -> Tensor:
@@ -266,7 +249,8 @@ def run_transformer(model: nn.Module, arch: str, latents: Tensor, timesteps: Ten
 
 
 # ------------------------------------------------------------------------------------------ training
-def _train(config: VideoToyConfig, models: _Models, progress: bool) -> None:
+def train_video_base(config: VideoToyConfig, models: BaseModels, progress: bool) -> None:
+    """Pretrain ``models`` on clips of the train digits, each visit in a fresh direction."""
     from sdpo.schedules import NoiseSchedule
 
     images, labels = load_split("train")
@@ -286,102 +270,9 @@ def _train(config: VideoToyConfig, models: _Models, progress: bool) -> None:
         noise = torch.randn(x0.shape, generator=generator)
         t = schedule.sample_timesteps(len(batch), generator=generator)
         hidden = models.text_encoder(batch_ids).last_hidden_state
-        prediction = run_transformer(models.transformer, config.arch, schedule.add_noise(x0, noise, t),
+        prediction = run_transformer(models.denoiser, config.arch, schedule.add_noise(x0, noise, t),
                                      schedule.model_timestep(t), hidden)
         return nn.functional.mse_loss(prediction, schedule.target(x0, noise, t))
 
-    pretrain(config, [models.transformer, models.text_encoder], len(images), batch_loss, models.history,
+    pretrain(config, [models.denoiser, models.text_encoder], len(images), batch_loss, models.history,
              f"pretraining toy video base ({config.arch})", progress)
-
-
-# ------------------------------------------------------------------------------------------ cache
-def video_base_folder(config: VideoToyConfig, cache_root: str | os.PathLike[str] | None = None) -> Path:
-    """Where the video base model for ``config`` is (or will be) cached."""
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    return root / f"toy-video-{config.arch}-{config.short_hash()}"
-
-
-def check_video_folder(folder: str | os.PathLike[str], config: VideoToyConfig | None = None) -> dict[str, Any]:
-    """Validate a video toy folder without loading the models; returns its marker.
-
-    Checks the marker (complete, of the video world), that every required file exists and parses
-    (safetensors headers, JSON), and, given ``config``, that the folder was trained with it. Raises
-    ToyCacheError otherwise.
-    """
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    marker = read_marker(folder)
-    if marker.get("world") != WORLD:
-        raise corrupt_folder_error(folder, f"{MARKER_FILE} is not a video toy marker (world {marker.get('world')!r})")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise corrupt_folder_error(folder, f"missing {', '.join(missing)}")
-    for name in REQUIRED_FILES:
-        try:
-            if name.endswith(".safetensors"):
-                with safe_open(str(folder / name), framework="pt") as handle:
-                    if not list(handle.keys()):
-                        raise ValueError("no tensors")
-            elif name.endswith(".json"):
-                json.loads((folder / name).read_text())
-        except Exception as error:  # noqa: BLE001 - any read failure means the file is damaged
-            raise corrupt_folder_error(folder, f"{name} is unreadable ({type(error).__name__})") from error
-    try:
-        stored = VideoToyConfig.from_dict(marker["config"])
-    except (TypeError, ValueError) as error:
-        raise corrupt_folder_error(folder, f"{MARKER_FILE} holds an invalid config ({error})") from error
-    if config is not None and stored != config:
-        raise corrupt_folder_error(folder, f"{MARKER_FILE} holds a different config than its name's hash")
-    return marker
-
-
-def save_video_models(models: _Models, folder: Path) -> None:
-    """Write the four diffusers subfolders."""
-    models.transformer.save_pretrained(folder / "transformer")
-    models.text_encoder.save_pretrained(folder / "text_encoder")
-    models.tokenizer.save_pretrained(folder / "tokenizer")
-    models.scheduler.save_pretrained(folder / "scheduler")
-
-
-def pretrain_video_base(
-    config: VideoToyConfig | None = None,
-    cache_root: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-) -> Path:
-    """The folder of the pretrained video toy base model for ``config``, training it on first use.
-
-    A complete cached folder is reused as it is. Otherwise the model is trained on clips of the
-    train split and written to a temporary sibling folder renamed into place at the end, so an
-    interrupted run leaves nothing that could be mistaken for a finished model. Raises
-    ToyCacheError when the folder exists but is damaged.
-    """
-    config = config or VideoToyConfig()
-
-    def train_and_save(folder: Path) -> list[float]:
-        models = build_video_models(config)
-        _train(config, models, progress)
-        save_video_models(models, folder)
-        return models.history
-
-    return pretrain_into_cache(video_base_folder(config, cache_root), config, train_and_save,
-                               lambda folder: check_video_folder(folder, config))
-
-
-__all__ = [
-    "ARCHS",
-    "REQUIRED_FILES",
-    "ToyCacheError",
-    "VideoToyConfig",
-    "build_scheduler",
-    "build_transformer",
-    "build_video_models",
-    "build_video_tokenizer",
-    "check_video_folder",
-    "from_layout",
-    "pretrain_video_base",
-    "run_transformer",
-    "save_video_models",
-    "to_layout",
-    "video_base_folder",
-]

@@ -1,11 +1,12 @@
-"""Rewards and quality measures for the video toy, built on the image toy's classifier and reward.
+"""The moving-digits world's reward (registered as "moving-digits") and quality measures, built on the digits'.
 
-A reward is a plain callable ``fn(samples, prompts) -> scores``: samples (B, F, 1, H, W) in [-1, 1],
-one prompt per sample ("a handwritten digit 7 moving right"), scores a float tensor (B,), higher is better.
+The reward is a ``sdpo.rewards.Reward``: ``score(samples, prompts)`` with samples (B, F, 1, H, W) in
+[-1, 1], one prompt per sample ("a handwritten digit 7 moving right"), returns a float tensor (B,),
+higher is better.
 
 The default reward has two parts, both with headroom on base samples:
 
-* the image toy's default ``digit_reward`` (prompted-digit log-odds plus a stroke-boldness style term)
+* the digits world's default ``digit_reward`` (prompted-digit log-odds plus a stroke-boldness style term)
   on the digit of every frame, averaged over frames. The digit is cut out of each frame as the 8x8
   window holding the most ink (ties, common because real digits have blank borders, go to the window
   nearest where the ink's centre of mass puts a typical digit), which keeps the classifier about as
@@ -19,17 +20,15 @@ The default reward has two parts, both with headroom on base samples:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from sdpo.toy.data import IMAGE_SIZE, load_split, parse_digits
-from sdpo.toy.reward import digit_classifier, digit_reward, feature_distance
-from sdpo.toy.video_data import DEFAULT_SPEED, DIRECTION_VECTORS, parse_directions
+from sdpo.toy.digits.data import IMAGE_SIZE, load_split, parse_digits
+from sdpo.toy.digits.reward import digit_classifier, digit_reward, feature_distance
+from sdpo.toy.moving.data import DEFAULT_SPEED, DIRECTION_VECTORS, parse_directions
 
-RewardFn = Callable[[Tensor, list[str]], Tensor]
 VIDEO_REWARD_KINDS = ("default", "digit", "motion")
 
 
@@ -107,54 +106,62 @@ def moved_direction(samples: Tensor) -> Tensor:
     return (clip_velocity(samples) @ torch.tensor(DIRECTION_VECTORS, dtype=torch.float32).T).argmax(dim=1)
 
 
-def video_reward(
-    kind: str = "default",
+class MovingDigitReward:
+    """A reward for moving-digit clips (see ``moving_digit_reward``); calling it is ``score``."""
+
+    media = "video"
+
+    def __init__(self, kind: str, motion_weight: float, speed: float, frame_reward: str, seed: int) -> None:
+        if kind not in VIDEO_REWARD_KINDS:
+            raise ValueError(f"unknown video reward kind {kind!r}; expected one of {VIDEO_REWARD_KINDS}")
+        if not speed > 0:
+            raise ValueError(f"speed must be positive, got {speed}")
+        if not math.isfinite(motion_weight):
+            raise ValueError(f"motion_weight must be finite, got {motion_weight}")
+        self.name = "moving-digits" if kind == "default" else f"moving-digits-{kind}"
+        self.kind, self.motion_weight, self.speed = kind, motion_weight, speed
+        self.frame_reward = digit_reward(kind=frame_reward, seed=seed)
+        typical_centre()  # build the references now, not inside the first call
+
+    @torch.no_grad()
+    def score(self, media: Tensor, prompts: list[str]) -> Tensor:
+        """One score per clip (B,), higher is better."""
+        clips = _check_clips(media)
+        if len(prompts) != clips.shape[0]:
+            raise ValueError(f"got {clips.shape[0]} samples but {len(prompts)} prompts")
+        directions = parse_directions(prompts)
+        parse_digits(prompts)  # fail on a prompt without a digit even for the motion-only kind
+        motion = motion_score(clips, directions, self.speed)
+        if self.kind == "motion":
+            return motion
+        frames = clips.shape[1]
+        per_frame = self.frame_reward(digit_crops(clips), [p for p in prompts for _ in range(frames)])
+        digit = per_frame.reshape(-1, frames).mean(dim=1)
+        return digit if self.kind == "digit" else digit + self.motion_weight * motion
+
+    __call__ = score
+
+
+def moving_digit_reward(
     *,
+    kind: str = "default",
     motion_weight: float = 2.0,
     speed: float = DEFAULT_SPEED,
     frame_reward: str = "default",
     seed: int = 0,
-) -> RewardFn:
-    """A reward for video toy clips, ``fn(samples (B,F,1,H,W) in [-1,1], prompts) -> (B,)``.
+) -> MovingDigitReward:
+    """The reward for moving-digit clips (registry name "moving-digits"), ``score(samples (B,F,1,H,W), prompts)``.
 
     Kinds:
-        ``"default"``: mean over frames of ``digit_reward(frame_reward)`` on each frame's digit crop,
-        plus ``motion_weight * motion_score``.
+        ``"default"``: mean over frames of ``digit_reward(kind=frame_reward)`` on each frame's digit
+        crop, plus ``motion_weight * motion_score``.
         ``"digit"``: the frame term alone.
         ``"motion"``: ``motion_score`` alone (no guard: a moving blob maximises it).
 
     ``speed`` is the pixels per frame the prompts mean (the base model's ``config.speed``). The digit
     and direction are read from each prompt; a prompt without exactly one of each is an error.
     """
-    if kind not in VIDEO_REWARD_KINDS:
-        raise ValueError(f"unknown video reward kind {kind!r}; expected one of {VIDEO_REWARD_KINDS}")
-    if not speed > 0:
-        raise ValueError(f"speed must be positive, got {speed}")
-    if not math.isfinite(motion_weight):
-        raise ValueError(f"motion_weight must be finite, got {motion_weight}")
-    # The classifier trains on first use; grad mode on, in case the caller is inside no_grad.
-    with torch.enable_grad():
-        frame_fn = digit_reward(frame_reward, seed=seed)
-    typical_centre()  # build the references now, not inside the first call
-
-    @torch.no_grad()
-    def reward(samples: Tensor, prompts: list[str]) -> Tensor:
-        clips = _check_clips(samples)
-        if len(prompts) != clips.shape[0]:
-            raise ValueError(f"got {clips.shape[0]} samples but {len(prompts)} prompts")
-        directions = parse_directions(prompts)
-        parse_digits(prompts)  # fail on a prompt without a digit even for the motion-only kind
-        motion = motion_score(clips, directions, speed)
-        if kind == "motion":
-            return motion
-        frames = clips.shape[1]
-        per_frame = frame_fn(digit_crops(clips), [p for p in prompts for _ in range(frames)])
-        digit = per_frame.reshape(-1, frames).mean(dim=1)
-        return digit if kind == "digit" else digit + motion_weight * motion
-
-    reward.__name__ = f"video_reward_{kind}"
-    reward.__qualname__ = reward.__name__
-    return reward
+    return MovingDigitReward(kind, motion_weight, speed, frame_reward, seed)
 
 
 def video_metrics(samples: Tensor, prompts: list[str], seed: int = 0) -> dict[str, float]:
@@ -164,8 +171,7 @@ def video_metrics(samples: Tensor, prompts: list[str], seed: int = 0) -> dict[st
     if len(prompts) != clips.shape[0]:
         raise ValueError(f"got {clips.shape[0]} samples but {len(prompts)} prompts")
     digits, directions = parse_digits(prompts), parse_directions(prompts)
-    with torch.enable_grad():  # the classifier trains on first use
-        classifier = digit_classifier(seed)
+    classifier = digit_classifier(seed)
     with torch.no_grad():
         predicted = classifier(digit_crops(clips)).argmax(dim=1).reshape(clips.shape[0], -1)
     return {
@@ -182,8 +188,4 @@ def video_feature_distance(samples: Tensor, real_clips: Tensor, space: str = "cl
     """
     if not math.isfinite(float(samples.float().sum())):
         raise ValueError("samples contain NaN or infinite values")
-    with torch.enable_grad():
-        # feature_distance uses digit_classifier() (no argument), a cache entry of its own that
-        # trains on first use: train it with grad mode on, whatever context the caller is in.
-        digit_classifier()
     return feature_distance(digit_crops(samples), digit_crops(real_clips), space)

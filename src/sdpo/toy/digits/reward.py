@@ -1,7 +1,7 @@
-"""Rewards for the toy digits, and a Fréchet feature distance that guards sample quality.
+"""The digits world's reward (registered as "digits"), and a Fréchet feature distance that guards quality.
 
-A reward is a plain callable ``fn(samples, prompts) -> scores``: samples (B, 1, 8, 8) in [-1, 1],
-one prompt per sample, scores a float tensor (B,) where higher is better.
+The reward is a ``sdpo.rewards.Reward``: ``score(samples, prompts)`` with samples (B, 1, 8, 8) in
+[-1, 1], one prompt per sample, returns a float tensor (B,) where higher is better.
 
 Why not the classifier's probability of the prompted digit: it saturates. A base model pretrained
 for a few minutes already scores about 0.975 of a possible 1.0, and a fifth of tuned-vs-base
@@ -26,7 +26,6 @@ use (the classifier trains in about a second) and cached for the process.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,9 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sdpo.toy.data import IMAGE_SIZE, NUM_CLASSES, load_split, parse_digits
+from sdpo.toy.digits.data import IMAGE_SIZE, NUM_CLASSES, load_split, parse_digits
 
-RewardFn = Callable[[Tensor, list[str]], Tensor]
 REWARD_KINDS = ("default", "log_odds", "log_prob", "probability", "thickness")
 
 
@@ -186,16 +184,59 @@ def soft_cap(values: Tensor, cap: float) -> Tensor:
     return cap * torch.tanh(values / cap)
 
 
+class DigitReward:
+    """A reward for digits (see ``digit_reward``); calling it is ``score``."""
+
+    media = "image"
+
+    def __init__(self, kind: str, classifier_weight: float, style_weight: float, log_odds_cap: float,
+                 style_cap: float, seed: int) -> None:
+        if kind not in REWARD_KINDS:
+            raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
+        if log_odds_cap <= 0 or style_cap <= 0:
+            raise ValueError("log_odds_cap and style_cap must be positive")
+        self.name = "digits" if kind == "default" else f"digits-{kind}"
+        self.kind, self.classifier_weight, self.style_weight = kind, classifier_weight, style_weight
+        self.log_odds_cap, self.style_cap = log_odds_cap, style_cap
+        self.classifier = digit_classifier(seed)
+        ink_statistics()  # build the reference now, not inside the first call
+
+    @torch.no_grad()
+    def score(self, media: Tensor, prompts: list[str]) -> Tensor:
+        """One score per digit (B,), higher is better."""
+        if media.ndim != 4 or tuple(media.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"samples must have shape (B, 1, 8, 8), got {tuple(media.shape)}")
+        if len(prompts) != media.shape[0]:
+            raise ValueError(f"got {media.shape[0]} samples but {len(prompts)} prompts")
+        images = media.detach().float().cpu().clamp(-1, 1)
+        labels = parse_digits(prompts)
+        if self.kind == "thickness":
+            return thickness_score(images, labels)
+        logits = self.classifier(images)
+        if self.kind == "log_prob":
+            return logits.log_softmax(dim=1).gather(1, labels[:, None])[:, 0]
+        if self.kind == "probability":
+            return logits.softmax(dim=1).gather(1, labels[:, None])[:, 0]
+        log_odds = prompted_log_odds(logits, labels)
+        if self.kind == "log_odds":
+            return log_odds
+        style = soft_cap(thickness_score(images, labels), self.style_cap)
+        return (self.classifier_weight * soft_cap(log_odds, self.log_odds_cap)
+                + self.style_weight * torch.sigmoid(log_odds) * style)
+
+    __call__ = score
+
+
 def digit_reward(
-    kind: str = "default",
     *,
+    kind: str = "default",
     classifier_weight: float = 0.5,
     style_weight: float = 1.0,
     log_odds_cap: float = 10.0,
     style_cap: float = 3.0,
     seed: int = 0,
-) -> RewardFn:
-    """A reward for toy digits, ``fn(samples (B,1,8,8) in [-1,1], prompts) -> (B,)``.
+) -> DigitReward:
+    """The reward for digits (registry name "digits"), ``score(samples (B,1,8,8) in [-1,1], prompts) -> (B,)``.
 
     Kinds:
         ``"default"``: ``classifier_weight * soft_cap(log_odds, log_odds_cap)
@@ -209,38 +250,7 @@ def digit_reward(
 
     The digit asked for is read from each prompt (``parse_digit``); a prompt without one is an error.
     """
-    if kind not in REWARD_KINDS:
-        raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
-    if log_odds_cap <= 0 or style_cap <= 0:
-        raise ValueError("log_odds_cap and style_cap must be positive")
-    classifier = digit_classifier(seed)
-    ink_statistics()  # build the reference now, not inside the first call
-
-    @torch.no_grad()
-    def reward(samples: Tensor, prompts: list[str]) -> Tensor:
-        if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"samples must have shape (B, 1, 8, 8), got {tuple(samples.shape)}")
-        if len(prompts) != samples.shape[0]:
-            raise ValueError(f"got {samples.shape[0]} samples but {len(prompts)} prompts")
-        images = samples.detach().float().cpu().clamp(-1, 1)
-        labels = parse_digits(prompts)
-        if kind == "thickness":
-            return thickness_score(images, labels)
-        logits = classifier(images)
-        if kind == "log_prob":
-            return logits.log_softmax(dim=1).gather(1, labels[:, None])[:, 0]
-        if kind == "probability":
-            return logits.softmax(dim=1).gather(1, labels[:, None])[:, 0]
-        log_odds = prompted_log_odds(logits, labels)
-        if kind == "log_odds":
-            return log_odds
-        style = thickness_score(images, labels)
-        gate = torch.sigmoid(log_odds)
-        return classifier_weight * soft_cap(log_odds, log_odds_cap) + style_weight * gate * soft_cap(style, style_cap)
-
-    reward.__name__ = f"digit_reward_{kind}"
-    reward.__qualname__ = reward.__name__
-    return reward
+    return DigitReward(kind, classifier_weight, style_weight, log_odds_cap, style_cap, seed)
 
 
 # ------------------------------------------------------------------------------------------ quality

@@ -7,7 +7,7 @@ media convention (float32 in [-1, 1], channels first); the raw values are 0..16.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -105,12 +105,22 @@ def parse_digit(prompt: str) -> int:
                 found.add(int(token))
         elif token in _WORD_TO_DIGIT:
             found.add(_WORD_TO_DIGIT[token])
-    if len(found) != 1:
-        what = "no digit" if not found else f"several digits {sorted(found)}"
-        raise ValueError(f"prompt {prompt!r} names {what}; expected one digit 0-9, e.g. {prompt_for(7)!r}")
-    return found.pop()
+    return the_one(found, prompt, "digit", int, f"one digit 0-9, e.g. {prompt_for(7)!r}")
 
 
 def parse_digits(prompts: Sequence[str]) -> Tensor:
     """The digit each prompt asks for, as an int64 tensor."""
-    return torch.tensor([parse_digit(prompt) for prompt in prompts], dtype=torch.int64)
+    return parse_each(parse_digit, prompts)
+
+
+def the_one(found: set[int], prompt: str, noun: str, name: Callable[[int], object], expected: str) -> int:
+    """The one index in ``found``, what ``prompt`` names; ValueError when it names none or several."""
+    if len(found) != 1:
+        what = f"no {noun}" if not found else f"several {noun}s {sorted(name(i) for i in found)}"
+        raise ValueError(f"prompt {prompt!r} names {what}; expected {expected}")
+    return found.pop()
+
+
+def parse_each(parse: Callable[[str], int], prompts: Sequence[str]) -> Tensor:
+    """``parse`` of every prompt, as an int64 tensor."""
+    return torch.tensor([parse(prompt) for prompt in prompts], dtype=torch.int64)

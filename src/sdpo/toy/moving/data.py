@@ -19,7 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdpo.toy.data import IMAGE_SIZE, load_digit_images, load_split, parse_digit, prompt_for, split_indices
+from sdpo.toy.digits.data import (
+    IMAGE_SIZE,
+    load_digit_images,
+    load_split,
+    parse_digit,
+    parse_each,
+    prompt_for,
+    split_indices,
+    the_one,
+)
 
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 """Motion directions; a direction is referred to by its index into this tuple."""
@@ -164,15 +173,13 @@ def video_prompts_for(labels: Iterable[int] | Tensor, directions: Iterable[int |
 def parse_direction(prompt: str) -> int:
     """The direction index a prompt asks for; ValueError when it names none or several."""
     found = {_DIRECTION_INDEX[word] for word in _WORD.findall(prompt.lower()) if word in _DIRECTION_INDEX}
-    if len(found) != 1:
-        what = "no direction" if not found else f"several directions {sorted(DIRECTIONS[i] for i in found)}"
-        raise ValueError(f"prompt {prompt!r} names {what}; expected one of {DIRECTIONS}, e.g. {video_prompt_for(7, 1)!r}")
-    return found.pop()
+    return the_one(found, prompt, "direction", DIRECTIONS.__getitem__,
+                   f"one of {DIRECTIONS}, e.g. {video_prompt_for(7, 1)!r}")
 
 
 def parse_directions(prompts: Sequence[str]) -> Tensor:
     """The direction index each prompt asks for, as an int64 tensor."""
-    return torch.tensor([parse_direction(prompt) for prompt in prompts], dtype=torch.int64)
+    return parse_each(parse_direction, prompts)
 
 
 def parse_video_prompt(prompt: str) -> tuple[int, int]:

@@ -1,0 +1,77 @@
+"""What an embedded world is to the demo: one typed protocol, and the two worlds behind it.
+
+A world supplies its model family and base model, its prompts, its reward, real data and a quality
+guard, and nothing else: sampling, pairs, training and evaluation are the library's own stages,
+run by ``sdpo.demo`` exactly as for a real model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from sdpo.rewards.base import Reward
+from sdpo.toy.pretraining import PretrainSettings, pretrain_base
+
+WORLDS = ("image", "video")
+
+
+@runtime_checkable
+class World(Protocol):
+    """An embedded offline world."""
+
+    name: str
+    """The demo's name of the world: "image" or "video"."""
+    family: str
+    """Model family of its base model in the spec registry ("toy" or "toy-video")."""
+    guidance_scale: float
+    """Classifier-free guidance its base model samples best with."""
+
+    def pretrain(self, cache_root: str | Path | None = None, progress: bool = True) -> Path:
+        """The cached base-model folder, pretrained on first use."""
+        ...
+
+    def prompts(self, per_digit: int) -> list[str]:
+        """``per_digit`` prompts for each digit, digit-major (10 blocks)."""
+        ...
+
+    def reward(self) -> Reward:
+        """The world's reward (a registry entry)."""
+        ...
+
+    def real(self, split: str) -> Tensor:
+        """Real media of one split ("train" or "held_out"), in the reward's media convention."""
+        ...
+
+    def quality(self, samples: Tensor, real: Tensor) -> float:
+        """The quality guard: Fréchet distance of the samples to real media in classifier features (lower is closer)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PretrainedWorld:
+    """What both worlds do alike: their base model is the cached pretraining of their config."""
+
+    config: PretrainSettings
+    """The base model's size and pretraining recipe."""
+
+    def pretrain(self, cache_root: str | Path | None = None, progress: bool = True) -> Path:
+        return pretrain_base(self.config, cache_root, progress)
+
+
+def get_world(name: str, overrides: dict[str, Any] | None = None) -> World:
+    """The named world ("image" or "video") with base-model config overrides; imported only when chosen."""
+    if name == "image":
+        from sdpo.toy.digits.model import ToyModelConfig
+        from sdpo.toy.digits.world import DigitsWorld
+
+        return DigitsWorld(ToyModelConfig(**(overrides or {})))
+    if name == "video":
+        from sdpo.toy.moving.model import VideoToyConfig
+        from sdpo.toy.moving.world import MovingDigitsWorld
+
+        return MovingDigitsWorld(VideoToyConfig(**(overrides or {})))
+    raise ValueError(f"unknown world {name!r}; choose one of {', '.join(WORLDS)}")
