@@ -385,3 +385,37 @@ def test_package_exports_lazily():
 
     assert sdpo.toy.ToySpec is ToySpec and sdpo.toy.media_grid is media_grid
     assert os.fspath(base_folder(TINY, "/x")).startswith("/x")
+
+
+def test_default_cache_keys_are_stable():
+    """Cached base models are found by these hashes: a change here would retrain every user's cache."""
+    from sdpo.toy.moving.model import VideoToyConfig
+
+    assert ToyModelConfig().short_hash() == "413d77414e"
+    assert VideoToyConfig().short_hash() == "3adc53149a"
+    assert VideoToyConfig(arch="wan").short_hash() == "11f4aea7e8"
+    assert base_folder(ToyModelConfig(), "/c").name == "toy-base-413d77414e"
+    assert base_folder(VideoToyConfig(arch="wan"), "/c").name == "toy-video-wan-11f4aea7e8"
+
+
+def test_worlds_follow_the_protocol():
+    from sdpo.toy.world import World, get_world
+
+    image, video = get_world("image"), get_world("video", {"arch": "wan"})
+    assert isinstance(image, World) and isinstance(video, World)
+    assert (image.family, video.family) == ("toy", "toy-video")
+    assert image.prompts(2)[:3] == ["a handwritten digit 0"] * 2 + ["a handwritten digit 1"]
+    assert video.prompts(1)[1] == "a handwritten digit 1 moving right"
+    assert image.reward().name == "digits" and video.reward().name == "moving-digits"
+    assert video.real("held_out").shape[1:] == (5, 1, 12, 12)
+    with pytest.raises(ValueError, match="unknown world"):
+        get_world("audio")
+
+
+def test_one_spec_class_serves_both_family_names(tiny_folder):
+    from sdpo.models.registry import load_spec, spec_class
+
+    assert spec_class("toy") is spec_class("toy-video") is ToySpec
+    spec = load_spec("toy", tiny_folder)
+    assert spec.family == "toy" and spec.media_kind == "image" and spec.denoiser_subfolder == "unet"
+    assert spec.pipeline_class.__name__ == "StableDiffusionPipeline"

@@ -149,7 +149,7 @@ class ToySpec:
         media_format: MediaFormat | None = None,
         torch_dtype: torch.dtype = torch.float32,
     ) -> ToySpec:
-        """Load a folder written by ``pretrain_base`` or ``pretrain_video_base``.
+        """Load a folder written by ``sdpo.toy.pretraining.pretrain_base`` (either world).
 
         ``load_vae`` is accepted for the common signature and ignored: the toys have no VAE.
         ``media_format`` may only repeat the folder's own format.
@@ -158,7 +158,7 @@ class ToySpec:
         folder = Path(pretrained).expanduser()
         if not folder.is_dir():
             raise ModelNotFoundError(f"toy model folder not found: {folder} (create one with `sdpo demo`, "
-                                     f"sdpo.toy.pretrain_base or sdpo.toy.pretrain_video_base)")
+                                     f"or sdpo.toy.pretrain_base)")
         family, config_class = _config_class(folder, read_marker(folder).get("world"))
         config = config_class.from_dict(check_folder(folder, config_class)["config"])
         if media_format is not None and media_format != toy_media_format(config):

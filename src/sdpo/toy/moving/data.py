@@ -1,6 +1,6 @@
 """The video toy world's data: the real 8x8 digits of the image toy, moving across a small canvas.
 
-A clip shows one handwritten digit (from ``sdpo.toy.data``, same fixed train / held-out split)
+A clip shows one handwritten digit (from ``sdpo.toy.digits.data``, same fixed train / held-out split)
 sliding ``speed`` pixels per frame left, right, up or down over a ``canvas`` x ``canvas`` background
 of -1. The digit stays whole inside the canvas on every frame, so its ink centre of mass moves by
 exactly ``speed`` pixels per frame: the motion the video reward checks. The prompt names both, e.g.

@@ -1,6 +1,6 @@
 """The moving-digits world's base models: tiny CogVideoX-style and Wan-style transformers, pretrained on clips.
 
-``pretrain_video_base`` trains a diffusers ``CogVideoXTransformer3DModel`` (v-prediction on a
+``pretrain_base(VideoToyConfig(...))`` trains a diffusers ``CogVideoXTransformer3DModel`` (v-prediction on a
 zero-terminal-SNR ``CogVideoXDDIMScheduler``) or ``WanTransformer3DModel`` (rectified flow,
 ``FlowMatchEulerDiscreteScheduler`` with shift 3) together with a tiny ``CLIPTextModel``, from scratch,
 on clips of the real digits moving in four directions ("a handwritten digit 7 moving right"). It
