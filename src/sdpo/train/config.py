@@ -111,6 +111,10 @@ class TrainConfig:
     """Sampler steps of the validation pipeline."""
     report_to: str = "tensorboard"
     """Experiment tracker: tensorboard, wandb, all or none (metrics.jsonl is always written)."""
+    max_bad_steps: int = 10
+    """Consecutive optimizer steps with a non-finite loss or gradient norm after which the run stops
+    (each such step is skipped: no update, logged to bad_steps.jsonl); the last good weights are
+    checkpointed first. fp16's loss scaler overflows a few times at the start: keep this above ~5."""
     offload_reference: bool = False
     """Full fine-tuning only: keep the frozen reference (a copy in the trained weights' dtype) on the CPU
     between uses. Under FSDP the reference is sharded like the policy instead (offload with FSDP's
@@ -127,7 +131,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (types are already coerced)."""
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every",
-                     "validation_inference_steps"):
+                     "validation_inference_steps", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("lora_rank", "lr_warmup_steps", "checkpoint_every", "t_min", "validation_every"):
@@ -228,10 +232,12 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]
         if len(parts) == 1:
             result[top] = value
             continue
-        if top != "method" or len(parts) > 2:
-            whole = ".".join(parts[:2]) if top == "method" else top
-            raise ValueError(f"override {key!r}: {whole} is a single setting, not a group (set {whole}=VALUE)")
+        if top != "method":
+            raise ValueError(f"override {key!r}: {top} is a single setting, not a group (set {top}=VALUE)")
         _check_keys({parts[1]: None}, _field_names(MethodConfig), "method setting")
+        if len(parts) > 2:
+            whole = f"method.{parts[1]}"
+            raise ValueError(f"override {key!r}: {whole} is a single setting, not a group (set {whole}=VALUE)")
         method = result.get("method", {})
         if isinstance(method, MethodConfig):
             raise ValueError(f"override {key!r}: the method is already built; override a mapping instead")
@@ -257,6 +263,7 @@ def method_from_dict(data: Mapping[str, Any] | MethodConfig) -> MethodConfig:
 # --------------------------------------------------------------------- resume check
 SAFE_RESUME_FIELDS = frozenset({
     "max_steps", "log_every", "checkpoint_every", "checkpoints_total_limit", "report_to", "output_dir",
+    "max_bad_steps",
     # Memory-only switches: they change where or when values are computed, not what is trained.
     "gradient_checkpointing", "offload_reference",
 })
@@ -445,7 +452,9 @@ def _expected(annotation: Any) -> str:
 
 # --------------------------------------------------------------------- small helpers
 def _check_keys(data: Mapping[Any, Any], known: list[str], what: str) -> None:
-    unknown = sorted(str(key) for key in data if key not in known)
+    # repr for anything but a plain name, so a key holding a newline or spaces still reads on one line
+    unknown = sorted(key if isinstance(key, str) and key.isidentifier() else repr(key)
+                     for key in data if key not in known)
     if unknown:
         hints = [m for key in unknown for m in difflib.get_close_matches(key, known, n=1)]
         hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
