@@ -14,11 +14,8 @@ import yaml
 
 from sdpo.data import CachedPairs, precompute, read_pairs
 from sdpo.objectives import METHODS, MethodConfig
-from sdpo.toy.base_model import ToyModelConfig, pretrain_base
-from sdpo.toy.data import prompts_for
+from sdpo.toy import ToyModelConfig, ToySpec, digit_reward, pretrain_base, prompts_for
 from sdpo.toy.pairs import generate_pairs
-from sdpo.toy.reward import digit_reward
-from sdpo.toy.spec import ToySpec
 from sdpo.train.config import TrainConfig
 from sdpo.train.trainer import latest_checkpoint, train
 

@@ -28,7 +28,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 STOPPED_EXIT_CODE = 3
-"""Exit status of `sdpo train` stopped by SIGTERM / SIGUSR1 after saving a checkpoint (resumable)."""
+"""Exit status of `sdpo train` stopped by SIGTERM / SIGUSR1 / a first Ctrl-C after saving a checkpoint (resumable)."""
 
 
 class StoppedEarly(Exception):
@@ -47,13 +47,20 @@ def _train(args: argparse.Namespace) -> None:
         return
     from sdpo.train.trainer import train
 
-    result = train(config, resume=args.resume, progress=not args.quiet)
+    result = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if result.stopped_at is not None:
         raise StoppedEarly(
             f"stopped by {result.stop_signal or 'a stop signal'} after step {result.stopped_at}; the checkpoint is "
             f"saved: run the same command with --resume latest to continue"
         )
     print(f"trained weights: {result.output_dir}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from sdpo.train.trainer import export_run
+
+    result = export_run(args.run, progress=not args.quiet)
+    print(f"exported weights: {result.output_dir}")
 
 
 def _precompute(args: argparse.Namespace) -> None:
@@ -152,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "method.name=X gives X's defaults plus only the method keys written explicitly)")
     train.add_argument("--dry-run", action="store_true",
                        help="check the config (with --set), print it fully resolved as YAML and exit")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in output_dir (its checkpoints and metrics are deleted)")
     train.set_defaults(func=_train)
+
+    export = commands.add_parser("export", help="write a run's final weights from its latest checkpoint (no training)")
+    export.add_argument("run", help="the run folder (output_dir of sdpo train)")
+    export.set_defaults(func=_export)
 
     pre = commands.add_parser("precompute", help="encode pairs to latents and text embeddings once")
     pre.add_argument("--family", required=True, help="sd, sdxl, cogvideox or wan")

@@ -4,18 +4,22 @@ Clusters announce pre-emption or the end of a time limit with a signal (SLURM se
 SIGUSR1 with ``--signal``). Inside ``StopRequests`` those signals only set a flag; the trainer
 checks it after each optimiser step, all processes agree (one process's signal stops them all),
 saves ``checkpoint-N`` and returns, so ``--resume latest`` continues exactly where it stopped.
+
+Ctrl-C (SIGINT) is a stop request too: the first one finishes the step and saves; a second one
+raises KeyboardInterrupt at once (the CLI exits 130), for when the save itself is not wanted.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
 
 import torch
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 """Signals that request a stop (those that exist on this platform are handled)."""
 
 
@@ -25,6 +29,8 @@ class StopRequests:
     def __init__(self) -> None:
         self.received: str | None = None
         """Name of the first stop signal received, or None."""
+        self.interrupts = 0
+        """Ctrl-C presses seen so far."""
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequests:
@@ -41,7 +47,14 @@ class StopRequests:
         self._previous.clear()
 
     def _note(self, number: int, frame: FrameType | None) -> None:
-        self.received = self.received or signal.Signals(number).name
+        name = signal.Signals(number).name
+        if name == "SIGINT":
+            if self.interrupts:
+                raise KeyboardInterrupt  # the second Ctrl-C: quit now, without the checkpoint
+            self.interrupts += 1
+            print("\nsdpo: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit at once)",
+                  file=sys.stderr, flush=True)
+        self.received = self.received or name
 
     def agreed(self, accelerator: Any) -> bool:
         """Whether any process received a stop signal (a collective call when there are several)."""

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 def uses_fsdp(accelerator: Any) -> bool:
@@ -57,3 +59,17 @@ def shard_like_policy(accelerator: Any, reference: nn.Module) -> nn.Module:
     plugin.set_auto_wrap_policy(reference)
     reference.to(accelerator.device)
     return fsdp2_prepare_model(accelerator, reference)
+
+
+def clip_gradients(accelerator: Any, params: list[nn.Parameter], max_norm: float) -> Tensor | None:
+    """Clip the gradients to ``max_norm`` (0: no clip) and return their global norm as a plain tensor.
+
+    FSDP2 returns the norm as a DTensor (made whole here); DeepSpeed clips inside its engine and may
+    report nothing: None, "unknown", which the non-finite guard must not count as a bad step.
+    """
+    norm = accelerator.clip_grad_norm_(params, max_norm or math.inf)
+    if norm is None:
+        return None
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return torch.as_tensor(norm).detach().float().cpu()

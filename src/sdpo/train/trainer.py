@@ -1,14 +1,30 @@
 """The accelerate training loop: one process, DDP, DeepSpeed or FSDP, through the same code.
 
-The loop knows the ModelSpec protocol and the precompute cache, never a model family.
+The loop knows the ModelSpec protocol and the precompute cache, never a model family. ``train`` is
+cut into pieces, one concern each:
+
+- set-up (``_accelerator``, ``_resume_point`` with the config check, ``_open_cache``, ``_build_run``):
+  everything that needs no model (folder, lock, checkpoint, config, cache) is checked first;
+- one optimizer step (``_optimizer_step``): accumulation and the non-finite guard (a step whose loss
+  or gradient norm is NaN / inf on any process is skipped by all: no update, logged to
+  ``bad_steps.jsonl``; ``max_bad_steps`` in a row checkpoint the last good weights and stop);
+- the metrics log (``_MetricsLog``): meter, ``metrics.jsonl``, trackers, progress bar, warnings;
+- after-step actions (``_after_step``): validation, periodic checkpoint, stop signals;
+- finish (``_finish``): a checkpoint of the final step, the atomic export, then that checkpoint
+  is dropped (kept when the run keeps checkpoints, or when the export fails).
+
+Checkpoints (layout, atomic writes, the run lock) live in ``sdpo.train.checkpoint``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,9 +37,28 @@ from tqdm.auto import tqdm
 
 from sdpo.data.cache import collate_pairs
 from sdpo.models.base import ModelSpec, cast_frozen, to_device_dtype, unwrap
+from sdpo.train.checkpoint import (
+    CHECKPOINT_PREFIX,
+    CONFIG_NAME,
+    STATE_NAME,
+    NonFiniteWeightsError,
+    RunLock,
+    checkpoint_step,
+    complete_checkpoints,
+    fsync_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_state,
+    register_trainable_hooks,
+    remove_checkpoint,
+    save_checkpoint,
+    weights_are_finite,
+    write_atomic,
+)
 from sdpo.train.config import TrainConfig
 from sdpo.train.preemption import StopRequests
 from sdpo.train.sharding import (
+    clip_gradients,
     enable_gradient_checkpointing,
     parameters_are_sharded,
     shard_like_policy,
@@ -33,7 +68,11 @@ from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
 
 TIMESTEP_BUCKETS = 10
 MINIMUM_KEY = "weight_min"
-CHECKPOINT_PREFIX = "checkpoint-"
+BAD_STEPS_NAME = "bad_steps.jsonl"
+EXPORT_TMP_NAME = ".export-tmp"
+RUN_FILES = frozenset({"metrics.jsonl", BAD_STEPS_NAME, "run_info.json", "train_config.json", "logs", "validation",
+                       "pytorch_lora_weights.safetensors", "unet", "transformer", EXPORT_TMP_NAME})
+"""What a run writes into its folder (besides checkpoint-N): a folder holding any of them holds a run."""
 
 
 @dataclass
@@ -50,6 +89,8 @@ class TrainResult:
     """The step after which a stop signal ended the run early (its checkpoint is saved), or None."""
     stop_signal: str | None = None
     """The signal that stopped this process's run (None if another process received it)."""
+    bad_steps: int = 0
+    """Steps skipped by the non-finite guard over the whole run (resumes included)."""
 
 
 class GlobalBatchOrder:
@@ -160,10 +201,65 @@ class _IntervalMeter:
         return result
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    done = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+LOSS_BOUND = 100.0
+"""A loss above this is reported: -log sigmoid(-100), the objective saturated far past any useful step."""
+
+
+class TrainingDivergedError(ValueError):
+    """Too many consecutive non-finite steps; the last good weights are checkpointed."""
+
+
+class ExportError(ValueError):
+    """The final weights could not be written; the checkpoint they come from is kept."""
+
+
+@dataclass
+class _Resume:
+    """Where a run starts: a checkpoint (None: step 0) and what changed in the config since it was made."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    changes: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Everything the loop's pieces share, built once by ``_build_run``."""
+
+    config: TrainConfig
+    accelerator: Any
+    spec: ModelSpec
+    dataset: Any
+    model: nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    params: list[nn.Parameter]
+    reference: Callable[[], Any]
+    weight_dtype: torch.dtype
+    output_dir: Path
+    resume: _Resume
+    order: GlobalBatchOrder | None = None
+    sample_shape: tuple[int, ...] = ()
+    bad_steps: int = 0
+    consecutive_bad: int = 0
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+
+@dataclass
+class _StepOutcome:
+    """One optimizer step: per-micro-step metrics, the gradient norm, and why it was skipped (None: applied)."""
+
+    metrics: list[tuple[dict[str, float], Tensor, Tensor]]
+    grad_norm: float
+    skipped: str | None
+    rows: Tensor
+    timesteps: Tensor
+    max_loss: float
 
 
 def train(
@@ -173,6 +269,7 @@ def train(
     resume: str | None = None,
     progress: bool = True,
     on_log: Callable[[int, dict[str, float], nn.Module], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Fine-tune ``spec.denoiser`` on the cached pairs with the configured preference objective.
 
@@ -181,16 +278,36 @@ def train(
         spec: a loaded ModelSpec; None loads ``config.family`` from ``config.pretrained`` (denoiser
             and scheduler only: training reads latents and embeddings from the cache).
         dataset: pairs as dicts (see ``sdpo.data``); None opens ``config.cache_dir``.
-        resume: "latest" or a checkpoint folder to continue from.
+        resume: "latest" (no checkpoint yet: a fresh start, with a note) or a checkpoint folder.
         progress: show a progress bar on the main process.
         on_log: called on the main process after each logging step with (step, metrics, model).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
+        overwrite: start afresh in an output folder that already holds a run (its checkpoints and
+            metrics are deleted); without it, and without ``resume``, such a folder is refused.
 
+    Everything that needs no model is checked first (folder, lock, checkpoint, config, cache).
+    """
     output_dir = Path(config.output_dir)
     _check_writable(output_dir)
+    accelerator = _accelerator(config, output_dir)
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            stack.enter_context(RunLock(output_dir))
+        finished = _already_finished(output_dir, config, resume)
+        if finished is not None:
+            return finished
+        start = _resume_point(output_dir, resume, config, overwrite, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        if dataset is None and start.step < config.max_steps:
+            dataset = _open_cache(config)
+        run = _build_run(config, spec, dataset, accelerator, output_dir, start)
+        return _train_loop(run, progress, on_log)
+    raise AssertionError("unreachable")  # pragma: no cover - the with block returns
+
+
+def _accelerator(config: TrainConfig, output_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
     trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
     _forget_other_precision(config.mixed_precision)
     accelerator = Accelerator(
@@ -200,22 +317,104 @@ def train(
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     set_seed(config.seed)
+    return accelerator
+
+
+def _note(text: str, main: bool = True) -> None:
+    if main:
+        print(f"sdpo: {text}", file=sys.stderr, flush=True)
+
+
+def _resume_point(output_dir: Path, resume: str | None, config: TrainConfig, overwrite: bool, main: bool) -> _Resume:
+    """The checkpoint to start from, its config checked against ``config`` (unsafe changes refused)."""
+    if not resume:
+        _claim_fresh_folder(output_dir, overwrite, main)
+        return _Resume()
+    checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+    if checkpoint is None:
+        _note(f"--resume latest: no checkpoint in {output_dir} yet, starting from step 0", main)
+        return _Resume()
+    state = read_state(checkpoint) if checkpoint.is_dir() else None
+    if state is None:
+        raise FileNotFoundError(f"not a complete checkpoint (no readable {STATE_NAME}): {checkpoint}")
+    changes = _checked_changes(checkpoint, config)
+    if changes:
+        _note(f"resuming from {checkpoint.name} with changed settings: {'; '.join(map(str, changes))}", main)
+    return _Resume(checkpoint=checkpoint, step=int(state["step"]), state=state, changes=changes)
+
+
+def _checked_changes(checkpoint: Path, config: TrainConfig) -> list[Any]:
+    from sdpo.train.config import check_resume
+
+    path = checkpoint / CONFIG_NAME
+    if not path.is_file():
+        warnings.warn(f"{checkpoint} holds no {CONFIG_NAME} (an older checkpoint): the config is not checked",
+                      stacklevel=3)
+        return []
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    except ValueError as error:
+        raise ValueError(f"cannot read the config saved in {path}: {error}") from None
+    return check_resume(saved, config)
+
+
+def _claim_fresh_folder(output_dir: Path, overwrite: bool, main: bool) -> None:
+    """Refuse a folder that holds a run (unless ``overwrite``); a fresh run starts with no old files."""
+    found = sorted(p.name for p in output_dir.iterdir() if p.name in RUN_FILES or checkpoint_step(p) is not None)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"output folder {output_dir} already holds a run ({shown}): pass --resume latest to "
+                         f"continue it, --overwrite to replace it, or choose another output_dir")
+    if main:
+        _note(f"--overwrite: deleting the run in {output_dir}")
+        for folder in complete_checkpoints(output_dir):
+            remove_checkpoint(folder)
+        for name in found:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _already_finished(output_dir: Path, config: TrainConfig, resume: str | None) -> TrainResult | None:
+    """``--resume latest`` on a run whose export has landed and that kept no checkpoint: nothing to do."""
+    if resume != "latest" or complete_checkpoints(output_dir) or not (output_dir / "run_info.json").is_file():
+        return None
+    try:
+        final_step = json.loads((output_dir / "run_info.json").read_text()).get("final_step")
+    except ValueError:
+        return None
+    if not isinstance(final_step, int):
+        return None
+    if final_step < config.max_steps:
+        raise FileNotFoundError(f"{output_dir} finished at step {final_step} and kept no checkpoint to continue "
+                                f"from to max_steps={config.max_steps} (set checkpoint_every to keep one)")
+    _note(f"{output_dir} already finished (step {final_step}): nothing to do")
+    return TrainResult(output_dir=output_dir, history=_read_history(output_dir / "metrics.jsonl", final_step))
+
+
+def _open_cache(config: TrainConfig) -> Any:
+    from sdpo.data import CachedPairs, check_cache_matches
+
+    dataset = CachedPairs(config.cache_dir)
+    check_cache_matches(dataset.manifest, config.family, config.pretrained or None)
+    return dataset
+
+
+def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accelerator: Any, output_dir: Path,
+               start: _Resume) -> _Run:
+    """Load the model (if not given), add the adapters, prepare optimizer and schedule, load the checkpoint."""
+    from diffusers.optimization import get_scheduler
 
     if spec is None:
         from sdpo.models.registry import load_spec
 
-        spec = load_spec(config.family, config.pretrained, load_vae=False, load_text_encoder=False)
-    if dataset is None:
-        from sdpo.data import CachedPairs, check_cache_matches
-
-        dataset = CachedPairs(config.cache_dir)
-        check_cache_matches(dataset.manifest, spec.family, config.pretrained)
-        spec.media_format = dataset.media_format  # the size the cache was encoded at (validation samples it)
-
+        media_format = dataset.media_format if dataset is not None else None
+        spec = load_spec(config.family, config.pretrained, load_vae=False, load_text_encoder=False,
+                         media_format=media_format)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     model, reference_copy = _policy_and_reference(spec, config, accelerator, weight_dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, config)
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], config)
     lr_scheduler = get_scheduler(
         config.lr_schedule,
         optimizer=optimizer,
@@ -223,120 +422,340 @@ def train(
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
+    register_trainable_hooks(accelerator, model)
 
-    def reference():
+    def reference() -> Any:
         if reference_copy is None:
             return adapters_disabled(model)
         return _offloaded(reference_copy, accelerator.device, config.offload_reference and not uses_fsdp(accelerator))
 
-    order = GlobalBatchOrder(len(dataset), config.train_batch_size, accelerator.num_processes,
-                             accelerator.process_index, config.seed)
-    first_step = 0
-    if resume:
-        checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-        if checkpoint is None or not (checkpoint / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from in {output_dir if resume == 'latest' else resume}")
-        accelerator.load_state(str(checkpoint))
-        first_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    run = _Run(config=config, accelerator=accelerator, spec=spec, dataset=dataset, model=model, optimizer=optimizer,
+               lr_scheduler=lr_scheduler, params=[p for p in model.parameters() if p.requires_grad],
+               reference=reference, weight_dtype=weight_dtype, output_dir=output_dir, resume=start)
+    if dataset is not None:
+        run.order = GlobalBatchOrder(len(dataset), config.train_batch_size, accelerator.num_processes,
+                                     accelerator.process_index, config.seed)
+        run.sample_shape = tuple(dataset[0]["latents_chosen"].shape)
+    if start.checkpoint is not None:
+        accelerator.load_state(str(start.checkpoint))
+        run.bad_steps = int(start.state.get("bad_steps", 0))
+        run.config_changes = list(start.state.get("config_changes", []))
+    if start.changes:
+        run.config_changes.append({"step": start.step, "changes": [
+            {"field": c.field, "old": c.old, "new": c.new} for c in start.changes]})
+    return run
 
-    if accelerator.is_main_process and trackers is not None:
-        accelerator.init_trackers("sdpo", config=_flat_config(config))
-    metrics_path = output_dir / "metrics.jsonl"
-    history: list[dict[str, float]] = _read_history(metrics_path, first_step) if resume else []
-    meter = _IntervalMeter()
-    warned_all_masked = False
-    num_timesteps = spec.schedule.num_timesteps
-    sample_shape = tuple(dataset[0]["latents_chosen"].shape)
-    if progress and accelerator.is_main_process:
-        tqdm.write(_announcement(spec, config, accelerator, params, len(dataset)))
-    bar = tqdm(range(first_step, config.max_steps), desc=f"train {config.method.name}", initial=first_step,
-               total=config.max_steps, disable=not (progress and accelerator.is_main_process), unit="step")
 
+def _train_loop(run: _Run, progress: bool, on_log: Callable[..., None] | None) -> TrainResult:
+    config, first_step = run.config, run.resume.step
+    log = _MetricsLog(run, progress, on_log)
     stopped_at: int | None = None
     with StopRequests() as stops:
-        for step in bar:
-            grad_norm = torch.tensor(0.0)
-            for micro in range(config.gradient_accumulation_steps):
-                micro_step = step * config.gradient_accumulation_steps + micro
-                rows, positions = order.indices(micro_step)
-                batch = _to_device(collate_pairs([dataset[int(i)] for i in rows]), accelerator.device, weight_dtype)
-                draws = draw_for_pairs(positions, micro_step, config.seed, sample_shape, num_timesteps,
-                                       config.t_min, config.t_max, config.method.estimator == "sampled")
-                with accelerator.accumulate(model), accelerator.autocast():
-                    result = preference_step(spec, model, batch, draws, config.method, reference)
-                    if not torch.isfinite(result.output.loss):
-                        raise FloatingPointError(
-                            f"non-finite loss at step {step}: lower the learning rate or beta, or use bf16 not fp16"
-                        )
-                    accelerator.backward(result.output.loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-                        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
-                            grad_norm = grad_norm.full_tensor()
-                        elif grad_norm is None:  # DeepSpeed clips inside its engine and may not report it
-                            grad_norm = torch.tensor(math.nan)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                metrics = {k: v.item() for k, v in result.output.metrics.items()}
-                meter.add(metrics, result.timesteps, result.raw_weights, num_timesteps)
+        for step in range(first_step, config.max_steps):
+            outcome = _optimizer_step(run, step)
             done = step + 1
-            if done % config.log_every == 0 or done == config.max_steps:
-                logged = meter.flush(accelerator, num_timesteps)
-                logged.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], step=done)
-                if accelerator.is_main_process:
-                    if logged.get("masked_fraction", 0.0) >= 1.0 and not warned_all_masked:
-                        warned_all_masked = True
-                        warnings.warn(
-                            f"every pair member was masked up to step {done} (w below method.mask_threshold="
-                            f"{config.method.mask_threshold}), so the loss has no gradient; lower the threshold "
-                            "or start from a base model that fits the pairs better",
-                            stacklevel=2,
-                        )
-                    history.append(logged)
-                    with metrics_path.open("a") as handle:
-                        handle.write(json.dumps(logged) + "\n")
-                    accelerator.log({k: v for k, v in logged.items() if k != "step"}, step=done)
-                    bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.2f}")
-                    if on_log is not None:
-                        on_log(done, logged, unwrap(model))
-            validate_now = config.validation_every and done % config.validation_every == 0
-            # A sharded model's forward is collective, so then every process samples and the main one writes.
-            samples_here = accelerator.is_main_process or parameters_are_sharded(accelerator)
-            if config.validation_prompts and samples_here and (validate_now or done == config.max_steps):
-                from sdpo.train.validation import write_validation_samples
-
-                write_validation_samples(spec, model, list(config.validation_prompts), output_dir / "validation" /
-                                         f"step-{done:06d}", config.validation_inference_steps, config.seed,
-                                         write=accelerator.is_main_process)
-            saved = config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps
-            if saved:
-                _save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
-            if done < config.max_steps and stops.agreed(accelerator):
-                if not saved:
-                    _save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
+            _account_for(run, outcome, done)
+            log.record(outcome, done)
+            if _after_step(run, done, stops):
                 stopped_at = done
                 break
-
+    log.close()
     if stopped_at is not None:
-        bar.close()
-        accelerator.end_training()
-        return TrainResult(output_dir=output_dir, history=history, model=unwrap(accelerator.unwrap_model(model)),
-                           stopped_at=stopped_at, stop_signal=stops.received)
+        run.accelerator.end_training()
+        return TrainResult(output_dir=run.output_dir, history=log.history, model=_final_model(run),
+                           stopped_at=stopped_at, stop_signal=stops.received, bad_steps=run.bad_steps)
+    _finish(run)
+    run.accelerator.end_training()
+    return TrainResult(output_dir=run.output_dir, history=log.history, model=_final_model(run),
+                       bad_steps=run.bad_steps)
+
+
+def _final_model(run: _Run) -> nn.Module:
+    return unwrap(run.accelerator.unwrap_model(run.model))
+
+
+def _optimizer_step(run: _Run, step: int) -> _StepOutcome:
+    """Forward and backward every micro-batch of one step, then update, unless a loss or the gradient
+    norm is non-finite on any process: then the update is skipped (the guard)."""
+    config, accelerator = run.config, run.accelerator
+    metrics, rows_seen, timesteps_seen = [], [], []
+    finite, max_loss, grad_norm, skipped = True, 0.0, None, None
+    for micro in range(config.gradient_accumulation_steps):
+        micro_step = step * config.gradient_accumulation_steps + micro
+        rows, positions = run.order.indices(micro_step)
+        batch = _to_device(collate_pairs([run.dataset[int(i)] for i in rows]), accelerator.device, run.weight_dtype)
+        draws = draw_for_pairs(positions, micro_step, config.seed, run.sample_shape, run.spec.schedule.num_timesteps,
+                               config.t_min, config.t_max, config.method.estimator == "sampled")
+        with accelerator.accumulate(run.model), accelerator.autocast():
+            result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference)
+            loss = result.output.loss
+            finite = finite and bool(torch.isfinite(loss))
+            max_loss = max(max_loss, float(loss.detach()) if finite else math.inf)
+            accelerator.backward(loss)  # even a non-finite one: DDP's backward is collective
+            if accelerator.sync_gradients:
+                grad_norm = clip_gradients(accelerator, run.params, config.max_grad_norm)
+                skipped = _skip_reason(accelerator, finite, grad_norm)
+                if skipped is None or accelerator.scaler is not None:  # fp16's scaler skips inf itself
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+        metrics.append(({k: v.item() for k, v in result.output.metrics.items()}, result.timesteps,
+                        result.raw_weights))
+        rows_seen.append(rows)
+        timesteps_seen.append(draws.timesteps)
+    norm = math.nan if grad_norm is None else float(grad_norm)
+    return _StepOutcome(metrics=metrics, grad_norm=norm, skipped=skipped, rows=torch.cat(rows_seen),
+                        timesteps=torch.cat(timesteps_seen), max_loss=max_loss)
+
+
+def _skip_reason(accelerator: Any, finite_loss: bool, grad_norm: Tensor | None) -> str | None:
+    """Why this step must not update (None: it may), agreed by every process."""
+    finite_norm = grad_norm is None or bool(torch.isfinite(grad_norm))  # None: DeepSpeed did not say
+    if accelerator.num_processes > 1:
+        flags = torch.tensor([float(not finite_loss), float(not finite_norm)], device=accelerator.device)
+        total = accelerator.reduce(flags, reduction="sum").cpu()
+        finite_loss, finite_norm = bool(total[0] == 0), bool(total[1] == 0)
+    if not finite_loss:
+        return "non-finite loss"
+    if not finite_norm:
+        return f"non-finite gradient norm ({float(grad_norm)})"
+    return None
+
+
+def _account_for(run: _Run, outcome: _StepOutcome, done: int) -> None:
+    """Count a skipped step, log which pairs and timesteps it had, stop after too many in a row."""
+    if outcome.skipped is None:
+        run.consecutive_bad = 0
+        return
+    run.bad_steps += 1
+    run.consecutive_bad += 1
+    rows, timesteps = outcome.rows, outcome.timesteps
+    if run.accelerator.num_processes > 1:  # every process is here: they agreed to skip
+        rows = run.accelerator.gather(rows.to(run.accelerator.device)).cpu()
+        timesteps = run.accelerator.gather(timesteps.to(run.accelerator.device)).cpu()
+    if run.main:
+        record = {"step": done, "reason": outcome.skipped, "pairs": rows.tolist(), "timesteps": timesteps.tolist()}
+        with (run.output_dir / BAD_STEPS_NAME).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        warnings.warn(f"step {done} skipped ({outcome.skipped}; pairs {rows.tolist()[:8]} at timesteps "
+                      f"{timesteps.tolist()[:8]}): no update, see {BAD_STEPS_NAME}", stacklevel=2)
+    if run.consecutive_bad >= run.config.max_bad_steps:
+        _stop_diverged(run, done)
+
+
+def _stop_diverged(run: _Run, done: int) -> None:
+    """Save the last good weights (skipped steps never changed them) and end the run with one line."""
+    try:
+        where = _save(run, done).name
+    except NonFiniteWeightsError:
+        latest = latest_checkpoint(run.output_dir)
+        where = latest.name if latest is not None else "no checkpoint"
+    run.accelerator.end_training()
+    raise TrainingDivergedError(
+        f"{run.consecutive_bad} consecutive steps up to step {done} had a non-finite loss or gradient "
+        f"(max_bad_steps={run.config.max_bad_steps}; pairs and timesteps in {run.output_dir / BAD_STEPS_NAME}); "
+        f"last good weights: {run.output_dir / where}. Lower learning_rate or method.beta, or use bf16 not fp16"
+    )
+
+
+def _save(run: _Run, done: int, final: bool = False) -> Path:
+    state = {"bad_steps": run.bad_steps, "config_changes": run.config_changes, "final": final}
+    folder = save_checkpoint(run.accelerator, run.output_dir, done, run.params, run.config.to_dict(), state)
+    if run.main:
+        prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit, protect=folder)
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def _after_step(run: _Run, done: int, stops: StopRequests) -> bool:
+    """Validation samples, a periodic checkpoint, and the stop signals; True when the run must stop now."""
+    config, accelerator = run.config, run.accelerator
+    validate_now = config.validation_every and done % config.validation_every == 0
+    # A sharded model's forward is collective, so then every process samples and the main one writes.
+    samples_here = run.main or parameters_are_sharded(accelerator)
+    if config.validation_prompts and samples_here and (validate_now or done == config.max_steps):
+        from sdpo.train.validation import write_validation_samples
+
+        write_validation_samples(run.spec, run.model, list(config.validation_prompts),
+                                 run.output_dir / "validation" / f"step-{done:06d}",
+                                 config.validation_inference_steps, config.seed, write=run.main)
+    saved = bool(config.checkpoint_every) and done % config.checkpoint_every == 0 and done < config.max_steps
+    if saved:
+        _save(run, done)
+    if done < config.max_steps and stops.agreed(accelerator):
+        if not saved:
+            _save(run, done)
+        return True
+    return False
+
+
+def _finish(run: _Run) -> None:
+    """Checkpoint the final step, export the weights atomically, then drop a checkpoint made only for it."""
+    config, output_dir = run.config, run.output_dir
+    final = output_dir / f"{CHECKPOINT_PREFIX}{config.max_steps}"
+    made_here = run.resume.step != config.max_steps  # else the run resumed from it: it holds these weights
+    if made_here:
+        _save(run, config.max_steps, final=True)
+    _export(run, final)
+    # Kept only until the export landed when the run asked for no checkpoints; a mid-run checkpoint
+    # exported by `sdpo export` stays, to continue from.
+    if run.main and not config.checkpoint_every and (made_here or run.resume.state.get("final")):
+        remove_checkpoint(final)
+    run.accelerator.wait_for_everyone()
+
+
+def _export(run: _Run, checkpoint: Path) -> None:
+    """Write the final LoRA / model into a temporary folder inside the run, then rename it into place."""
+    accelerator, output_dir = run.accelerator, run.output_dir
     accelerator.wait_for_everyone()
     # Collective: under FSDP / ZeRO-3 each process holds a shard; this gathers the full state.
-    state_dict = accelerator.get_state_dict(model)
-    final = unwrap(accelerator.unwrap_model(model))
-    if accelerator.is_main_process:
-        if config.lora_rank > 0:
-            spec.save_lora(output_dir, final, state_dict)
+    state_dict = accelerator.get_state_dict(run.model)
+    if not weights_are_finite(accelerator, run.params):
+        raise NonFiniteWeightsError(f"the final weights hold NaN or inf: nothing exported to {output_dir}")
+    failure = ""
+    if run.main:
+        try:
+            _write_export(run, state_dict, output_dir / EXPORT_TMP_NAME)
+        except (OSError, RuntimeError, _safetensors_error()) as error:
+            shutil.rmtree(output_dir / EXPORT_TMP_NAME, ignore_errors=True)
+            failure = f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}"
+    if _any_process(accelerator, bool(failure)):
+        raise ExportError(
+            f"could not write the final weights to {output_dir} ({failure or 'on the main process'}); "
+            f"{checkpoint} is kept: free the space or fix the folder, then run `sdpo export {output_dir}` "
+            f"(or the same train command with --resume latest, which only exports)"
+        )
+
+
+def _write_export(run: _Run, state_dict: dict[str, Tensor], staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    final = _final_model(run)
+    if run.config.lora_rank > 0:
+        run.spec.save_lora(staging, final, state_dict)
+    else:
+        run.spec.save_full(staging, final, state_dict)
+    (staging / "train_config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
+    info = {**_run_info(run.accelerator), "final_step": run.config.max_steps, "bad_steps": run.bad_steps,
+            "config_changes": run.config_changes}
+    (staging / "run_info.json").write_text(json.dumps(info, indent=2))
+    _move_into_place(staging, run.output_dir)
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename each exported entry over its old version; run_info.json (the "finished" mark) goes last."""
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == "run_info.json")
+    for entry in entries:
+        target = output_dir / entry.name
+        if entry.is_dir() and target.exists():
+            old = output_dir / f".old-{entry.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(entry, target)
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            spec.save_full(output_dir, final, state_dict)
-        (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        (output_dir / "run_info.json").write_text(json.dumps(_run_info(accelerator), indent=2))
-    accelerator.end_training()
-    return TrainResult(output_dir=output_dir, history=history, model=final)
+            os.replace(entry, target)
+    fsync_dir(output_dir)
+    staging.rmdir()
+
+
+def _safetensors_error() -> type[BaseException]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return OSError
+    return SafetensorError
+
+
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+class _MetricsLog:
+    """The metrics side of the loop: meter, metrics.jsonl, trackers, progress bar and warnings."""
+
+    def __init__(self, run: _Run, progress: bool, on_log: Callable[..., None] | None) -> None:
+        config, accelerator = run.config, run.accelerator
+        self.run, self.on_log, self.meter = run, on_log, _IntervalMeter()
+        self.path = run.output_dir / "metrics.jsonl"
+        self.history = _read_history(self.path, run.resume.step, rewrite=run.main)  # a fresh run: step 0, none
+        if run.main:
+            _cut_jsonl(run.output_dir / BAD_STEPS_NAME, run.resume.step)
+        self.trackers = config.report_to != "none"
+        if run.main and self.trackers:
+            accelerator.init_trackers("sdpo", config=_flat_config(config))
+        if progress and run.main and run.dataset is not None:
+            tqdm.write(_announcement(run.spec, config, accelerator, run.params, len(run.dataset)))
+        self.bar = tqdm(total=config.max_steps, initial=run.resume.step, desc=f"train {config.method.name}",
+                        disable=not (progress and run.main), unit="step")
+        self.warned_masked = self.warned_large = False
+
+    def record(self, outcome: _StepOutcome, done: int) -> None:
+        """Add a step's metrics (a skipped step adds none), write them at logging steps."""
+        run, config = self.run, self.run.config
+        num_timesteps = run.spec.schedule.num_timesteps
+        if outcome.skipped is None:
+            for metrics, timesteps, raw_weights in outcome.metrics:
+                self.meter.add(metrics, timesteps, raw_weights, num_timesteps)
+            self._check_large(outcome.max_loss, done)
+        self.bar.update(1)
+        if not (done % config.log_every == 0 or done == config.max_steps):
+            return
+        logged = self.meter.flush(run.accelerator, num_timesteps)
+        logged.update(grad_norm=outcome.grad_norm, lr=run.lr_scheduler.get_last_lr()[0], bad_steps=run.bad_steps,
+                      step=done)
+        if run.main:
+            self._write(logged, done)
+
+    def _write(self, logged: dict[str, float], done: int) -> None:
+        if logged.get("masked_fraction", 0.0) >= 1.0 and not self.warned_masked:
+            self.warned_masked = True
+            warnings.warn(
+                f"every pair member was masked up to step {done} (w below method.mask_threshold="
+                f"{self.run.config.method.mask_threshold}), so the loss has no gradient; lower the threshold "
+                "or start from a base model that fits the pairs better",
+                stacklevel=3,
+            )
+        self.history.append(logged)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(logged) + "\n")
+        if self.trackers:
+            self.run.accelerator.log({k: v for k, v in logged.items() if k != "step"}, step=done)
+        if "loss" in logged:
+            self.bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged.get('accuracy', math.nan):.2f}")
+        if self.on_log is not None:
+            self.on_log(done, logged, unwrap(self.run.model))
+
+    def _check_large(self, loss: float, done: int) -> None:
+        if loss > LOSS_BOUND and not self.warned_large and self.run.main:
+            self.warned_large = True
+            warnings.warn(f"loss {loss:.4g} at step {done} is above {LOSS_BOUND:g}: the objective is saturated "
+                          f"(method.beta {self.run.config.method.beta:g} may be far too large)", stacklevel=3)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def export_run(run_dir: str | os.PathLike[str], progress: bool = True) -> TrainResult:
+    """Re-export the final weights of a run from its latest checkpoint, without training.
+
+    Loads the model named in the checkpoint's config (the LoRA is rebuilt on it), loads the
+    checkpoint and writes the weights atomically, as the end of ``train`` does. What a failed export
+    says to run.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir} to export from")
+    saved = json.loads((checkpoint / CONFIG_NAME).read_text()) if (checkpoint / CONFIG_NAME).is_file() else None
+    if saved is None:
+        raise FileNotFoundError(f"{checkpoint} holds no {CONFIG_NAME}: train again with --resume latest instead")
+    step = int(read_state(checkpoint)["step"])
+    saved.update(output_dir=str(run_dir), max_steps=step, validation_prompts=[])
+    return train(TrainConfig.from_dict(saved), resume=str(checkpoint), progress=progress)
 
 
 class _offloaded:
@@ -433,29 +852,25 @@ def _to_device(batch: dict, device: torch.device, weight_dtype: torch.dtype) -> 
     }
 
 
-def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int | None) -> None:
-    folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        # The state file is written last: a folder without it is an interrupted save, never resumed from.
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
-        if keep is not None:
-            done = sorted(
-                (p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()),
-                key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
-            )
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _read_history(path: Path, up_to_step: int) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [row for row in rows if row.get("step", 0) <= up_to_step]
-    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+def _read_history(path: Path, up_to_step: int, rewrite: bool = False) -> list[dict[str, float]]:
+    """The logged rows up to ``up_to_step``; ``rewrite`` cuts the file there too (atomically), so a
+    resumed run does not log a step twice and a fresh one does not append to an old run's rows."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a row torn by a kill mid-write
+    kept = [row for row in rows if isinstance(row, dict) and row.get("step", 0) <= up_to_step]
+    if rewrite and (kept != rows or path.exists()):
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
     return kept
+
+
+def _cut_jsonl(path: Path, up_to_step: int) -> None:
+    if path.is_file():
+        _read_history(path, up_to_step, rewrite=True)
 
 
 def _flat_config(config: TrainConfig) -> dict[str, Any]:
