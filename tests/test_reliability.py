@@ -338,3 +338,50 @@ def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_run(world, 
     ours = load_file(str(out / "pytorch_lora_weights.safetensors"))
     theirs = load_file(str(whole.output_dir / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+# ------------------------------------------------------------------ item 10 and the CLI: one line, before the model
+def _cli_config(world, tmp_path, out: Path, **overrides) -> Path:
+    import yaml
+
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(_config(world, out, **overrides).to_dict()))
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import sdpo.models.registry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before a check that needs none")
+
+    monkeypatch.setattr(sdpo.models.registry, "load_spec", refuse)
+
+
+def test_mistakes_that_need_no_model_are_one_line_before_it_loads(world, tmp_path, capsys, no_model):
+    from sdpo.cli import main
+
+    missing = _cli_config(world, tmp_path, tmp_path / "a", cache_dir=str(tmp_path / "no-cache"))
+    assert main(["--quiet", "train", str(missing)]) == 2
+    used = tmp_path / "b"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("{}\n")
+    assert main(["--quiet", "train", str(_cli_config(world, tmp_path, used))]) == 2
+    with RunLock(tmp_path / "a"):
+        assert main(["--quiet", "train", str(_cli_config(world, tmp_path, tmp_path / "a"))]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdpo: error:")]
+    assert len(errors) == 3
+    assert "no-cache" in errors[0] and "already holds a run" in errors[1] and "pid" in errors[2]
+
+
+def test_sdpo_export_rewrites_the_weights_of_a_run(world, tmp_path, capsys):
+    from sdpo.cli import main
+
+    run = tmp_path / "run"
+    _train(world, _config(world, run, checkpoint_every=2))
+    (run / "pytorch_lora_weights.safetensors").unlink()
+    assert main(["--quiet", "export", str(run)]) == 0
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    assert main(["--quiet", "export", str(tmp_path / "nothing")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
