@@ -307,7 +307,7 @@ def build_denoiser(arch: Arch, tiny: bool, device: torch.device | str, dtype: to
     with building_on(device, dtype):
         model = denoiser_class(**(arch.tiny_config if tiny else arch.config))
     if torch.device(device).type != "meta":
-        from sdpo.models.base import cast_frozen
+        from sdpo.train.trainer import cast_frozen
 
         cast_frozen(model, device, dtype)  # exactly as the trainer casts the frozen base
     return model
@@ -354,7 +354,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def make_batch(arch: Arch, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+def make_batch(arch: Arch, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
     """One random pair: float32 latents (as the cache stores them) and conditioning in ``dtype``."""
     generator = torch.Generator().manual_seed(seed)
     latents = arch.tiny_latents if tiny else arch.latents
@@ -369,11 +369,9 @@ def make_batch(arch: Arch, tiny: bool, device: torch.device, dtype: torch.dtype,
         height, width_px, _ = arch.media
         cond["text_embeds"] = normal(1, pooled).to(device, dtype)
         cond["time_ids"] = torch.tensor([[height, width_px, 0, 0, height, width_px]], dtype=dtype, device=device)
-    return {
-        "latents_chosen": normal(1, *latents).to(device),
-        "latents_rejected": normal(1, *latents).to(device),
-        "cond": cond,
-    }
+    from sdpo.data.batch import PairBatch
+
+    return PairBatch(chosen=normal(1, *latents).to(device), rejected=normal(1, *latents).to(device), conditions=cond)
 
 
 # ---------------------------------------------------------------------- measuring
@@ -459,7 +457,7 @@ def bench_model(arch: Arch, args: argparse.Namespace, methods: list[Any]) -> lis
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=1e-2)
     batch = make_batch(arch, args.tiny, device, dtype, args.seed)
-    latent_shape = tuple(batch["latents_chosen"].shape[1:])
+    latent_shape = tuple(batch.chosen.shape[1:])
     _sync(device)
     build_s = time.perf_counter() - start
     peak_build = _peak_gb(device)

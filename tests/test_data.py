@@ -34,6 +34,7 @@ from sdpo.data import (
     sample_frame_indices,
     write_pairs_jsonl,
 )
+from sdpo.data.batch import Pair, PairBatch
 from sdpo.models.base import MediaFormat
 
 IMAGE_FORMAT = MediaFormat(channels=3, height=8, width=8)
@@ -420,23 +421,23 @@ def test_buckets_and_media_size(tmp_path):
 # --------------------------------------------------------------------------------------------- cache
 
 
-def expected_item(spec: FakeSpec, pair: PreferencePair) -> dict:
+def expected_item(spec: FakeSpec, pair: PreferencePair) -> Pair:
     fmt = spec.media_format
     cond = spec.encode_prompts([pair.prompt])
-    return {
-        "latents_chosen": spec.encode_media(load_media(pair.chosen, fmt)[None])[0],
-        "latents_rejected": spec.encode_media(load_media(pair.rejected, fmt)[None])[0],
-        "cond": {key: value[0] for key, value in cond.items()},
-    }
+    return Pair(
+        chosen=spec.encode_media(load_media(pair.chosen, fmt)[None])[0],
+        rejected=spec.encode_media(load_media(pair.rejected, fmt)[None])[0],
+        conditions={key: value[0] for key, value in cond.items()},
+    )
 
 
-def assert_item_equal(actual: dict, expected: dict) -> None:
-    assert set(actual) == {"latents_chosen", "latents_rejected", "cond"}
-    torch.testing.assert_close(actual["latents_chosen"], expected["latents_chosen"], rtol=0, atol=0)
-    torch.testing.assert_close(actual["latents_rejected"], expected["latents_rejected"], rtol=0, atol=0)
-    assert set(actual["cond"]) == set(expected["cond"])
-    for key in expected["cond"]:
-        torch.testing.assert_close(actual["cond"][key], expected["cond"][key], rtol=0, atol=0)
+def assert_item_equal(actual: Pair, expected: Pair) -> None:
+    assert isinstance(actual, Pair)
+    torch.testing.assert_close(actual.chosen, expected.chosen, rtol=0, atol=0)
+    torch.testing.assert_close(actual.rejected, expected.rejected, rtol=0, atol=0)
+    assert set(actual.conditions) == set(expected.conditions)
+    for key in expected.conditions:
+        torch.testing.assert_close(actual.conditions[key], expected.conditions[key], rtol=0, atol=0)
 
 
 def test_precompute_round_trip_and_shards(tmp_path):
@@ -477,10 +478,11 @@ def test_precompute_round_trip_and_shards(tmp_path):
         dataset[10]
 
     batch = collate_pairs([dataset[i] for i in (0, 5, 9)])
-    assert batch["latents_chosen"].shape == (3, 3, 4, 4) and batch["cond"]["embeds"].shape == (3, 1, 6)
-    assert batch["cond"]["length"].tolist() == [3, 3, 3]
+    assert isinstance(batch, PairBatch) and len(batch) == 3
+    assert batch.chosen.shape == (3, 3, 4, 4) and batch.conditions["embeds"].shape == (3, 1, 6)
+    assert batch.conditions["length"].tolist() == [3, 3, 3]
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_pairs)
-    assert [b["latents_rejected"].shape[0] for b in loader] == [4, 4, 2]
+    assert [b.rejected.shape[0] for b in loader] == [4, 4, 2]
 
 
 def test_cached_pairs_random_access_with_one_open_shard_and_pickling(tmp_path):
@@ -504,7 +506,7 @@ def test_precompute_video_pairs_and_pickapic(tmp_path):
         pairs.append(PreferencePair(f"clip {i}", tmp_path / f"c{i}", tmp_path / f"r{i}"))
     spec = FakeSpec(MediaFormat(height=8, width=8, frames=3))
     dataset = CachedPairs(precompute(pairs, spec, tmp_path / "cache", batch_size=2, progress=False))
-    assert dataset[0]["latents_chosen"].shape == (3, 3, 4, 4)
+    assert dataset[0].chosen.shape == (3, 3, 4, 4)
     for index, pair in enumerate(pairs):
         assert_item_equal(dataset[index], expected_item(spec, pair))
 

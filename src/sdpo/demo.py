@@ -177,7 +177,7 @@ def run_demo(config: DemoConfig) -> Path:
         timings["precompute"] = time.perf_counter() - clock
 
         eval_prompts = world.prompts(config.eval_per_digit)
-        sample_shape = tuple(dataset[0]["latents_chosen"].shape)
+        sample_shape = tuple(dataset[0].chosen.shape)
         eval_noise = torch.randn((len(eval_prompts), *_pixel_shape(spec, sample_shape)),
                                  generator=torch.Generator().manual_seed(10_000 + config.seed))
         real = world.real("held_out")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sdpo.data.batch import PairBatch
 from sdpo.importance import log_importance_weight
 from sdpo.models.base import ModelSpec
 
@@ -31,22 +32,22 @@ class WeightProfile:
 def weight_profile(
     spec: ModelSpec,
     model: nn.Module,
-    batch: dict,
+    batch: PairBatch,
     timesteps: Tensor,
     num_inference_steps: int = 50,
     seed: int = 0,
 ) -> WeightProfile:
     """Expected-estimator w at each grid timestep, averaged over the pairs of ``batch``.
 
-    ``batch`` is a collated dict of ``latents_chosen``, ``latents_rejected`` and ``cond`` tensors.
+    ``batch`` is a collated PairBatch (``sdpo.data.collate_pairs``).
     One noise tensor per pair and grid point is shared by its two members, as in training.
     """
     schedule = spec.schedule
     generator = torch.Generator().manual_seed(seed)
-    chosen, rejected = batch["latents_chosen"].float(), batch["latents_rejected"].float()
+    chosen, rejected = batch.chosen.float(), batch.rejected.float()
     pairs = chosen.shape[0]
     x0 = torch.cat([chosen, rejected])
-    conditions = {key: torch.cat([value, value]) for key, value in batch["cond"].items()}
+    conditions = {key: torch.cat([value, value]) for key, value in batch.conditions.items()}
     means_chosen, means_rejected = [], []
     for t_value in timesteps.tolist():
         noise = torch.randn(chosen.shape, generator=generator).to(x0.device)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from sdpo.data.batch import Pair, PairBatch
 from sdpo.data.media import check_pairs, load_media
 from sdpo.data.pairs import (
     SKIP_HINT,
@@ -671,7 +672,7 @@ def _hub_id_of(name: str) -> str | None:
 
 
 class CachedPairs(Dataset):
-    """A precomputed cache as a Dataset of ``{"latents_chosen", "latents_rejected", "cond": {key: T}}``, one pair each.
+    """A precomputed cache as a Dataset of ``Pair`` (chosen and rejected latents, conditions), one per pair.
 
     Shards are opened lazily (memory-mapped) and each item reads only its own rows, so sequential
     and shuffled access are both cheap and memory stays small whatever the cache size; at most
@@ -707,7 +708,7 @@ class CachedPairs(Dataset):
     def __len__(self) -> int:
         return self.manifest["num_pairs"]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Pair:
         length = len(self)
         if index < 0:
             index += length
@@ -717,8 +718,8 @@ class CachedPairs(Dataset):
         local = index - (self._ends[shard - 1] if shard else 0)
         handle = self._shard(shard)
         try:
-            item = {name: handle.get_slice(name)[local] for name in LATENT_KEYS}
-            item["cond"] = {key: handle.get_slice(COND_PREFIX + key)[local] for key in self.cond_keys}
+            chosen, rejected = (handle.get_slice(name)[local] for name in LATENT_KEYS)
+            item = Pair(chosen, rejected, {key: handle.get_slice(COND_PREFIX + key)[local] for key in self.cond_keys})
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
             raise CacheError(f"{self._shard_path(shard)}: cannot read pair {local} ({error}): {_REBUILD}") from None
         return item
@@ -765,17 +766,9 @@ class CachedPairs(Dataset):
         return state
 
 
-def collate_pairs(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack CachedPairs items into a batch: ``{"latents_chosen": (B, ...), "latents_rejected": (B, ...), "cond": {...}}``."""
-    if not items:
-        raise ValueError("cannot collate an empty list of pairs")
-    keys = set(items[0]["cond"])
-    for item in items[1:]:
-        if set(item["cond"]) != keys:
-            raise ValueError(f"pairs with different conditioning keys: {sorted(keys)} and {sorted(item['cond'])}")
-    batch: dict[str, Any] = {name: torch.stack([item[name] for item in items]) for name in LATENT_KEYS}
-    batch["cond"] = {key: torch.stack([item["cond"][key] for item in items]) for key in items[0]["cond"]}
-    return batch
+def collate_pairs(items: Sequence[Pair]) -> PairBatch:
+    """Stack CachedPairs items into a PairBatch (a DataLoader ``collate_fn``): ``PairBatch.collate``."""
+    return PairBatch.collate(items)
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -187,14 +187,6 @@ def save_denoiser(model: nn.Module, folder: str | Path, state_dict: dict[str, Te
     )
 
 
-def to_device_dtype(conditions: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Move conditioning tensors to a device, casting floating ones to ``dtype``."""
-    return {
-        key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-        for key, value in conditions.items()
-    }
-
-
 def move_encoders(spec: Any, device: torch.device | str) -> None:
     """Move every network of ``spec`` except its denoiser (VAE, text encoders) to ``device``.
 
@@ -204,22 +196,3 @@ def move_encoders(spec: Any, device: torch.device | str) -> None:
     for value in vars(spec).values():
         if isinstance(value, nn.Module) and value is not denoiser:
             value.to(device)
-
-
-def cast_frozen(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
-    """Move a frozen base network to ``device`` and ``dtype``, keeping the modules the model marks as
-    float32-only (``_keep_in_fp32_modules``, e.g. Wan's time embedder and norms) in float32, as
-    ``from_pretrained`` does. diffusers' warning about casting with ``to()`` is muted: this is the fix."""
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        model.to(device, dtype=dtype)
-    finally:
-        diffusers_logging.set_verbosity(level)
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    if dtype != torch.float32 and keep:
-        for name, module in model.named_modules():
-            if any(part in name for part in keep):
-                module.to(torch.float32)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sdpo.data.batch import PairBatch
 from sdpo.importance import log_importance_weight, log_relative_weight
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.objectives import MethodConfig, PreferenceOutput, preference_loss
@@ -93,24 +94,23 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 def preference_step(
     spec: ModelSpec,
     model: nn.Module,
-    batch: dict,
+    batch: PairBatch,
     draws: StepDraws,
     method: MethodConfig,
     reference: Callable[[], contextlib.AbstractContextManager[nn.Module]],
 ) -> StepResult:
     """Forward policy and reference on winners and losers, weight the members, return the loss.
 
-    ``batch`` holds ``latents_chosen`` and ``latents_rejected`` (B, ...) and ``cond`` (a dict of
-    (B, ...) tensors); ``reference()`` is a context manager yielding the frozen reference network.
+    ``batch`` holds the pairs on the model's device; ``reference()`` is a context manager yielding the frozen reference network.
     """
     schedule = spec.schedule
-    chosen, rejected = batch["latents_chosen"], batch["latents_rejected"]
+    chosen, rejected = batch.chosen, batch.rejected
     device = chosen.device
     pairs = chosen.shape[0]
     x0 = torch.cat([chosen, rejected]).float()
     t = torch.cat([draws.timesteps, draws.timesteps]).to(device)
     noise = torch.cat([draws.noise, draws.noise]).to(device, x0.dtype)
-    conditions = {key: torch.cat([value, value]) for key, value in batch["cond"].items()}
+    conditions = {key: torch.cat([value, value]) for key, value in batch.conditions.items()}
 
     noisy = schedule.add_noise(x0, noise, t)
     target = schedule.target(x0, noise, t)

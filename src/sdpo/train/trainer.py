@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sdpo.data.cache import collate_pairs
-from sdpo.models.base import ModelSpec, cast_frozen, to_device_dtype, unwrap
+from sdpo.models.base import ModelSpec, unwrap
 from sdpo.train.checkpoint import (
     CHECKPOINT_PREFIX,
     CONFIG_NAME,
@@ -435,7 +435,7 @@ def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accele
     if dataset is not None:
         run.order = GlobalBatchOrder(len(dataset), config.train_batch_size, accelerator.num_processes,
                                      accelerator.process_index, config.seed)
-        run.sample_shape = tuple(dataset[0]["latents_chosen"].shape)
+        run.sample_shape = tuple(dataset[0].chosen.shape)
     if start.checkpoint is not None:
         accelerator.load_state(str(start.checkpoint))
         run.bad_steps = int(start.state.get("bad_steps", 0))
@@ -483,7 +483,8 @@ def _optimizer_step(run: _Run, step: int) -> _StepOutcome:
     for micro in range(config.gradient_accumulation_steps):
         micro_step = step * config.gradient_accumulation_steps + micro
         rows, positions = run.order.indices(micro_step)
-        batch = _to_device(collate_pairs([run.dataset[int(i)] for i in rows]), accelerator.device, run.weight_dtype)
+        # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
+        batch = collate_pairs([run.dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
         draws = draw_for_pairs(positions, micro_step, config.seed, run.sample_shape, run.spec.schedule.num_timesteps,
                                config.t_min, config.t_max, config.method.estimator == "sampled")
         with accelerator.accumulate(run.model), accelerator.autocast():
@@ -843,15 +844,6 @@ def _forget_other_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _to_device(batch: dict, device: torch.device, weight_dtype: torch.dtype) -> dict:
-    # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
-    return {
-        "latents_chosen": batch["latents_chosen"].to(device),
-        "latents_rejected": batch["latents_rejected"].to(device),
-        "cond": to_device_dtype(batch["cond"], device, weight_dtype),
-    }
-
-
 def _read_history(path: Path, up_to_step: int, rewrite: bool = False) -> list[dict[str, float]]:
     """The logged rows up to ``up_to_step``; ``rewrite`` cuts the file there too (atomically), so a
     resumed run does not log a step twice and a fresh one does not append to an old run's rows."""
@@ -881,3 +873,22 @@ def _flat_config(config: TrainConfig) -> dict[str, Any]:
         else:
             flat[key] = value
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
+
+
+def cast_frozen(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Move a frozen base network to ``device`` and ``dtype``, keeping the modules the model marks as
+    float32-only (``_keep_in_fp32_modules``, e.g. Wan's time embedder and norms) in float32, as
+    ``from_pretrained`` does. diffusers' warning about casting with ``to()`` is muted: this is the fix."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model.to(device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if dtype != torch.float32 and keep:
+        for name, module in model.named_modules():
+            if any(part in name for part in keep):
+                module.to(torch.float32)

@@ -1,0 +1,68 @@
+"""Typed pairs: one cached pair (``Pair``) and a stacked batch of them (``PairBatch``).
+
+Latents are in the family's own layout, already normalised; conditions are the tensors the family's
+``predict`` takes (text embeddings, masks, pooled embeddings...), keyed as in the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Pair:
+    """One preference pair as the precompute cache stores it (no batch dimension)."""
+
+    chosen: Tensor
+    """Latents of the preferred sample."""
+    rejected: Tensor
+    """Latents of the other sample."""
+    conditions: dict[str, Tensor]
+    """Conditioning tensors of the prompt, shared by both."""
+
+
+@dataclass
+class PairBatch:
+    """B pairs stacked: what one preference step consumes."""
+
+    chosen: Tensor
+    """Latents of the preferred samples, (B, ...)."""
+    rejected: Tensor
+    """Latents of the other samples, (B, ...)."""
+    conditions: dict[str, Tensor]
+    """Conditioning tensors, each (B, ...)."""
+
+    def __len__(self) -> int:
+        return int(self.chosen.shape[0])
+
+    @classmethod
+    def collate(cls, items: Sequence[Pair]) -> PairBatch:
+        """Stack pairs into a batch (usable as a DataLoader ``collate_fn``); all must share condition keys."""
+        if not items:
+            raise ValueError("cannot collate an empty list of pairs")
+        keys = set(items[0].conditions)
+        for item in items[1:]:
+            if set(item.conditions) != keys:
+                raise ValueError(f"pairs with different conditioning keys: {sorted(keys)} and {sorted(item.conditions)}")
+        return cls(
+            chosen=torch.stack([item.chosen for item in items]),
+            rejected=torch.stack([item.rejected for item in items]),
+            conditions={key: torch.stack([item.conditions[key] for item in items]) for key in items[0].conditions},
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PairBatch:
+        """Move to ``device``; ``dtype`` casts the floating conditions only (they follow the frozen
+        weights' dtype), while latents keep theirs (the objective computes in float32)."""
+        return PairBatch(
+            chosen=self.chosen.to(device),
+            rejected=self.rejected.to(device),
+            conditions={
+                key: value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point()
+                              else value.dtype)
+                for key, value in self.conditions.items()
+            },
+        )
