@@ -73,3 +73,28 @@ def test_only_several_fsdp_or_deepspeed_processes_count_as_sharded():
     assert not parameters_are_sharded(accelerator(DistributedType.FSDP, 1))
     assert not parameters_are_sharded(accelerator(DistributedType.MULTI_GPU, 8))
     assert uses_fsdp(accelerator(DistributedType.FSDP, 1)) and not uses_fsdp(accelerator(DistributedType.NO, 1))
+
+
+def test_gradient_norms_of_every_backend_become_plain_tensors_or_unknown():
+    """FSDP2 returns a DTensor norm, DeepSpeed may return None: the guard must not skip on "unknown"."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdpo.train.sharding import clip_gradients
+    from sdpo.train.trainer import _skip_reason
+
+    class Whole:
+        def full_tensor(self):
+            return torch.tensor(2.5)
+
+    def accelerator(norm):
+        return SimpleNamespace(clip_grad_norm_=lambda params, max_norm: norm, num_processes=1)
+
+    assert clip_gradients(accelerator(Whole()), [], 1.0).item() == 2.5
+    assert clip_gradients(accelerator(torch.tensor(3.0)), [], 0.0).item() == 3.0
+    assert clip_gradients(accelerator(None), [], 1.0) is None
+    one = SimpleNamespace(num_processes=1)
+    assert _skip_reason(one, True, None) is None
+    assert _skip_reason(one, True, torch.tensor(float("inf"))).startswith("non-finite gradient norm")
+    assert _skip_reason(one, False, torch.tensor(1.0)) == "non-finite loss"
