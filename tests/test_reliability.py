@@ -385,3 +385,17 @@ def test_sdpo_export_rewrites_the_weights_of_a_run(world, tmp_path, capsys):
     assert (run / "pytorch_lora_weights.safetensors").is_file()
     assert main(["--quiet", "export", str(tmp_path / "nothing")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_fine_tune_checkpoints_every_weight_and_resumes_exactly(world, tmp_path):
+    import shutil
+
+    whole = _train(world, _config(world, tmp_path / "whole", lora_rank=0, learning_rate=1e-4, checkpoint_every=2))
+    weights = load_file(str(tmp_path / "whole" / "checkpoint-2" / "trainable.safetensors"))
+    assert len(weights) == len([p for p in whole.model.parameters()])  # every weight trains
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", cut / "checkpoint-2")
+    rows = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    _train(world, _config(world, cut, lora_rank=0, learning_rate=1e-4, checkpoint_every=2), resume="latest")
+    assert _losses(cut) == _losses(tmp_path / "whole")
