@@ -479,3 +479,41 @@ def test_uncached_hub_id_fails_fast_offline(monkeypatch: pytest.MonkeyPatch, tmp
     with pytest.raises(ModelNotFoundError, match="nobody/no-such-model"):
         load_spec("wan", "nobody/no-such-model")
     assert time.monotonic() - start < 5.0
+
+
+# ---------------------------------------------------------------------- sampling contract
+@pytest.mark.parametrize("name", ["sd", "sdxl", "cogvideox", "cogvideox-rotary", "wan"])
+def test_sample_from_initial_latents(name: str, folders: dict[str, Path], tmp_path: Path) -> None:
+    """Same noise -> same pixels; a sample does not depend on its batch; a loaded LoRA changes the output."""
+    case = CASES[name]
+    spec = _spec(case, folders[name])
+    assert spec.pretrained == str(folders[name])
+    assert spec.pipeline_class.__name__ == spec.pipeline_name()
+    assert spec.media_kind == ("video" if case.media_format.frames else "image")
+    noise = spec.initial_latents(3, seed=7)
+    assert noise.dtype == torch.float32 and noise.device.type == "cpu"
+    assert tuple(noise.shape[1:]) == case.latents[1:] == spec.latent_shape()
+    torch.testing.assert_close(spec.initial_latents(2, seed=7), noise[:2], rtol=0, atol=0)
+    assert not torch.equal(spec.initial_latents(1, seed=8)[0], noise[0])
+
+    prompts = ["a red cat", "a blue dog on a hill", "x"]
+    settings = {"num_inference_steps": 2, "guidance_scale": 3.0}
+    pixels = spec.sample(prompts, noise, seeds=[1, 2, 3], **settings)
+    assert tuple(pixels.shape) == (3, *case.sample_shape[1:]) and pixels.dtype == torch.float32
+    assert pixels.min() >= -1 and pixels.max() <= 1 and torch.isfinite(pixels).all()
+    again = spec.sample(prompts, noise, seeds=[1, 2, 3], **settings)
+    torch.testing.assert_close(again, pixels, rtol=0, atol=0)
+    alone = spec.sample(prompts[1:2], noise[1:2], seeds=[2], **settings)
+    torch.testing.assert_close(alone[0], pixels[1], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="do not fit"):
+        spec.sample(prompts[:2], noise, **settings)
+
+    spec.denoiser.add_adapter(peft.LoraConfig(target_modules=spec.lora_target_modules(), r=4, lora_alpha=4))
+    _train_a_little(spec.denoiser)
+    spec.save_lora(tmp_path / "run", spec.denoiser)
+    tuned = _spec(case, folders[name])
+    tuned.load_lora(tmp_path / "run")
+    with_lora = tuned.sample(prompts[:1], noise[:1], seeds=[1], **settings)
+    assert (with_lora - pixels[:1]).abs().max() > 1e-3
+    with pytest.raises(FileNotFoundError, match="LoRA"):
+        tuned.load_lora(tmp_path / "nowhere")

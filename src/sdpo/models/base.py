@@ -56,7 +56,49 @@ class ModelSpec(Protocol):
     """The network that is fine-tuned (UNet or transformer)."""
 
     media_format: MediaFormat
-    """Resolution (and frame count) media are brought to before encoding."""
+    """Resolution (and frame count) media are brought to before encoding and sampled at; chosen at
+    load time (``load_spec(..., media_format=...)``) and never changed on a loaded spec."""
+
+    pretrained: str | None
+    """The folder or hub id ``from_pretrained`` loaded (None for a spec built in code)."""
+
+    pipeline_class: type
+    """The family's diffusers pipeline class (``save_lora_weights`` / ``load_lora_weights`` / sampling)."""
+
+    denoiser_subfolder: str
+    """Pipeline subfolder and argument name of the denoiser: "unet" or "transformer"."""
+
+    @property
+    def media_kind(self) -> str:
+        """"video" when ``media_format.frames`` is set, else "image"."""
+        ...
+
+    def initial_latents(self, count: int, seed: int) -> Tensor:
+        """float32 CPU noise (count, *latent shape at media_format) in the family's layout.
+
+        Sample i depends only on (seed, i) (each drawn from its own seeded generator), so batching and
+        the number of processes never change it.
+        """
+        ...
+
+    def sample(
+        self,
+        prompts: list[str],
+        latents: Tensor,
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        model: nn.Module | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Pixels in [-1, 1], float32 on the CPU (images (B, C, H, W), videos (B, F, C, H, W)), sampled
+        from the initial noise ``latents`` by the family's own sampler (diffusers pipeline) with ``model``
+        (default: ``self.denoiser``, adapters as they are)."""
+        ...
+
+    def load_lora(self, folder: str | Path) -> None:
+        """Load a LoRA written by ``save_lora`` (a training run folder) onto ``self.denoiser``."""
+        ...
 
     def lora_target_modules(self) -> list[str]:
         """Names of the projections LoRA adapts (attention and feed-forward), present in this model."""

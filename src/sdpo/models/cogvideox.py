@@ -103,6 +103,22 @@ class CogVideoXSpec(DiffusersSpec):
     def pipeline_name(cls) -> str:
         return "CogVideoXPipeline"
 
+    def latent_shape(self) -> tuple[int, ...]:
+        """(F', C, H/8, W/8), F' = (F-1)/4+1 latent frames, padded to a multiple of ``patch_size_t``
+        (CogVideoX 1.5) as the pipeline pads them."""
+        vae_config = self._require_vae().config
+        config = unwrap(self.denoiser).config
+        scale = 2 ** (len(vae_config.block_out_channels) - 1)
+        fmt = self.media_format
+        frames = (int(fmt.frames or 1) - 1) // int(vae_config.temporal_compression_ratio) + 1
+        if config.patch_size_t is not None and frames % config.patch_size_t:
+            frames += config.patch_size_t - frames % config.patch_size_t
+        return (frames, int(config.in_channels), fmt.height // scale, fmt.width // scale)
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Size, frames and the text length the transformer was built for."""
+        return {**super().sample_kwargs(), "max_sequence_length": self.max_sequence_length}
+
     # ------------------------------------------------------------------ the network
     def predict(
         self, model: nn.Module, noisy_latents: Tensor, timesteps: Tensor, conditions: dict[str, Tensor]

@@ -63,14 +63,11 @@ def load_spec(
     cache needs neither). Extra keyword arguments go to the family's ``from_pretrained``.
     """
     cls = spec_class(family)
-    spec = cls.from_pretrained(
+    return cls.from_pretrained(
         pretrained,
         load_vae=load_vae,
         load_text_encoder=load_text_encoder,
         media_format=media_format,
         torch_dtype=torch_dtype,
         **kwargs,
-    )
-    if getattr(spec, "pretrained", None) is None:
-        spec.pretrained = str(pretrained)  # recorded in cache manifests; validation reloads the pipeline from it
-    return spec
+    )  # from_pretrained records ``pretrained`` and ``media_format`` itself: the spec is not mutated here

@@ -65,6 +65,12 @@ class StableDiffusionSpec(DiffusersSpec):
     def pipeline_name(cls) -> str:
         return "StableDiffusionPipeline"
 
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, H/s, W/s) with the VAE's downsampling s (8 for the real models), as the pipeline draws noise."""
+        scale = 2 ** (len(self._require_vae().config.block_out_channels) - 1)
+        fmt = self.media_format
+        return (int(self.denoiser.config.in_channels), fmt.height // scale, fmt.width // scale)
+
     @classmethod
     def component_dtype(cls, folder: str, component: Component, torch_dtype: torch.dtype) -> torch.dtype:
         """fp16 overflows in a VAE whose config says ``force_upcast`` (SDXL's): such a VAE loads in float32."""

@@ -105,6 +105,22 @@ class WanSpec(DiffusersSpec):
     def pipeline_name(cls) -> str:
         return "WanPipeline"
 
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, F', H/8, W/8) with the VAE's temporal and spatial scale factors, as the pipeline draws noise."""
+        vae_config = self._require_vae().config
+        fmt = self.media_format
+        frames = (int(fmt.frames or 1) - 1) // int(vae_config.scale_factor_temporal) + 1
+        spatial = int(vae_config.scale_factor_spatial)
+        return (int(self.denoiser.config.in_channels), frames, fmt.height // spatial, fmt.width // spatial)
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Size, frames and the prompt length."""
+        return {**super().sample_kwargs(), "max_sequence_length": self.max_sequence_length}
+
+    def pipeline_latents(self, latents: Tensor, model: nn.Module) -> Tensor:
+        """float32: the Wan pipeline keeps its latents in float32 and casts only the transformer's input."""
+        return latents.to(module_device(model), torch.float32)
+
     @classmethod
     def schedule_from_folder(cls, folder: str) -> NoiseSchedule:
         """The shipped UniPC scheduler converted to the flow-matching one it samples (see flow_training_scheduler)."""
