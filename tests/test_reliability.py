@@ -399,3 +399,40 @@ def test_a_full_fine_tune_checkpoints_every_weight_and_resumes_exactly(world, tm
     (cut / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
     _train(world, _config(world, cut, lora_rank=0, learning_rate=1e-4, checkpoint_every=2), resume="latest")
     assert _losses(cut) == _losses(tmp_path / "whole")
+
+
+NAN_ON_RANK_1 = r"""
+import math, os, sys
+import sdpo.train.trainer as trainer
+real, calls = trainer.preference_step, [0]
+def poisoned(*args, **kwargs):
+    result = real(*args, **kwargs)
+    if os.environ["RANK"] == "1" and calls[0] == 1:  # only this process sees a NaN, at step 2
+        result.output.loss = result.output.loss * math.nan
+    calls[0] += 1
+    return result
+trainer.preference_step = poisoned
+from sdpo.cli import main
+sys.exit(main(["--quiet", "train", sys.argv[1]]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="gloo CPU launch checked on POSIX")
+def test_every_process_skips_a_step_that_one_process_found_non_finite(world, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    out = tmp_path / "run"
+    config = _cli_config(world, tmp_path, out, max_steps=3, train_batch_size=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+               str(script), str(config)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bad = [json.loads(line) for line in (out / "bad_steps.jsonl").read_text().splitlines()]
+    assert [(b["step"], len(b["pairs"])) for b in bad] == [(2, 4)]  # both processes' pairs, logged once
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["bad_steps"] for row in rows] == [0, 1, 1] and "loss" not in rows[1]
+    assert "Infinity" not in (out / "metrics.jsonl").read_text() and "NaN" not in (out / "metrics.jsonl").read_text()

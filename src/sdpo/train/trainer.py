@@ -193,7 +193,9 @@ class _IntervalMeter:
         width = num_timesteps // TIMESTEP_BUCKETS
         if math.isfinite(self.minimum) or accelerator.num_processes > 1:
             local_min = torch.tensor([self.minimum], dtype=torch.float64, device=accelerator.device)
-            result[MINIMUM_KEY] = accelerator.gather(local_min).min().item()
+            minimum = accelerator.gather(local_min).min().item()
+            if math.isfinite(minimum):  # inf: no step of the interval counted (all skipped)
+                result[MINIMUM_KEY] = minimum
         for b in range(TIMESTEP_BUCKETS):
             if counts[b] > 0:
                 result[f"w_by_t/{b * width:04d}-{(b + 1) * width - 1:04d}"] = (sums[b] / counts[b]).item()
@@ -706,7 +708,9 @@ class _MetricsLog:
         if not (done % config.log_every == 0 or done == config.max_steps):
             return
         logged = self.meter.flush(run.accelerator, num_timesteps)
-        logged.update(grad_norm=outcome.grad_norm, lr=run.lr_scheduler.get_last_lr()[0], bad_steps=run.bad_steps,
+        # A skipped step's NaN / inf norm, or DeepSpeed's unreported one, is written as null (strict JSON).
+        norm = outcome.grad_norm if math.isfinite(outcome.grad_norm) else None
+        logged.update(grad_norm=norm, lr=run.lr_scheduler.get_last_lr()[0], bad_steps=run.bad_steps,
                       step=done)
         if run.main:
             self._write(logged, done)
@@ -724,7 +728,7 @@ class _MetricsLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(logged) + "\n")
         if self.trackers:
-            self.run.accelerator.log({k: v for k, v in logged.items() if k != "step"}, step=done)
+            self.run.accelerator.log({k: v for k, v in logged.items() if k != "step" and v is not None}, step=done)
         if "loss" in logged:
             self.bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged.get('accuracy', math.nan):.2f}")
         if self.on_log is not None:
