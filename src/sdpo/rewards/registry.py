@@ -14,8 +14,17 @@ REWARDS: dict[str, Callable[..., Reward]] = {}
 """Rewards whose factory is imported already (``register_reward`` adds here)."""
 
 LAZY_REWARDS: dict[str, str] = {
+    "brightness": "sdpo.rewards.brightness:brightness_reward",  # mean pixel value: a smoke-test reward
     "digits": "sdpo.toy.digits.reward:digit_reward",
     "moving-digits": "sdpo.toy.moving.reward:moving_digit_reward",
+    # Learned reward models (the "rewards" extra): weights from local folders or the local HF cache.
+    "pickscore": "sdpo.rewards.clip:pickscore",
+    "clip-score": "sdpo.rewards.clip:clip_score",
+    "hpsv2": "sdpo.rewards.hps:hpsv2",
+    "aesthetic": "sdpo.rewards.aesthetic:aesthetic",
+    "frames": "sdpo.rewards.video:frames",
+    "videoreward": "sdpo.rewards.videoreward:videoreward",
+    "combine": "sdpo.rewards.combine:combine",
 }
 """Rewards registered as ``"module:factory"``, imported on first use (heavy plug-ins stay unimported)."""
 
