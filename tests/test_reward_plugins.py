@@ -379,3 +379,106 @@ def test_combine_through_the_registry_and_bad_input(tiny_clip):
         CombinedReward([_constant("a", [1.0]), as_reward(lambda m, p: m, name="v", media="video")])
     with pytest.raises(ValueError, match="weights"):
         CombinedReward([_constant("a", [1.0])], weights=[1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------- videoreward
+VR_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>",
+               "<|image_pad|>", "<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>", "<|endoftext|>"]
+
+
+@pytest.fixture(scope="module")
+def tiny_videoreward(tmp_path_factory):
+    """A random Qwen2-VL (1 text layer, 1 vision block), a tokenizer with the reward tokens, a head."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny-videoreward")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS + ["video", "quality", "motion", "text"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(VR_SPECIALS)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", unk_token="[UNK]",
+                                                padding_side="right")
+    fast.save_pretrained(str(folder))
+    ids = {t: fast.convert_tokens_to_ids(t) for t in VR_SPECIALS}
+    torch.manual_seed(0)
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(str(folder))
+    save_file({"rm_head.weight": torch.randn(1, 32)}, str(folder / "rm_head.safetensors"))
+    return folder
+
+
+def test_videoreward_patches_match_the_qwen2vl_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from sdpo.rewards.videoreward import CLIP_MEAN, CLIP_STD, patchify
+
+    frame = quantised_images(1, 56, 84, seed=9)[0]
+    array = ((frame + 1) / 2 * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    expected = Qwen2VLImageProcessorPil(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))(
+        images=[array], return_tensors="pt")
+    normalised = ((frame + 1) / 2 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    # An image is a clip of one frame: the processor repeats it over the temporal patch, patchify pads.
+    flat, grid = patchify(normalised[None], patch=14, merge=2, temporal=2)
+    assert grid.tolist() == expected["image_grid_thw"][0].tolist() == [1, 4, 6]
+    torch.testing.assert_close(flat, expected["pixel_values"], atol=1e-5, rtol=1e-5)
+
+
+def test_videoreward_reads_the_head_at_its_reward_tokens(tiny_videoreward):
+    from sdpo.rewards.videoreward import REWARD_TOKENS
+
+    clips = quantised_images(2 * 5, 56, 56, seed=10).view(2, 5, 3, 56, 56)
+    prompts = ["a cat on the mat", "a red dog"]
+    reward = load_reward("videoreward", model=str(tiny_videoreward), frames=4, dtype="fp32", batch_size=2)
+    dims = reward.score_dimensions(clips, prompts)
+    # Independently: the model's own forward, its last hidden states at the three tokens, the head.
+    batch = reward.inputs(clips, prompts)
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4], [2, 4, 4]]
+    assert (batch["input_ids"] == reward.model.config.video_token_id).sum(dim=1).tolist() == [8, 8]
+    with torch.no_grad():
+        out = reward.model(**batch, output_hidden_states=True)
+    hidden = out.hidden_states[-1]
+    weight = reward.head.weight[0]
+    for row in range(2):
+        positions = [int((batch["input_ids"][row] == reward.tokenizer.convert_tokens_to_ids(t)).nonzero()) for t in
+                     REWARD_TOKENS]
+        expected = hidden[row, positions] @ weight
+        got = torch.stack([dims["VQ"][row], dims["MQ"][row], dims["TA"][row]])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dims["Overall"], dims["VQ"] + dims["MQ"] + dims["TA"])
+    torch.testing.assert_close(reward.score(clips, prompts), dims["Overall"])
+    # Batching (right padding) does not change a clip's scores.
+    one = load_reward("videoreward", model=str(tiny_videoreward), frames=4, dtype="fp32", batch_size=1)
+    torch.testing.assert_close(one.score(clips, prompts), dims["Overall"], atol=1e-4, rtol=1e-4)
+
+
+def test_videoreward_standardises_with_the_checkpoint_statistics(tiny_videoreward, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "with-norm"
+    shutil.copytree(tiny_videoreward, folder)
+    stats = {"VQ_mean": 1.0, "VQ_std": 2.0, "MQ_mean": -1.0, "MQ_std": 0.5, "TA_mean": 0.0, "TA_std": 4.0}
+    (folder / "model_config.json").write_text(json.dumps({"inference_config": stats}))
+    clips = quantised_images(5, 56, 56, seed=11).view(1, 5, 3, 56, 56)
+    raw = load_reward("videoreward", model=str(folder), frames=2, dtype="fp32", normalize=False)
+    normed = load_reward("videoreward", model=str(folder), frames=2, dtype="fp32")
+    r, n = raw.score_dimensions(clips, ["a cat"]), normed.score_dimensions(clips, ["a cat"])
+    for key in ("VQ", "MQ", "TA"):
+        torch.testing.assert_close(n[key], (r[key] - stats[f"{key}_mean"]) / stats[f"{key}_std"], atol=1e-4, rtol=1e-4)
+
+
+def test_videoreward_missing_head_and_bad_media(tiny_videoreward, tmp_path):
+    with pytest.raises(RewardWeightsNotFoundError, match="head"):
+        load_reward("videoreward", model=str(tiny_videoreward), head=str(tmp_path / "none.safetensors"))
+    reward = load_reward("videoreward", model=str(tiny_videoreward), frames=2, dtype="fp32")
+    with pytest.raises(ValueError, match="videos"):
+        reward.score(torch.zeros(1, 3, 56, 56), ["a cat"])
