@@ -104,7 +104,11 @@ def test_plugins_are_registered():
 ])
 def test_missing_weights_fail_at_once_with_one_line(name, hint, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # An empty cache, so the test holds on a machine that has the real weights cached.
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(RewardWeightsNotFoundError) as error:
         load_reward(name)
     message = str(error.value)
