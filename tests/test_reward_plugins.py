@@ -486,3 +486,34 @@ def test_videoreward_missing_head_and_bad_media(tiny_videoreward, tmp_path):
     reward = load_reward("videoreward", model=str(tiny_videoreward), frames=2, dtype="fp32")
     with pytest.raises(ValueError, match="videos"):
         reward.score(torch.zeros(1, 3, 56, 56), ["a cat"])
+
+
+def test_videoreward_loads_videoalign_release_layout(tiny_videoreward, tmp_path):
+    """model_config.json + checkpoint-<step>/ (LoRA + non-LoRA weights, 4.4x key names) over a base model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    release = tmp_path / "VideoReward"
+    stats = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": 0.0, "MQ_std": 1.0, "TA_mean": -1.0, "TA_std": 3.0}
+    (release / "checkpoint-7").mkdir(parents=True)
+    (release / "checkpoint-12").mkdir()
+    (release / "model_config.json").write_text(json.dumps({"inference_config": stats}))
+    g = torch.Generator().manual_seed(12)
+    down, up, head = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), torch.randn(1, 32, generator=g)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": down, f"{prefix}.lora_B.weight": up},
+              str(release / "checkpoint-12" / "adapter_model.safetensors"))
+    (release / "checkpoint-12" / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    base = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(tiny_videoreward))
+    embed = torch.randn_like(base.model.language_model.embed_tokens.weight)
+    torch.save({"base_model.model.rm_head.weight": head, "base_model.model.model.embed_tokens.weight": embed},
+               release / "checkpoint-12" / "non_lora_state_dict.pth")
+    reward = load_reward("videoreward", model=str(release), base=str(tiny_videoreward), frames=2, dtype="fp32")
+    merged = reward.model.model.language_model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(merged, base.model.language_model.layers[0].self_attn.q_proj.weight + 2 * up @ down)
+    torch.testing.assert_close(reward.model.model.language_model.embed_tokens.weight, embed)
+    torch.testing.assert_close(reward.head.weight, head)
+    assert reward.norm == {k: (stats[f"{k}_mean"], stats[f"{k}_std"]) for k in ("VQ", "MQ", "TA")}
+    clips = quantised_images(4, 56, 56, seed=13).view(1, 4, 3, 56, 56)
+    assert torch.isfinite(reward.score(clips, ["a cat"])).all()

@@ -38,6 +38,7 @@ from sdpo.rewards._loading import (
 from sdpo.rewards.video import frame_indices
 
 VIDEOREWARD_HUB = "KwaiVGI/VideoReward"
+BASE_HUB = "Qwen/Qwen2-VL-2B-Instruct"
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 DIMENSIONS = ("VQ", "MQ", "TA")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -208,13 +209,83 @@ def load_head(path: Path, hidden_size: int) -> nn.Linear:
     return head
 
 
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The ``checkpoint-<step>`` subfolder with the highest step (VideoAlign's training output), if any."""
+    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    return max(found)[1] if found else None
+
+
+def _plain_key(key: str) -> str:
+    # PEFT wraps the model ("base_model.model.") and its modules (".base_layer", "modules_to_save.default").
+    key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    return key.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+
+
+def videoalign_state(checkpoint: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(weights to set, LoRA deltas ``alpha / r * B @ A`` to add) of a VideoAlign ``checkpoint-<step>`` folder.
+
+    Either a full ``model.pth``, or ``adapter_model.safetensors`` + ``adapter_config.json`` (the LoRA)
+    with ``non_lora_state_dict.pth`` (the other trained weights: head, new token embeddings, ...).
+    """
+    full = checkpoint / "model.pth"
+    if full.is_file():
+        state = torch.load(full, map_location="cpu", weights_only=True)
+        return {_plain_key(k): v for k, v in state.items()}, {}
+    from safetensors.torch import load_file
+
+    lora = load_file(str(checkpoint / "adapter_model.safetensors"))
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    scale = float(config["lora_alpha"]) / float(config["r"])
+    deltas = {}
+    for key, down in lora.items():
+        if ".lora_A." in key:
+            up = lora[key.replace(".lora_A.", ".lora_B.")]
+            target = _plain_key(key.split(".lora_A.")[0] + ".weight")
+            deltas[target] = scale * (up.float() @ down.float())
+    extra = torch.load(checkpoint / "non_lora_state_dict.pth", map_location="cpu", weights_only=True)
+    return {_plain_key(k): v for k, v in extra.items()}, deltas
+
+
+def _model_key(key: str, keys: set[str]) -> str:
+    """A VideoAlign (transformers 4.4x) key in this model's layout (5.x nests text and vision under model.)."""
+    for candidate in (key, key.replace("model.", "model.language_model.", 1), "model." + key):
+        if candidate in keys:
+            return candidate
+    raise ValueError(f"videoreward: checkpoint weight {key!r} has no place in the Qwen2-VL model")
+
+
+def apply_videoalign(backbone: nn.Module, checkpoint: Path) -> Tensor:
+    """Load a VideoAlign checkpoint into ``backbone`` (LoRA merged in); returns the ``rm_head`` weight."""
+    weights, deltas = videoalign_state(checkpoint)
+    if "rm_head.weight" not in weights:
+        raise ValueError(f"videoreward: {checkpoint} holds no rm_head.weight")
+    head = weights.pop("rm_head.weight")
+    state = backbone.state_dict()
+    keys = set(state)
+    with torch.no_grad():
+        for key, value in weights.items():
+            state[_model_key(key, keys)].copy_(value)
+        for key, delta in deltas.items():
+            target = state[_model_key(key, keys)]
+            target.copy_(target.float() + delta)
+    return head
+
+
 def videoreward(model: str | os.PathLike[str] = VIDEOREWARD_HUB, head: str | os.PathLike[str] | None = None,
                 frames: int = 8, max_pixels: int = 200704, normalize: bool = True, template: str | None = None,
-                device: str = "cpu", dtype: str | torch.dtype = "bf16", batch_size: int = 2) -> VideoReward:
-    """VideoReward from a merged Qwen2-VL folder (or cached id); ``head`` defaults to its ``rm_head.safetensors``."""
+                device: str = "cpu", dtype: str | torch.dtype = "bf16", batch_size: int = 2,
+                base: str | os.PathLike[str] = BASE_HUB) -> VideoReward:
+    """VideoReward from ``model``: VideoAlign's own release folder (``model_config.json`` + ``checkpoint-*``,
+    applied to the ``base`` Qwen2-VL-2B-Instruct folder), or a merged Qwen2-VL folder whose head is ``head``
+    (default: its ``rm_head.safetensors``). Folders or cached hub ids."""
     from transformers import Qwen2VLForConditionalGeneration
 
     folder = locate(model, reward="videoreward", what="model", hub_id=VIDEOREWARD_HUB)
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is not None:
+        return _videoalign_reward(folder, checkpoint, base, frames=frames, max_pixels=max_pixels,
+                                  normalize=normalize, template=template, device=device, dtype=dtype,
+                                  batch_size=batch_size)
     head_path = locate(head, reward="videoreward", what="head") if head is not None else folder / "rm_head.safetensors"
     if not head_path.is_file():
         raise RewardWeightsNotFoundError(f"videoreward: no reward head file {head_path}; pass head=PATH")
@@ -226,3 +297,24 @@ def videoreward(model: str | os.PathLike[str] = VIDEOREWARD_HUB, head: str | os.
                        mean=tuple(stats.get("image_mean", CLIP_MEAN)), std=tuple(stats.get("image_std", CLIP_STD)),
                        norm=read_norm(folder) if normalize else None, template=template, device=device,
                        dtype=parse_dtype(dtype), batch_size=batch_size)
+
+
+def _videoalign_reward(folder: Path, checkpoint: Path, base: str | os.PathLike[str], **options) -> VideoReward:
+    """VideoAlign's release: the base model and tokenizer plus the reward tokens, then the checkpoint."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    base_dir = locate(base, reward="videoreward", what="base model", hub_id=BASE_HUB)
+    tokenizer = load_tokenizer(base_dir, "videoreward")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
+    tokenizer.padding_side = "right"
+    backbone = Qwen2VLForConditionalGeneration.from_pretrained(str(base_dir))
+    backbone.resize_token_embeddings(len(tokenizer))
+    hidden = backbone.config.text_config.hidden_size
+    head = nn.Linear(hidden, 1, bias=False)
+    head.weight.data.copy_(apply_videoalign(backbone, checkpoint).view(1, hidden))
+    preprocessor = base_dir / "preprocessor_config.json"
+    stats = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
+    return VideoReward(backbone, head, tokenizer, frames=options["frames"], max_pixels=options["max_pixels"],
+                       mean=tuple(stats.get("image_mean", CLIP_MEAN)), std=tuple(stats.get("image_std", CLIP_STD)),
+                       norm=read_norm(folder) if options["normalize"] else None, template=options["template"],
+                       device=options["device"], dtype=parse_dtype(options["dtype"]), batch_size=options["batch_size"])
