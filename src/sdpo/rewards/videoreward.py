@@ -10,9 +10,13 @@ overall score is their sum. ``score`` returns the overall score; ``score_dimensi
 
 The frames are prepared here as tensor ops (no qwen-vl-utils): ``frames`` frames chosen evenly, resized
 (bicubic) to multiples of ``patch * merge`` within ``max_pixels``, normalised with the processor's
-mean / std, and cut into Qwen2-VL's flattened (temporal, spatial) patches. The model folder is a
-transformers ``Qwen2VLForConditionalGeneration`` with the three reward tokens in its tokenizer; the
-head is a file holding ``rm_head.weight`` (or the model folder's ``rm_head.safetensors``).
+mean / std, and cut into Qwen2-VL's flattened (temporal, spatial) patches.
+
+Two model layouts load: VideoAlign's release (``huggingface-cli download KwaiVGI/VideoReward``:
+``model_config.json`` + ``checkpoint-<step>/`` with ``model.pth`` or a LoRA + ``non_lora_state_dict.pth``),
+applied to the base ``Qwen/Qwen2-VL-2B-Instruct`` folder (``base=``) with the reward tokens added to its
+tokenizer and the LoRA merged; or a merged transformers ``Qwen2VLForConditionalGeneration`` folder with
+the tokens in its tokenizer and a head file holding ``rm_head.weight`` (default ``rm_head.safetensors``).
 """
 
 from __future__ import annotations
