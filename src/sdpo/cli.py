@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--pad-frames", action="store_true",
                      help="a clip shorter than --frames repeats its last frame (default: such a clip is an error)")
     pre.set_defaults(func=_precompute)
+
+    from sdpo.stages.cli import add_stage_commands  # generate, score, pairs, evaluate (helper "stages")
+
+    add_stage_commands(commands)
     return parser
 
 

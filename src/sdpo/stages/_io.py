@@ -1,0 +1,64 @@
+"""Small file helpers shared by the stages: atomic writes and the candidates file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CANDIDATES_FILE = "candidates.jsonl"
+"""The candidates manifest inside a generate output folder."""
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to a temporary sibling and rename it over ``path`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_records(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``folder/candidates.jsonl`` (FileNotFoundError naming it when missing)."""
+    path = Path(folder) / CANDIDATES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CANDIDATES_FILE} in {folder}: run `sdpo generate --out {folder}` first")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_records(folder: str | os.PathLike[str], records: list[dict[str, Any]]) -> Path:
+    """Rewrite ``folder/candidates.jsonl`` atomically."""
+    text = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
+    return atomic_write_text(Path(folder) / CANDIDATES_FILE, text)
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a text file (one per line, blank lines skipped) or JSONL with a "prompt" key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        prompts = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}:{number}: each line needs a string \"prompt\"")
+            prompts.append(record["prompt"])
+    else:
+        prompts = [line.strip() for line in lines]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts

@@ -1,0 +1,153 @@
+"""The `sdpo generate / score / pairs / evaluate` commands: parsing, then one library call each.
+
+``add_stage_commands(commands)`` is called by ``sdpo.cli.build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    import torch
+
+    from sdpo.models.base import MediaFormat
+    from sdpo.models.registry import load_spec
+
+    media_format = None
+    if args.height or args.width or args.frames:
+        if not (args.height and args.width):
+            raise ValueError("--height and --width go together")
+        media_format = MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    spec = load_spec(args.family, args.pretrained, media_format=media_format, torch_dtype=dtype)
+    for value in vars(spec).values():
+        if isinstance(value, torch.nn.Module):
+            value.to(device)
+    if args.vae_tiling:
+        if not hasattr(getattr(spec, "vae", None), "enable_tiling"):
+            raise ValueError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
+        spec.vae.enable_tiling()
+    return spec
+
+
+def _sampler(args: argparse.Namespace) -> Any:
+    from sdpo.stages.generate import SamplerSettings
+
+    return SamplerSettings(num_inference_steps=args.steps, guidance_scale=args.guidance)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from sdpo.stages._io import read_prompts
+    from sdpo.stages.generate import generate
+
+    prompts = read_prompts(args.prompts)
+    result = generate(_load(args), prompts, args.out, per_prompt=args.per_prompt, seed=args.seed,
+                      sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
+                      progress=not args.quiet, frame_folders=args.frame_folders)
+    print(f"candidates: {result.out_dir}/candidates.jsonl ({result.candidates}, {result.generated} new)")
+
+
+def _rewards(args: argparse.Namespace) -> list:
+    import yaml
+
+    from sdpo.rewards.registry import load_reward
+
+    options = {}
+    for text in args.reward_option or []:
+        if "=" not in text:
+            raise ValueError(f"--reward-option expects KEY=VALUE, got {text!r}")
+        key, value = text.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return [load_reward(name, **options) for name in args.reward]
+
+
+def _score(args: argparse.Namespace) -> None:
+    from sdpo.stages.score import score
+
+    summary = score(args.dir, _rewards(args), args.weight, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"scored {summary.candidates} candidates: " + ", ".join(f"{k} ({v} new)" for k, v in summary.scored.items()))
+
+
+def _pairs(args: argparse.Namespace) -> None:
+    from sdpo.stages.pairs import build_pairs
+
+    summary = build_pairs(args.dir, args.strategy, args.margin, args.out)
+    skipped = ", ".join(f"{v} {k}" for k, v in summary.skipped.items()) or "none"
+    print(f"pairs: {summary.out} ({summary.pairs} from {summary.prompts} prompts; skipped {skipped})")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from sdpo.stages._io import read_prompts
+    from sdpo.stages.evaluate import evaluate
+
+    runs = {}
+    for text in args.run:
+        name, sep, folder = text.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--run expects NAME=LORA_DIR, got {text!r}")
+        runs[name] = folder
+    result = evaluate(_load(args), read_prompts(args.prompts), runs, _rewards(args), args.out, seed=args.seed,
+                      sampler=_sampler(args), batch_size=args.batch_size,
+                      samples_per_prompt=args.per_prompt, progress=not args.quiet)
+    print(f"report: {result.out / 'report.md'}")
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", required=True, help="sd, sdxl, cogvideox, wan (or an embedded world's family)")
+    parser.add_argument("--pretrained", required=True, help="model folder or hub id")
+    parser.add_argument("--prompts", required=True, help="prompts file: one per line (.txt) or JSONL with 'prompt'")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None, help="weights' dtype (default: bf16 on cuda)")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode large frames tile by tile")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def _reward_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reward", action="append", required=True, help="reward registry name (repeatable)")
+    parser.add_argument("--reward-option", action="append", metavar="KEY=VALUE",
+                        help="option for the rewards' factories, e.g. media=video (repeatable)")
+
+
+def add_stage_commands(commands: Any) -> None:
+    """Add generate, score, pairs and evaluate to the `sdpo` subcommands."""
+    gen = commands.add_parser("generate", help="sample K candidates per prompt (seeds recorded, resumable)")
+    _model_flags(gen)
+    gen.add_argument("--lora", default=None, help="a training run folder to sample with")
+    gen.add_argument("--per-prompt", type=int, default=4, help="candidates per prompt")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--frame-folders", action="store_true", help="videos: also write a folder of PNG frames")
+    gen.set_defaults(func=_generate)
+
+    sc = commands.add_parser("score", help="score a generate folder's candidates with one or more rewards")
+    sc.add_argument("dir", help="generate output folder")
+    _reward_flags(sc)
+    sc.add_argument("--weight", action="append", type=float, help="weight of each reward in the total")
+    sc.add_argument("--batch-size", type=int, default=8)
+    sc.set_defaults(func=_score)
+
+    pa = commands.add_parser("pairs", help="build preference pairs (JSONL) from scored candidates")
+    pa.add_argument("dir", help="scored generate folder")
+    pa.add_argument("--strategy", choices=["best-worst", "margin"], default="best-worst")
+    pa.add_argument("--margin", type=float, default=0.0, help="skip pairs whose score gap is not above this")
+    pa.add_argument("--out", default=None, help="manifest to write (default DIR/pairs.jsonl)")
+    pa.set_defaults(func=_pairs)
+
+    ev = commands.add_parser("evaluate", help="base vs tuned runs from identical noise: rewards, win rates, report")
+    _model_flags(ev)
+    ev.add_argument("--run", action="append", required=True, metavar="NAME=LORA_DIR", help="a tuned run (repeatable)")
+    _reward_flags(ev)
+    ev.add_argument("--per-prompt", type=int, default=1, help="samples per prompt")
+    ev.add_argument("--seed", type=int, default=10_000)
+    ev.set_defaults(func=_evaluate)

@@ -1,0 +1,207 @@
+"""`sdpo evaluate`: the base model and tuned runs (LoRA folders) on the same prompts and identical noise.
+
+For every reward: each model's mean, its gain over the base (95% normal interval over the paired
+samples) and its win rate over the base (Wilson 95% interval, ties count half), plus head-to-head
+win rates between every two models. Written to ``out``: ``results.json``, ``report.md``, a sample
+grid per model (``grid-<model>.png``; videos: a contact sheet of frames plus one MP4 per sample
+of the first prompts) and ``eval_samples.safetensors``.
+
+``eval_samples.safetensors`` (the format the demo writes): one float tensor per model name (the
+samples in [-1, 1], images (N, C, H, W) or videos (N, F, C, H, W)), the tensor ``noise`` (the
+shared initial noise), and metadata ``prompts`` (JSON list, one per sample), ``seed`` and ``layout``.
+Any outside scorer can re-score it (:func:`load_eval_samples`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sdpo.evaluate import Comparison, compare
+from sdpo.models.base import unwrap
+from sdpo.rewards.base import Reward
+from sdpo.stages._io import atomic_write_text
+from sdpo.stages.generate import SamplerSettings, write_media
+
+EVAL_SAMPLES_FILE = "eval_samples.safetensors"
+"""Evaluation samples of a run: one tensor per model, the shared noise, and the prompts in the metadata."""
+
+
+def save_eval_samples(path: str | Path, samples: dict[str, Tensor], noise: Tensor, prompts: list[str],
+                      seed: int, extra: dict[str, str] | None = None) -> Path:
+    """Write the evaluation export (see the module docstring), atomically."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    tensors = {name: value.contiguous() for name, value in samples.items()}
+    tensors["noise"] = noise.contiguous()
+    save_file(tensors, str(temporary), metadata={
+        "prompts": json.dumps(prompts), "seed": str(seed), **(extra or {}),
+        "layout": "samples in [-1, 1] as the sampler returns them; noise is the shared initial noise"})
+    temporary.replace(path)
+    return path
+
+
+def load_eval_samples(run_folder: str | Path) -> tuple[list[str], Tensor, dict[str, Tensor]]:
+    """(prompts, shared noise, samples by model name) of an evaluation (or demo) folder."""
+    with safe_open(str(Path(run_folder) / EVAL_SAMPLES_FILE), "pt") as handle:
+        prompts = json.loads(handle.metadata()["prompts"])
+        samples = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    return prompts, samples.pop("noise"), samples
+
+
+@dataclass
+class EvaluationResult:
+    """What ``evaluate`` measured."""
+
+    out: Path
+    models: list[str]
+    """"base" then the run names."""
+    means: dict[str, dict[str, float]]
+    """reward -> model -> mean score."""
+    versus_base: dict[str, dict[str, Comparison]]
+    """reward -> run -> comparison with the base."""
+    head_to_head: dict[str, dict[str, Comparison]] = field(default_factory=dict)
+    """reward -> "A vs B" -> comparison (A as the tuned side) for every two models."""
+    quality: dict[str, float] = field(default_factory=dict)
+    """model -> quality guard value (when a guard was given)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"models": self.models, "means": self.means,
+                "versus_base": {r: {m: c.as_dict() for m, c in v.items()} for r, v in self.versus_base.items()},
+                "head_to_head": {r: {m: c.as_dict() for m, c in v.items()} for r, v in self.head_to_head.items()},
+                "quality": self.quality}
+
+
+def head_to_head(scores: dict[str, Tensor]) -> dict[str, Comparison]:
+    """Every two models: "A vs B" -> the comparison of A (the later model, as the tuned side) against B."""
+    return {f"{a} vs {b}": compare(scores[b], scores[a]) for b, a in itertools.combinations(scores, 2)}
+
+
+def _sample_all(spec: Any, prompts: list[str], noise: Tensor, seeds: list[int], sampler: SamplerSettings,
+                batch_size: int, progress: bool) -> Tensor:
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        out.append(spec.sample(prompts[start:start + batch_size], noise[start:start + batch_size],
+                               seeds=seeds[start:start + batch_size], progress=progress,
+                               num_inference_steps=sampler.num_inference_steps,
+                               guidance_scale=sampler.guidance_scale))
+    return torch.cat(out)
+
+
+def _drop_new_adapters(model: Any, before: set[str]) -> None:
+    """Delete the adapters ``load_lora`` added, so the next run starts from the base again."""
+    inner = unwrap(model)
+    new = [name for name in getattr(inner, "peft_config", {}) if name not in before]
+    if new:
+        inner.delete_adapters(new)
+
+
+def evaluate(
+    spec: Any,
+    prompts: list[str],
+    runs: dict[str, str | Path],
+    rewards: list[Reward],
+    out: str | Path,
+    *,
+    seed: int = 10_000,
+    sampler: SamplerSettings | None = None,
+    batch_size: int = 4,
+    quality: Callable[[Tensor], float] | None = None,
+    samples_per_prompt: int = 1,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Sample the base and each run (name -> LoRA folder) from identical noise, score, compare, report."""
+    from sdpo.models._common import derive_seed
+
+    sampler = sampler or SamplerSettings()
+    if not runs:
+        raise ValueError("evaluate needs at least one run (NAME=LORA_DIR) to compare with the base")
+    for reward in rewards:
+        if reward.media != spec.media_kind:
+            raise ValueError(f"reward {reward.name!r} scores {reward.media}s, but the {spec.family} model makes "
+                             f"{spec.media_kind}s")
+    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    if len(all_prompts) < 2:
+        raise ValueError("need at least two evaluation samples for intervals")
+    seeds = [derive_seed(seed, i) for i in range(len(all_prompts))]
+    noise = torch.cat([spec.initial_latents(1, s) for s in seeds])
+    samples = {"base": _sample_all(spec, all_prompts, noise, seeds, sampler, batch_size, progress)}
+    for name, folder in runs.items():
+        if name in samples or name == "noise":
+            raise ValueError(f"run name {name!r} is taken; pick another")
+        before = set(getattr(unwrap(spec.denoiser), "peft_config", {}))
+        spec.load_lora(folder)
+        try:
+            samples[name] = _sample_all(spec, all_prompts, noise, seeds, sampler, batch_size, progress)
+        finally:
+            _drop_new_adapters(spec.denoiser, before)
+    scores = {r.name: {m: r.score(x, all_prompts).detach().float().cpu() for m, x in samples.items()}
+              for r in rewards}
+    result = EvaluationResult(
+        Path(out), list(samples),
+        means={r: {m: v.mean().item() for m, v in s.items()} for r, s in scores.items()},
+        versus_base={r: {m: compare(s["base"], s[m]) for m in runs} for r, s in scores.items()},
+        head_to_head={r: head_to_head(s) for r, s in scores.items()},
+        quality={m: float(quality(x)) for m, x in samples.items()} if quality else {})
+    _write_outputs(result, samples, noise, all_prompts, seed, sampler, runs)
+    return result
+
+
+def _write_outputs(result: EvaluationResult, samples: dict[str, Tensor], noise: Tensor, prompts: list[str],
+                   seed: int, sampler: SamplerSettings, runs: dict[str, str | Path]) -> None:
+    out = result.out
+    out.mkdir(parents=True, exist_ok=True)
+    save_eval_samples(out / EVAL_SAMPLES_FILE, samples, noise, prompts, seed)
+    for name, media in samples.items():
+        write_grid(media, out / f"grid-{name}.png")
+        if media.ndim == 5:
+            for index in range(min(4, media.shape[0])):
+                write_media(media[index], out / f"{name}-{index:02d}.mp4")
+    atomic_write_text(out / "results.json", json.dumps(
+        {**result.as_dict(), "prompts": prompts, "seed": seed, "sampler": asdict(sampler),
+         "runs": {k: str(v) for k, v in runs.items()}}, indent=2))
+    atomic_write_text(out / "report.md", report_markdown(result, len(prompts)))
+
+
+def write_grid(media: Tensor, path: Path, columns: int = 8) -> None:
+    """A PNG grid of up to 32 images, or for clips a contact sheet (one row of frames per sample, 8 rows)."""
+    if media.ndim == 5:
+        rows = media[:8]
+        step = max(1, rows.shape[1] // 8)
+        tiles, columns = rows[:, ::step][:, :8].flatten(0, 1), min(8, rows[:, ::step].shape[1])
+    else:
+        tiles = media[:32]
+    count, channels, height, width = tiles.shape
+    grid_rows = (count + columns - 1) // columns
+    canvas = torch.full((channels, grid_rows * height, columns * width), -1.0)
+    for index, tile in enumerate(tiles):
+        r, c = divmod(index, columns)
+        canvas[:, r * height:(r + 1) * height, c * width:(c + 1) * width] = tile
+    write_media(canvas, path)
+
+
+def report_markdown(result: EvaluationResult, n: int) -> str:
+    """The evaluation as a markdown report."""
+    lines = [f"# Evaluation: {', '.join(result.models)}", "", f"{n} paired samples per model (identical noise).", ""]
+    for reward, table in result.versus_base.items():
+        lines += [f"## {reward}", "", "| model | mean | gain over base (95% CI) | win rate over base (95% CI) |",
+                  "|---|---|---|---|", f"| base | {result.means[reward]['base']:.4f} | | |"]
+        for name, comparison in table.items():
+            lines.append(f"| {name} | {result.means[reward][name]:.4f} | {comparison.gain} | {comparison.win_rate} |")
+        lines += ["", "| A vs B | A wins (95% CI) | reward A - B (95% CI) |", "|---|---|---|"]
+        for pair, comparison in result.head_to_head[reward].items():
+            lines.append(f"| {pair} | {comparison.win_rate} | {comparison.gain} |")
+        lines.append("")
+    if result.quality:
+        lines += ["## Quality guard", "", *(f"- {m}: {v:.4f}" for m, v in result.quality.items()), ""]
+    lines += ["Samples: " + ", ".join(f"grid-{m}.png" for m in result.models) + f"; export: {EVAL_SAMPLES_FILE}.", ""]
+    return "\n".join(lines)

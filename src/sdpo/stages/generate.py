@@ -1,0 +1,240 @@
+"""`sdpo generate`: K candidates per prompt from a model, seeds recorded, written resumably.
+
+Layout of the output folder:
+
+* ``media/p{prompt:05d}-c{candidate:03d}.png`` (images) or ``.mp4`` (videos; with
+  ``frame_folders=True`` also a folder of PNG frames of the same stem);
+* ``batches/batch-{n:06d}.safetensors``: the exact float pixels of one batch (tensor ``pixels``,
+  (n, ...) in [-1, 1]) and, in its metadata ``records``, the candidate records of that batch;
+  a batch file is renamed into place only after its media, so its presence marks the batch done;
+* ``candidates.jsonl``: one record per candidate (see :class:`Candidate`), rebuilt atomically from
+  the finished batches at the end.
+
+Work is cut into batches over the global (prompt, candidate) order; batch n goes to process
+n % world_size, so every batch holds the same candidates whatever the number of processes and the
+files equal a single process's. The initial noise of candidate (p, k) is
+``spec.initial_latents(1, derive_seed(seed, p, k))``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sdpo.models._common import derive_seed
+from sdpo.stages._io import CANDIDATES_FILE, write_records
+
+FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"
+"""Test hook: raise after this many batches were written by this process (simulates a killed run)."""
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How candidates are sampled."""
+
+    num_inference_steps: int = 50
+    """Sampler steps."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale (1 disables guidance)."""
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be positive, got {self.num_inference_steps}")
+
+
+@dataclass
+class Candidate:
+    """One generated sample, as a line of ``candidates.jsonl``."""
+
+    prompt: str
+    """The prompt it was sampled for."""
+    prompt_index: int
+    """Index of the prompt in the prompts list."""
+    candidate_index: int
+    """Index k among the prompt's candidates."""
+    path: str
+    """Media file (PNG or MP4), relative to the folder."""
+    seed: int
+    """Seed of its initial noise (``derive_seed(run seed, prompt_index, candidate_index)``)."""
+    sampler: dict[str, Any]
+    """SamplerSettings as a dict."""
+    model: str | None
+    """The model's ``pretrained`` (folder or hub id)."""
+    family: str
+    """Model family."""
+    lora: str | None
+    """LoRA folder sampled with, or None."""
+    pixels: str
+    """Batch file holding its exact float pixels, relative to the folder."""
+    pixels_index: int
+    """Row in that batch file."""
+    frames: str | None = None
+    """Frame folder (videos with ``frame_folders``), relative to the folder."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Reward name -> score (filled by ``score``)."""
+    total: float | None = None
+    """Weighted total of the scores (filled by ``score``)."""
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What ``generate`` did."""
+
+    out_dir: Path
+    candidates: int
+    """Candidates in candidates.jsonl."""
+    generated: int
+    """Candidates sampled by this call on this process (0 when everything was there already)."""
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed (gloo on CPU) when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def load_pixels(folder: str | Path, candidate: dict[str, Any]) -> Tensor:
+    """The exact float pixels of one candidate record."""
+    with safe_open(str(Path(folder) / candidate["pixels"]), "pt") as handle:
+        return handle.get_slice("pixels")[candidate["pixels_index"]]
+
+
+def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fps: int = 8) -> None:
+    """PNG for an image (C, H, W), MP4 for a clip (F, C, H, W) (plus PNG frames in ``frame_folder``)."""
+    from PIL import Image
+
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if pixels.ndim == 3:
+        image = array.permute(1, 2, 0).numpy()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
+    else:
+        import imageio.v2 as imageio
+
+        frames = array.permute(0, 2, 3, 1).numpy()
+        with imageio.get_writer(str(temporary), format="FFMPEG", fps=fps, codec="libx264",
+                                macro_block_size=1, ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        if frame_folder is not None:
+            frame_folder.mkdir(parents=True, exist_ok=True)
+            for index, frame in enumerate(frames):
+                Image.fromarray(frame).save(frame_folder / f"{index:04d}.png")
+    os.replace(temporary, path)
+
+
+def _plan(prompts: list[str], per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    items = [(p, k) for p in range(len(prompts)) for k in range(per_prompt)]
+    return [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+
+
+def generate(
+    spec: Any,
+    prompts: list[str],
+    out_dir: str | Path,
+    *,
+    per_prompt: int,
+    seed: int = 0,
+    sampler: SamplerSettings | None = None,
+    lora: str | Path | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    frame_folders: bool = False,
+    fps: int = 8,
+) -> GenerateResult:
+    """Sample ``per_prompt`` candidates for each prompt with ``spec`` into ``out_dir`` (see the module doc).
+
+    ``lora``: a training run folder loaded onto the spec first. Resumable: finished batches are kept.
+    """
+    from tqdm.auto import tqdm
+
+    sampler = sampler or SamplerSettings()
+    if per_prompt < 1 or batch_size < 1:
+        raise ValueError(f"per_prompt and batch_size must be positive, got {per_prompt} and {batch_size}")
+    if not prompts:
+        raise ValueError("no prompts to generate for")
+    out = Path(out_dir)
+    rank, world = _dist()
+    (out / "media").mkdir(parents=True, exist_ok=True)
+    (out / "batches").mkdir(parents=True, exist_ok=True)
+    if lora is not None:
+        spec.load_lora(lora)
+    batches = _plan(prompts, per_prompt, batch_size)
+    mine = [n for n in range(len(batches)) if n % world == rank]
+    todo = [n for n in mine if not (out / "batches" / f"batch-{n:06d}.safetensors").is_file()]
+    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+    done = 0
+    bar = tqdm(total=sum(len(batches[n]) for n in todo), desc="generate", unit="sample",
+               disable=not progress or rank != 0)
+    for count, n in enumerate(todo):
+        if fail_after and count >= fail_after:
+            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after {count} batches (test hook)")
+        _generate_batch(spec, prompts, batches[n], n, out, seed, sampler, lora, frame_folders, fps)
+        done += len(batches[n])
+        bar.update(len(batches[n]))
+    bar.close()
+    _barrier(world)
+    records = collect_records(out, len(batches))
+    if rank == 0 and (done or not (out / CANDIDATES_FILE).is_file()):  # a finished, scored folder is kept
+        write_records(out, records)
+    _barrier(world)
+    return GenerateResult(out, len(records), done)
+
+
+def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]], n: int, out: Path, seed: int,
+                    sampler: SamplerSettings, lora: str | Path | None, frame_folders: bool, fps: int) -> None:
+    seeds = [derive_seed(seed, p, k) for p, k in items]
+    latents = torch.cat([spec.initial_latents(1, s) for s in seeds])
+    pixels = spec.sample([prompts[p] for p, _ in items], latents, seeds=seeds,
+                         num_inference_steps=sampler.num_inference_steps, guidance_scale=sampler.guidance_scale)
+    batch_name = f"batches/batch-{n:06d}.safetensors"
+    records = []
+    for row, ((p, k), candidate_seed) in enumerate(zip(items, seeds, strict=True)):
+        stem = f"p{p:05d}-c{k:03d}"
+        path = f"media/{stem}.{'png' if pixels.ndim == 4 else 'mp4'}"
+        frames = f"media/{stem}" if frame_folders and pixels.ndim == 5 else None
+        write_media(pixels[row], out / path, out / frames if frames else None, fps)
+        records.append(asdict(Candidate(
+            prompt=prompts[p], prompt_index=p, candidate_index=k, path=path, seed=candidate_seed,
+            sampler=asdict(sampler), model=getattr(spec, "pretrained", None) and str(spec.pretrained),
+            family=spec.family, lora=str(lora) if lora is not None else None, pixels=batch_name,
+            pixels_index=row, frames=frames)))
+    temporary = out / "batches" / f".batch-{n:06d}.tmp"
+    save_file({"pixels": pixels.contiguous()}, str(temporary), metadata={"records": json.dumps(records)})
+    os.replace(temporary, out / batch_name)  # the batch counts as done only from here on
+
+
+def collect_records(out: Path, expected: int | None = None) -> list[dict[str, Any]]:
+    """The candidate records of every finished batch file, in batch order."""
+    files = sorted((out / "batches").glob("batch-*.safetensors"))
+    if expected is not None and len(files) != expected:
+        raise RuntimeError(f"{out}: {len(files)} of {expected} batches are finished; run generate again")
+    records = []
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            records.extend(json.loads(handle.metadata()["records"]))
+    return records
+
+
+__all__ = ["CANDIDATES_FILE", "Candidate", "GenerateResult", "SamplerSettings", "generate", "load_pixels"]

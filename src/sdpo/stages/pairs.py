@@ -1,0 +1,77 @@
+"""`sdpo pairs`: preference pairs from scored candidates, in the JSONL manifest format precompute reads.
+
+Each pair line has ``prompt``, ``chosen``, ``rejected`` (media paths) plus ``chosen_score``,
+``rejected_score`` and ``gap`` (kept by the reader as metadata). Strategies, per prompt:
+``best-worst`` (the best against the worst candidate) and ``margin`` (every candidate pair whose
+gap is above ``margin``). Ties and gaps not above ``margin`` are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdpo.data.pairs import PreferencePair, write_pairs_jsonl
+from sdpo.stages._io import read_records
+
+STRATEGIES = ("best-worst", "margin")
+
+
+@dataclass(frozen=True)
+class PairsSummary:
+    """What ``build_pairs`` wrote."""
+
+    out: Path
+    """The manifest written."""
+    pairs: int
+    """Pairs written."""
+    prompts: int
+    """Prompts with at least two scored candidates."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Why candidate pairs were skipped ("tie", "gap below margin") -> count."""
+
+
+def _candidate_pairs(group: list[dict[str, Any]], strategy: str) -> list[tuple[dict, dict]]:
+    ranked = sorted(group, key=lambda r: (-r["total"], r["candidate_index"]))
+    if strategy == "best-worst":
+        return [(ranked[0], ranked[-1])]
+    return list(itertools.combinations(ranked, 2))
+
+
+def build_pairs(
+    candidates_dir: str | Path, strategy: str = "best-worst", margin: float = 0.0, out: str | Path | None = None
+) -> PairsSummary:
+    """Write pairs of ``candidates_dir``'s scored candidates to ``out`` (default ``candidates_dir/pairs.jsonl``)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    folder = Path(candidates_dir)
+    records = read_records(folder)
+    unscored = [r for r in records if r.get("total") is None]
+    if unscored:
+        raise ValueError(f"{len(unscored)} candidate(s) in {folder} are not scored: run `sdpo score {folder}` first")
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(record["prompt_index"], []).append(record)
+    pairs, skipped = [], {}
+    for index in sorted(groups):
+        if len(groups[index]) < 2:
+            continue
+        for chosen, rejected in _candidate_pairs(groups[index], strategy):
+            gap = chosen["total"] - rejected["total"]
+            if gap <= margin:
+                reason = "tie" if gap == 0 else "gap below margin"
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            pairs.append(PreferencePair(chosen["prompt"], (folder / chosen["path"]).resolve(),
+                                        (folder / rejected["path"]).resolve(),
+                                        {"chosen_score": chosen["total"], "rejected_score": rejected["total"],
+                                         "gap": gap}))
+    out_path = Path(out) if out is not None else folder / "pairs.jsonl"
+    if not pairs:
+        raise ValueError(f"no pairs: every candidate pair was skipped ({skipped or 'fewer than 2 per prompt'})")
+    write_pairs_jsonl(pairs, out_path)
+    return PairsSummary(out_path, len(pairs), sum(len(g) > 1 for g in groups.values()), skipped)

@@ -1,0 +1,82 @@
+"""`sdpo score`: every candidate of a generate folder scored by one or more rewards.
+
+Each reward's score goes to ``scores[reward.name]`` of the candidate's record in
+``candidates.jsonl`` and the weighted sum of all rewards to ``total``. The file is rewritten
+atomically after every scored batch, and candidates already scored by a reward are skipped, so a
+killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdpo.rewards.base import Reward
+from sdpo.stages._io import read_records, write_records
+from sdpo.stages.generate import load_pixels
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What ``score`` did."""
+
+    candidates: int
+    """Candidates in the folder."""
+    scored: dict[str, int]
+    """Reward name -> candidates scored by this call."""
+    weights: dict[str, float]
+    """Reward name -> weight in ``total``."""
+
+
+def _media_kind(record: dict[str, Any]) -> str:
+    return "video" if str(record["path"]).endswith(".mp4") else "image"
+
+
+def score(
+    candidates_dir: str | Path,
+    rewards: list[Reward],
+    weights: list[float] | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ScoreSummary:
+    """Score every candidate under ``candidates_dir`` with each reward (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    folder = Path(candidates_dir)
+    records = read_records(folder)
+    if not rewards:
+        raise ValueError("no reward given")
+    weights = list(weights) if weights is not None else [1.0] * len(rewards)
+    if len(weights) != len(rewards):
+        raise ValueError(f"{len(weights)} weight(s) for {len(rewards)} reward(s): give one weight per reward")
+    names = [reward.name for reward in rewards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward names repeat: {', '.join(names)}")
+    kind = _media_kind(records[0])
+    for reward in rewards:
+        if reward.media != kind:
+            raise ValueError(f"reward {reward.name!r} scores {reward.media}s, but {folder} holds {kind}s")
+    scored = {}
+    for reward in rewards:
+        todo = [r for r in records if reward.name not in r.get("scores", {})]
+        scored[reward.name] = len(todo)
+        for start in tqdm(range(0, len(todo), batch_size), desc=f"score {reward.name}", disable=not progress):
+            batch = todo[start:start + batch_size]
+            media = torch.stack([load_pixels(folder, r) for r in batch])
+            with torch.no_grad():
+                values = reward.score(media, [r["prompt"] for r in batch]).detach().float().cpu().flatten()
+            if values.numel() != len(batch) or not torch.isfinite(values).all():
+                raise ValueError(f"reward {reward.name!r} returned {tuple(values.shape)} (non-finite or not one "
+                                 f"score per sample) for a batch of {len(batch)}")
+            for record, value in zip(batch, values.tolist(), strict=True):
+                record.setdefault("scores", {})[reward.name] = value
+            write_records(folder, records)
+    table = dict(zip(names, weights, strict=True))
+    for record in records:
+        record["total"] = sum(w * record["scores"][n] for n, w in table.items())
+    write_records(folder, records)
+    return ScoreSummary(len(records), scored, table)
