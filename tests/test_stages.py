@@ -125,7 +125,7 @@ def test_two_processes_and_a_resumed_run_write_the_same_files(
     code = ("import sys; from sdpo.cli import main; sys.exit(main(sys.argv[1:]))")
     script = tmp_path / "run_cli.py"
     script.write_text(code)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(script), *_generate_args("sd", models["sd"], prompts, two)],
                    check=True, env=env, capture_output=True, timeout=300)
     assert _files(two) == _files(one)
