@@ -1,0 +1,108 @@
+"""Candidates per second through `sdpo.stages.generate.generate` against the family's diffusers pipeline
+called directly on the same inputs (same prompts, same initial noise, same batches): the ratio is
+what the stage adds (noise drawing, PNG/MP4 and exact-pixel files, the candidates file).
+
+    python benchmarks/generate_speed.py                       # tiny SD and Wan pipelines, CPU
+    python benchmarks/generate_speed.py --family cogvideox --pretrained DIR --height 480 --width 720 \\
+        --frames 49 --steps 50 --dtype bf16 --per-prompt 1 --prompts 2 --batch-size 1   # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sdpo.models._common import derive_seed
+from sdpo.models.base import MediaFormat
+from sdpo.models.registry import load_spec
+from sdpo.stages.generate import SamplerSettings, generate
+
+
+def direct(spec, prompts: list[str], per_prompt: int, batch_size: int, seed: int, sampler: SamplerSettings) -> None:
+    """The pipeline alone on generate's batches and noise."""
+    items = [(p, k) for p in range(len(prompts)) for k in range(per_prompt)]
+    pipe = spec.pipeline()
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        seeds = [derive_seed(seed, p, k) for p, k in batch]
+        latents = torch.cat([spec.initial_latents(1, s) for s in seeds])
+        with torch.no_grad():
+            pipe(prompt=[prompts[p] for p, _ in batch], latents=spec.pipeline_latents(latents, spec.denoiser),
+                 num_inference_steps=sampler.num_inference_steps, guidance_scale=sampler.guidance_scale,
+                 generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt",
+                 **spec.sample_kwargs())
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(spec, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
+    sampler = SamplerSettings(args.steps, args.guidance)
+    count = len(prompts) * args.per_prompt
+    times = {"direct": [], "generate": []}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        clock = time.perf_counter()
+        direct(spec, prompts, args.per_prompt, args.batch_size, 0, sampler)
+        direct_s = time.perf_counter() - clock
+        with tempfile.TemporaryDirectory() as folder:
+            clock = time.perf_counter()
+            generate(spec, prompts, Path(folder) / "out", per_prompt=args.per_prompt, seed=0, sampler=sampler,
+                     batch_size=args.batch_size, progress=False)
+            generate_s = time.perf_counter() - clock
+        if repeat:
+            times["direct"].append(direct_s)
+            times["generate"].append(generate_s)
+    best = {key: min(values) for key, values in times.items()}
+    return {"candidates": count, "direct_per_s": count / best["direct"], "generate_per_s": count / best["generate"],
+            "ratio": best["generate"] / best["direct"]}
+
+
+def tiny_cases(root: Path) -> list[tuple[str, Path, MediaFormat]]:
+    from sdpo.models import tiny
+
+    return [("sd", tiny.build_tiny_sd(root / "sd"), MediaFormat(height=16, width=16)),
+            ("wan", tiny.build_tiny_wan(root / "wan"), MediaFormat(height=32, width=32, frames=5))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default=None)
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--per-prompt", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    prompts = [f"prompt number {i}, a small red cube on a table" for i in range(args.prompts)]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as root:
+        if args.family:
+            fmt = MediaFormat(height=args.height, width=args.width, frames=args.frames) if args.height else None
+            cases = [(args.family, Path(args.pretrained), fmt)]
+        else:
+            cases = tiny_cases(Path(root))
+        for family, folder, fmt in cases:
+            spec = load_spec(family, folder, media_format=fmt, torch_dtype=dtype)
+            for value in vars(spec).values():
+                if isinstance(value, torch.nn.Module):
+                    value.to(device)
+            result = measure(spec, prompts, args)
+            print(f"{family} {spec.media_format} on {device}: {result['candidates']} candidates, "
+                  f"direct {result['direct_per_s']:.2f}/s, generate {result['generate_per_s']:.2f}/s, "
+                  f"ratio {result['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
