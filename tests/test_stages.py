@@ -138,3 +138,39 @@ def test_score_refuses_a_reward_of_the_other_media_kind(models: dict[str, Path],
     assert main(["--quiet", "score", str(gen), "--reward", "brightness", "--reward-option", "media=video"]) == 2
     assert "scores videos, but" in capsys.readouterr().err
     assert main(["--quiet", "pairs", str(gen)]) == 2  # not scored yet: one line, exit 2
+
+
+def test_killed_scoring_resumes_and_pairs_count_what_they_skip(models: dict[str, Path], prompts: Path,
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    from sdpo.rewards.registry import as_reward
+    from sdpo.stages.pairs import build_pairs
+    from sdpo.stages.score import score
+
+    gen = tmp_path / "gen"
+    assert main(_generate_args("sd", models["sd"], prompts, gen)) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(gen, copy)
+    mean = as_reward(lambda media, _: media.flatten(1).mean(1), name="mean", media="image")
+    calls = []
+
+    def dies_second_time(media: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed in the middle of the second batch
+        return mean.score(media, texts)
+
+    with pytest.raises(KeyboardInterrupt):
+        score(copy, [as_reward(dies_second_time, name="mean", media="image")], batch_size=2, progress=False)
+    partly = [json.loads(line) for line in (copy / "candidates.jsonl").read_text().splitlines()]
+    assert sum("mean" in r["scores"] for r in partly) == 2
+    assert score(copy, [mean], batch_size=2, progress=False).scored == {"mean": 2}
+    score(gen, [mean], batch_size=2, progress=False)
+    assert (copy / "candidates.jsonl").read_bytes() == (gen / "candidates.jsonl").read_bytes()
+
+    summary = build_pairs(gen, "margin", margin=0.0, out=tmp_path / "all.jsonl")
+    assert summary.pairs == 2 and summary.prompts == 2  # 2 candidates per prompt: one pair each
+    with pytest.raises(ValueError, match="no pairs"):
+        build_pairs(gen, "best-worst", margin=10.0, out=tmp_path / "none.jsonl")
+    assert not (tmp_path / "none.jsonl").exists()
