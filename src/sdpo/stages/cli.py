@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 _DTYPES = ("fp32", "bf16", "fp16")
@@ -50,7 +51,8 @@ def _generate(args: argparse.Namespace) -> None:
     result = generate(_load(args), prompts, args.out, per_prompt=args.per_prompt, seed=args.seed,
                       sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
                       progress=not args.quiet, frame_folders=args.frame_folders)
-    print(f"candidates: {result.out_dir}/candidates.jsonl ({result.candidates}, {result.generated} new)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one line is enough
+        print(f"candidates: {result.out_dir}/candidates.jsonl ({result.candidates}, {result.generated} new)")
 
 
 def _rewards(args: argparse.Namespace) -> list:

@@ -30,7 +30,7 @@ from sdpo.evaluate import Comparison, compare
 from sdpo.models.base import unwrap
 from sdpo.rewards.base import Reward
 from sdpo.stages._io import atomic_write_text
-from sdpo.stages.generate import SamplerSettings, write_media
+from sdpo.stages.generate import SamplerSettings, sample_with_seeds, write_media
 
 EVAL_SAMPLES_FILE = "eval_samples.safetensors"
 """Evaluation samples of a run: one tensor per model, the shared noise, and the prompts in the metadata."""
@@ -90,10 +90,8 @@ def _sample_all(spec: Any, prompts: list[str], noise: Tensor, seeds: list[int], 
                 batch_size: int, progress: bool) -> Tensor:
     out = []
     for start in range(0, len(prompts), batch_size):
-        out.append(spec.sample(prompts[start:start + batch_size], noise[start:start + batch_size],
-                               seeds=seeds[start:start + batch_size], progress=progress,
-                               num_inference_steps=sampler.num_inference_steps,
-                               guidance_scale=sampler.guidance_scale))
+        out.append(sample_with_seeds(spec, prompts[start:start + batch_size], noise[start:start + batch_size],
+                                     seeds[start:start + batch_size], sampler, progress))
     return torch.cat(out)
 
 

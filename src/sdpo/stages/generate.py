@@ -144,6 +144,17 @@ def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fp
     os.replace(temporary, path)
 
 
+def sample_with_seeds(spec: Any, prompts: list[str], latents: Tensor, seeds: list[int], sampler: SamplerSettings,
+                      progress: bool = False) -> Tensor:
+    """``spec.sample``, handing per-sample ``seeds`` (for stochastic schedulers) to specs whose ``sample``
+    takes them (the diffusers families); the contract's ``sample`` has no such argument."""
+    import inspect
+
+    extra = {"seeds": seeds} if "seeds" in inspect.signature(spec.sample).parameters else {}
+    return spec.sample(prompts, latents, num_inference_steps=sampler.num_inference_steps,
+                       guidance_scale=sampler.guidance_scale, progress=progress, **extra)
+
+
 def _plan(prompts: list[str], per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
     items = [(p, k) for p in range(len(prompts)) for k in range(per_prompt)]
     return [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
@@ -206,8 +217,7 @@ def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]],
                     sampler: SamplerSettings, lora: str | Path | None, frame_folders: bool, fps: int) -> None:
     seeds = [derive_seed(seed, p, k) for p, k in items]
     latents = torch.cat([spec.initial_latents(1, s) for s in seeds])
-    pixels = spec.sample([prompts[p] for p, _ in items], latents, seeds=seeds,
-                         num_inference_steps=sampler.num_inference_steps, guidance_scale=sampler.guidance_scale)
+    pixels = sample_with_seeds(spec, [prompts[p] for p, _ in items], latents, seeds, sampler)
     batch_name = f"batches/batch-{n:06d}.safetensors"
     records = []
     for row, ((p, k), candidate_seed) in enumerate(zip(items, seeds, strict=True)):
