@@ -174,3 +174,11 @@ def test_killed_scoring_resumes_and_pairs_count_what_they_skip(models: dict[str,
     with pytest.raises(ValueError, match="no pairs"):
         build_pairs(gen, "best-worst", margin=10.0, out=tmp_path / "none.jsonl")
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused(models: dict[str, Path], prompts: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    gen = tmp_path / "gen"
+    assert main(_generate_args("sd", models["sd"], prompts, gen)) == 0
+    assert main([*_generate_args("sd", models["sd"], prompts, gen), "--seed", "4"]) == 2
+    assert "other settings (seed" in capsys.readouterr().err

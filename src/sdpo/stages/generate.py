@@ -7,6 +7,8 @@ Layout of the output folder:
 * ``batches/batch-{n:06d}.safetensors``: the exact float pixels of one batch (tensor ``pixels``,
   (n, ...) in [-1, 1]) and, in its metadata ``records``, the candidate records of that batch;
   a batch file is renamed into place only after its media, so its presence marks the batch done;
+* ``generate.json``: the settings (prompts, seed, sampler, model, ...); a rerun with other
+  settings into the same folder is refused;
 * ``candidates.jsonl``: one record per candidate (see :class:`Candidate`), rebuilt atomically from
   the finished batches at the end.
 
@@ -30,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sdpo.models._common import derive_seed
-from sdpo.stages._io import CANDIDATES_FILE, write_records
+from sdpo.stages._io import CANDIDATES_FILE, atomic_write_text, write_records
 
 FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"
 """Test hook: raise after this many batches were written by this process (simulates a killed run)."""
@@ -155,6 +157,22 @@ def sample_with_seeds(spec: Any, prompts: list[str], latents: Tensor, seeds: lis
                        guidance_scale=sampler.guidance_scale, progress=progress, **extra)
 
 
+SETTINGS_FILE = "generate.json"
+"""What a generate folder was made with; a resumed run must ask for exactly the same."""
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        for key, value in settings.items():
+            if saved.get(key) != value:
+                raise ValueError(f"{out} was generated with other settings ({key}: {str(saved.get(key))[:80]!r}, "
+                                 f"now {str(value)[:80]!r}): use a new --out folder, or the same settings to resume")
+        return
+    atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def _plan(prompts: list[str], per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
     items = [(p, k) for p in range(len(prompts)) for k in range(per_prompt)]
     return [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
@@ -189,6 +207,11 @@ def generate(
     rank, world = _dist()
     (out / "media").mkdir(parents=True, exist_ok=True)
     (out / "batches").mkdir(parents=True, exist_ok=True)
+    _check_settings(out, {"prompts": list(prompts), "per_prompt": per_prompt, "seed": seed,
+                          "sampler": asdict(sampler), "batch_size": batch_size, "family": spec.family,
+                          "model": getattr(spec, "pretrained", None) and str(spec.pretrained),
+                          "media_format": asdict(spec.media_format), "lora": None if lora is None else str(lora),
+                          "frame_folders": frame_folders, "fps": fps})
     if lora is not None:
         spec.load_lora(lora)
     batches = _plan(prompts, per_prompt, batch_size)
