@@ -83,3 +83,19 @@ def test_the_whole_loop_runs_on_an_embedded_world(world: str, tmp_path: Path) ->
     assert {"base", "tuned", "noise"} <= keys
     assert base_samples.shape[0] == len(prompt_list)
     assert base_samples.min() >= -1.0 and base_samples.max() <= 1.0
+
+
+def test_reward_options_are_checked_and_can_be_scoped_to_one_reward(tmp_path: Path, capsys) -> None:
+    assert main(["--quiet", "score", str(tmp_path), "--reward", "digits", "--reward-option", "bogus=1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "reward 'digits' has no option bogus" in error and "style_weight" in error
+
+    assert main(["--quiet", "score", str(tmp_path), "--reward", "digits", "--reward-option", "brightness.media=video"]) == 2
+    assert "names reward 'brightness', which is not among --reward digits" in capsys.readouterr().err
+
+    # A scoped option reaches its reward only: the brightness reward would refuse a digits option.
+    args = ["--quiet", "score", str(tmp_path), "--reward", "digits", "--reward", "brightness",
+            "--reward-option", "digits.style_weight=0.5", "--reward-option", "brightness.media=image"]
+    assert main(args) == 2  # the folder holds no candidates: the rewards themselves were built
+    error = capsys.readouterr().err
+    assert "has no option" not in error and "sdpo generate --out" in error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +47,23 @@ def load_reward(name: str, **options: Any) -> Reward:
             raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(known_rewards()) or 'none'}")
         module_name, _, attribute = LAZY_REWARDS[name].partition(":")
         REWARDS[name] = getattr(importlib.import_module(module_name), attribute)
+    _check_options(name, REWARDS[name], options)
     return REWARDS[name](**options)
+
+
+def _check_options(name: str, factory: Callable[..., Reward], options: dict[str, Any]) -> None:
+    """Refuse an option the factory does not take, listing the ones it does (not a TypeError traceback)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"reward {name!r} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(accepted) or 'none'}")
 
 
 class CallableReward:

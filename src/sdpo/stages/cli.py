@@ -56,17 +56,24 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _rewards(args: argparse.Namespace) -> list:
+    """The named rewards; ``--reward-option KEY=VALUE`` goes to every reward, ``NAME.KEY=VALUE`` to one."""
     import yaml
 
     from sdpo.rewards.registry import load_reward
 
-    options = {}
+    shared: dict = {}
+    scoped: dict[str, dict] = {name: {} for name in args.reward}
     for text in args.reward_option or []:
         if "=" not in text:
-            raise ValueError(f"--reward-option expects KEY=VALUE, got {text!r}")
-        key, value = text.split("=", 1)
-        options[key.strip()] = yaml.safe_load(value)
-    return [load_reward(name, **options) for name in args.reward]
+            raise ValueError(f"--reward-option expects KEY=VALUE or REWARD.KEY=VALUE, got {text!r}")
+        key, value = (part.strip() for part in text.split("=", 1))
+        name, dot, option = key.rpartition(".")
+        target = scoped.get(name) if dot else shared
+        if target is None:
+            raise ValueError(f"--reward-option {text!r} names reward {name!r}, which is not among --reward "
+                             f"{', '.join(args.reward)}")
+        target[option if dot else key] = yaml.safe_load(value)
+    return [load_reward(name, **{**shared, **scoped[name]}) for name in args.reward]
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -119,7 +126,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 def _reward_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward", action="append", required=True, help="reward registry name (repeatable)")
     parser.add_argument("--reward-option", action="append", metavar="KEY=VALUE",
-                        help="option for the rewards' factories, e.g. media=video (repeatable)")
+                        help="option for the rewards' factories: KEY=VALUE for all, or REWARD.KEY=VALUE for one, "
+                             "e.g. pickscore.model=/models/PickScore_v1 (repeatable)")
 
 
 def add_stage_commands(commands: Any) -> None:
