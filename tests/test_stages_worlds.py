@@ -99,3 +99,34 @@ def test_reward_options_are_checked_and_can_be_scoped_to_one_reward(tmp_path: Pa
     assert main(args) == 2  # the folder holds no candidates: the rewards themselves were built
     error = capsys.readouterr().err
     assert "has no option" not in error and "sdpo generate --out" in error
+
+
+def test_score_totals_are_raw_weighted_sums_or_per_prompt_zscores(tmp_path: Path) -> None:
+    family, config, _, prompt_list = WORLDS["digits"]
+    base = str(pretrain_base(config, cache_root=tmp_path / "cache", progress=False))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(prompt_list) + "\n")
+    gen = tmp_path / "gen"
+    _sdpo("generate", "--family", family, "--pretrained", base, "--prompts", str(prompts), "--per-prompt", "3",
+          "--steps", "2", "--out", str(gen))
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in (gen / "candidates.jsonl").read_text().splitlines()]
+
+    _sdpo("score", str(gen), "--reward", "digits", "--reward", "brightness", "--weight", "2", "--weight", "0.5")
+    for record in records():
+        expected = 2 * record["scores"]["digits"] + 0.5 * record["scores"]["brightness"]
+        assert record["total"] == pytest.approx(expected, rel=1e-12)
+
+    _sdpo("score", str(gen), "--reward", "digits", "--reward", "brightness", "--weight", "2", "--weight", "0.5",
+          "--normalize", "zscore")
+    rows = records()
+    for index in range(len(prompt_list)):
+        group = [r for r in rows if r["prompt_index"] == index]
+        expected = torch.zeros(len(group), dtype=torch.float64)
+        for name, weight in (("digits", 2.0), ("brightness", 0.5)):
+            values = torch.tensor([r["scores"][name] for r in group], dtype=torch.float64)
+            expected += weight * (values - values.mean()) / values.std(unbiased=False)
+        totals = torch.tensor([r["total"] for r in group], dtype=torch.float64)
+        torch.testing.assert_close(totals, expected, rtol=1e-5, atol=1e-5)
+        assert abs(totals.sum().item()) < 1e-4  # z-scores centre each prompt's candidates

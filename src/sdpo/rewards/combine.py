@@ -52,7 +52,8 @@ def combine_scores(parts: Mapping[str, Tensor], weights: Mapping[str, float], gr
         how = normalize[name] if isinstance(normalize, Mapping) else normalize
         if how not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {how!r} for {name!r}; use one of {', '.join(NORMALIZATIONS)}")
-        term = weights[name] * (zscore_by_group(values, groups) if how == "zscore" else values.float())
+        values = values if values.is_floating_point() else values.float()
+        term = weights[name] * (zscore_by_group(values, groups) if how == "zscore" else values)
         total = term if total is None else total + term
     if total is None:
         raise ValueError("combine needs at least one reward")

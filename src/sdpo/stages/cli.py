@@ -79,7 +79,8 @@ def _rewards(args: argparse.Namespace) -> list:
 def _score(args: argparse.Namespace) -> None:
     from sdpo.stages.score import score
 
-    summary = score(args.dir, _rewards(args), args.weight, batch_size=args.batch_size, progress=not args.quiet)
+    summary = score(args.dir, _rewards(args), args.weight, batch_size=args.batch_size, normalize=args.normalize,
+                    progress=not args.quiet)
     print(f"scored {summary.candidates} candidates: " + ", ".join(f"{k} ({v} new)" for k, v in summary.scored.items()))
 
 
@@ -144,6 +145,8 @@ def add_stage_commands(commands: Any) -> None:
     sc.add_argument("dir", help="generate output folder")
     _reward_flags(sc)
     sc.add_argument("--weight", action="append", type=float, help="weight of each reward in the total")
+    sc.add_argument("--normalize", choices=["raw", "zscore"], default="raw",
+                    help="each reward enters the total raw, or z-scored over the candidates of its prompt")
     sc.add_argument("--batch-size", type=int, default=8)
     sc.set_defaults(func=_score)
 

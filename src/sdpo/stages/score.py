@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sdpo.rewards.base import Reward
+from sdpo.rewards.combine import combine_scores
 from sdpo.stages._io import read_records, write_records
 from sdpo.stages.generate import load_pixels
 
@@ -41,9 +42,14 @@ def score(
     weights: list[float] | None = None,
     *,
     batch_size: int = 8,
+    normalize: str = "raw",
     progress: bool = True,
 ) -> ScoreSummary:
-    """Score every candidate under ``candidates_dir`` with each reward (see the module docstring)."""
+    """Score every candidate under ``candidates_dir`` with each reward (see the module docstring).
+
+    ``normalize`` is how each reward enters ``total``: "raw", or "zscore" over the candidates of one
+    prompt (rewards on different scales then weigh as their weights say).
+    """
     from tqdm.auto import tqdm
 
     folder = Path(candidates_dir)
@@ -54,6 +60,8 @@ def score(
     if len(weights) != len(rewards):
         raise ValueError(f"{len(weights)} weight(s) for {len(rewards)} reward(s): give one weight per reward")
     names = [reward.name for reward in rewards]
+    if normalize not in ("raw", "zscore"):
+        raise ValueError(f"normalize must be 'raw' or 'zscore', got {normalize!r}")
     if len(set(names)) != len(names):
         raise ValueError(f"reward names repeat: {', '.join(names)}")
     kind = _media_kind(records[0])
@@ -76,7 +84,9 @@ def score(
                 record.setdefault("scores", {})[reward.name] = value
             write_records(folder, records)
     table = dict(zip(names, weights, strict=True))
-    for record in records:
-        record["total"] = sum(w * record["scores"][n] for n, w in table.items())
+    parts = {name: torch.tensor([record["scores"][name] for record in records], dtype=torch.float64) for name in names}
+    totals = combine_scores(parts, table, [record["prompt_index"] for record in records], normalize)
+    for record, total in zip(records, totals.tolist(), strict=True):
+        record["total"] = total
     write_records(folder, records)
     return ScoreSummary(len(records), scored, table)
