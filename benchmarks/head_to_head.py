@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from sdpo.demo import EVAL_SAMPLES_FILE, load_eval_samples
-from sdpo.evaluate import compare
 from sdpo.rewards import Reward
+from sdpo.stages.evaluate import EVAL_SAMPLES_FILE, load_eval_samples
+from sdpo.stages.evaluate import head_to_head as compare_all
 from sdpo.toy.world import get_world
 
 
@@ -43,10 +43,15 @@ def head_to_head(folders: list[Path], world: str = "image") -> str:
         "| A vs B | A wins (pooled, 95% CI) | reward A - B (pooled, 95% CI) | A wins, per run |",
         "|---|---|---|---|",
     ]
+    # The library's head_to_head puts the later model first ("A vs B", A later); this table has
+    # always put the earlier one first, so it is handed the models in reverse.
+    backwards = models[::-1]
+    pooled_all = compare_all({name: torch.cat([run[name] for run in runs]) for name in backwards})
+    per_run_all = [compare_all({name: run[name] for name in backwards}) for run in runs]
     for a, b in itertools.combinations(models, 2):
-        pooled = compare(torch.cat([run[b] for run in runs]), torch.cat([run[a] for run in runs]))
-        per_run = [compare(run[b], run[a]).win_rate.value for run in runs]
-        lines.append(f"| {a} vs {b} | {pooled.win_rate} | {pooled.gain.value:+.3f} "
+        pair = f"{a} vs {b}"
+        pooled, per_run = pooled_all[pair], [table[pair].win_rate.value for table in per_run_all]
+        lines.append(f"| {pair} | {pooled.win_rate} | {pooled.gain.value:+.3f} "
                      f"[{pooled.gain.low:+.3f}, {pooled.gain.high:+.3f}] | "
                      + ", ".join(f"{w:.3f}" for w in per_run) + " |")
     return "\n".join(lines)

@@ -57,7 +57,7 @@ def run_variant(folder: Path, method: str, settings: dict, steps: int | None) ->
         config = dataclasses.replace(template, output_dir=out, method=variant, report_to="none")
         spec = load_spec(world.family, base)
         run = train(config, spec=spec, dataset=CachedPairs(folder / "cache"), progress=False)
-        samples = spec.sample(prompts, spec.encode_media(noise), model=run.model,
+        samples = spec.sample(prompts, noise, model=run.model,  # the export's noise is the initial latents
                               num_inference_steps=demo.num_inference_steps, guidance_scale=world.guidance_scale)
 
     reward = world.reward()

@@ -182,3 +182,38 @@ def test_a_rerun_with_other_settings_is_refused(models: dict[str, Path], prompts
     assert main(_generate_args("sd", models["sd"], prompts, gen)) == 0
     assert main([*_generate_args("sd", models["sd"], prompts, gen), "--seed", "4"]) == 2
     assert "other settings (seed" in capsys.readouterr().err
+
+
+def test_pairs_can_point_at_lossless_frame_folders(tmp_path: Path) -> None:
+    from sdpo.stages._io import write_records
+    from sdpo.stages.pairs import build_pairs
+
+    records = [{"prompt": "a", "prompt_index": 0, "candidate_index": k, "path": f"media/p00000-c{k:03d}.mp4",
+                "frames": f"media/p00000-c{k:03d}", "total": float(k)} for k in range(3)]
+    write_records(tmp_path, records)
+    build_pairs(tmp_path, frames=True, out=tmp_path / "frames.jsonl")
+    pair = json.loads((tmp_path / "frames.jsonl").read_text())
+    assert pair["chosen"].endswith("media/p00000-c002") and pair["rejected"].endswith("media/p00000-c000")
+    build_pairs(tmp_path, out=tmp_path / "mp4.jsonl")
+    assert json.loads((tmp_path / "mp4.jsonl").read_text())["chosen"].endswith("p00000-c002.mp4")
+    write_records(tmp_path, [{**r, "frames": None} for r in records])
+    with pytest.raises(ValueError, match="frame_folders=True"):
+        build_pairs(tmp_path, frames=True, out=tmp_path / "none.jsonl")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_frame_folders_hold_the_exact_8bit_frames(channels: int, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from sdpo.stages.generate import write_media
+
+    clip = torch.linspace(-1, 1, 3 * channels * 4 * 6).reshape(3, channels, 4, 6)
+    write_media(clip, tmp_path / "clip.mp4", tmp_path / "frames")
+    frames = sorted((tmp_path / "frames").glob("*.png"))
+    assert len(frames) == 3 and (tmp_path / "clip.mp4").stat().st_size > 0
+    expected = ((clip + 1) * 127.5).round().to(torch.uint8)
+    for frame, want in zip(frames, expected, strict=True):
+        got = torch.from_numpy(np.array(Image.open(frame)))
+        got = got.unsqueeze(0) if got.ndim == 2 else got.permute(2, 0, 1)
+        assert torch.equal(got, want)

@@ -1,9 +1,11 @@
 """`sdpo demo`: the whole method, offline, on the embedded digits world.
 
-Stages: pretrain (or reuse) the toy base model -> sample and score candidates into preference
-pairs -> precompute the cache -> fine-tune with LoRA for each requested method -> sample base and
-tuned models from identical held-out seeds -> compare rewards, win rate and a quality guard ->
-write a report. Everything is built in a temporary sibling of the output folder and moved into
+The world supplies its base model, prompts, reward, real data and quality guard; everything else
+is the library's own stages, exactly as a real model runs them: pretrain (or reuse) the base model
+-> ``generate`` candidates -> ``score`` them with the world's reward -> ``build_pairs`` (best vs
+worst) -> ``precompute`` -> ``train`` a LoRA per method -> ``evaluate`` base and tuned runs from
+identical held-out noise (reward, gain and win rate with intervals, the quality guard) -> the
+demo's report. Everything is built in a temporary sibling of the output folder and moved into
 place at the end, so a failed run leaves no half-written report.
 """
 
@@ -15,16 +17,22 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdpo.objectives import METHODS, MethodConfig
+from sdpo.stages.evaluate import EVAL_SAMPLES_FILE, load_eval_samples, save_eval_samples
 from sdpo.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from sdpo.stages.evaluate import EvaluationResult
+    from sdpo.toy.world import World
+
+T = TypeVar("T")
+
+__all__ = ["EVAL_SAMPLES_FILE", "DemoConfig", "load_eval_samples", "run_demo", "save_eval_samples"]
 
 DEMO_BETA = {"diffusion-dpo": 2000.0, "dpo-cm": 2000.0, "sdpo": 2000.0}
 """Per-method default beta for the toy world (errors are per-pixel means of epsilon)."""
@@ -105,16 +113,8 @@ class DemoConfig:
         )
 
 
-EVAL_SAMPLES_FILE = "eval_samples.safetensors"
-"""Evaluation samples of a run: one tensor per model, the shared noise, and the prompts in the metadata."""
-
-
-def load_eval_samples(run_folder: str | Path) -> tuple[list[str], Tensor, dict[str, Tensor]]:
-    """(prompts, shared noise, samples by model name) of a finished demo run."""
-    with safe_open(str(Path(run_folder) / EVAL_SAMPLES_FILE), "pt") as handle:
-        prompts = json.loads(handle.metadata()["prompts"])
-        samples = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    return prompts, samples.pop("noise"), samples
+GENERATE_BATCH = 512
+"""Candidates per generate / score / evaluate batch: the toy models are tiny, so large batches are cheap."""
 
 
 def _prepare_output(out: Path) -> Path:
@@ -143,77 +143,15 @@ def _publish(staging: Path, out: Path) -> None:
 
 def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the output folder holding report.md."""
-    from sdpo.data import CachedPairs, precompute, read_pairs
-    from sdpo.evaluate import compare
-    from sdpo.models.registry import load_spec
-    from sdpo.toy.pairs import generate_pairs
-    from sdpo.toy.report import write_report
     from sdpo.toy.world import get_world
-    from sdpo.train.trainer import train
 
     world = get_world(config.world, config.toy_overrides)
     out = Path(config.out)
     for method in config.methods:
         config.train_config(method, out)  # validate every run's settings before any work
     staging = _prepare_output(out)
-    timings: dict[str, float] = {}
     try:
-        clock = time.perf_counter()
-        base_folder = world.pretrain(config.cache_root, config.progress)
-        timings["base model"] = time.perf_counter() - clock
-
-        spec = load_spec(world.family, base_folder)
-        reward = world.reward()
-        clock = time.perf_counter()
-        pairs_path = generate_pairs(spec, reward, world.prompts(config.pairs_per_digit), staging / "pairs",
-                                    config.samples_per_prompt, seed=config.seed,
-                                    num_inference_steps=config.num_inference_steps,
-                                    guidance_scale=world.guidance_scale, progress=config.progress)
-        timings["pairs"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        cache_dir = precompute(read_pairs(pairs_path), spec, staging / "cache", progress=config.progress)
-        dataset = CachedPairs(cache_dir)
-        timings["precompute"] = time.perf_counter() - clock
-
-        eval_prompts = world.prompts(config.eval_per_digit)
-        sample_shape = tuple(dataset[0].chosen.shape)
-        eval_noise = torch.randn((len(eval_prompts), *_pixel_shape(spec, sample_shape)),
-                                 generator=torch.Generator().manual_seed(10_000 + config.seed))
-        real = world.real("held_out")
-        clock = time.perf_counter()
-        sampler = dict(num_inference_steps=config.num_inference_steps, guidance_scale=world.guidance_scale,
-                       progress=config.progress)
-        base_samples = spec.sample(eval_prompts, spec.encode_media(eval_noise), **sampler)
-        timings["evaluate base"] = time.perf_counter() - clock
-        base_scores = reward.score(base_samples, eval_prompts)
-        results = {"base": {"fid_like": world.quality(base_samples, real),
-                            "mean_reward": base_scores.mean().item()}}
-        samples = {"base": base_samples, "noise": eval_noise}
-        histories = {}
-        for method in config.methods:
-            clock = time.perf_counter()
-            spec = load_spec(world.family, base_folder)  # a fresh base network per method
-            run = train(config.train_config(method, staging / method), spec=spec, dataset=dataset,
-                        progress=config.progress)
-            timings[f"train {method}"] = time.perf_counter() - clock
-            tuned = spec.sample(eval_prompts, spec.encode_media(eval_noise), model=run.model, **sampler)
-            comparison = compare(base_scores, reward.score(tuned, eval_prompts))
-            results[method] = {**comparison.as_dict(), "fid_like": world.quality(tuned, real)}
-            samples[method] = tuned
-            histories[method] = run.history
-
-        save_file({k: v.contiguous() for k, v in samples.items()},
-                  str(staging / EVAL_SAMPLES_FILE),
-                  metadata={"prompts": json.dumps(eval_prompts), "seed": str(10_000 + config.seed),
-                            "world": config.world,
-                            "layout": "samples in [-1, 1] as the world's sampler returns them; noise is the "
-                                      "shared initial noise of base and tuned sampling"})
-        (staging / "results.json").write_text(json.dumps(
-            {"config": asdict(config), "results": results, "timings_s": timings,
-             "real_vs_real_fid_like": world.quality(world.real("train"), real)},
-            indent=2, default=str))
-        write_report(staging, config, world, results, histories, samples, eval_prompts, spec, dataset, timings)
+        _run_stages(config, world, staging)
         _publish(staging, out)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -222,9 +160,84 @@ def run_demo(config: DemoConfig) -> Path:
     return out
 
 
-def _pixel_shape(spec, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one sample's starting noise: the world's pixel layout (C, H, W) or (F, C, H, W)."""
-    fmt = spec.media_format
-    if fmt.frames is None:
-        return (fmt.channels, fmt.height, fmt.width)
-    return (fmt.frames, fmt.channels, fmt.height, fmt.width)
+def _timed(timings: dict[str, float], stage: str, work: Callable[[], T]) -> T:
+    clock = time.perf_counter()
+    result = work()
+    timings[stage] = time.perf_counter() - clock
+    return result
+
+
+def _run_stages(config: DemoConfig, world: World, staging: Path) -> None:
+    """The library's stages, as a real model runs them: generate -> score -> pairs -> precompute ->
+    train (each method) -> evaluate; then the demo's report over the evaluation."""
+    from sdpo.data import CachedPairs, precompute, read_pairs
+    from sdpo.models.registry import load_spec
+    from sdpo.stages.evaluate import evaluate
+    from sdpo.stages.generate import SamplerSettings, generate
+    from sdpo.stages.pairs import build_pairs
+    from sdpo.stages.score import score
+    from sdpo.toy.report import write_report
+    from sdpo.train.trainer import train
+
+    timings: dict[str, float] = {}
+    base_folder = _timed(timings, "base model", lambda: world.pretrain(config.cache_root, config.progress))
+    spec = load_spec(world.family, base_folder)
+    reward = world.reward()
+    sampler = SamplerSettings(config.num_inference_steps, world.guidance_scale)
+    video = spec.media_kind == "video"
+    candidates = staging / "candidates"
+    # Clips also as PNG frame folders, and the pairs point at those: exact 8-bit pixels, where the
+    # MP4 codec would blur the grey digits before precompute encodes them.
+    _timed(timings, "generate", lambda: generate(
+        spec, world.prompts(config.pairs_per_digit), candidates, per_prompt=config.samples_per_prompt,
+        seed=config.seed, sampler=sampler, batch_size=GENERATE_BATCH, progress=config.progress,
+        frame_folders=video))
+    _timed(timings, "score", lambda: score(candidates, [reward], batch_size=GENERATE_BATCH,
+                                           progress=config.progress))
+    pairs = _timed(timings, "pairs", lambda: build_pairs(candidates, "best-worst", frames=video,
+                                                         out=staging / "pairs.jsonl"))
+    cache_dir = _timed(timings, "precompute", lambda: precompute(read_pairs(pairs.out), spec, staging / "cache",
+                                                                 progress=config.progress))
+    dataset = CachedPairs(cache_dir)
+
+    histories = {}
+    for method in config.methods:
+        fresh = load_spec(world.family, base_folder)  # a fresh base network per method
+        run = _timed(timings, f"train {method}", lambda m=method, s=fresh: train(
+            config.train_config(m, staging / m), spec=s, dataset=dataset, progress=config.progress))
+        histories[method] = run.history
+
+    real = world.real("held_out")
+    eval_prompts = world.prompts(config.eval_per_digit)
+    evaluation = _timed(timings, "evaluate", lambda: evaluate(
+        load_spec(world.family, base_folder), eval_prompts, {m: staging / m for m in config.methods}, [reward],
+        staging / "evaluation", seed=10_000 + config.seed, sampler=sampler, batch_size=GENERATE_BATCH,
+        quality=lambda media: world.quality(media, real), progress=config.progress))
+    _export_link(staging / "evaluation" / EVAL_SAMPLES_FILE, staging / EVAL_SAMPLES_FILE)
+    _, _, samples = load_eval_samples(staging)
+
+    results = _results_table(evaluation, reward.name)
+    (staging / "results.json").write_text(json.dumps(
+        {"config": asdict(config), "results": results, "timings_s": timings,
+         "head_to_head": {k: c.as_dict() for k, c in evaluation.head_to_head[reward.name].items()},
+         "pairs": {"written": pairs.pairs, "skipped": pairs.skipped},
+         "real_vs_real_fid_like": world.quality(world.real("train"), real)},
+        indent=2, default=str))
+    write_report(staging, config, world, results, histories, samples, eval_prompts, spec, dataset, timings)
+
+
+def _results_table(evaluation: EvaluationResult, reward: str) -> dict[str, dict[str, Any]]:
+    """The demo's per-model figures: base mean and feature distance; each method's comparison with the base."""
+    results: dict[str, dict[str, Any]] = {"base": {"fid_like": evaluation.quality["base"],
+                                                   "mean_reward": evaluation.means[reward]["base"]}}
+    for method, comparison in evaluation.versus_base[reward].items():
+        results[method] = {**comparison.as_dict(), "fid_like": evaluation.quality[method]}
+    return results
+
+
+def _export_link(source: Path, target: Path) -> None:
+    """The evaluation export also at the top of the demo folder, where the benchmarks read it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

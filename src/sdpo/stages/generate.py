@@ -141,8 +141,8 @@ def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fp
                 writer.append_data(frame)
         if frame_folder is not None:
             frame_folder.mkdir(parents=True, exist_ok=True)
-            for index, frame in enumerate(frames):
-                Image.fromarray(frame).save(frame_folder / f"{index:04d}.png")
+            for index, frame in enumerate(frames):  # grey clips (one channel) as 8-bit grey PNGs
+                Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(frame_folder / f"{index:04d}.png")
     os.replace(temporary, path)
 
 

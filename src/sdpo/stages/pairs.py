@@ -4,6 +4,8 @@ Each pair line has ``prompt``, ``chosen``, ``rejected`` (media paths) plus ``cho
 ``rejected_score`` and ``gap`` (kept by the reader as metadata). Strategies, per prompt:
 ``best-worst`` (the best against the worst candidate) and ``margin`` (every candidate pair whose
 gap is above ``margin``). Ties and gaps not above ``margin`` are skipped and counted.
+With ``frames=True`` the pairs point at the clips' PNG frame folders (``generate(...,
+frame_folders=True)``) instead of the MP4s: lossless, as the MP4 codec is not.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ def _candidate_pairs(group: list[dict[str, Any]], strategy: str) -> list[tuple[d
 
 
 def build_pairs(
-    candidates_dir: str | Path, strategy: str = "best-worst", margin: float = 0.0, out: str | Path | None = None
+    candidates_dir: str | Path, strategy: str = "best-worst", margin: float = 0.0, out: str | Path | None = None,
+    *, frames: bool = False,
 ) -> PairsSummary:
-    """Write pairs of ``candidates_dir``'s scored candidates to ``out`` (default ``candidates_dir/pairs.jsonl``)."""
+    """Write pairs of ``candidates_dir``'s scored candidates to ``out`` (default ``candidates_dir/pairs.jsonl``);
+    ``frames``: point at the frame folders (see the module docstring)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if margin < 0:
@@ -53,6 +57,9 @@ def build_pairs(
     unscored = [r for r in records if r.get("total") is None]
     if unscored:
         raise ValueError(f"{len(unscored)} candidate(s) in {folder} are not scored: run `sdpo score {folder}` first")
+    key = "frames" if frames else "path"
+    if frames and any(not r.get("frames") for r in records):
+        raise ValueError(f"{folder} has candidates without frame folders: generate with frame_folders=True")
     groups: dict[int, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(record["prompt_index"], []).append(record)
@@ -66,8 +73,8 @@ def build_pairs(
                 reason = "tie" if gap == 0 else "gap below margin"
                 skipped[reason] = skipped.get(reason, 0) + 1
                 continue
-            pairs.append(PreferencePair(chosen["prompt"], (folder / chosen["path"]).resolve(),
-                                        (folder / rejected["path"]).resolve(),
+            pairs.append(PreferencePair(chosen["prompt"], (folder / chosen[key]).resolve(),
+                                        (folder / rejected[key]).resolve(),
                                         {"chosen_score": chosen["total"], "rejected_score": rejected["total"],
                                          "gap": gap}))
     out_path = Path(out) if out is not None else folder / "pairs.jsonl"
