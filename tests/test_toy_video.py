@@ -17,6 +17,9 @@ import torch
 
 from sdpo.models.base import ModelSpec
 from sdpo.rewards import Reward, load_reward
+from sdpo.stages.generate import SamplerSettings, generate
+from sdpo.stages.pairs import build_pairs
+from sdpo.stages.score import score
 from sdpo.toy.digits.data import IMAGE_SIZE, load_split
 from sdpo.toy.grids import media_grid
 from sdpo.toy.moving import model as video_model
@@ -39,7 +42,6 @@ from sdpo.toy.moving.reward import (
     video_feature_distance,
     video_metrics,
 )
-from sdpo.toy.pairs import generate_pairs
 from sdpo.toy.pretraining import MARKER_FILE, ToyCacheError, base_folder, pretrain_base
 from sdpo.toy.spec import ToySpec
 
@@ -350,9 +352,12 @@ def test_preference_training_end_to_end(arch: str, folders: dict[str, Path], tmp
 
     spec = ToySpec.from_pretrained(folders[arch])
     prompts = [video_prompt_for(d, d % 4) for d in range(4)]
-    pairs_path = generate_pairs(spec, moving_digit_reward(), prompts, tmp_path / "pairs", samples_per_prompt=2,
-                                num_inference_steps=2, guidance_scale=2.0, progress=False)
-    pairs = read_pairs(pairs_path)
+    # the library's stages, as the demo runs them: clips with lossless frame folders, pairs pointing at those
+    candidates = tmp_path / "candidates"
+    generate(spec, prompts, candidates, per_prompt=2, sampler=SamplerSettings(2, 2.0), progress=False,
+             frame_folders=True)
+    score(candidates, [moving_digit_reward()], progress=False)
+    pairs = read_pairs(build_pairs(candidates, frames=True).out)
     assert len(pairs) == 4
     for pair in pairs:
         assert pair.metadata["chosen_score"] >= pair.metadata["rejected_score"]
