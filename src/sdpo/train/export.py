@@ -1,0 +1,154 @@
+"""The end of a run: the final checkpoint, the atomic export of the LoRA / model, and ``export_run``
+(``sdpo export``: the same export from a run's latest checkpoint, without training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from sdpo.train.checkpoint import (
+    CHECKPOINT_PREFIX,
+    CONFIG_NAME,
+    NonFiniteWeightsError,
+    fsync_dir,
+    latest_checkpoint,
+    read_state,
+    remove_checkpoint,
+    weights_are_finite,
+)
+from sdpo.train.config import TrainConfig
+from sdpo.train.setup import EXPORT_TMP_NAME, _final_model, _Run, _save
+
+if TYPE_CHECKING:
+    from sdpo.train.trainer import TrainResult
+
+
+class ExportError(ValueError):
+    """The final weights could not be written; the checkpoint they come from is kept."""
+
+
+def _finish(run: _Run) -> None:
+    """Checkpoint the final step, export the weights atomically, then drop a checkpoint made only for it."""
+    config, output_dir = run.config, run.output_dir
+    final = output_dir / f"{CHECKPOINT_PREFIX}{config.max_steps}"
+    made_here = run.resume.step != config.max_steps  # else the run resumed from it: it holds these weights
+    if made_here:
+        _save(run, config.max_steps, final=True)
+    _export(run, final)
+    # Kept only until the export landed when the run asked for no checkpoints; a mid-run checkpoint
+    # exported by `sdpo export` stays, to continue from.
+    if run.main and not config.checkpoint_every and (made_here or run.resume.state.get("final")):
+        remove_checkpoint(final)
+    run.accelerator.wait_for_everyone()
+
+
+def _export(run: _Run, checkpoint: Path) -> None:
+    """Write the final LoRA / model into a temporary folder inside the run, then rename it into place."""
+    accelerator, output_dir = run.accelerator, run.output_dir
+    accelerator.wait_for_everyone()
+    # Collective: under FSDP / ZeRO-3 each process holds a shard; this gathers the full state.
+    state_dict = accelerator.get_state_dict(run.model)
+    if not weights_are_finite(accelerator, run.params):
+        raise NonFiniteWeightsError(f"the final weights hold NaN or inf: nothing exported to {output_dir}")
+    failure = ""
+    if run.main:
+        try:
+            _write_export(run, state_dict, output_dir / EXPORT_TMP_NAME)
+        except (OSError, RuntimeError, _safetensors_error()) as error:
+            shutil.rmtree(output_dir / EXPORT_TMP_NAME, ignore_errors=True)
+            failure = f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}"
+    if _any_process(accelerator, bool(failure)):
+        raise ExportError(
+            f"could not write the final weights to {output_dir} ({failure or 'on the main process'}); "
+            f"{checkpoint} is kept: free the space or fix the folder, then run `sdpo export {output_dir}` "
+            f"(or the same train command with --resume latest, which only exports)"
+        )
+
+
+def _write_export(run: _Run, state_dict: dict[str, Tensor], staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    final = _final_model(run)
+    if run.config.lora_rank > 0:
+        run.spec.save_lora(staging, final, state_dict)
+    else:
+        run.spec.save_full(staging, final, state_dict)
+    (staging / "train_config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
+    info = {**_run_info(run.accelerator), "final_step": run.config.max_steps, "bad_steps": run.bad_steps,
+            "config_changes": run.config_changes}
+    (staging / "run_info.json").write_text(json.dumps(info, indent=2))
+    _move_into_place(staging, run.output_dir)
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename each exported entry over its old version; run_info.json (the "finished" mark) goes last."""
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == "run_info.json")
+    for entry in entries:
+        target = output_dir / entry.name
+        if entry.is_dir() and target.exists():
+            old = output_dir / f".old-{entry.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(entry, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(entry, target)
+    fsync_dir(output_dir)
+    staging.rmdir()
+
+
+def _safetensors_error() -> type[BaseException]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return OSError
+    return SafetensorError
+
+
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def _run_info(accelerator: Any) -> dict[str, Any]:
+    """How the run was launched, for the record: the config alone does not say it."""
+    import accelerate
+    import diffusers
+
+    return {
+        "distributed_type": str(accelerator.distributed_type.value),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "accelerate": accelerate.__version__},
+    }
+
+
+def export_run(run_dir: str | os.PathLike[str], progress: bool = True) -> TrainResult:
+    """Re-export the final weights of a run from its latest checkpoint, without training.
+
+    Loads the model named in the checkpoint's config (the LoRA is rebuilt on it), loads the
+    checkpoint and writes the weights atomically, as the end of ``train`` does. What a failed export
+    says to run.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir} to export from")
+    saved = json.loads((checkpoint / CONFIG_NAME).read_text()) if (checkpoint / CONFIG_NAME).is_file() else None
+    if saved is None:
+        raise FileNotFoundError(f"{checkpoint} holds no {CONFIG_NAME}: train again with --resume latest instead")
+    from sdpo.train.trainer import train  # late: the trainer imports this module
+
+    step = int(read_state(checkpoint)["step"])
+    saved.update(output_dir=str(run_dir), max_steps=step, validation_prompts=[])
+    return train(TrainConfig.from_dict(saved), resume=str(checkpoint), progress=progress)

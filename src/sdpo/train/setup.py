@@ -1,0 +1,353 @@
+"""Setting a run up: the accelerator, the output folder (claim, overwrite, resume point with the config
+check), the cache, the policy and its reference, the optimizer and schedule, and the ``_Run`` state the
+loop's pieces share. Everything that needs no model is checked before the model is loaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sdpo.models.base import ModelSpec, unwrap
+from sdpo.train.checkpoint import (
+    CONFIG_NAME,
+    STATE_NAME,
+    checkpoint_step,
+    complete_checkpoints,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_state,
+    register_trainable_hooks,
+    remove_checkpoint,
+    save_checkpoint,
+)
+from sdpo.train.config import TrainConfig
+from sdpo.train.metrics import BAD_STEPS_NAME
+from sdpo.train.sharding import enable_gradient_checkpointing, shard_like_policy, uses_fsdp
+from sdpo.train.step import adapters_disabled
+
+if TYPE_CHECKING:
+    from sdpo.train.trainer import GlobalBatchOrder
+
+EXPORT_TMP_NAME = ".export-tmp"
+
+RUN_FILES = frozenset({"metrics.jsonl", BAD_STEPS_NAME, "run_info.json", "train_config.json", "logs", "validation",
+                       "pytorch_lora_weights.safetensors", "unet", "transformer", EXPORT_TMP_NAME})
+"""What a run writes into its folder (besides checkpoint-N): a folder holding any of them holds a run."""
+
+
+
+@dataclass
+class _Resume:
+    """Where a run starts: a checkpoint (None: step 0) and what changed in the config since it was made."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    changes: list[Any] = field(default_factory=list)
+
+
+
+@dataclass
+class _Run:
+    """Everything the loop's pieces share, built once by ``_build_run`` (``order``: then set by ``train``)."""
+
+    config: TrainConfig
+    accelerator: Any
+    spec: ModelSpec
+    dataset: Any
+    model: nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    params: list[nn.Parameter]
+    reference: Callable[[], Any]
+    weight_dtype: torch.dtype
+    output_dir: Path
+    resume: _Resume
+    order: GlobalBatchOrder | None = None
+    sample_shape: tuple[int, ...] = ()
+    bad_steps: int = 0
+    consecutive_bad: int = 0
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"output folder is not writable: {output_dir} ({error.strerror})") from error
+
+
+def _accelerator(config: TrainConfig, output_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
+    _forget_other_precision(config.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    set_seed(config.seed)
+    return accelerator
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Let a second ``train`` in one process (a notebook, a sweep) use another mixed precision.
+
+    accelerate keeps one process-wide state and refuses a new precision; the process group
+    (PartialState) is kept, only the precision-bearing part is cleared.
+    """
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _note(text: str, main: bool = True) -> None:
+    if main:
+        print(f"sdpo: {text}", file=sys.stderr, flush=True)
+
+
+def _resume_point(output_dir: Path, resume: str | None, config: TrainConfig, overwrite: bool, main: bool) -> _Resume:
+    """The checkpoint to start from, its config checked against ``config`` (unsafe changes refused)."""
+    if not resume:
+        _claim_fresh_folder(output_dir, overwrite, main)
+        return _Resume()
+    checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+    if checkpoint is None:
+        _note(f"--resume latest: no checkpoint in {output_dir} yet, starting from step 0", main)
+        return _Resume()
+    state = read_state(checkpoint) if checkpoint.is_dir() else None
+    if state is None:
+        raise FileNotFoundError(f"not a complete checkpoint (no readable {STATE_NAME}): {checkpoint}")
+    changes = _checked_changes(checkpoint, config)
+    if changes:
+        _note(f"resuming from {checkpoint.name} with changed settings: {'; '.join(map(str, changes))}", main)
+    return _Resume(checkpoint=checkpoint, step=int(state["step"]), state=state, changes=changes)
+
+
+def _checked_changes(checkpoint: Path, config: TrainConfig) -> list[Any]:
+    from sdpo.train.config import check_resume
+
+    path = checkpoint / CONFIG_NAME
+    if not path.is_file():
+        warnings.warn(f"{checkpoint} holds no {CONFIG_NAME} (an older checkpoint): the config is not checked",
+                      stacklevel=3)
+        return []
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    except ValueError as error:
+        raise ValueError(f"cannot read the config saved in {path}: {error}") from None
+    return check_resume(saved, config)
+
+
+def _claim_fresh_folder(output_dir: Path, overwrite: bool, main: bool) -> None:
+    """Refuse a folder that holds a run (unless ``overwrite``); a fresh run starts with no old files."""
+    found = sorted(p.name for p in output_dir.iterdir() if p.name in RUN_FILES or checkpoint_step(p) is not None)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"output folder {output_dir} already holds a run ({shown}): pass --resume latest to "
+                         f"continue it, --overwrite to replace it, or choose another output_dir")
+    if main:
+        _note(f"--overwrite: deleting the run in {output_dir}")
+        for folder in complete_checkpoints(output_dir):
+            remove_checkpoint(folder)
+        for name in found:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _already_finished(output_dir: Path, config: TrainConfig, resume: str | None) -> int | None:
+    """``--resume latest`` on a run whose export has landed and that kept no checkpoint: its final step
+    (nothing to do), else None."""
+    if resume != "latest" or complete_checkpoints(output_dir) or not (output_dir / "run_info.json").is_file():
+        return None
+    try:
+        final_step = json.loads((output_dir / "run_info.json").read_text()).get("final_step")
+    except ValueError:
+        return None
+    if not isinstance(final_step, int):
+        return None
+    if final_step < config.max_steps:
+        raise FileNotFoundError(f"{output_dir} finished at step {final_step} and kept no checkpoint to continue "
+                                f"from to max_steps={config.max_steps} (set checkpoint_every to keep one)")
+    _note(f"{output_dir} already finished (step {final_step}): nothing to do")
+    return final_step
+
+
+def _open_cache(config: TrainConfig) -> Any:
+    from sdpo.data import CachedPairs, check_cache_matches
+
+    dataset = CachedPairs(config.cache_dir)
+    check_cache_matches(dataset.manifest, config.family, config.pretrained or None)
+    return dataset
+
+
+def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accelerator: Any, output_dir: Path,
+               start: _Resume) -> _Run:
+    """Load the model (if not given), add the adapters, prepare optimizer and schedule, load the checkpoint."""
+    from diffusers.optimization import get_scheduler
+
+    if spec is None:
+        from sdpo.models.registry import load_spec
+
+        media_format = dataset.media_format if dataset is not None else None
+        spec = load_spec(config.family, config.pretrained, load_vae=False, load_text_encoder=False,
+                         media_format=media_format)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    model, reference_copy = _policy_and_reference(spec, config, accelerator, weight_dtype)
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], config)
+    lr_scheduler = get_scheduler(
+        config.lr_schedule,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_steps * accelerator.num_processes,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    register_trainable_hooks(accelerator, model)
+
+    def reference() -> Any:
+        if reference_copy is None:
+            return adapters_disabled(model)
+        return _offloaded(reference_copy, accelerator.device, config.offload_reference and not uses_fsdp(accelerator))
+
+    run = _Run(config=config, accelerator=accelerator, spec=spec, dataset=dataset, model=model, optimizer=optimizer,
+               lr_scheduler=lr_scheduler, params=[p for p in model.parameters() if p.requires_grad],
+               reference=reference, weight_dtype=weight_dtype, output_dir=output_dir, resume=start)
+    if dataset is not None:
+        run.sample_shape = tuple(dataset[0].chosen.shape)
+    if start.checkpoint is not None:
+        accelerator.load_state(str(start.checkpoint))
+        run.bad_steps = int(start.state.get("bad_steps", 0))
+        run.config_changes = list(start.state.get("config_changes", []))
+    if start.changes:
+        run.config_changes.append({"step": start.step, "changes": [
+            {"field": c.field, "old": c.old, "new": c.new} for c in start.changes]})
+    return run
+
+
+def _policy_and_reference(
+    spec: ModelSpec, config: TrainConfig, accelerator: Any, weight_dtype: torch.dtype
+) -> tuple[nn.Module, nn.Module | None]:
+    """The trainable denoiser and, for full fine-tuning, its frozen reference copy (None with LoRA:
+    the reference is the same network with its adapters disabled)."""
+    model = spec.denoiser
+    model.requires_grad_(False)
+    reference_copy: nn.Module | None = None
+    if config.lora_rank > 0:
+        cast_frozen(model, accelerator.device, weight_dtype)
+        _add_lora(model, config, spec)
+        for param in model.parameters():  # adapters train in float32 whatever the base dtype
+            if param.requires_grad:
+                param.data = param.data.float()
+    else:
+        # The reference keeps the trained weights' dtype: a bf16 copy computes differently from the
+        # float32 policy and, times beta, biases the loss away from ln 2 before any update.
+        reference_copy = copy.deepcopy(model).requires_grad_(False).eval()
+        if uses_fsdp(accelerator):
+            reference_copy = shard_like_policy(accelerator, reference_copy)
+        else:
+            reference_copy.to("cpu" if config.offload_reference else accelerator.device)
+        model.requires_grad_(True)
+        model.to(accelerator.device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(accelerator, model)
+    model.train()
+    return model, reference_copy
+
+
+class _offloaded:
+    """Context manager that brings a CPU-parked reference to the device only while it is used."""
+
+    def __init__(self, module: nn.Module, device: torch.device, offload: bool) -> None:
+        self.module, self.device, self.offload = module, device, offload
+
+    def __enter__(self) -> nn.Module:
+        if self.offload:
+            self.module.to(self.device)
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        if self.offload:
+            self.module.to("cpu")
+
+
+def cast_frozen(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Move a frozen base network to ``device`` and ``dtype``, keeping the modules the model marks as
+    float32-only (``_keep_in_fp32_modules``, e.g. Wan's time embedder and norms) in float32, as
+    ``from_pretrained`` does. diffusers' warning about casting with ``to()`` is muted: this is the fix."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model.to(device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if dtype != torch.float32 and keep:
+        for name, module in model.named_modules():
+            if any(part in name for part in keep):
+                module.to(torch.float32)
+
+
+def _add_lora(model: nn.Module, config: TrainConfig, spec: ModelSpec) -> None:
+    from peft import LoraConfig
+
+    from sdpo.train.config import resolve_lora_targets
+
+    targets = resolve_lora_targets(config.lora_target_modules, spec.lora_target_modules(), model)
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+        lora_dropout=config.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+    )
+    model.add_adapter(lora)
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _save(run: _Run, done: int, final: bool = False) -> Path:
+    state = {"bad_steps": run.bad_steps, "config_changes": run.config_changes, "final": final}
+    folder = save_checkpoint(run.accelerator, run.output_dir, done, run.params, run.config.to_dict(), state)
+    if run.main:
+        prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit, protect=folder)
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def _final_model(run: _Run) -> nn.Module:
+    return unwrap(run.accelerator.unwrap_model(run.model))
