@@ -5,6 +5,29 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread beats two, and far more so on a busy machine
+
+
+TINY_DIGITS = dict(block_out_channels=(16, 32), attention_heads=2, norm_num_groups=8, text_hidden_size=16,
+                   train_steps=10, batch_size=32)
+"""A tiny digits base model: pretrains in about a second."""
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """(tiny digits base-model folder, a precomputed cache of 20 of its best-vs-worst pairs), built once
+    for the training and reliability tests, which only read them."""
+    from sdpo.data import precompute, read_pairs
+    from sdpo.toy import ToyModelConfig, ToySpec, digit_reward, pretrain_base, prompts_for
+    from sdpo.toy.pairs import generate_pairs
+
+    root = tmp_path_factory.mktemp("world")
+    base = pretrain_base(ToyModelConfig(**TINY_DIGITS), cache_root=root / "models", progress=False)
+    spec = ToySpec.from_pretrained(base)
+    pairs = generate_pairs(spec, digit_reward(), prompts_for(list(range(10)) * 2), root / "pairs",
+                           samples_per_prompt=2, num_inference_steps=4, progress=False)
+    cache = precompute(read_pairs(pairs), spec, root / "cache", progress=False)
+    return base, cache

@@ -12,26 +12,11 @@ import pytest
 import torch
 import yaml
 
-from sdpo.data import CachedPairs, precompute, read_pairs
+from sdpo.data import CachedPairs
 from sdpo.objectives import METHODS, MethodConfig
-from sdpo.toy import ToyModelConfig, ToySpec, digit_reward, pretrain_base, prompts_for
-from sdpo.toy.pairs import generate_pairs
+from sdpo.toy import ToySpec
 from sdpo.train.config import TrainConfig
 from sdpo.train.trainer import latest_checkpoint, train
-
-TINY = dict(block_out_channels=(16, 32), attention_heads=2, norm_num_groups=8, text_hidden_size=16,
-            train_steps=10, batch_size=32)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    base = pretrain_base(ToyModelConfig(**TINY), cache_root=root / "models", progress=False)
-    spec = ToySpec.from_pretrained(base)
-    pairs = generate_pairs(spec, digit_reward(), prompts_for(list(range(10)) * 2), root / "pairs",
-                           samples_per_prompt=2, num_inference_steps=4, progress=False)
-    cache = precompute(read_pairs(pairs), spec, root / "cache", progress=False)
-    return base, cache
 
 
 def _config(out: Path, method: str = "sdpo", **overrides) -> TrainConfig:

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sdpo.cli_helpers import DTYPES
 from sdpo.objectives import METHODS
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError)
@@ -64,14 +65,11 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> None:
+    from sdpo.cli_helpers import load_spec_from, media_format_from
     from sdpo.data import check_out_dir, precompute, read_checked_pairs, read_manifest, read_pairs
-    from sdpo.models.base import _HUB_ID, MediaFormat, resolve_pretrained
+    from sdpo.models.base import _HUB_ID, resolve_pretrained
 
-    media_format = None
-    if args.height or args.width or args.frames:
-        if not (args.height and args.width):
-            raise ValueError("--height and --width go together")
-        media_format = MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
+    media_format = media_format_from(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     # Every check that needs no model comes before the model loads: a mistake costs seconds, not minutes.
@@ -86,33 +84,13 @@ def _precompute(args: argparse.Namespace) -> None:
     else:  # bad lines and undecodable media, all in one report
         pairs = read_checked_pairs(args.pairs, expected, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
                                    model=args.family, progress=not args.quiet)  # fmt: skip
-    spec = _precompute_spec(args, media_format)
+    spec = load_spec_from(args, media_format, encoders_only=True)
     out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet,
                      overwrite=args.overwrite, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
                      check_media=spec.media_format != expected)  # fmt: skip
     manifest = read_manifest(out)
     _print_skipped(manifest, out)
     print(f"cache: {out} ({manifest['num_pairs']} pairs)")
-
-
-def _precompute_spec(args: argparse.Namespace, media_format: object) -> object:
-    import torch
-
-    from sdpo.models.base import move_encoders
-    from sdpo.models.registry import load_spec
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    ]
-    spec = load_spec(args.family, args.pretrained, media_format=media_format, torch_dtype=dtype)
-    move_encoders(spec, device)
-    if args.vae_tiling:
-        vae = getattr(spec, "vae", None)
-        if vae is None or not hasattr(vae, "enable_tiling"):
-            raise ValueError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
-        vae.enable_tiling()
-    return spec
 
 
 def _print_skipped(manifest: dict, out: object, shown: int = 10) -> None:
@@ -177,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--frames", type=int, default=None)
     pre.add_argument("--batch-size", type=int, default=4)
     pre.add_argument("--device", default=None, help="where the encoders run (default: cuda if available, else cpu)")
-    pre.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    pre.add_argument("--dtype", choices=DTYPES, default=None,
                      help="encoder weights' dtype (default: bf16 on cuda, fp32 on cpu); latents are stored in fp32")
     pre.add_argument("--vae-tiling", action="store_true",
                      help="encode large frames tile by tile (less memory for long, high-resolution videos)")

@@ -50,6 +50,7 @@ from sdpo.data.pairs import (
     check_policy,
     media_kind,
 )
+from sdpo.files import fsync_dir, write_atomic
 from sdpo.models.base import MediaFormat
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def _swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
         else:
             out_dir.rmdir()
     os.replace(staging, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -600,15 +601,7 @@ def _write_verified(folder: Path, shards: dict[str, dict[str, Any]]) -> None:
     data = (json.dumps({"shards": shards}, indent=1) + "\n").encode()
     for path in _verified_paths(folder):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(handle, "wb") as out:
-                    out.write(data)
-                os.replace(temporary, path)
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+            write_atomic(path, data)
             return
         except OSError:
             continue  # a read-only cache folder: try the user cache folder; failing both only costs a re-hash
@@ -791,20 +784,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable on POSIX; directories cannot be opened this way on Windows.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _pretrained_of(spec: Any) -> str | None:

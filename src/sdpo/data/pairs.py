@@ -22,11 +22,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from sdpo.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -567,18 +568,7 @@ def write_pairs_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike[s
             raise ValueError(f"pair {number}: metadata is not JSON-serialisable ({error})") from None
     if not lines:
         raise ValueError(f"no pairs to write to {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write("\n".join(lines) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, "\n".join(lines) + "\n")
 
 
 def _relative_to(media: Path, base: Path) -> str:

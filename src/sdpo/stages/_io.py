@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from sdpo.files import write_atomic
+
 CANDIDATES_FILE = "candidates.jsonl"
 """The candidates manifest inside a generate output folder."""
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to a temporary sibling and rename it over ``path`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_records(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -38,7 +24,7 @@ def read_records(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def write_records(folder: str | os.PathLike[str], records: list[dict[str, Any]]) -> Path:
     """Rewrite ``folder/candidates.jsonl`` atomically."""
     text = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
-    return atomic_write_text(Path(folder) / CANDIDATES_FILE, text)
+    return write_atomic(Path(folder) / CANDIDATES_FILE, text)
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[str]:

@@ -9,32 +9,13 @@ import argparse
 import os
 from typing import Any
 
-_DTYPES = ("fp32", "bf16", "fp16")
+from sdpo.cli_helpers import DTYPES
 
 
 def _load(args: argparse.Namespace) -> Any:
-    import torch
+    from sdpo.cli_helpers import load_spec_from, media_format_from
 
-    from sdpo.models.base import MediaFormat
-    from sdpo.models.registry import load_spec
-
-    media_format = None
-    if args.height or args.width or args.frames:
-        if not (args.height and args.width):
-            raise ValueError("--height and --width go together")
-        media_format = MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    spec = load_spec(args.family, args.pretrained, media_format=media_format, torch_dtype=dtype)
-    for value in vars(spec).values():
-        if isinstance(value, torch.nn.Module):
-            value.to(device)
-    if args.vae_tiling:
-        if not hasattr(getattr(spec, "vae", None), "enable_tiling"):
-            raise ValueError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
-        spec.vae.enable_tiling()
-    return spec
+    return load_spec_from(args, media_format_from(args))
 
 
 def _sampler(args: argparse.Namespace) -> Any:
@@ -119,7 +100,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=_DTYPES, default=None, help="weights' dtype (default: bf16 on cuda)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default: bf16 on cuda)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large frames tile by tile")
     parser.add_argument("--out", required=True, help="output folder")
 

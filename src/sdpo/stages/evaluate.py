@@ -27,9 +27,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sdpo.evaluate import Comparison, compare
+from sdpo.files import write_atomic
 from sdpo.models.base import unwrap
 from sdpo.rewards.base import Reward
-from sdpo.stages._io import atomic_write_text
 from sdpo.stages.generate import SamplerSettings, sample_with_seeds, write_media
 
 EVAL_SAMPLES_FILE = "eval_samples.safetensors"
@@ -164,10 +164,10 @@ def _write_outputs(result: EvaluationResult, samples: dict[str, Tensor], noise: 
         if media.ndim == 5:
             for index in range(min(4, media.shape[0])):
                 write_media(media[index], out / f"{name}-{index:02d}.mp4")
-    atomic_write_text(out / "results.json", json.dumps(
+    write_atomic(out / "results.json", json.dumps(
         {**result.as_dict(), "prompts": prompts, "seed": seed, "sampler": asdict(sampler),
          "runs": {k: str(v) for k, v in runs.items()}}, indent=2))
-    atomic_write_text(out / "report.md", report_markdown(result, len(prompts)))
+    write_atomic(out / "report.md", report_markdown(result, len(prompts)))
 
 
 def write_grid(media: Tensor, path: Path, columns: int = 8) -> None:

@@ -31,8 +31,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sdpo.files import write_atomic
 from sdpo.models._common import derive_seed
-from sdpo.stages._io import CANDIDATES_FILE, atomic_write_text, write_records
+from sdpo.stages._io import CANDIDATES_FILE, write_records
 
 FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"
 """Test hook: raise after this many batches were written by this process (simulates a killed run)."""
@@ -170,7 +171,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
                 raise ValueError(f"{out} was generated with other settings ({key}: {str(saved.get(key))[:80]!r}, "
                                  f"now {str(value)[:80]!r}): use a new --out folder, or the same settings to resume")
         return
-    atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def _plan(prompts: list[str], per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:

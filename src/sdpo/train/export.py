@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from sdpo.files import fsync_dir
 from sdpo.train.checkpoint import (
     CHECKPOINT_PREFIX,
     CONFIG_NAME,
     NonFiniteWeightsError,
-    fsync_dir,
     latest_checkpoint,
     read_state,
     remove_checkpoint,

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sdpo.files import write_atomic
 from sdpo.models.base import ModelSpec, unwrap
-from sdpo.train.checkpoint import write_atomic
 from sdpo.train.config import TrainConfig
 
 if TYPE_CHECKING:

@@ -1,0 +1,43 @@
+"""What several commands read from their flags alike: media size, device and dtype, a loaded spec."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DTYPES = ("fp32", "bf16", "fp16")
+"""Choices of the --dtype flags."""
+
+
+def media_format_from(args: argparse.Namespace) -> Any:
+    """The MediaFormat that --height/--width/--frames ask for, or None when none is given."""
+    from sdpo.models.base import MediaFormat
+
+    if not (args.height or args.width or args.frames):
+        return None
+    if not (args.height and args.width):
+        raise ValueError("--height and --width go together")
+    return MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
+
+
+def load_spec_from(args: argparse.Namespace, media_format: Any, *, encoders_only: bool = False) -> Any:
+    """``args.family`` loaded from ``args.pretrained`` on --device in --dtype (bf16 by default on cuda),
+    with --vae-tiling applied. ``encoders_only`` leaves the denoiser where it loaded (precompute needs
+    only the VAE and text encoders)."""
+    import torch
+
+    from sdpo.models.base import move_encoders
+    from sdpo.models.registry import load_spec
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    spec = load_spec(args.family, args.pretrained, media_format=media_format, torch_dtype=dtype)
+    move_encoders(spec, device)
+    if not encoders_only:
+        spec.denoiser.to(device)
+    if args.vae_tiling:
+        if not hasattr(getattr(spec, "vae", None), "enable_tiling"):
+            raise ValueError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
+        spec.vae.enable_tiling()
+    return spec
