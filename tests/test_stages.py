@@ -42,14 +42,6 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _generate_args(family: str, model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
     return ["--quiet", "generate", "--family", family, "--pretrained", str(model), "--prompts", str(prompts),
             "--per-prompt", "2", "--steps", "2", "--seed", "3", "--batch-size", "3", "--out", str(out),

@@ -34,14 +34,6 @@ WORLDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sdpo(*args: str) -> None:
     assert main(["--quiet", *args]) == 0, args
 
