@@ -2,12 +2,13 @@
 
 Each reward's score goes to ``scores[reward.name]`` of the candidate's record in
 ``candidates.jsonl`` and the weighted sum of all rewards to ``total``. The file is rewritten
-atomically after every scored batch, and candidates already scored by a reward are skipped, so a
-killed run continues where it stopped.
+atomically every ``SAVE_EVERY_S`` seconds, on an error and at the end, and candidates already
+scored by a reward are skipped, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ from sdpo.rewards.base import Reward
 from sdpo.rewards.combine import combine_scores
 from sdpo.stages._io import read_records, write_records
 from sdpo.stages.generate import load_pixels
+
+SAVE_EVERY_S = 10.0
+"""Seconds between rewrites of candidates.jsonl while scoring: rewriting it after every batch would
+cost O(candidates^2) writes on a large folder. An error or Ctrl-C saves at once; a SIGKILL loses at
+most this much scoring."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,18 @@ class ScoreSummary:
     """Reward name -> candidates scored by this call."""
     weights: dict[str, float]
     """Reward name -> weight in ``total``."""
+
+
+def _score_batch(folder: Path, reward: Reward, batch: list[dict[str, Any]]) -> None:
+    """Score one batch of candidate records in place (``record["scores"][reward.name]``)."""
+    media = torch.stack([load_pixels(folder, r) for r in batch])
+    with torch.no_grad():
+        values = reward.score(media, [r["prompt"] for r in batch]).detach().float().cpu().flatten()
+    if values.numel() != len(batch) or not torch.isfinite(values).all():
+        raise ValueError(f"reward {reward.name!r} returned {tuple(values.shape)} (non-finite or not one "
+                         f"score per sample) for a batch of {len(batch)}")
+    for record, value in zip(batch, values.tolist(), strict=True):
+        record.setdefault("scores", {})[reward.name] = value
 
 
 def _media_kind(record: dict[str, Any]) -> str:
@@ -69,20 +87,19 @@ def score(
         if reward.media != kind:
             raise ValueError(f"reward {reward.name!r} scores {reward.media}s, but {folder} holds {kind}s")
     scored = {}
-    for reward in rewards:
-        todo = [r for r in records if reward.name not in r.get("scores", {})]
-        scored[reward.name] = len(todo)
-        for start in tqdm(range(0, len(todo), batch_size), desc=f"score {reward.name}", disable=not progress):
-            batch = todo[start:start + batch_size]
-            media = torch.stack([load_pixels(folder, r) for r in batch])
-            with torch.no_grad():
-                values = reward.score(media, [r["prompt"] for r in batch]).detach().float().cpu().flatten()
-            if values.numel() != len(batch) or not torch.isfinite(values).all():
-                raise ValueError(f"reward {reward.name!r} returned {tuple(values.shape)} (non-finite or not one "
-                                 f"score per sample) for a batch of {len(batch)}")
-            for record, value in zip(batch, values.tolist(), strict=True):
-                record.setdefault("scores", {})[reward.name] = value
-            write_records(folder, records)
+    saved_at = time.monotonic()
+    try:
+        for reward in rewards:
+            todo = [r for r in records if reward.name not in r.get("scores", {})]
+            scored[reward.name] = len(todo)
+            for start in tqdm(range(0, len(todo), batch_size), desc=f"score {reward.name}", disable=not progress):
+                _score_batch(folder, reward, todo[start:start + batch_size])
+                if time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    write_records(folder, records)
+                    saved_at = time.monotonic()
+    except BaseException:
+        write_records(folder, records)  # keep what was scored: a rerun continues from it
+        raise
     table = dict(zip(names, weights, strict=True))
     parts = {name: torch.tensor([record["scores"][name] for record in records], dtype=torch.float64) for name in names}
     totals = combine_scores(parts, table, [record["prompt_index"] for record in records], normalize)
