@@ -21,13 +21,18 @@ def world(tmp_path_factory):
     """(tiny digits base-model folder, a precomputed cache of 20 of its best-vs-worst pairs), built once
     for the training and reliability tests, which only read them."""
     from sdpo.data import precompute, read_pairs
+    from sdpo.stages.generate import SamplerSettings, generate
+    from sdpo.stages.pairs import build_pairs
+    from sdpo.stages.score import score
     from sdpo.toy import ToyModelConfig, ToySpec, digit_reward, pretrain_base, prompts_for
-    from sdpo.toy.pairs import generate_pairs
 
     root = tmp_path_factory.mktemp("world")
     base = pretrain_base(ToyModelConfig(**TINY_DIGITS), cache_root=root / "models", progress=False)
     spec = ToySpec.from_pretrained(base)
-    pairs = generate_pairs(spec, digit_reward(), prompts_for(list(range(10)) * 2), root / "pairs",
-                           samples_per_prompt=2, num_inference_steps=4, progress=False)
-    cache = precompute(read_pairs(pairs), spec, root / "cache", progress=False)
+    # The same stages a user runs: 2 candidates for each of 20 prompts, scored, best vs worst.
+    generate(spec, prompts_for(list(range(10)) * 2), root / "candidates", per_prompt=2,
+             sampler=SamplerSettings(num_inference_steps=4, guidance_scale=1.25), batch_size=64, progress=False)
+    score(root / "candidates", [digit_reward()], progress=False)
+    pairs = build_pairs(root / "candidates")
+    cache = precompute(read_pairs(pairs.out), spec, root / "cache", progress=False)
     return base, cache

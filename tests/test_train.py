@@ -141,3 +141,22 @@ def test_a_stop_signal_checkpoints_and_resume_matches_an_uninterrupted_run(world
                     resume="latest", progress=False)
     assert resumed.stopped_at is None and (stopped / "pytorch_lora_weights.safetensors").is_file()
     torch.testing.assert_close(torch.tensor(_losses(stopped)), torch.tensor(_losses(whole)), rtol=1e-6, atol=1e-8)
+
+
+def test_validation_prompts_on_an_embedded_world_through_the_cli(world, tmp_path):
+    """The embedded worlds have no diffusers pipeline: their validation samples come from their own sampler."""
+    from sdpo.cli import main
+
+    base, cache = world
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "family": "toy", "pretrained": str(base), "cache_dir": str(cache), "output_dir": str(tmp_path / "run"),
+        "max_steps": 2, "train_batch_size": 4, "lora_rank": 4, "report_to": "none",
+        "validation_prompts": ["a photo of the digit 3", "a photo of the digit 7"], "validation_inference_steps": 3,
+    }))
+    assert main(["--quiet", "train", str(config)]) == 0
+    folder = tmp_path / "run" / "validation" / "step-000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["00.png", "01.png", "prompts.txt"]
+    from PIL import Image
+
+    assert Image.open(folder / "00.png").size == (8, 8)

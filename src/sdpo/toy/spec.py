@@ -132,6 +132,13 @@ class ToySpec:
         return "video" if self.media_format.frames else "image"
 
     @property
+    def default_guidance_scale(self) -> float:
+        """The guidance its world samples best with (validation samples use it unless told otherwise)."""
+        from sdpo.toy.world import get_world
+
+        return get_world(self.media_kind).guidance_scale  # worlds are named by their media kind
+
+    @property
     def pipeline_class(self) -> type:
         """The real family's pipeline, whose ``save_lora_weights`` / ``load_lora_weights`` the adapters use."""
         import diffusers

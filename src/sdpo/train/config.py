@@ -104,11 +104,14 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 2
     """Keep at most this many checkpoints (None keeps all)."""
     validation_prompts: list[str] = field(default_factory=list)
-    """Prompts sampled with the family's diffusers pipeline during training (empty: none)."""
+    """Prompts sampled with the family's diffusers pipeline (the embedded worlds: their own sampler) during
+    training (empty: none)."""
     validation_every: int = 0
     """Optimizer steps between validation samples (0: only after the last step, if prompts are set)."""
     validation_inference_steps: int = 25
     """Sampler steps of the validation pipeline."""
+    validation_guidance_scale: float | None = None
+    """Classifier-free guidance of validation samples (None: the pipeline's or embedded world's default)."""
     report_to: str = "tensorboard"
     """Experiment tracker: tensorboard, wandb, all or none (metrics.jsonl is always written)."""
     max_bad_steps: int = 10

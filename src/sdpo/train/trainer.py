@@ -287,7 +287,8 @@ def _after_step(run: _Run, done: int, stops: StopRequests) -> bool:
 
         write_validation_samples(run.spec, run.model, list(config.validation_prompts),
                                  run.output_dir / "validation" / f"step-{done:06d}",
-                                 config.validation_inference_steps, config.seed, write=run.main)
+                                 config.validation_inference_steps, config.seed, write=run.main,
+                                 guidance_scale=config.validation_guidance_scale)
     saved = bool(config.checkpoint_every) and done % config.checkpoint_every == 0 and done < config.max_steps
     if saved:
         _save(run, done)
