@@ -29,11 +29,26 @@ def _generate(args: argparse.Namespace) -> None:
     from sdpo.stages.generate import generate
 
     prompts = read_prompts(args.prompts)
-    result = generate(_load(args), prompts, args.out, per_prompt=args.per_prompt, seed=args.seed,
+    if args.vbench:
+        return _generate_vbench(args, prompts)
+    if not args.out:
+        raise ValueError("generate needs --out (or --vbench DIR)")
+    result = generate(_load(args), prompts, args.out, per_prompt=args.per_prompt or 4, seed=args.seed,
                       sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
                       progress=not args.quiet, frame_folders=args.frame_folders)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one line is enough
         print(f"candidates: {result.out_dir}/candidates.jsonl ({result.candidates}, {result.generated} new)")
+
+
+def _generate_vbench(args: argparse.Namespace, prompts: list[str]) -> None:
+    from sdpo.stages.vbench import generate_vbench
+
+    result = generate_vbench(_load(args), prompts, args.vbench, per_prompt=args.per_prompt or 5, seed=args.seed,
+                             sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    print(f"vbench: {len(result.files)} clips in {result.out_dir} ({result.generated} new); evaluate with:")
+    for line in result.commands:
+        print(f"  {line}")
 
 
 def _rewards(args: argparse.Namespace) -> list:
@@ -89,7 +104,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"report: {result.out / 'report.md'}")
 
 
-def _model_flags(parser: argparse.ArgumentParser) -> None:
+def _model_flags(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
     parser.add_argument("--family", required=True, help="sd, sdxl, cogvideox, wan (or an embedded world's family)")
     parser.add_argument("--pretrained", required=True, help="model folder or hub id")
     parser.add_argument("--prompts", required=True, help="prompts file: one per line (.txt) or JSONL with 'prompt'")
@@ -102,7 +117,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default: bf16 on cuda)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large frames tile by tile")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=out_required, help="output folder")
 
 
 def _reward_flags(parser: argparse.ArgumentParser) -> None:
@@ -115,9 +130,11 @@ def _reward_flags(parser: argparse.ArgumentParser) -> None:
 def add_stage_commands(commands: Any) -> None:
     """Add generate, score, pairs and evaluate to the `sdpo` subcommands."""
     gen = commands.add_parser("generate", help="sample K candidates per prompt (seeds recorded, resumable)")
-    _model_flags(gen)
+    _model_flags(gen, out_required=False)
     gen.add_argument("--lora", default=None, help="a training run folder to sample with")
-    gen.add_argument("--per-prompt", type=int, default=4, help="candidates per prompt")
+    gen.add_argument("--per-prompt", type=int, default=None, help="candidates per prompt (default 4; 5 with --vbench)")
+    gen.add_argument("--vbench", default=None, metavar="DIR",
+                     help="write clips as VBench reads them, DIR/{prompt}-{index}.mp4, and print the vbench commands")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--frame-folders", action="store_true", help="videos: also write a folder of PNG frames")
     gen.set_defaults(func=_generate)
