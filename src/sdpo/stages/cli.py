@@ -51,6 +51,15 @@ def _generate_vbench(args: argparse.Namespace, prompts: list[str]) -> None:
         print(f"  {line}")
 
 
+def _online(args: argparse.Namespace) -> None:
+    from sdpo.stages.online import OnlineConfig, run_online
+
+    config = OnlineConfig.from_file(args.config)
+    config.progress = not args.quiet
+    runs = run_online(config)
+    print(f"online: {len(runs)} rounds in {config.out}; last policy {runs[-1]}")
+
+
 def _rewards(args: argparse.Namespace) -> list:
     """The named rewards; ``--reward-option KEY=VALUE`` goes to every reward, ``NAME.KEY=VALUE`` to one."""
     import yaml
@@ -162,3 +171,7 @@ def add_stage_commands(commands: Any) -> None:
     ev.add_argument("--per-prompt", type=int, default=1, help="samples per prompt")
     ev.add_argument("--seed", type=int, default=10_000)
     ev.set_defaults(func=_evaluate)
+
+    on = commands.add_parser("online", help="rounds of generate -> score -> pairs -> train from the current policy")
+    on.add_argument("config", help="YAML file of an OnlineConfig")
+    on.set_defaults(func=_online)

@@ -1,0 +1,169 @@
+"""`sdpo online CONFIG`: rounds of on-policy pairs, the direct cure for off-policy bias.
+
+Round r (folder ``round-{r:02d}/`` of ``out``) runs the library's stages as ``sdpo demo`` does:
+generate K candidates per prompt from the current policy (the base with round r-1's LoRA; the base in
+round 0) -> score -> pairs -> precompute -> train N steps -> evaluate on held-out prompts. Every stage
+is skipped when its output is there (each is written atomically or resumes itself), so a killed run
+resumes at the round and stage where it stopped.
+
+Each round trains a fresh LoRA on the base with the base as reference; ``keep_pairs`` decides whether
+it sees the pairs of every round so far or of its own round only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdpo.files import write_atomic
+
+DONE = ".done"
+"""Marker written (atomically) after a stage whose output folder has no completion mark of its own."""
+
+
+@dataclass
+class OnlineConfig:
+    """Settings of `sdpo online` (a YAML file of these fields)."""
+
+    family: str
+    """Model family (sd, sdxl, cogvideox, wan, or an embedded world's: toy, toy-video)."""
+    pretrained: str
+    """Base model folder or hub id."""
+    prompts: str
+    """Training prompts file (one per line, or JSONL with 'prompt')."""
+    eval_prompts: str
+    """Held-out prompts file for each round's evaluation."""
+    reward: str
+    """Reward registry name used to score candidates and evaluations."""
+    out: str = "outputs/online"
+    """Output folder; holds round-00/, round-01/, ..."""
+    rounds: int = 2
+    """Number of rounds R."""
+    per_prompt: int = 4
+    """Candidates K per prompt per round."""
+    steps: int = 100
+    """Optimizer steps N per round."""
+    reference: str = "base"
+    """Reference model: "base" (the only one implemented; "previous" needs the trainer to start from a LoRA)."""
+    keep_pairs: bool = True
+    """Train each round on the pairs of all rounds so far (true) or of its own round only (false)."""
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the reward's factory."""
+    train_config: str | None = None
+    """Base training YAML (a TrainConfig); family, pretrained, cache_dir, output_dir and max_steps are set here."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig fields overriding those of ``train_config``."""
+    num_inference_steps: int = 50
+    """Sampler steps for candidates and evaluation."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale."""
+    batch_size: int = 8
+    """Generate / score / precompute / evaluate batch size."""
+    eval_per_prompt: int = 1
+    """Evaluation samples per held-out prompt."""
+    seed: int = 0
+    """Run seed; round r generates with seed + r (fresh noise each round)."""
+    progress: bool = False
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.reference not in ("base", "previous"):
+            raise ValueError(f"reference must be 'base' or 'previous', got {self.reference!r}")
+        if self.reference == "previous":
+            raise ValueError("reference: previous is not implemented yet (the trainer cannot start from a LoRA)")
+        for name in ("rounds", "steps", "num_inference_steps", "batch_size", "eval_per_prompt"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.per_prompt, int) or self.per_prompt < 2:
+            raise ValueError(f"per_prompt must be at least 2 (a pair needs two candidates), got {self.per_prompt!r}")
+        for name in ("prompts", "eval_prompts") + (("train_config",) if self.train_config else ()):
+            if not Path(getattr(self, name)).is_file():
+                raise FileNotFoundError(f"{name}: no such file {getattr(self, name)}")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> OnlineConfig:
+        """The config of a YAML file; unknown keys are one clear error."""
+        import dataclasses
+
+        from sdpo.train.config import read_config_file
+
+        data = read_config_file(path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown online config field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _train_config(config: OnlineConfig, cache_dir: Path, output_dir: Path) -> Any:
+    from sdpo.train.config import TrainConfig, read_config_file
+
+    data = read_config_file(config.train_config) if config.train_config else {}
+    data.update(config.train)
+    data.update(family=config.family, pretrained=config.pretrained, cache_dir=str(cache_dir),
+                output_dir=str(output_dir), max_steps=config.steps, seed=data.get("seed", config.seed))
+    return TrainConfig.from_dict(data)
+
+
+def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[str], reward: Any) -> Path:
+    """One round's stages, each skipped when done; returns its LoRA run folder."""
+    from sdpo.data import precompute, read_pairs
+    from sdpo.models.registry import load_spec
+    from sdpo.stages.generate import SamplerSettings, generate
+    from sdpo.stages.pairs import build_pairs
+    from sdpo.stages.score import score
+    from sdpo.train.trainer import train
+
+    out = Path(config.out)
+    folder = out / f"round-{r:02d}"
+    previous = out / f"round-{r - 1:02d}" / "run" if r > 0 else None
+    sampler = SamplerSettings(config.num_inference_steps, config.guidance_scale)
+    video = load_spec(config.family, config.pretrained).media_kind == "video"
+    generate(load_spec(config.family, config.pretrained), prompts, folder / "candidates",
+             per_prompt=config.per_prompt, seed=config.seed + r, sampler=sampler, lora=previous,
+             batch_size=config.batch_size, progress=config.progress, frame_folders=video)
+    score(folder / "candidates", [reward], batch_size=config.batch_size, progress=config.progress)
+    if not (folder / "pairs.jsonl").is_file():  # build_pairs writes it atomically
+        build_pairs(folder / "candidates", "best-worst", frames=video, out=folder / "pairs.jsonl")
+    cache = folder / "cache"
+    if not (folder / f"cache{DONE}").is_file():
+        shutil.rmtree(cache, ignore_errors=True)  # a half-written cache from a killed run
+        rounds = range(r + 1) if config.keep_pairs else [r]
+        pairs = [pair for k in rounds for pair in read_pairs(out / f"round-{k:02d}" / "pairs.jsonl")]
+        precompute(pairs, load_spec(config.family, config.pretrained), cache, batch_size=config.batch_size,
+                   progress=config.progress)
+        write_atomic(folder / f"cache{DONE}", "")
+    run = folder / "run"
+    # "latest": a finished run is left as it is, a killed one continues from its last checkpoint
+    train(_train_config(config, cache, run), spec=load_spec(config.family, config.pretrained), resume="latest",
+          progress=config.progress)
+    _evaluate_round(config, folder, run, eval_prompts, reward, sampler)
+    return run
+
+
+def _evaluate_round(config: OnlineConfig, folder: Path, run: Path, eval_prompts: list[str], reward: Any,
+                    sampler: Any) -> None:
+    from sdpo.models.registry import load_spec
+    from sdpo.stages.evaluate import evaluate
+
+    if (folder / "evaluation" / "results.json").is_file():
+        return
+    evaluate(load_spec(config.family, config.pretrained), eval_prompts, {"online": run}, [reward],
+             folder / "evaluation", seed=10_000 + config.seed, sampler=sampler, batch_size=config.batch_size,
+             samples_per_prompt=config.eval_per_prompt, progress=config.progress)
+
+
+def run_online(config: OnlineConfig) -> list[Path]:
+    """All rounds (resuming where a killed run stopped); returns each round's LoRA run folder."""
+    from sdpo.rewards.registry import load_reward
+    from sdpo.stages._io import read_prompts
+
+    prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
+    reward = load_reward(config.reward, **config.reward_options)
+    return [_round(config, r, prompts, eval_prompts, reward) for r in range(config.rounds)]
+
+
+__all__ = ["OnlineConfig", "run_online"]

@@ -1,0 +1,78 @@
+"""`sdpo online CONFIG` on the embedded image world at tiny size: rounds, layout, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+import sdpo.stages.online as online
+from sdpo.cli import main
+from sdpo.toy.digits.model import ToyModelConfig
+from sdpo.toy.pretraining import pretrain_base
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_IMAGE = ToyModelConfig(block_out_channels=(8, 16), norm_num_groups=4, attention_heads=2, text_hidden_size=8,
+                            text_heads=2, train_steps=20, batch_size=16, warmup_steps=2)
+
+
+def _config(tmp: Path, base: str, out: Path) -> Path:
+    (tmp / "prompts.txt").write_text("a handwritten digit 3\na handwritten digit 7\n")
+    (tmp / "eval.txt").write_text("a handwritten digit 1\n")
+    path = tmp / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "family": "toy", "pretrained": base, "prompts": str(tmp / "prompts.txt"), "eval_prompts": str(tmp / "eval.txt"),
+        "reward": "digits", "out": str(out), "rounds": 2, "per_prompt": 2, "steps": 2, "num_inference_steps": 2,
+        "eval_per_prompt": 2, "train": {"train_batch_size": 2, "lora_rank": 2, "learning_rate": 1e-3,
+                                        "report_to": "none"}}))
+    return path
+
+
+def _lora(run: Path) -> dict:
+    return load_file(str(next(run.glob("*.safetensors"))))
+
+
+def test_online_rounds_run_and_resume_after_a_kill(tmp_path: Path, monkeypatch) -> None:
+    base = str(pretrain_base(TINY_IMAGE, cache_root=tmp_path / "cache", progress=False))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["--quiet", "online", str(_config(tmp_path, base, straight))]) == 0
+    for r in (0, 1):
+        folder = straight / f"round-{r:02d}"
+        assert (folder / "pairs.jsonl").is_file() and (folder / "evaluation" / "results.json").is_file()
+    records = [json.loads(line) for line in (straight / "round-01" / "candidates" / "candidates.jsonl").open()]
+    assert len(records) == 4 and {c["lora"] for c in records} == {str(straight / "round-00" / "run")}
+
+    real = online._evaluate_round
+    calls = []
+
+    def die_in_round_1(config, folder, *args):
+        calls.append(folder.name)
+        if folder.name == "round-01":
+            raise KeyboardInterrupt("killed after round 1's training")
+        real(config, folder, *args)
+
+    monkeypatch.setattr(online, "_evaluate_round", die_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        online.run_online(online.OnlineConfig.from_file(_config(tmp_path, base, killed)))
+    assert not (killed / "round-01" / "evaluation").exists()
+    monkeypatch.setattr(online, "_evaluate_round", real)
+    assert main(["--quiet", "online", str(_config(tmp_path, base, killed))]) == 0
+    for name in ("round-00/run", "round-01/run"):
+        a, b = _lora(straight / name), _lora(killed / name)
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert (killed / "round-01" / "evaluation" / "results.json").is_file()
+
+
+def test_online_config_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    path = _config(tmp_path, "unused", tmp_path / "x")
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "reference": "previous"}))
+    assert main(["--quiet", "online", str(path)]) == 2
+    path.write_text(yaml.safe_dump({**data, "bogus": 1}))
+    assert main(["--quiet", "online", str(path)]) == 2
+    assert "bogus" in capsys.readouterr().err
