@@ -69,6 +69,8 @@ def test_generate_vbench_writes_five_clips_per_prompt_seeded_per_prompt(base: st
     lost.unlink()
     assert _vbench(base, PROMPTS, out, tmp_path) == 0
     assert lost.read_bytes() == kept
+    assert _vbench(base, PROMPTS, out, tmp_path, "--seed", "1") == 2  # other settings: refused, one line
+    assert "other settings (seed)" in capsys.readouterr().err
 
 
 def test_generate_needs_out_or_vbench(base: str, tmp_path: Path, capsys) -> None:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,17 +96,31 @@ def generate_vbench(spec: Any, prompts: list[str], out_dir: str | Path, *, per_p
             raise ValueError(f"prompts {other!r} and {prompt!r} map to the same VBench file name")
     out = Path(out_dir)
     (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    _check_settings(out, {"seed": seed, "per_prompt": per_prompt, "lora": None if lora is None else str(lora),
+                          "sampler": asdict(sampler or SamplerSettings()), "family": spec.family,
+                          "model": getattr(spec, "pretrained", None) and str(spec.pretrained), "fps": fps})
     if lora is not None:  # once: the per-prompt generate calls below sample with the loaded LoRA
         spec.load_lora(lora)
     generated = 0
     for prompt in unique:
         generated += _one_prompt(spec, prompt, names[prompt], out, seed, sampler, batch_size, progress, fps)
     mapping = {name: prompt for prompt in unique for name in names[prompt]}
-    write_atomic(out / WORK_DIR / "vbench.json", json.dumps(
-        {"seed": seed, "per_prompt": per_prompt, "lora": None if lora is None else str(lora)}, indent=2) + "\n")
     write_atomic(out / WORK_DIR / PROMPTS_FILE, json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")
     files = [out / name for prompt in unique for name in names[prompt]]
     return VBenchResult(out, files, generated, vbench_commands(out))
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add clips made with other settings (clips already in DIR would be kept as they are)."""
+    path = out / WORK_DIR / "vbench.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(key for key, value in settings.items() if saved.get(key) != value)
+        if changed:
+            raise ValueError(f"{out} holds VBench clips made with other settings ({', '.join(changed)}): "
+                             "use a new folder, or the same settings to resume")
+        return
+    write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def _one_prompt(spec: Any, prompt: str, names: list[str], out: Path, seed: int, sampler: SamplerSettings | None,
