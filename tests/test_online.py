@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import sdpo.stages.online as online
 from sdpo.cli import main
+from sdpo.data import CachedPairs
 from sdpo.toy.digits.model import ToyModelConfig
 from sdpo.toy.pretraining import pretrain_base
 
@@ -46,6 +47,8 @@ def test_online_rounds_run_and_resume_after_a_kill(tmp_path: Path, monkeypatch) 
         assert (folder / "pairs.jsonl").is_file() and (folder / "evaluation" / "results.json").is_file()
     records = [json.loads(line) for line in (straight / "round-01" / "candidates" / "candidates.jsonl").open()]
     assert len(records) == 4 and {c["lora"] for c in records} == {str(straight / "round-00" / "run")}
+    # keep_pairs (the default): round 1 trains on its own 2 pairs and round 0's 2
+    assert [len(CachedPairs(straight / f"round-{r:02d}" / "cache")) for r in (0, 1)] == [2, 4]
 
     real = online._evaluate_round
     calls = []
