@@ -148,6 +148,7 @@ def test_numbers_in_the_forms_people_write_them(tmp_path, capsys):
         ({"learning_rate": ".nan"}, "learning_rate must be a finite number"),
         ({"learning_rate": float("inf")}, "learning_rate must be a finite number"),
         ({"learning_rate": 0}, "learning_rate must be a positive number"),
+        ({"validation_guidance_scale": -1}, "validation_guidance_scale must be a finite number >= 0"),
         ({"adam_betas": [0.9]}, "adam_betas must be a list of 2 finite numbers"),
         ({"adam_betas": 0.9}, "adam_betas must be a list of 2 finite numbers"),
         ({"use_8bit_adam": "maybe"}, "use_8bit_adam must be true or false"),
@@ -235,7 +236,7 @@ FULL = {
     "max_steps": 11, "train_batch_size": 3, "gradient_accumulation_steps": 2, "mixed_precision": "bf16",
     "gradient_checkpointing": True, "t_min": 5, "t_max": 900, "seed": 42, "log_every": 2,
     "checkpoint_every": 4, "checkpoints_total_limit": None, "validation_prompts": ["a", "b"],
-    "validation_every": 3, "validation_inference_steps": 4, "report_to": "none", "offload_reference": True,
+    "validation_every": 3, "validation_inference_steps": 4, "validation_guidance_scale": 1.5, "report_to": "none", "offload_reference": True,
     "max_bad_steps": 5,
 }
 

@@ -151,6 +151,9 @@ class TrainConfig:
         _check_choice("report_to", self.report_to, TRACKERS)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.validation_guidance_scale is not None and not 0 <= self.validation_guidance_scale < math.inf:
+            raise ValueError(f"validation_guidance_scale must be a finite number >= 0 (or null for the default), "
+                             f"got {self.validation_guidance_scale}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number (or null for alpha = rank), got {self.lora_alpha}")
         _check_lora_targets(self.lora_target_modules)
