@@ -293,7 +293,7 @@ UNSAFE = [
 ]
 SAFE = [
     ("max_steps", 5000), ("log_every", 1), ("checkpoint_every", 100), ("checkpoints_total_limit", None),
-    ("validation_prompts", ["a cat"]), ("validation_every", 50), ("validation_inference_steps", 10),
+    ("validation_prompts", ["a cat"]), ("validation_every", 50), ("validation_inference_steps", 10), ("validation_guidance_scale", 3.0),
     ("report_to", "none"), ("output_dir", "elsewhere"), ("gradient_checkpointing", True),
     ("offload_reference", True), ("max_bad_steps", 3),
 ]
