@@ -79,3 +79,22 @@ def test_online_config_errors_are_one_line(tmp_path: Path, capsys) -> None:
     path.write_text(yaml.safe_dump({**data, "bogus": 1}))
     assert main(["--quiet", "online", str(path)]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_the_readme_online_config_resolves_to_its_training_run(tmp_path: Path, monkeypatch) -> None:
+    """The README's online.yaml, as a user copies it: it parses, and its train_config + train overrides
+    give the TrainConfig each round trains with."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("# online.yaml", 1)[1].split("```", 1)[0]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "sd15-lora.yaml").write_text(
+        (Path(__file__).parents[1] / "configs" / "sd15-lora.yaml").read_text())
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "heldout.txt").write_text("a dog\n")
+    (tmp_path / "online.yaml").write_text(block.split("\n", 1)[1])
+    monkeypatch.chdir(tmp_path)
+    config = online.OnlineConfig.from_file("online.yaml")
+    assert (config.family, config.reward, config.rounds, config.steps) == ("sd", "pickscore", 3, 500)
+    train_config = online._train_config(config, tmp_path / "cache", tmp_path / "run")
+    assert train_config.method.name == "sdpo" and train_config.learning_rate == 1e-5
+    assert train_config.max_steps == 500 and train_config.pretrained == "runwayml/stable-diffusion-v1-5"
