@@ -12,6 +12,7 @@ from sdpo.objectives import (
     mask_weights,
     normalize_weights,
     preference_loss,
+    safeguard_scale,
 )
 
 
@@ -133,3 +134,62 @@ def test_mismatched_shapes_are_named():
         preference_loss(mw, ml, rw, rl, 1.0, weight_w=torch.ones(3))
     with pytest.raises(ValueError, match="per-pair vectors"):
         preference_loss(mw[:, None], ml[:, None], rw[:, None], rl[:, None], 1.0)
+
+
+def test_sft_term_adds_the_winner_error():
+    mw, ml, rw, rl = _errors(3, requires_grad=True)
+    plain = preference_loss(mw, ml, rw, rl, 50.0).loss
+    with_sft = preference_loss(mw, ml, rw, rl, 50.0, sft_weight=12.5).loss
+    torch.testing.assert_close(with_sft - plain, 12.5 * mw.mean())
+    (grad_w,) = torch.autograd.grad(with_sft - plain, mw)
+    torch.testing.assert_close(grad_w, torch.full_like(mw, 12.5 / len(mw)))
+    with pytest.raises(ValueError, match="sft_weight"):
+        preference_loss(mw, ml, rw, rl, 50.0, sft_weight=-1.0)
+
+
+def test_safeguard_scale_formula():
+    g = torch.Generator().manual_seed(0)
+    rw, rl = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    ww = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    wl = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    scale = safeguard_scale(rw, rl, ww, wl)
+    for i in range(6):
+        inner = float(wl[i] * rw[i] @ rl[i])
+        expected = 1.0 if inner <= 0 else min(1.0, float(ww[i] * rw[i] @ rw[i]) / inner)
+        assert math.isclose(float(scale[i]), expected, rel_tol=1e-12)
+    # A loser residual parallel to and larger than the winner's: the loser term is shrunk.
+    assert float(safeguard_scale(rw[:1], 3 * rw[:1])) == pytest.approx(1 / 3, rel=1e-12)
+    assert float(safeguard_scale(rw[:1], -rw[:1])) == 1.0
+
+
+def test_safeguard_keeps_the_winner_error_from_rising_to_first_order():
+    """Output = theta for every input (one shared Jacobian, where the output-space rule is exact):
+    the descent direction of the safeguarded loss never raises the winner's error, plain DPO's does."""
+    g = torch.Generator().manual_seed(1)
+    rises_plain = rises_guarded = 0
+    for _ in range(200):
+        theta = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+        target_w, target_l = torch.randn(4, dtype=torch.float64, generator=g), torch.randn(4, dtype=torch.float64, generator=g)
+        target_l = target_w + 0.3 * (target_l - target_w)  # close targets: aligned gradients, the risky case
+        err_w, err_l = ((theta - target_w) ** 2).mean()[None], ((theta - target_l) ** 2).mean()[None]
+        ref_w, ref_l = err_w.detach() * 1.1, err_l.detach() * 0.9
+        (grad_err_w,) = torch.autograd.grad(err_w.sum(), theta, retain_graph=True)
+        for guarded in (False, True):
+            scale = safeguard_scale((theta - target_w)[None], (theta - target_l)[None]) if guarded else None
+            loss = preference_loss(err_w, err_l, ref_w, ref_l, 10.0, loser_scale=scale).loss
+            (grad_loss,) = torch.autograd.grad(loss, theta, retain_graph=True)
+            change = float(grad_err_w @ -grad_loss)  # d err_w along the descent direction
+            if guarded:
+                rises_guarded += change > 1e-12
+            else:
+                rises_plain += change > 1e-12
+    assert rises_guarded == 0
+    assert rises_plain > 20
+
+
+def test_baseline_settings_are_validated():
+    assert MethodConfig.preset("diffusion-dpo", sft_weight=500.0, safeguard=True).safeguard
+    with pytest.raises(ValueError, match="sft_weight"):
+        MethodConfig.preset("diffusion-dpo", sft_weight=float("nan"))
+    with pytest.raises(ValueError, match="safeguard"):
+        MethodConfig.preset("diffusion-dpo", safeguard="yes")

@@ -160,3 +160,24 @@ def test_validation_prompts_on_an_embedded_world_through_the_cli(world, tmp_path
     from PIL import Image
 
     assert Image.open(folder / "00.png").size == (8, 8)
+
+
+def test_the_published_stabilizers_train_through_the_cli(world, tmp_path):
+    """Diffusion-DPO with an SFT term and with Diffusion-SDPO's safeguard, switched on with --set as a user would."""
+    from sdpo.cli import main
+
+    base, cache = world
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "family": "toy", "pretrained": str(base), "cache_dir": str(cache), "output_dir": str(tmp_path / "run"),
+        "max_steps": 3, "train_batch_size": 4, "lora_rank": 4, "report_to": "none", "log_every": 1,
+        "learning_rate": 1e-2, "method": {"name": "sdpo", "beta": 500.0},
+    }))
+    assert main(["--quiet", "train", str(config), "--set", "method.name=diffusion-dpo", "method.safeguard=true",
+                 "method.sft_weight=125"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0.0 <= row["loser_scale"] <= 1.0 for row in rows)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["method"]
+    assert (saved["name"], saved["safeguard"], saved["sft_weight"]) == ("diffusion-dpo", True, 125.0)
+    # At the start policy == reference, so the loss is log 2 plus the SFT term on the winners' errors.
+    assert rows[0]["loss"] > math.log(2)

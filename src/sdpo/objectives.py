@@ -77,6 +77,16 @@ class MethodConfig:
     use_weights: bool = True
     """False for plain Diffusion-DPO: W = 1 (weights are still computed and logged)."""
 
+    sft_weight: float = 0.0
+    """Coefficient of an added supervised term on the winners, ``sft_weight * mean(err_theta^w)``
+    (DPO regularised with SFT, as in Reg-DPO). The DPO term's own pull on a winner's error is
+    (beta/2) * sigmoid(-z) * W^w, beta/4 at the start, so sft_weight = beta/4 makes them equal there."""
+
+    safeguard: bool = False
+    """Diffusion-SDPO's winner-preserving update (Fu et al. 2025, arXiv 2511.03317; not this project's
+    ``sdpo``): each pair's loser term is scaled by ``safeguard_scale`` so that, to first order, the step
+    does not raise the winner's error."""
+
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
@@ -99,6 +109,11 @@ class MethodConfig:
             raise ValueError(f"mask_threshold must be a finite number >= 0, got {self.mask_threshold}")
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {self.num_inference_steps}")
+        if not (isinstance(self.sft_weight, (int, float)) and math.isfinite(self.sft_weight)
+                and self.sft_weight >= 0):
+            raise ValueError(f"sft_weight must be a finite number >= 0, got {self.sft_weight!r}")
+        if not isinstance(self.safeguard, bool):
+            raise ValueError(f"safeguard must be true or false, got {self.safeguard!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MethodConfig:
@@ -133,6 +148,29 @@ PRESETS: dict[str, MethodConfig] = {
 }
 
 
+def safeguard_scale(
+    residual_w: Tensor, residual_l: Tensor, weight_w: Tensor | None = None, weight_l: Tensor | None = None
+) -> Tensor:
+    """Diffusion-SDPO's per-pair loser scale, lambda = min(1, W^w |g_w|^2 / (W^l <g_w, g_l>)), or 1 where
+    W^l <g_w, g_l> <= 0.
+
+    g are the errors' gradients in output space, proportional to the residuals ``prediction - target``
+    (shape (B, ...)); the paper's output-space approximation treats winner and loser outputs as one
+    space. With loss gradient proportional to W^w grad err^w - lambda W^l grad err^l, the winner's
+    error changes by -lr * c * (W^w |g_w|^2 - lambda W^l <g_w, g_l>) <= 0 for this lambda.
+    """
+    residual_w, residual_l = residual_w.detach().flatten(1), residual_l.detach().flatten(1)
+    if residual_w.shape != residual_l.shape:
+        raise ValueError(f"residual shapes differ: {tuple(residual_w.shape)} vs {tuple(residual_l.shape)}")
+    ones = torch.ones(residual_w.shape[0], dtype=residual_w.dtype, device=residual_w.device)
+    weight_w = ones if weight_w is None else weight_w.detach().to(residual_w.dtype)
+    weight_l = ones if weight_l is None else weight_l.detach().to(residual_w.dtype)
+    aligned = weight_l * (residual_w * residual_l).sum(1)
+    preserved = weight_w * residual_w.square().sum(1)
+    scale = torch.where(aligned > 0, preserved / aligned.clamp_min(torch.finfo(aligned.dtype).tiny), ones)
+    return scale.clamp(max=1.0)
+
+
 # --------------------------------------------------------------------- the objective
 @dataclass
 class PreferenceOutput:
@@ -164,6 +202,8 @@ def preference_loss(
     beta: float,
     weight_w: Tensor | None = None,
     weight_l: Tensor | None = None,
+    loser_scale: Tensor | None = None,
+    sft_weight: float = 0.0,
 ) -> PreferenceOutput:
     """The weighted Diffusion-DPO objective of method.md section 4.
 
@@ -172,6 +212,8 @@ def preference_loss(
         ref_err_w, ref_err_l: the same for the frozen reference (no gradient needed).
         beta: positive finite temperature, -(beta/2) convention.
         weight_w, weight_l: objective weights W per pair member (stop-gradient); None means 1.
+        loser_scale: a further per-pair factor on the loser term (``safeguard_scale``); None means 1.
+        sft_weight: coefficient of the added supervised term ``mean(model_err_w)``.
     """
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
@@ -179,12 +221,17 @@ def preference_loss(
     ones = torch.ones_like(model_err_w)
     weight_w = ones if weight_w is None else weight_w.detach().to(model_err_w.dtype)
     weight_l = ones if weight_l is None else weight_l.detach().to(model_err_w.dtype)
-    _check_errors(model_err_w=model_err_w, weight_w=weight_w, weight_l=weight_l)
+    scale = ones if loser_scale is None else loser_scale.detach().to(model_err_w.dtype)
+    _check_errors(model_err_w=model_err_w, weight_w=weight_w, weight_l=weight_l, loser_scale=scale)
+    if not (math.isfinite(sft_weight) and sft_weight >= 0):
+        raise ValueError(f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
 
     delta_w = model_err_w - ref_err_w.detach()
     delta_l = model_err_l - ref_err_l.detach()
-    logits = -0.5 * beta * (weight_w * delta_w - weight_l * delta_l)
+    logits = -0.5 * beta * (weight_w * delta_w - scale * weight_l * delta_l)
     loss = -F.logsigmoid(logits).mean()
+    if sft_weight:
+        loss = loss + sft_weight * model_err_w.mean()
 
     with torch.no_grad():
         both = torch.cat([weight_w, weight_l])
@@ -198,4 +245,6 @@ def preference_loss(
             # > 0: winners weigh more than their losers, so the objective is no longer antisymmetric.
             "weight_gap": (weight_w - weight_l).mean(),
         }
+        if loser_scale is not None:
+            metrics["loser_scale"] = scale.mean()
     return PreferenceOutput(loss=loss, logits=logits, metrics=metrics)

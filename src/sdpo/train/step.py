@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from sdpo.data.batch import PairBatch
 from sdpo.importance import log_importance_weight, log_relative_weight
 from sdpo.models.base import ModelSpec, unwrap
-from sdpo.objectives import MethodConfig, PreferenceOutput, preference_loss
+from sdpo.objectives import MethodConfig, PreferenceOutput, preference_loss, safeguard_scale
 
 
 @dataclass
@@ -137,6 +137,10 @@ def preference_step(
         raw_weights = log_w.exp()
         weights = method.transform(raw_weights)
 
+    loser_scale = None
+    if method.safeguard:
+        residual = (prediction.detach() - target).flatten(1)
+        loser_scale = safeguard_scale(residual[:pairs], residual[pairs:], weights[:pairs], weights[pairs:])
     output = preference_loss(
         error[:pairs],
         error[pairs:],
@@ -145,5 +149,7 @@ def preference_step(
         method.beta,
         weights[:pairs],
         weights[pairs:],
+        loser_scale=loser_scale,
+        sft_weight=method.sft_weight,
     )
     return StepResult(output=output, timesteps=t, raw_weights=raw_weights, weights=weights)
