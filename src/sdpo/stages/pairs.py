@@ -82,3 +82,44 @@ def build_pairs(
         raise ValueError(f"no pairs: every candidate pair was skipped ({skipped or 'fewer than 2 per prompt'})")
     write_pairs_jsonl(pairs, out_path)
     return PairsSummary(out_path, len(pairs), sum(len(g) > 1 for g in groups.values()), skipped)
+
+
+def build_cross_pairs(
+    chosen_dir: str | Path, rejected_dir: str | Path, out: str | Path, *, frames: bool = False
+) -> PairsSummary:
+    """Pairs across two generators: per prompt, the best candidate of ``chosen_dir`` against the worst of
+    ``rejected_dir`` (both generated from the same prompts list and scored with the same rewards).
+
+    This is how off-policy data arises in practice (a stronger model's samples as winners, a weaker
+    one's as losers). A prompt whose best chosen candidate does not score above the worst rejected one
+    is skipped and counted as "not preferred".
+    """
+    sources = []
+    for folder in (Path(chosen_dir), Path(rejected_dir)):
+        records = read_records(folder)
+        if any(r.get("total") is None for r in records):
+            raise ValueError(f"candidates in {folder} are not scored: run `sdpo score {folder}` first")
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for record in records:
+            groups.setdefault(record["prompt_index"], []).append(record)
+        sources.append((folder, groups))
+    (chosen_folder, chosen_groups), (rejected_folder, rejected_groups) = sources
+    key = "frames" if frames else "path"
+    pairs, skipped = [], {}
+    for index in sorted(set(chosen_groups) & set(rejected_groups)):
+        chosen = _candidate_pairs(chosen_groups[index], "best-worst")[0][0]
+        rejected = _candidate_pairs(rejected_groups[index], "best-worst")[0][1]
+        if chosen["prompt"] != rejected["prompt"]:
+            raise ValueError(f"prompt {index} differs between {chosen_folder} and {rejected_folder}: "
+                             "generate both from the same prompts file")
+        gap = chosen["total"] - rejected["total"]
+        if gap <= 0:
+            skipped["not preferred"] = skipped.get("not preferred", 0) + 1
+            continue
+        pairs.append(PreferencePair(chosen["prompt"], (chosen_folder / chosen[key]).resolve(),
+                                    (rejected_folder / rejected[key]).resolve(),
+                                    {"chosen_score": chosen["total"], "rejected_score": rejected["total"], "gap": gap}))
+    if not pairs:
+        raise ValueError(f"no pairs: no prompt of {chosen_folder} beat {rejected_folder} ({skipped})")
+    write_pairs_jsonl(pairs, Path(out))
+    return PairsSummary(Path(out), len(pairs), len(pairs) + sum(skipped.values()), skipped)

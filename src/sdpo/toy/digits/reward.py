@@ -73,14 +73,14 @@ def _outliers(images: Tensor, count: int, generator: torch.Generator) -> Tensor:
     return torch.cat([noise, flat, smeared, overlaid])
 
 
-def digit_classifier(seed: int = 0, hidden: int = 64, steps: int = 400) -> DigitClassifier:
+def digit_classifier(seed: int = 0, hidden: int = 64, steps: int = 400, split: str = "train") -> DigitClassifier:
     """The cached classifier for these settings (one cache key however the arguments are spelled)."""
-    return _digit_classifier(int(seed), int(hidden), int(steps))
+    return _digit_classifier(int(seed), int(hidden), int(steps), str(split))
 
 
 @lru_cache(maxsize=4)
-def _digit_classifier(seed: int, hidden: int, steps: int) -> DigitClassifier:
-    """The classifier trained on the train split of the real digits (deterministic, cached, frozen).
+def _digit_classifier(seed: int, hidden: int, steps: int, split: str) -> DigitClassifier:
+    """The classifier trained on one split of the real digits (deterministic, cached, frozen).
 
     Full-batch AdamW with weight decay. Training digits get small Gaussian pixel noise, and a set of
     non-digits (``_outliers``) is pushed toward the uniform prediction (outlier exposure), so that
@@ -90,7 +90,7 @@ def _digit_classifier(seed: int, hidden: int, steps: int) -> DigitClassifier:
     Trains on one CPU thread (restored afterwards): the matrices are tiny, so a second thread only
     adds OpenMP barriers, which stall badly on a busy machine (seen: 1 s alone, 100 s under load).
     """
-    images, labels = load_split("train")
+    images, labels = load_split(split)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -158,23 +158,23 @@ class InkStatistics:
     std: Tensor
 
 
-@lru_cache(maxsize=1)
-def ink_statistics() -> InkStatistics:
-    """The real-data reference of the thickness term (train split)."""
-    images, labels = load_split("train")
+@lru_cache(maxsize=2)
+def ink_statistics(split: str = "train") -> InkStatistics:
+    """The real-data reference of the thickness term (of the train split, unless another is named)."""
+    images, labels = load_split(split)
     values = ink(images)
     medians = torch.stack([values[labels == c].median() for c in range(NUM_CLASSES)])
     stds = torch.stack([values[labels == c].std() for c in range(NUM_CLASSES)])
     return InkStatistics(medians, stds)
 
 
-def thickness_score(images: Tensor, labels: Tensor) -> Tensor:
+def thickness_score(images: Tensor, labels: Tensor, split: str = "train") -> Tensor:
     """Stroke ink relative to the real median of the prompted class, in that class's standard deviations.
 
     About half of the real digits score above zero (the median is the centre), so it is a style
     preference a faithful base model meets only half the time: room for preference tuning.
     """
-    stats = ink_statistics()
+    stats = ink_statistics(split)
     return (ink(images) - stats.median[labels]) / stats.std[labels]
 
 
@@ -190,16 +190,19 @@ class DigitReward:
     media = "image"
 
     def __init__(self, kind: str, classifier_weight: float, style_weight: float, log_odds_cap: float,
-                 style_cap: float, seed: int) -> None:
+                 style_cap: float, seed: int, split: str = "train", hidden: int = 64) -> None:
         if kind not in REWARD_KINDS:
             raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
         if log_odds_cap <= 0 or style_cap <= 0:
             raise ValueError("log_odds_cap and style_cap must be positive")
         self.name = "digits" if kind == "default" else f"digits-{kind}"
+        if split != "train":
+            self.name += f"@{split}"
+        self.split = split
         self.kind, self.classifier_weight, self.style_weight = kind, classifier_weight, style_weight
         self.log_odds_cap, self.style_cap = log_odds_cap, style_cap
-        self.classifier = digit_classifier(seed)
-        ink_statistics()  # build the reference now, not inside the first call
+        self.classifier = digit_classifier(seed, hidden, split=split)
+        ink_statistics(split)  # build the reference now, not inside the first call
 
     @torch.no_grad()
     def score(self, media: Tensor, prompts: list[str]) -> Tensor:
@@ -211,7 +214,7 @@ class DigitReward:
         images = media.detach().float().cpu().clamp(-1, 1)
         labels = parse_digits(prompts)
         if self.kind == "thickness":
-            return thickness_score(images, labels)
+            return thickness_score(images, labels, self.split)
         logits = self.classifier(images)
         if self.kind == "log_prob":
             return logits.log_softmax(dim=1).gather(1, labels[:, None])[:, 0]
@@ -220,7 +223,7 @@ class DigitReward:
         log_odds = prompted_log_odds(logits, labels)
         if self.kind == "log_odds":
             return log_odds
-        style = soft_cap(thickness_score(images, labels), self.style_cap)
+        style = soft_cap(thickness_score(images, labels, self.split), self.style_cap)
         return (self.classifier_weight * soft_cap(log_odds, self.log_odds_cap)
                 + self.style_weight * torch.sigmoid(log_odds) * style)
 
@@ -235,6 +238,8 @@ def digit_reward(
     log_odds_cap: float = 10.0,
     style_cap: float = 3.0,
     seed: int = 0,
+    split: str = "train",
+    hidden: int = 64,
 ) -> DigitReward:
     """The reward for digits (registry name "digits"), ``score(samples (B,1,8,8) in [-1,1], prompts) -> (B,)``.
 
@@ -248,9 +253,13 @@ def digit_reward(
         ``"probability"``: its probability (saturates; kept to reproduce the earlier trial).
         ``"thickness"``: the style term alone (no guard: a blob maximises it).
 
+    ``split="held_out"`` (with another ``seed`` and ``hidden``) builds the same formula on a classifier and
+    ink statistics of the held-out split: an independent second scorer that never built pairs or trained
+    anything, named ``digits@held_out`` (``sdpo bench methods`` reports it beside the reward).
+
     The digit asked for is read from each prompt (``parse_digit``); a prompt without one is an error.
     """
-    return DigitReward(kind, classifier_weight, style_weight, log_odds_cap, style_cap, seed)
+    return DigitReward(kind, classifier_weight, style_weight, log_odds_cap, style_cap, seed, split, hidden)
 
 
 # ------------------------------------------------------------------------------------------ quality

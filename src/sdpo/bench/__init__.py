@@ -1,0 +1,1 @@
+"""`sdpo bench`: the evidence benchmarks (methods across data conditions, beta and seeds; step speed)."""

@@ -1,0 +1,340 @@
+"""`sdpo bench methods`: when, if ever, do the importance weights help?
+
+For every data condition (``sdpo.bench.conditions``) and seed, the world's base model is fine-tuned
+once per arm (a method at a beta, a published baseline, or a variant) on the same pairs with the same
+batches, timesteps and noise (one TrainConfig seed), then all arms and the base are sampled from the
+same held-out noise and scored by the world's reward and by a second scorer that never built pairs
+or trained anything. A long-training arm continues the core methods to several times the step
+budget, evaluated along the way. Statistics are over seeds (``sdpo.bench.stats``); the report is
+``sdpo.bench.report``.
+
+A killed sweep resumes: every (condition, seed) cell whose evaluation is written is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
+from sdpo.objectives import METHODS, MethodConfig
+
+BASELINES: dict[str, str] = {
+    "dpo+sft": "Diffusion-DPO plus an SFT term on the winners, sft_weight = beta/4 (as in Reg-DPO)",
+    "diffusion-sdpo": "Diffusion-DPO with Diffusion-SDPO's winner-preserving loser scaling (arXiv 2511.03317)",
+}
+"""Published stabilizers run as further baselines, at ``BenchConfig.default_beta``."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained configuration: a method preset at a beta, with settings changed."""
+
+    name: str
+    """Row name: a method, a baseline (BASELINES) or a variant ("sdpo:normalize=true")."""
+    method: str
+    """The MethodConfig preset it starts from."""
+    beta: float
+    """Objective temperature."""
+    settings: tuple[tuple[str, Any], ...] = ()
+    """MethodConfig fields changed from the preset."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.beta:g}"
+
+    def method_config(self, num_inference_steps: int) -> MethodConfig:
+        return MethodConfig.preset(self.method, beta=self.beta, num_inference_steps=num_inference_steps,
+                                   **dict(self.settings))
+
+
+def parse_variant(text: str, beta: float) -> Arm:
+    """An arm from "method:key=value,key=value" (values are YAML: true, 0.5, [0, 2])."""
+    import yaml
+
+    method, _, rest = text.partition(":")
+    if method not in METHODS:
+        raise ValueError(f"variant {text!r}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    settings = []
+    for item in filter(None, rest.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"variant {text!r}: expected key=value, got {item!r}")
+        settings.append((key.strip(), yaml.safe_load(value)))
+    arm = Arm(text, method, beta, tuple(settings))
+    arm.method_config(50)  # one clear error for an unknown or invalid setting
+    return arm
+
+
+@dataclass
+class BenchConfig:
+    """Settings of `sdpo bench methods` (the defaults are the full sweep; ``quick()`` the test-sized one)."""
+
+    world: str = "image"
+    """Embedded world: "image" or "video"."""
+    conditions: tuple[str, ...] = tuple(CONDITIONS)
+    """Data conditions (sdpo.bench.conditions.CONDITIONS)."""
+    methods: tuple[str, ...] = METHODS
+    """Methods trained at every beta of ``betas``."""
+    betas: tuple[float, ...] = (200.0, 2000.0, 20000.0)
+    """The beta grid of the methods (the robustness picture); at least two values."""
+    default_beta: float = 2000.0
+    """The beta of the baselines, the variants and the long-training arm."""
+    baselines: tuple[str, ...] = tuple(BASELINES)
+    """Published stabilizers (BASELINES) trained at ``default_beta``."""
+    variants: tuple[str, ...] = ("sdpo:normalize=true", "sdpo:estimator=relative")
+    """Further rows, "method:key=value,..." at ``default_beta``."""
+    seeds: int = 5
+    """Seeds per cell: each has its own pairs, training draws and evaluation noise."""
+    steps: int = 100
+    """Optimizer steps of every arm."""
+    long_steps: int = 400
+    """Steps of the long-training arm (0: none); evaluated every ``long_every`` steps."""
+    long_every: int = 100
+    """Evaluation interval of the long-training arm."""
+    long_condition: str = "off-policy-far"
+    """Data condition of the long-training arm."""
+    long_seeds: int = 3
+    """Seeds of the long-training arm."""
+    pairs_per_digit: int = 16
+    """Prompts per digit (10 digits); one pair per prompt."""
+    samples_per_prompt: int = 4
+    """Candidates per prompt and generator; best and worst form a pair."""
+    eval_per_digit: int = 10
+    """Held-out evaluation samples per digit and model."""
+    batch_size: int = 16
+    """Pairs per optimizer step."""
+    learning_rate: float = 1e-3
+    """LoRA learning rate (constant after a short warm-up)."""
+    lora_rank: int = 8
+    """LoRA rank."""
+    num_inference_steps: int = 25
+    """Sampler steps for candidates and evaluation, and the K of the importance weights."""
+    out: str = "outputs/bench-methods"
+    """Output folder (a rerun resumes the cells it holds)."""
+    cache_root: str | None = None
+    """Where the pretrained base and weaker generator are cached (default $SDPO_CACHE or ~/.cache/sdpo)."""
+    toy_overrides: dict[str, Any] = field(default_factory=dict)
+    """Base-model config fields to override (tests use a tiny model); the weaker generator shares them."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        from sdpo.toy.world import WORLDS
+
+        if self.world not in WORLDS:
+            raise ValueError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
+        self.conditions, self.methods = tuple(self.conditions), tuple(self.methods)
+        self.betas, self.baselines, self.variants = tuple(self.betas), tuple(self.baselines), tuple(self.variants)
+        for name in self.conditions:
+            if name not in CONDITIONS:
+                raise ValueError(f"unknown condition {name!r}; choose one of {', '.join(CONDITIONS)}")
+        for name in self.baselines:
+            if name not in BASELINES:
+                raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+        if len(self.betas) < 1 or self.default_beta not in self.betas:
+            raise ValueError(f"default_beta {self.default_beta:g} must be one of the betas {list(self.betas)}: "
+                             "the baselines are compared with Diffusion-DPO there")
+        if "diffusion-dpo" not in self.methods:
+            raise ValueError("methods must include diffusion-dpo: every row is compared with it")
+        for name in ("seeds", "steps", "pairs_per_digit", "eval_per_digit", "batch_size", "num_inference_steps",
+                     "long_every", "long_seeds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.long_steps < 0 or (self.long_steps and self.long_steps % self.long_every):
+            raise ValueError(f"long_steps must be a multiple of long_every ({self.long_every}), got {self.long_steps}")
+        if self.long_steps and self.long_condition not in self.conditions:
+            raise ValueError(f"long_condition {self.long_condition!r} is not among the conditions")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be at least 2, got {self.samples_per_prompt}")
+        self.arms()  # every arm's method settings are validated now, before any work
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        """The test-sized sweep: two conditions, two betas, two seeds, a few steps (about 2 minutes)."""
+        settings: dict[str, Any] = dict(
+            conditions=("on-policy", "off-policy-far"), betas=(200.0, 2000.0), variants=("sdpo:normalize=true",), seeds=2, steps=6,
+            long_steps=8, long_every=4, long_seeds=1, pairs_per_digit=2, eval_per_digit=2, batch_size=4,
+            num_inference_steps=4, samples_per_prompt=2)
+        settings.update(overrides)
+        return cls(**settings)
+
+    def arms(self) -> list[Arm]:
+        """Every arm of a cell: the methods at each beta, then baselines and variants at the default beta."""
+        arms = [Arm(method, method, beta) for method in self.methods for beta in self.betas]
+        for name in self.baselines:
+            settings = (("sft_weight", self.default_beta / 4),) if name == "dpo+sft" else (("safeguard", True),)
+            arms.append(Arm(name, "diffusion-dpo", self.default_beta, settings))
+        arms += [parse_variant(text, self.default_beta) for text in self.variants]
+        for arm in arms:
+            arm.method_config(self.num_inference_steps)
+        return arms
+
+
+def _train_config(config: BenchConfig, arm: Arm, seed: int, steps: int, cache: Path, out: Path,
+                  keep_checkpoint: bool = False) -> Any:
+    from sdpo.train.config import TrainConfig
+
+    return TrainConfig(
+        family="toy" if config.world == "image" else "toy-video", cache_dir=str(cache), output_dir=str(out),
+        method=arm.method_config(config.num_inference_steps), lora_rank=config.lora_rank,
+        learning_rate=config.learning_rate, lr_schedule="constant_with_warmup",
+        lr_warmup_steps=min(20, config.steps // 10), max_steps=steps, train_batch_size=config.batch_size,
+        log_every=1, seed=seed, report_to="none", checkpoint_every=steps if keep_checkpoint else 0)
+
+
+@dataclass
+class _Context:
+    """What every cell of one sweep shares: the world, its generators, rewards and real data."""
+
+    config: BenchConfig
+    world: Any
+    generators: dict[str, Path]
+    rewards: list[Any]
+    real: Any
+    out: Path
+
+
+def _context(config: BenchConfig) -> _Context:
+    from transformers.utils import logging as transformers_logging
+
+    from sdpo.rewards.registry import load_reward
+    from sdpo.toy.world import get_world
+
+    transformers_logging.disable_progress_bar()  # one bar per loaded model, hundreds per sweep
+    world = get_world(config.world, config.toy_overrides)
+    base = world.pretrain(config.cache_root, config.progress)
+    weak_world = get_world(config.world, weak_overrides(config.toy_overrides, world.config.train_steps,
+                                                         world.config.seed))
+    generators = {"base": base, "weak": weak_world.pretrain(config.cache_root, config.progress)}
+    held_out = (load_reward("digits", split="held_out", seed=1, hidden=32) if config.world == "image"
+                else load_reward("moving-digits", seed=1))
+    return _Context(config, world, generators, [world.reward(), held_out], world.real("held_out"), Path(config.out))
+
+
+def _cell_data(context: _Context, condition: str, seed: int) -> Path:
+    config = context.config
+    return condition_cache(
+        condition, context.generators, context.world, context.out / "data" / f"seed-{seed}",
+        prompts=context.world.prompts(config.pairs_per_digit), per_prompt=config.samples_per_prompt, seed=seed,
+        num_inference_steps=config.num_inference_steps, batch_size=512, progress=config.progress)
+
+
+def _evaluate(context: _Context, runs: dict[str, Path], seed: int, out: Path) -> dict[str, Any]:
+    from sdpo.models.registry import load_spec
+    from sdpo.stages.evaluate import evaluate
+    from sdpo.stages.generate import SamplerSettings
+
+    config, world = context.config, context.world
+    result = evaluate(
+        load_spec(world.family, context.generators["base"]), world.prompts(config.eval_per_digit), runs,
+        context.rewards, out, seed=10_000 + seed, sampler=SamplerSettings(config.num_inference_steps,
+                                                                          world.guidance_scale),
+        batch_size=512, quality=lambda media: world.quality(media, context.real), progress=config.progress)
+    return result.as_dict()
+
+
+def _run_cell(context: _Context, condition: str, seed: int) -> dict[str, Any]:
+    """Train every arm on one condition's pairs for one seed, evaluate them together; cached on disk."""
+    from sdpo.data import CachedPairs
+    from sdpo.models.registry import load_spec
+    from sdpo.train.trainer import train
+
+    config = context.config
+    folder = context.out / "cells" / condition / f"seed-{seed}"
+    done = folder / "cell.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # a cell killed half-way is redone whole
+    cache = _cell_data(context, condition, seed)
+    dataset = CachedPairs(cache)
+    runs, histories = {}, {}
+    for arm in config.arms():
+        run = folder / "runs" / arm.label
+        result = train(_train_config(config, arm, seed, config.steps, cache, run),
+                       spec=load_spec(context.world.family, context.generators["base"]), dataset=dataset,
+                       progress=config.progress)
+        runs[arm.label], histories[arm.label] = run, result.history
+    evaluation = _evaluate(context, runs, seed, folder / "evaluation")
+    cell = {"condition": condition, "seed": seed, "pairs": len(dataset), "evaluation": evaluation,
+            "histories": histories}
+    done.write_text(json.dumps(cell, default=str))
+    return cell
+
+
+def _run_long(context: _Context, seed: int) -> dict[str, Any]:
+    """The core methods at the default beta, trained to ``long_steps`` and evaluated every ``long_every``."""
+    from sdpo.data import CachedPairs
+    from sdpo.models.registry import load_spec
+    from sdpo.train.trainer import train
+
+    config = context.config
+    folder = context.out / "long" / f"seed-{seed}"
+    done = folder / "long.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    cache = _cell_data(context, config.long_condition, seed)
+    arms = [Arm(method, method, config.default_beta) for method in config.methods]
+    points: dict[str, Any] = {}
+    for steps in range(config.long_every, config.long_steps + 1, config.long_every):
+        runs = {}
+        for arm in arms:
+            run = folder / "runs" / arm.label
+            # A longer max_steps is a safe change on resume: the run continues where it stopped.
+            train(_train_config(config, arm, seed, steps, cache, run, keep_checkpoint=True), dataset=CachedPairs(cache),
+                  spec=load_spec(context.world.family, context.generators["base"]), progress=config.progress,
+                  resume="latest")
+            runs[arm.label] = run
+        points[str(steps)] = _evaluate(context, runs, seed, folder / f"evaluation-{steps:05d}")
+    long = {"seed": seed, "condition": config.long_condition, "points": points}
+    done.write_text(json.dumps(long, default=str))
+    return long
+
+
+def run_bench(config: BenchConfig) -> Path:
+    """Run (or resume) the sweep and write results.json, table.md and the plots; returns the folder."""
+    from sdpo.bench.report import write_report
+
+    out = Path(config.out)
+    _claim(out, config)
+    start = time.perf_counter()
+    context = _context(config)
+    cells = [_run_cell(context, condition, seed) for condition in config.conditions for seed in range(config.seeds)]
+    long = [_run_long(context, seed) for seed in range(config.long_seeds)] if config.long_steps else []
+    write_report(out, config, cells, long, wall_s=time.perf_counter() - start)
+    return out
+
+
+SETTINGS_FILE = "settings.json"
+"""The sweep's settings, written first: a rerun resumes only a sweep with the same settings."""
+_NOT_SETTINGS = ("out", "progress", "cache_root")
+
+
+def _claim(out: Path, config: BenchConfig) -> None:
+    """Create ``out`` for this sweep, or check that the sweep it holds has the same settings."""
+    from sdpo.files import write_atomic
+
+    settings = {k: v for k, v in json.loads(json.dumps(config_dict(config))).items() if k not in _NOT_SETTINGS}
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        held = json.loads(path.read_text())
+        changed = [f"{k}: {held.get(k)!r} -> {v!r}" for k, v in settings.items() if held.get(k) != v]
+        if changed:
+            raise ValueError(f"{out} holds a sweep with other settings ({'; '.join(changed[:3])}); "
+                             "use another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a bench folder; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(settings, indent=1))
+
+
+def config_dict(config: BenchConfig) -> dict[str, Any]:
+    """The settings as JSON-ready data (what results.json records)."""
+    return {**asdict(config), "arms": [arm.label for arm in config.arms()]}
