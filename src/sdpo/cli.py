@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     from sdpo.stages.cli import add_stage_commands  # generate, score, pairs, evaluate (helper "stages")
 
     add_stage_commands(commands)
+    from sdpo.analysis.cli import add_analyze_commands
+    from sdpo.bench.cli import add_bench_commands
+
+    add_bench_commands(commands)
+    add_analyze_commands(commands)
     return parser
 
 

@@ -1,0 +1,92 @@
+"""The `sdpo bench methods` and `sdpo bench speed` commands: parsing, then one library call each.
+
+``add_bench_commands(commands)`` is called by ``sdpo.cli.build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, Any]:
+    import yaml
+
+    found = {}
+    for text in items:
+        key, equals, value = text.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"{flag} expects KEY=VALUE, got {text!r}")
+        found[key.strip()] = yaml.safe_load(value)
+    return found
+
+
+def _methods(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from sdpo.bench.methods import BenchConfig, run_bench
+
+    settings = _key_values(args.set, "--set")
+    known = {f.name for f in fields(BenchConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: not a bench setting; known: {', '.join(sorted(known))}")
+    for flag in ("world", "seeds", "steps", "out"):
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    settings["toy_overrides"] = _key_values(args.toy, "--toy")
+    settings["progress"] = not args.quiet
+    config = BenchConfig.quick(**settings) if args.quick else BenchConfig(**settings)
+    out = run_bench(config)
+    print(f"bench: {out / 'table.md'} (results.json, reward_vs_beta.png, reward_over_steps.png)")
+
+
+def _speed(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from sdpo.bench.speed import SpeedConfig, markdown_table, run_speed
+
+    config = SpeedConfig(models=tuple(args.models), batch_size=args.batch_size, steps=args.steps,
+                         warmup=args.warmup, memory=not args.no_memory, device=args.device, threads=args.threads)
+    results = run_speed(config)
+    table = markdown_table(results)
+    print(table, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(results, indent=1))
+        (out / "speed.md").write_text(table)
+        print(f"bench: {out / 'speed.md'}")
+
+
+def add_bench_commands(commands: Any) -> None:
+    """Add `bench methods` and `bench speed` to the `sdpo` subcommands."""
+    from sdpo.bench.speed import MODELS, SpeedConfig
+
+    bench = commands.add_parser("bench", help="measure the methods against each other: results and speed")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+
+    methods = kinds.add_parser("methods", help="the methods, baselines and variants over data conditions, betas "
+                                               "and seeds on an embedded world, with seed-level statistics")
+    methods.add_argument("--quick", action="store_true", help="the test-sized sweep (about 2 minutes)")
+    methods.add_argument("--world", choices=["image", "video"], default=None)
+    methods.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 5)")
+    methods.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 100)")
+    methods.add_argument("--out", default=None, help="output folder (a rerun resumes it; default outputs/bench-methods)")
+    methods.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                         help="any other BenchConfig field, e.g. --set betas=[200,20000] long_steps=0 (values are YAML)")
+    methods.add_argument("--toy", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                         help="base-model config overrides of the world, e.g. --toy train_steps=10 (a tiny model)")
+    methods.set_defaults(func=_methods)
+
+    speed = kinds.add_parser("speed", help="step time and peak memory: SFT on the winners vs the preference methods")
+    speed.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    speed.add_argument("--batch-size", type=int, default=SpeedConfig.batch_size)
+    speed.add_argument("--steps", type=int, default=SpeedConfig.steps, help="timed steps per arm")
+    speed.add_argument("--warmup", type=int, default=SpeedConfig.warmup)
+    speed.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    speed.add_argument("--device", default="cpu", help="cpu or cuda")
+    speed.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    speed.add_argument("--out", default=None, help="folder for speed.json and speed.md")
+    speed.set_defaults(func=_speed)

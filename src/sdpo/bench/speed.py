@@ -1,0 +1,237 @@
+"""`sdpo bench speed`: what a preference step costs against plain fine-tuning on the winners.
+
+On one model and one batch, four steps are timed, interleaved round by round so that clock drift
+favours none of them: supervised fine-tuning on the winners (one policy pass on B samples), and
+Diffusion-DPO, DPO-C&M and SDPO (policy and no-grad reference passes on 2B samples, exactly
+``sdpo.train.step.preference_step`` as the trainer runs it). Each step includes backward and an
+AdamW update of the LoRA adapters. Peak memory is the step's own: on a GPU the allocator's peak
+above the memory held before the step; on the CPU the growth of the resident-set peak while steps
+run, measured in a fresh process per arm (the process-wide peak cannot be reset otherwise).
+
+Targets (issue 11): sdpo / diffusion-dpo <= 1.03 (the weights reuse predictions already made) and
+diffusion-dpo / sft <= 1.40 (one extra no-grad reference pass on top of twice the samples).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARMS = ("sft", "diffusion-dpo", "dpo-cm", "sdpo")
+"""Step kinds, in table order; the last three are MethodConfig presets."""
+
+MODELS = ("sd-tiny", "toy", "toy-video")
+"""Models the CPU benchmark can build offline: a small random Stable Diffusion pipeline (64x64
+pixels, the test suite's architecture) and the two embedded worlds' base models."""
+
+TARGETS = {("sdpo", "diffusion-dpo"): 1.03, ("diffusion-dpo", "sft"): 1.40}
+"""Upper bounds on step-time ratios (numerator, denominator)."""
+
+
+@dataclass
+class SpeedConfig:
+    """Settings of `sdpo bench speed`."""
+
+    models: tuple[str, ...] = MODELS
+    """Models to time (MODELS)."""
+    batch_size: int = 4
+    """Pairs per step (SFT takes the B winners)."""
+    steps: int = 20
+    """Timed steps per arm after the warm-up."""
+    warmup: int = 3
+    """Untimed steps per arm first (allocator, kernels, optimizer state)."""
+    lora_rank: int = 8
+    """Rank of the LoRA adapters trained."""
+    memory: bool = True
+    """Measure each arm's peak step memory (on the CPU: one fresh process per model and arm)."""
+    device: str = "cpu"
+    """Where the steps run ("cpu" or "cuda")."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    work_dir: str | None = None
+    """Where model folders are built (default: a temporary folder)."""
+
+    def __post_init__(self) -> None:
+        self.models = tuple(self.models)
+        unknown = [name for name in self.models if name not in MODELS]
+        if unknown or not self.models:
+            raise ValueError(f"unknown model {unknown[0] if unknown else '(none)'}; choose from {', '.join(MODELS)}")
+        for name in ("batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (the first step pays one-off costs), got {self.warmup}")
+
+
+def _model_folder(name: str, work: Path) -> tuple[str, Path]:
+    """(family, model folder) of a benchmark model, built on first use under ``work``."""
+    if name == "sd-tiny":
+        from sdpo.models.tiny import build_tiny_sd
+
+        folder = work / "sd-tiny"
+        if not folder.is_dir():
+            build_tiny_sd(folder)
+        return "sd", folder
+    from sdpo.toy.world import get_world
+
+    world = get_world("image" if name == "toy" else "video")
+    return world.family, world.pretrain(progress=False)
+
+
+def _batch(spec: Any, pairs: int, device: torch.device) -> Any:
+    """A batch as training sees it: encoded random pixels for both members and encoded prompts."""
+    from sdpo.data.batch import PairBatch
+
+    media = spec.media_format
+    shape = (media.channels, media.height, media.width)
+    shape = (media.frames, *shape) if media.frames else shape
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand((2 * pairs, *shape), generator=generator) * 2 - 1
+    with torch.no_grad():
+        latents = spec.encode_media(pixels).float()
+        conditions = spec.encode_prompts([f"a photo of the digit {i % 10}" for i in range(pairs)])
+    return PairBatch(chosen=latents[:pairs].to(device), rejected=latents[pairs:].to(device),
+                     conditions={key: value.to(device) for key, value in conditions.items()})
+
+
+def _stepper(spec: Any, arm: str, batch: Any, config: SpeedConfig) -> Callable[[int], float]:
+    """A function doing one optimizer step of ``arm`` (draws keyed on the step) and returning its loss."""
+    import peft
+
+    from sdpo.objectives import MethodConfig
+    from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
+
+    model = spec.denoiser
+    model.add_adapter(peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
+                                      target_modules=spec.lora_target_modules()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    schedule, pairs = spec.schedule, batch.chosen.shape[0]
+    method = None if arm == "sft" else MethodConfig.preset(arm)
+    indices = torch.arange(pairs)
+
+    def step(number: int) -> float:
+        draws = draw_for_pairs(indices, number, 0, tuple(batch.chosen.shape[1:]), schedule.num_timesteps)
+        if method is None:
+            x0, t, noise = batch.chosen, draws.timesteps.to(batch.chosen.device), draws.noise.to(batch.chosen.device)
+            noisy = schedule.add_noise(x0, noise, t)
+            model_t = schedule.model_timestep(t).to(device=x0.device, dtype=torch.float32)
+            prediction = spec.predict(model, noisy, model_t, batch.conditions).float()
+            loss = (prediction - schedule.target(x0, noise, t)).square().mean()
+        else:
+            loss = preference_step(spec, model, batch, draws, method, lambda: adapters_disabled(model)).output.loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prepared(name: str, arm: str, config: SpeedConfig, work: Path) -> tuple[Callable[[int], float], torch.device]:
+    from sdpo.models.registry import load_spec
+
+    family, folder = _model_folder(name, work)
+    device = torch.device(config.device)
+    spec = load_spec(family, folder)
+    spec.denoiser.to(device)
+    batch = _batch(spec, config.batch_size, device)
+    spec.denoiser.train()
+    return _stepper(spec, arm, batch, config), device
+
+
+def time_model(name: str, config: SpeedConfig, work: Path) -> dict[str, list[float]]:
+    """Seconds of each timed step per arm, the arms interleaved step by step."""
+    steppers = {arm: _prepared(name, arm, config, work) for arm in ARMS}
+    seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for number in range(config.warmup + config.steps):
+        for arm, (step, device) in steppers.items():
+            _sync(device)
+            start = time.perf_counter()
+            step(number)
+            _sync(device)
+            if number >= config.warmup:
+                seconds[arm].append(time.perf_counter() - start)
+    return seconds
+
+
+def step_peak_mb(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
+    """Peak memory one arm's steps add above what the loaded model and batch hold, in MiB."""
+    step, device = _prepared(name, arm, config, work)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        held = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for number in range(config.warmup):
+            step(number)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - held) / 2**20
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for number in range(config.warmup):
+        step(number)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux reports KiB
+
+
+def _peak_in_fresh_process(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
+    settings = json.dumps({**asdict(config), "models": [name]})
+    code = ("import json, sys; from pathlib import Path; from sdpo.bench.speed import SpeedConfig, step_peak_mb; "
+            "config = SpeedConfig(**json.loads(sys.argv[1])); "
+            "print(step_peak_mb(sys.argv[2], sys.argv[3], config, Path(sys.argv[4])))")
+    done = subprocess.run([sys.executable, "-c", code, settings, name, arm, str(work)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement of {name}/{arm} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def run_speed(config: SpeedConfig) -> dict[str, Any]:
+    """Time every model's four arms (and measure memory); returns the results as JSON-ready data."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    with tempfile.TemporaryDirectory(dir=config.work_dir) as scratch:
+        work = Path(config.work_dir or scratch)
+        rows = []
+        for name in config.models:
+            seconds = time_model(name, config, work)
+            medians = {arm: statistics.median(values) for arm, values in seconds.items()}
+            memory = ({arm: (_peak_in_fresh_process(name, arm, config, work) if config.device == "cpu"
+                             else step_peak_mb(name, arm, config, work)) for arm in ARMS} if config.memory else {})
+            ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in TARGETS}
+            rows.append({"model": name, "median_s": medians, "peak_mb": memory, "ratios": ratios,
+                         "meets_targets": {f"{a}/{b}": ratios[f"{a}/{b}"] <= bound for (a, b), bound in TARGETS.items()}})
+    machine = f"{platform.machine()} {config.device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return {"config": asdict(config), "machine": machine, "rows": rows}
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The speed table: median ms per step, peak step memory and the two target ratios per model."""
+    config = results["config"]
+    lines = [f"Machine: {results['machine']}; batch {config['batch_size']} pairs, LoRA rank {config['lora_rank']}, "
+             f"median of {config['steps']} steps after {config['warmup']} warm-up, arms interleaved.", "",
+             "| model | " + " | ".join(f"{arm} ms" for arm in ARMS) + " | " + " | ".join(f"{arm} MiB" for arm in ARMS)
+             + " | sdpo / dpo (≤ 1.03) | dpo / sft (≤ 1.40) |",
+             "|---" * (2 * len(ARMS) + 3) + "|"]
+    for row in results["rows"]:
+        times = " | ".join(f"{1000 * row['median_s'][arm]:.1f}" for arm in ARMS)
+        memory = " | ".join(f"{row['peak_mb'][arm]:.0f}" if row["peak_mb"] else "—" for arm in ARMS)
+        ratios = " | ".join(f"{row['ratios'][key]:.3f}" for key in ("sdpo/diffusion-dpo", "diffusion-dpo/sft"))
+        lines.append(f"| {row['model']} | {times} | {memory} | {ratios} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,165 @@
+"""`sdpo bench methods`, `sdpo bench speed` and `sdpo analyze weights` through the CLI, and the seed statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sdpo.bench.stats import paired_test, seed_interval, t_quantile, t_two_sided_p
+from sdpo.cli import main
+
+TINY_TOY = ["block_out_channels=[16,32]", "attention_heads=2", "norm_num_groups=8", "text_hidden_size=16",
+            "train_steps=10", "batch_size=32"]
+
+
+# ------------------------------------------------------------------ statistics (closed forms)
+@pytest.mark.parametrize("t", [0.0, 0.5, 1.0, 3.0, -7.5])
+def test_the_t_test_p_value_matches_the_closed_forms_for_one_and_two_degrees_of_freedom(t):
+    assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(abs(t)), abs=1e-10)
+    assert t_two_sided_p(t, 2) == pytest.approx(1 - abs(t) / math.sqrt(t * t + 2), abs=1e-10)
+
+
+def test_t_quantiles_match_the_tables():
+    assert t_quantile(0.975, 4) == pytest.approx(2.7764451, abs=1e-6)
+    assert t_quantile(0.975, 1) == pytest.approx(12.7062047, abs=1e-5)
+
+
+def test_seed_intervals_and_the_paired_test():
+    interval = seed_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # mean 3, sd sqrt(2.5)
+    assert interval.mean == 3.0
+    assert interval.half_width == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), abs=1e-6)
+    test = paired_test([2.0, 3.0, 5.0], [1.0, 1.0, 2.0])  # differences 1, 2, 3: t = 2 / (1 / sqrt 3), df 2
+    t = 2 * math.sqrt(3)
+    assert test.difference.mean == pytest.approx(2.0)
+    assert test.p_value == pytest.approx(1 - t / math.sqrt(t * t + 2), abs=1e-10)
+    assert math.isnan(paired_test([1.0], [0.0]).p_value)
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_test([1.0, 2.0], [1.0])
+
+
+# ------------------------------------------------------------------ sdpo bench methods
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "methods"
+    argv = ["--quiet", "bench", "methods", "--quick", "--out", str(out), "--set", f"cache_root={root / 'models'}",
+            "--toy", *TINY_TOY]
+    assert main(argv) == 0
+    return argv, out
+
+
+def test_bench_methods_quick_writes_every_arm_condition_and_figure(quick_bench, capsys):
+    _, out = quick_bench
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    assert set(results["summary"]) == {"on-policy", "off-policy-far"}
+    arms = config["arms"]
+    assert "diffusion-dpo@200" in arms and "dpo+sft@2000" in arms and "diffusion-sdpo@2000" in arms
+    for condition, rows in results["summary"].items():
+        assert set(arms) <= set(rows), condition
+        dpo = rows["diffusion-dpo@2000"]
+        for reward in ("digits", "digits@held_out"):
+            gain = dpo[reward]["gain"]
+            assert gain["n"] == 2 and gain["low"] <= gain["mean"] <= gain["high"]
+        assert 0.0 <= rows["sdpo@2000"]["masked_share"]["mean"] <= 1.0
+        assert rows["dpo-cm@200"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@200"
+        assert rows["dpo+sft@2000"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@2000"
+    # The cells' evaluation samples are exported for outside scorers.
+    assert (out / "cells" / "on-policy" / "seed-1" / "evaluation" / "eval_samples.safetensors").is_file()
+    for name in ("table.md", "reward_vs_beta.png", "reward_over_steps.png"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "table.md").read_text()
+    assert "| diffusion-sdpo@2000 |" in table and "**long training**" in table
+
+
+def test_bench_methods_resumes_a_finished_sweep_and_refuses_other_settings(quick_bench, capsys):
+    argv, out = quick_bench
+    before = (out / "cells" / "on-policy" / "seed-0" / "cell.json").stat().st_mtime_ns
+    assert main(argv) == 0  # every cell is on disk: only the report is rewritten
+    assert (out / "cells" / "on-policy" / "seed-0" / "cell.json").stat().st_mtime_ns == before
+    capsys.readouterr()
+    assert main([*argv, "--seeds", "3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("sdpo: error:") and "other settings" in error and "seeds" in error
+    assert len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "betas=[200,2000]", "default_beta=500"], "default_beta 500 must be one of the betas"),
+    (["--set", "variants=[sdpo:nonsense=1]"], "nonsense"),
+    (["--set", "colour=blue"], "--set colour: not a bench setting"),
+    (["--world", "image", "--set", "conditions=[sideways]"], "unknown condition 'sideways'"),
+])
+def test_bench_methods_rejects_bad_settings_in_one_line(tmp_path, capsys, args, message):
+    assert main(["bench", "methods", "--quick", "--out", str(tmp_path / "x"), *args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------ sdpo bench speed
+def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "speed"
+    assert main(["--quiet", "bench", "speed", "--models", "sd-tiny", "--steps", "2", "--warmup", "1",
+                 "--threads", "1", "--no-memory", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| sd-tiny |" in printed
+    results = json.loads((out / "speed.json").read_text())
+    row = results["rows"][0]
+    medians = row["median_s"]
+    assert set(medians) == {"sft", "diffusion-dpo", "dpo-cm", "sdpo"} and all(v > 0 for v in medians.values())
+    assert row["ratios"]["sdpo/diffusion-dpo"] == pytest.approx(medians["sdpo"] / medians["diffusion-dpo"])
+    # A preference step runs twice the samples plus a reference pass: it cannot be cheaper than SFT.
+    assert row["ratios"]["diffusion-dpo/sft"] > 1.0
+
+
+def test_step_memory_is_measured_in_a_fresh_process(tmp_path):
+    from sdpo.bench.speed import SpeedConfig, _peak_in_fresh_process
+
+    config = SpeedConfig(models=("sd-tiny",), batch_size=2, warmup=1, threads=1)
+    assert _peak_in_fresh_process("sd-tiny", "diffusion-dpo", config, tmp_path) > 0.0
+
+
+# ------------------------------------------------------------------ sdpo analyze weights
+def test_analyze_weights_profiles_a_cache_and_fresh_samples_before_and_after(world, tmp_path, capsys):
+    from sdpo.analysis.weights import weight_profile
+    from sdpo.data import CachedPairs, collate_pairs
+    from sdpo.toy import ToySpec
+    from sdpo.train.config import TrainConfig
+    from sdpo.train.trainer import train
+
+    base, cache = world
+    run = tmp_path / "run"
+    train(TrainConfig(family="toy", cache_dir=str(cache), output_dir=str(run), max_steps=3, learning_rate=1e-2,
+                      method={"name": "diffusion-dpo", "beta": 500}, report_to="none"),
+          spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache), progress=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit 3\na handwritten digit 7\n")
+    out = tmp_path / "weights"
+    assert main(["--quiet", "analyze", "weights", "--family", "toy", "--pretrained", str(base), "--cache", str(cache),
+                 "--prompts", str(prompts), "--lora", str(run), "--k", "10", "50", "--grid", "6", "--steps", "4",
+                 "--guidance", "1.25", "--out", str(out)]) == 0
+    assert "weights:" in capsys.readouterr().out
+    profiles = json.loads((out / "results.json").read_text())["profiles"]
+    assert len(profiles) == 2 * 2 * 3  # (base, tuned) x K in (10, 50) x (chosen, rejected, fresh)
+    for profile in profiles.values():
+        assert all(0.0 <= m <= 1.0 for m in profile["mean"]) and all(s >= 0.0 for s in profile["std"])
+    # The command's cache profile is the library's weight_profile of the base model on those pairs.
+    spec = ToySpec.from_pretrained(base)
+    dataset = CachedPairs(cache)
+    grid = torch.tensor(profiles["base, cache chosen, K=50"]["t"])
+    direct = weight_profile(spec, spec.denoiser, collate_pairs([dataset[i] for i in range(len(dataset))]), grid, 50)
+    assert profiles["base, cache chosen, K=50"]["mean"] == pytest.approx(direct.chosen.tolist(), abs=1e-5)
+    assert profiles["base, cache rejected, K=50"]["mean"] == pytest.approx(direct.rejected.tolist(), abs=1e-5)
+    assert profiles["tuned, cache chosen, K=50"]["mean"] != profiles["base, cache chosen, K=50"]["mean"]
+    assert profiles["base, cache chosen, K=10"]["mean"] != profiles["base, cache chosen, K=50"]["mean"]
+    assert "| t |" in (out / "table.md").read_text() and (out / "weight_profiles.png").stat().st_size > 0
+
+
+def test_analyze_weights_needs_a_cache_or_prompts(world, tmp_path, capsys):
+    base, _ = world
+    assert main(["analyze", "weights", "--family", "toy", "--pretrained", str(base), "--out", str(tmp_path)]) == 2
+    assert "needs a cache of pairs (--cache) or prompts" in capsys.readouterr().err
