@@ -33,7 +33,12 @@ from sdpo.train.checkpoint import (
 from sdpo.train.config import TrainConfig
 from sdpo.train.ema import EMA_FOLDER, build_ema, check_ema_supported, load_ema
 from sdpo.train.metrics import BAD_STEPS_NAME
-from sdpo.train.sharding import enable_gradient_checkpointing, parameters_are_sharded, shard_like_policy, uses_fsdp
+from sdpo.train.sharding import (
+    enable_gradient_checkpointing,
+    parameters_are_sharded,
+    shard_like_policy,
+    uses_fsdp,
+)
 from sdpo.train.step import adapters_disabled
 
 if TYPE_CHECKING:
