@@ -26,9 +26,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import gpu_step  # noqa: E402
+import torch  # noqa: E402
 
 
 def pairs_for(arch: gpu_step.Arch, tiny: bool, count: int) -> list[Any]:

@@ -68,7 +68,8 @@ class PretrainSettings:
     warmup_steps: int = 50
     """Steps of linear learning-rate warm-up."""
     ema_decay: float = 0.995
-    """Decay of the exponential moving average of the weights that is saved (0 saves the raw weights)."""
+    """Decay of the exponential moving average of the weights that is saved (diffusers' ``EMAModel``, its
+    default warm-up ``min(decay, n / (9 + n))``; 0 saves the raw weights)."""
     prompt_dropout: float = 0.1
     """Share of training prompts replaced by the empty prompt, so classifier-free guidance works."""
     seed: int = 0
