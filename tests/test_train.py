@@ -310,3 +310,13 @@ def test_pair_weighting_by_gap_trains_through_the_cli(world, tmp_path, capsys):
     assert main(["--quiet", "train", str(config), "--set", "pair_weighting=gap"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("sdpo: error: pair_weighting=gap needs each pair's score gap") and str(bare) in error
+
+
+def test_ema_under_sharded_weights_is_refused_in_one_line():
+    from sdpo.train.ema import check_ema_supported
+
+    check_ema_supported(TrainConfig(ema_decay=0.9), sharded=False)
+    check_ema_supported(TrainConfig(), sharded=True)
+    with pytest.raises(ValueError, match="ema_decay is not supported under FSDP or DeepSpeed") as caught:
+        check_ema_supported(TrainConfig(ema_decay=0.9), sharded=True)
+    assert "\n" not in str(caught.value)

@@ -87,7 +87,7 @@ class _Run:
     ema: Any = None
     """diffusers' EMAModel of ``params`` (``ema_decay``), or None."""
     pair_weights: Any = None
-    """``pair_weighting``'s divisor and the dataset's gaps (``sdpo.train.pair_weights.PairWeights``), or None."""
+    """How ``pair_weighting`` turns a batch's gaps into weights (``sdpo.train.pair_weights.PairWeights``), or None."""
 
     @property
     def main(self) -> bool:
@@ -219,13 +219,13 @@ def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accele
     """Load the model (if not given), add the adapters, prepare optimizer and schedule, load the checkpoint."""
     from diffusers.optimization import get_scheduler
 
+    check_ema_supported(config, parameters_are_sharded(accelerator))  # before a model loads
     if spec is None:
         from sdpo.models.registry import load_spec
 
         media_format = dataset.media_format if dataset is not None else None
         spec = load_spec(config.family, config.pretrained, load_vae=False, load_text_encoder=False,
                          media_format=media_format)
-    check_ema_supported(config, parameters_are_sharded(accelerator))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     model, reference_copy = _policy_and_reference(spec, config, accelerator, weight_dtype)
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], config)
