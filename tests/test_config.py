@@ -155,6 +155,10 @@ def test_numbers_in_the_forms_people_write_them(tmp_path, capsys):
         ({"validation_prompts": "a cat"}, "validation_prompts must be a list of strings"),
         ({"checkpoints_total_limit": 0}, "checkpoints_total_limit must be a positive integer"),
         ({"lora_alpha": -1}, "lora_alpha must be a positive number"),
+        ({"ema_decay": 1}, "ema_decay must be in [0, 1)"),
+        ({"ema_decay": -0.1}, "ema_decay must be in [0, 1)"),
+        ({"ema_power": 0}, "ema_power must be a positive number"),
+        ({"pair_weighting": "score"}, "pair_weighting must be one of none, gap, got 'score'"),
         ({"lora_target_modules": []}, "lora_target_modules must be non-empty"),
         ({"lora_target_modules": "to_(q"}, "lora_target_modules is not a valid regular expression"),
         ({"lora_target_modules": 3}, "lora_target_modules must be a list of strings or a string or null"),
@@ -237,7 +241,7 @@ FULL = {
     "gradient_checkpointing": True, "t_min": 5, "t_max": 900, "seed": 42, "log_every": 2,
     "checkpoint_every": 4, "checkpoints_total_limit": None, "validation_prompts": ["a", "b"],
     "validation_every": 3, "validation_inference_steps": 4, "validation_guidance_scale": 1.5, "report_to": "none", "offload_reference": True,
-    "max_bad_steps": 5,
+    "max_bad_steps": 5, "ema_decay": 0.99, "ema_warmup": True, "ema_power": 0.75, "pair_weighting": "gap",
 }
 
 
@@ -291,6 +295,7 @@ UNSAFE = [
     ("use_8bit_adam", True), ("max_grad_norm", 0.5), ("lr_schedule", "cosine"), ("lr_warmup_steps", 10),
     ("train_batch_size", 8), ("gradient_accumulation_steps", 2), ("mixed_precision", "bf16"),
     ("t_min", 10), ("t_max", 500), ("seed", 7),
+    ("ema_decay", 0.999), ("ema_warmup", True), ("ema_power", 0.75), ("pair_weighting", "gap"),
 ]
 SAFE = [
     ("max_steps", 5000), ("log_every", 1), ("checkpoint_every", 100), ("checkpoints_total_limit", None),

@@ -485,6 +485,30 @@ def test_precompute_round_trip_and_shards(tmp_path):
     assert [b.rejected.shape[0] for b in loader] == [4, 4, 2]
 
 
+def test_the_score_gap_is_carried_into_the_cache_and_its_batches(tmp_path):
+    """pair_weighting reads each pair's gap: stored when every pair has a numeric one, else none at all."""
+    pairs = make_image_pairs(tmp_path / "media", 5)
+    gaps = [0.5, 2.0, 0.25, 1.0, 3]  # an int gap is a number too
+    for pair, gap in zip(pairs, gaps, strict=True):
+        pair.metadata["gap"] = gap
+    out = precompute(pairs, FakeSpec(), tmp_path / "cache", batch_size=2, shard_size=2, progress=False, num_workers=0)
+    dataset = CachedPairs(out)
+    assert read_manifest(out)["tensors"]["gap"] == {"shape": [], "dtype": "float64"}
+    assert dataset.has_gaps and dataset.gaps().tolist() == [0.5, 2.0, 0.25, 1.0, 3.0]
+    assert float(dataset[3].gap) == 1.0 and dataset[3].gap.dtype == torch.float64
+    batch = collate_pairs([dataset[i] for i in (4, 0)]).to("cpu", torch.float16)
+    assert batch.gaps.tolist() == [3.0, 0.5] and batch.gaps.dtype == torch.float64
+
+    # One pair without a gap (or with a non-number) and no pair's gap is stored: the cache reads as
+    # before this field existed, and a batch carries none.
+    pairs[2].metadata["gap"] = "large"
+    bare = CachedPairs(precompute(pairs, FakeSpec(), tmp_path / "bare", progress=False, num_workers=0))
+    assert not bare.has_gaps and bare.gaps() is None and bare[2].gap is None
+    assert "gap" not in bare.manifest["tensors"]
+    assert collate_pairs([bare[0], bare[1]]).gaps is None
+    assert collate_pairs([dataset[0], bare[1]]).gaps is None  # a mixed batch has none either
+
+
 def test_cached_pairs_random_access_with_one_open_shard_and_pickling(tmp_path):
     pairs = make_image_pairs(tmp_path / "media", 7)
     out = precompute(pairs, FakeSpec(), tmp_path / "cache", batch_size=2, shard_size=2, progress=False, num_workers=0)

@@ -193,3 +193,33 @@ def test_baseline_settings_are_validated():
         MethodConfig.preset("diffusion-dpo", sft_weight=float("nan"))
     with pytest.raises(ValueError, match="safeguard"):
         MethodConfig.preset("diffusion-dpo", safeguard="yes")
+
+
+def test_pair_weights_give_the_hand_computed_weighted_mean():
+    """pair_weighting: the loss is mean_i(p_i * -log sigmoid(z_i)); the SFT term and the logits are untouched."""
+    mw, ml, rw, rl = _errors(4, requires_grad=True)
+    beta, sft = 800.0, 3.0
+    weight_w = torch.linspace(0.5, 1.1, 8, dtype=torch.float64)
+    weight_l = torch.linspace(1.0, 0.6, 8, dtype=torch.float64)
+    pairs = torch.tensor([0.2, 1.7, 0.0, 3.1, 0.9, 0.4, 1.2, 0.5], dtype=torch.float64)
+    out = preference_loss(mw, ml, rw, rl, beta, weight_w, weight_l, sft_weight=sft, pair_weights=pairs)
+    inside = (-0.5 * beta * (weight_w * (mw - rw) - weight_l * (ml - rl))).detach()
+    by_hand = sum(float(pairs[i]) * -math.log(1 / (1 + math.exp(-float(inside[i])))) for i in range(8)) / 8
+    by_hand += sft * float(mw.detach().mean())
+    assert out.loss.dtype == torch.float64
+    assert float(out.loss.detach()) == pytest.approx(by_hand, rel=1e-12)
+    torch.testing.assert_close(out.logits.detach(), inside)
+    assert float(out.metrics["pair_weight_mean"]) == pytest.approx(float(pairs.mean()), rel=1e-12)
+    # A pair of weight 0 gets no gradient from the preference term (only the SFT term's, on the winner).
+    out.loss.backward()
+    assert float(ml.grad[2]) == 0.0 and float(ml.grad[3]) != 0.0
+    assert float(mw.grad[2]) == pytest.approx(sft / 8, rel=1e-12)
+
+
+def test_unit_pair_weights_change_nothing_and_a_wrong_shape_is_named():
+    mw, ml, rw, rl = _errors(5)
+    plain = preference_loss(mw, ml, rw, rl, 100.0)
+    ones = preference_loss(mw, ml, rw, rl, 100.0, pair_weights=torch.ones(8, dtype=torch.float64))
+    assert torch.equal(plain.loss, ones.loss) and "pair_weight_mean" not in plain.metrics
+    with pytest.raises(ValueError, match="pair_weights"):
+        preference_loss(mw, ml, rw, rl, 100.0, pair_weights=torch.ones(7, dtype=torch.float64))

@@ -289,10 +289,12 @@ def _child(config_data: dict, world_paths: tuple[str, str], pause: str) -> None:
 
 def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_run(world, tmp_path):
     steps = 8
+    # With a moving average too: its file is written inside the same save window the kills aim at.
     whole = _train(world, _config(world, tmp_path / "whole", max_steps=steps, checkpoint_every=1,
-                                  checkpoints_total_limit=2))
+                                  checkpoints_total_limit=2, ema_decay=0.9))
     out = tmp_path / "killed"
-    config = _config(world, out, max_steps=steps, checkpoint_every=1, checkpoints_total_limit=2).to_dict()
+    config = _config(world, out, max_steps=steps, checkpoint_every=1, checkpoints_total_limit=2,
+                     ema_decay=0.9).to_dict()
     context = multiprocessing.get_context("fork")
     rng = random.Random(0)
     kills = 0
@@ -321,9 +323,10 @@ def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_run(world, 
     finisher.join(60)
     assert finisher.exitcode == 0
     assert _losses(out) == _losses(whole.output_dir)  # bit-identical on the CPU
-    ours = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    theirs = load_file(str(whole.output_dir / "pytorch_lora_weights.safetensors"))
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    for name in ("pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors"):
+        ours = load_file(str(out / name))
+        theirs = load_file(str(whole.output_dir / name))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
 
 
 # ------------------------------------------------------------------ item 10 and the CLI: one line, before the model
@@ -385,6 +388,41 @@ def test_a_full_fine_tune_checkpoints_every_weight_and_resumes_exactly(world, tm
     (cut / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
     _train(world, _config(world, cut, lora_rank=0, learning_rate=1e-4, checkpoint_every=2), resume="latest")
     assert _losses(cut) == _losses(tmp_path / "whole")
+
+
+def test_a_run_with_ema_resumes_to_the_same_average_and_sdpo_export_writes_it(world, tmp_path):
+    """The moving average is state like the optimizer's: a run cut at checkpoint-2 and resumed ends with the
+    same average as one that never stopped, and `sdpo export` rewrites ema/ from the checkpoint."""
+    import shutil
+
+    from sdpo.cli import main
+
+    whole = tmp_path / "whole"
+    _train(world, _config(world, whole, ema_decay=0.9, checkpoint_every=2))
+    state = json.loads((whole / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["ema_updates"] == 2 and (whole / "checkpoint-2" / "ema.safetensors").is_file()
+    cut = tmp_path / "cut"
+    shutil.copytree(whole / "checkpoint-2", cut / "checkpoint-2")
+    rows = (whole / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    _train(world, _config(world, cut, ema_decay=0.9, checkpoint_every=2), resume="latest")
+    assert _losses(cut) == _losses(whole)
+    for name in ("ema/pytorch_lora_weights.safetensors", "pytorch_lora_weights.safetensors",
+                 "checkpoint-4/ema.safetensors"):
+        ours, theirs = load_file(str(cut / name)), load_file(str(whole / name))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    # Resumed without its average (ema_decay changed) is refused; a checkpoint that lost it is named.
+    with pytest.raises(ConfigMismatchError, match="ema_decay"):
+        _train(world, _config(world, cut, ema_decay=0.0, checkpoint_every=2, max_steps=6), resume="latest")
+    (cut / "checkpoint-4" / "ema.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no moving average"):
+        _train(world, _config(world, cut, ema_decay=0.9, checkpoint_every=2, max_steps=6), resume="latest")
+
+    exported = load_file(str(whole / "ema" / "pytorch_lora_weights.safetensors"))
+    shutil.rmtree(whole / "ema")
+    assert main(["--quiet", "export", str(whole)]) == 0
+    again = load_file(str(whole / "ema" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
 
 
 NAN_ON_RANK_1 = r"""

@@ -419,3 +419,32 @@ def test_one_spec_class_serves_both_family_names(tiny_folder):
     spec = load_spec("toy", tiny_folder)
     assert spec.family == "toy" and spec.media_kind == "image" and spec.denoiser_subfolder == "unet"
     assert spec.pipeline_class.__name__ == "StableDiffusionPipeline"
+
+
+def test_the_pretraining_average_is_diffusers_emamodel_and_matches_the_old_hand_written_one():
+    """The base models' moving average moved to diffusers' EMAModel (use_ema_warmup=False) with the cache
+    keys unchanged: that is sound only because it reproduces the old ``min(decay, (1+s)/(10+s))`` lerp.
+    The two differ only in the first update (EMAModel copies the weights; the old code kept 0.1 of the
+    initial ones) and in the rounding of the first ~9 (lerp's other branch); after a few dozen updates
+    that difference has decayed below float32 resolution, so the averages are bit-identical, as they were
+    for the default digits model (1000 steps, measured)."""
+    from diffusers.training_utils import EMAModel
+
+    from sdpo.toy.pretraining import _moving_average
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, generator=generator)), torch.nn.Parameter(torch.randn(3, 5))]
+    decay = 0.995
+    old = [p.detach().clone() for p in params]
+    new = _moving_average(params, decay)
+    assert isinstance(new, EMAModel) and _moving_average(params, 0.0) is None
+    gaps = []
+    for step in range(300):
+        with torch.no_grad():
+            for p in params:  # an optimizer step: noisy drift
+                p.add_(0.05 * torch.randn(p.shape, generator=generator) + 0.01)
+        torch._foreach_lerp_(old, [p.detach() for p in params], 1.0 - min(decay, (1 + step) / (10 + step)))
+        new.step(params)
+        gaps.append(max(float((a - b).abs().max()) for a, b in zip(old, new.shadow_params, strict=True)))
+    assert gaps[0] > 1e-3  # they do differ at first ...
+    assert all(torch.equal(a, b) for a, b in zip(old, new.shadow_params, strict=True))  # ... then not at all

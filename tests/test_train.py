@@ -181,3 +181,142 @@ def test_the_published_stabilizers_train_through_the_cli(world, tmp_path):
     assert (saved["name"], saved["safeguard"], saved["sft_weight"]) == ("diffusion-dpo", True, 125.0)
     # At the start policy == reference, so the loss is log 2 plus the SFT term on the winners' errors.
     assert rows[0]["loss"] > math.log(2)
+
+
+# ------------------------------------------------------------------ EMA of the trained weights
+def _lora_by_module(state: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
+    """LoRA tensors keyed by module and A/B, whatever the adapter is called."""
+    return {k.replace(f".{adapter}.", "."): v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def test_ema_is_off_by_default_and_on_it_leaves_the_raw_training_alone(world, tmp_path):
+    base, cache = world
+    assert TrainConfig().ema_decay == 0.0
+    runs = {}
+    for name, decay in [("plain", 0.0), ("ema", 0.9)]:
+        out = tmp_path / name
+        runs[name] = train(_config(out, max_steps=3, checkpoint_every=2, ema_decay=decay),
+                           spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache), progress=False)
+    assert not (tmp_path / "plain" / "ema").exists()
+    assert not (tmp_path / "plain" / "checkpoint-2" / "ema.safetensors").exists()
+    assert "ema_updates" not in json.loads((tmp_path / "plain" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert (tmp_path / "ema" / "checkpoint-2" / "ema.safetensors").is_file()
+    assert _losses(tmp_path / "ema") == _losses(tmp_path / "plain")  # the average never feeds back
+    from safetensors.torch import load_file
+
+    raw = {name: load_file(str(tmp_path / name / "pytorch_lora_weights.safetensors")) for name in runs}
+    assert all(torch.equal(raw["ema"][k], raw["plain"][k]) for k in raw["plain"])
+
+
+def test_the_exported_ema_equals_an_independent_average_of_the_trajectory(world, tmp_path):
+    """3 steps, decay 0.9: EMAModel's schedule copies the weights at update 1, then decays by
+    min(0.9, n / (9 + n)): 2/11 at update 2, 3/12 at update 3."""
+    base, cache = world
+    trajectory = []
+
+    def record(step, logged, model):
+        trajectory.append({n: p.detach().clone().double() for n, p in model.named_parameters() if p.requires_grad})
+
+    result = train(_config(tmp_path, max_steps=3, ema_decay=0.9), spec=ToySpec.from_pretrained(base),
+                   dataset=CachedPairs(cache), progress=False, on_log=record)
+    assert len(trajectory) == 3
+    expected = dict(trajectory[0])
+    for n, weights in enumerate(trajectory[1:], start=2):
+        decay = min(0.9, n / (9 + n))
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+
+    fresh = ToySpec.from_pretrained(base)
+    fresh.load_lora(tmp_path / "ema")  # the pipeline's lora_state_dict / load_lora_into_unet path
+    loaded = _lora_by_module({n: p.detach() for n, p in fresh.unet.named_parameters()}, "default_0")
+    ours = _lora_by_module(expected, "default")
+    assert loaded.keys() == ours.keys() and len(ours) > 0
+    for key, value in ours.items():
+        torch.testing.assert_close(loaded[key].double(), value, rtol=0, atol=1e-7)
+    raw = _lora_by_module({n: p.detach() for n, p in result.model.named_parameters()}, "default")
+    assert any(not torch.allclose(loaded[k], raw[k]) for k in ours)  # the average is not the last weights
+
+
+def test_ema_through_the_cli_loads_into_the_family_pipeline(world, tmp_path):
+    """`--set ema_decay=0.9` writes OUTPUT/ema/ as the pipeline reads it: a LoRA, and for lora_rank=0 a unet/."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from sdpo.cli import main
+
+    base, cache = world
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "family": "toy", "pretrained": str(base), "cache_dir": str(cache), "output_dir": str(tmp_path / "run"),
+        "max_steps": 3, "train_batch_size": 4, "lora_rank": 4, "report_to": "none", "learning_rate": 1e-2,
+        "method": {"name": "sdpo", "beta": 500.0},
+    }))
+    assert main(["--quiet", "train", str(config), "--set", "ema_decay=0.9"]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "train_config.json").read_text())["ema_decay"] == 0.9
+    fresh = ToySpec.from_pretrained(base)
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(run / "ema"))
+    StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=alphas, unet=fresh.unet)
+    raw = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    averaged = load_file(str(run / "ema" / "pytorch_lora_weights.safetensors"))
+    assert averaged.keys() == raw.keys() and any(not torch.equal(averaged[k], raw[k]) for k in raw)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([500.0, 500.0])
+    cond = fresh.encode_prompts(["a handwritten digit 1", "a handwritten digit 2"])
+    base_spec = ToySpec.from_pretrained(base)
+    with torch.no_grad():
+        assert not torch.allclose(fresh.predict(fresh.unet, x, t, cond), base_spec.predict(base_spec.unet, x, t, cond))
+
+    full = tmp_path / "full"
+    assert main(["--quiet", "train", str(config), "--set", "ema_decay=0.9", "lora_rank=0", "learning_rate=1e-4",
+                 f"output_dir={full}"]) == 0
+    averaged_unet = UNet2DConditionModel.from_pretrained(str(full / "ema"), subfolder="unet")
+    raw_unet = UNet2DConditionModel.from_pretrained(str(full), subfolder="unet")
+    ema_state, raw_state = averaged_unet.state_dict(), raw_unet.state_dict()
+    assert ema_state.keys() == raw_state.keys()
+    assert any(not torch.equal(ema_state[k], raw_state[k]) for k in raw_state)
+
+
+# ------------------------------------------------------------------ per-pair weights from the score gap
+def test_pair_weighting_by_gap_trains_through_the_cli(world, tmp_path, capsys):
+    from sdpo.cli import main
+    from sdpo.data import precompute, read_pairs
+
+    base, cache = world
+    gaps = CachedPairs(cache).gaps()
+    assert gaps is not None and bool((gaps > 0).all())  # the conftest world's pairs come from `sdpo pairs`
+    config = tmp_path / "train.yaml"
+    settings = {"family": "toy", "pretrained": str(base), "cache_dir": str(cache), "output_dir": str(tmp_path / "run"),
+                "max_steps": 2, "train_batch_size": 4, "lora_rank": 4, "report_to": "none", "log_every": 1,
+                "learning_rate": 1e-2, "method": {"name": "sdpo", "beta": 500.0}}
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["--quiet", "train", str(config), "--set", "pair_weighting=gap"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
+    # Step 1: policy == reference, so every pair's term is log 2 and the loss is log 2 x the batch's mean weight.
+    from sdpo.train.trainer import GlobalBatchOrder
+
+    rows_1, _ = GlobalBatchOrder(len(gaps), 4, 1, 0, seed=0).indices(0)
+    mean_weight = float((gaps[rows_1] / gaps.mean()).mean())
+    assert rows[0]["pair_weight_mean"] == pytest.approx(mean_weight, rel=1e-6) and mean_weight != pytest.approx(1.0)
+    assert rows[0]["loss"] == pytest.approx(math.log(2) * mean_weight, rel=1e-5)
+
+    # A cache made from pairs without a gap: one line naming it, before any model loads.
+    pairs = read_pairs(Path(cache).parent / "candidates" / "pairs.jsonl")  # what the conftest world precomputed
+    for pair in pairs:
+        pair.metadata.pop("gap", None)
+    bare = precompute(pairs, ToySpec.from_pretrained(base), tmp_path / "bare-cache", progress=False)
+    settings.update(cache_dir=str(bare), output_dir=str(tmp_path / "bare-run"))
+    config.write_text(yaml.safe_dump(settings))
+    capsys.readouterr()
+    assert main(["--quiet", "train", str(config), "--set", "pair_weighting=gap"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("sdpo: error: pair_weighting=gap needs each pair's score gap") and str(bare) in error
+
+
+def test_ema_under_sharded_weights_is_refused_in_one_line():
+    from sdpo.train.ema import check_ema_supported
+
+    check_ema_supported(TrainConfig(ema_decay=0.9), sharded=False)
+    check_ema_supported(TrainConfig(), sharded=True)
+    with pytest.raises(ValueError, match="ema_decay is not supported under FSDP or DeepSpeed") as caught:
+        check_ema_supported(TrainConfig(ema_decay=0.9), sharded=True)
+    assert "\n" not in str(caught.value)

@@ -204,6 +204,7 @@ def preference_loss(
     weight_l: Tensor | None = None,
     loser_scale: Tensor | None = None,
     sft_weight: float = 0.0,
+    pair_weights: Tensor | None = None,
 ) -> PreferenceOutput:
     """The weighted Diffusion-DPO objective of method.md section 4.
 
@@ -214,6 +215,9 @@ def preference_loss(
         weight_w, weight_l: objective weights W per pair member (stop-gradient); None means 1.
         loser_scale: a further per-pair factor on the loser term (``safeguard_scale``); None means 1.
         sft_weight: coefficient of the added supervised term ``mean(model_err_w)``.
+        pair_weights: a per-pair factor on each pair's ``-log sigmoid(z)`` (stop-gradient), shape (B,);
+            the preference term is then ``mean(pair_weights * -log sigmoid(z))``, the SFT term unchanged.
+            None means 1.
     """
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
@@ -222,14 +226,16 @@ def preference_loss(
     weight_w = ones if weight_w is None else weight_w.detach().to(model_err_w.dtype)
     weight_l = ones if weight_l is None else weight_l.detach().to(model_err_w.dtype)
     scale = ones if loser_scale is None else loser_scale.detach().to(model_err_w.dtype)
-    _check_errors(model_err_w=model_err_w, weight_w=weight_w, weight_l=weight_l, loser_scale=scale)
+    per_pair = ones if pair_weights is None else pair_weights.detach().to(model_err_w.device, model_err_w.dtype)
+    _check_errors(model_err_w=model_err_w, weight_w=weight_w, weight_l=weight_l, loser_scale=scale,
+                  pair_weights=per_pair)
     if not (math.isfinite(sft_weight) and sft_weight >= 0):
         raise ValueError(f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
 
     delta_w = model_err_w - ref_err_w.detach()
     delta_l = model_err_l - ref_err_l.detach()
     logits = -0.5 * beta * (weight_w * delta_w - scale * weight_l * delta_l)
-    loss = -F.logsigmoid(logits).mean()
+    loss = -(per_pair * F.logsigmoid(logits)).mean()
     if sft_weight:
         loss = loss + sft_weight * model_err_w.mean()
 
@@ -247,4 +253,6 @@ def preference_loss(
         }
         if loser_scale is not None:
             metrics["loser_scale"] = scale.mean()
+        if pair_weights is not None:
+            metrics["pair_weight_mean"] = per_pair.mean()
     return PreferenceOutput(loss=loss, logits=logits, metrics=metrics)

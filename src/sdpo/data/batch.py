@@ -23,6 +23,9 @@ class Pair:
     """Latents of the other sample."""
     conditions: dict[str, Tensor]
     """Conditioning tensors of the prompt, shared by both."""
+    gap: Tensor | None = None
+    """The pair's score gap (chosen minus rejected reward, a 0-d float64 tensor) when its source recorded
+    one (`sdpo pairs` does), else None; read only by ``pair_weighting``."""
 
 
 @dataclass
@@ -35,6 +38,8 @@ class PairBatch:
     """Latents of the other samples, (B, ...)."""
     conditions: dict[str, Tensor]
     """Conditioning tensors, each (B, ...)."""
+    gaps: Tensor | None = None
+    """Score gaps, (B,) float64, when every pair has one (else None)."""
 
     def __len__(self) -> int:
         return int(self.chosen.shape[0])
@@ -48,15 +53,18 @@ class PairBatch:
         for item in items[1:]:
             if set(item.conditions) != keys:
                 raise ValueError(f"pairs with different conditioning keys: {sorted(keys)} and {sorted(item.conditions)}")
+        with_gaps = all(item.gap is not None for item in items)
         return cls(
             chosen=torch.stack([item.chosen for item in items]),
             rejected=torch.stack([item.rejected for item in items]),
             conditions={key: torch.stack([item.conditions[key] for item in items]) for key in items[0].conditions},
+            gaps=torch.stack([item.gap.double().reshape(()) for item in items]) if with_gaps else None,
         )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PairBatch:
         """Move to ``device``; ``dtype`` casts the floating conditions only (they follow the frozen
-        weights' dtype), while latents keep theirs (the objective computes in float32)."""
+        weights' dtype), while latents keep theirs (the objective computes in float32); ``gaps`` stay as
+        they are."""
         return PairBatch(
             chosen=self.chosen.to(device),
             rejected=self.rejected.to(device),
@@ -65,4 +73,5 @@ class PairBatch:
                               else value.dtype)
                 for key, value in self.conditions.items()
             },
+            gaps=self.gaps,  # per-pair scalars in float64 (not every device has it): they stay on the CPU
         )

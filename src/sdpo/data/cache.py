@@ -9,7 +9,9 @@ Layout of a cache folder::
     .verified.json            # written by readers: shards whose sha256 passed (see verify_cache)
 
 Each shard holds, for its N pairs, ``latents_chosen`` (N, ...), ``latents_rejected`` (N, ...) and one
-``cond.<key>`` (N, ...) per conditioning tensor of ``spec.encode_prompts``. ``manifest.json`` says
+``cond.<key>`` (N, ...) per conditioning tensor of ``spec.encode_prompts``, and ``gap`` (N,) float64,
+each pair's score gap, when every pair came with a numeric ``gap`` (as `sdpo pairs` writes it; a cache
+without it reads as before, its pairs with no gap). ``manifest.json`` says
 what made the cache and how to check it (see :func:`precompute`). A cache is written into a hidden
 sibling folder and renamed into place only once complete, so a folder that exists is a finished
 cache; an interrupted run leaves nothing behind.
@@ -21,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -62,6 +65,8 @@ CACHE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LATENT_KEYS = ("latents_chosen", "latents_rejected")
 COND_PREFIX = "cond."
+GAP_KEY = "gap"
+"""The per-pair score gap in a shard (optional: only when every pair of the cache had one)."""
 
 _REBUILD = "delete the folder and rerun `sdpo precompute`"
 _SAFETENSORS_DTYPES = {
@@ -152,7 +157,10 @@ def precompute(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         writer = _ShardWriter(staging, shard_size)
-        _encode_all(pairs, spec, writer, _EncodeSettings(batch_size, progress, pad_frames, num_workers, on_bad_pair))
+        # Every shard must hold the same tensors, so the gaps are stored only when no pair lacks one.
+        with_gaps = all(pair_gap(pair) is not None for pair in pairs)
+        _encode_all(pairs, spec, writer,
+                    _EncodeSettings(batch_size, progress, pad_frames, num_workers, on_bad_pair, with_gaps))
         writer.flush(final=True)
         if not writer.shards:
             raise BadPairsError(pairs.problems, "no pair could be encoded")
@@ -234,6 +242,15 @@ class _EncodeSettings:
     pad_frames: bool
     num_workers: int
     on_bad_pair: OnBadPair
+    with_gaps: bool = False
+
+
+def pair_gap(pair: PreferencePair) -> float | None:
+    """The pair's ``gap`` metadata as a float, or None when it has none or it is not a finite number."""
+    value = pair.metadata.get("gap")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _encode_all(pairs: PairList, spec: MediaEncoder, writer: _ShardWriter, settings: _EncodeSettings) -> None:
@@ -281,20 +298,23 @@ def _encode_all(pairs: PairList, spec: MediaEncoder, writer: _ShardWriter, setti
                 if number + 1 < len(batches):
                     pending = submit(batches[number + 1])  # decoded while this batch is encoded
                 if kept:
-                    _encode_batch(spec, kept, pixels, writer)
+                    _encode_batch(spec, kept, pixels, writer, settings.with_gaps)
                 bar.update(1)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _encode_batch(spec: MediaEncoder, batch: list[PreferencePair], pixels: list[Tensor], writer: _ShardWriter) -> None:
+def _encode_batch(spec: MediaEncoder, batch: list[PreferencePair], pixels: list[Tensor], writer: _ShardWriter,
+                  with_gaps: bool = False) -> None:
     tensors = {
         "latents_chosen": _checked(spec.encode_media(pixels[0]), len(batch), "encode_media"),
         "latents_rejected": _checked(spec.encode_media(pixels[1]), len(batch), "encode_media"),
     }
     for key, value in _encode_prompts(spec, [pair.prompt for pair in batch]).items():
         tensors[COND_PREFIX + key] = value
+    if with_gaps:
+        tensors[GAP_KEY] = torch.tensor([pair_gap(pair) for pair in batch], dtype=torch.float64)
     _check_encoded_finite(tensors, batch)
     writer.add(tensors, len(batch))
 
@@ -681,6 +701,7 @@ class CachedPairs(Dataset):
             verify_cache(self.cache_dir, self.manifest)
         self.max_open_shards = max(1, max_open_shards)
         self.cond_keys: list[str] = [n[len(COND_PREFIX) :] for n in self.manifest["tensors"] if n.startswith(COND_PREFIX)]
+        self.has_gaps: bool = GAP_KEY in self.manifest["tensors"]
         self._ends: list[int] = []
         end = 0
         for shard in self.manifest["shards"]:
@@ -712,10 +733,23 @@ class CachedPairs(Dataset):
         handle = self._shard(shard)
         try:
             chosen, rejected = (handle.get_slice(name)[local] for name in LATENT_KEYS)
-            item = Pair(chosen, rejected, {key: handle.get_slice(COND_PREFIX + key)[local] for key in self.cond_keys})
+            item = Pair(chosen, rejected, {key: handle.get_slice(COND_PREFIX + key)[local] for key in self.cond_keys},
+                        handle.get_slice(GAP_KEY)[local] if self.has_gaps else None)
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
             raise CacheError(f"{self._shard_path(shard)}: cannot read pair {local} ({error}): {_REBUILD}") from None
         return item
+
+    def gaps(self) -> Tensor | None:
+        """Every pair's score gap in cache order, (N,) float64, or None for a cache that stores none."""
+        if not self.has_gaps:
+            return None
+        parts = []
+        for shard in range(len(self._ends)):
+            try:
+                parts.append(self._shard(shard).get_tensor(GAP_KEY))
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
+                raise CacheError(f"{self._shard_path(shard)}: cannot read {GAP_KEY} ({error}): {_REBUILD}") from None
+        return torch.cat(parts).double()
 
     def _shard_path(self, shard: int) -> Path:
         return self.cache_dir / self.manifest["shards"][shard]["file"]

@@ -68,7 +68,8 @@ class PretrainSettings:
     warmup_steps: int = 50
     """Steps of linear learning-rate warm-up."""
     ema_decay: float = 0.995
-    """Decay of the exponential moving average of the weights that is saved (0 saves the raw weights)."""
+    """Decay of the exponential moving average of the weights that is saved (diffusers' ``EMAModel``, its
+    default warm-up ``min(decay, n / (9 + n))``; 0 saves the raw weights)."""
     prompt_dropout: float = 0.1
     """Share of training prompts replaced by the empty prompt, so classifier-free guidance works."""
     seed: int = 0
@@ -185,7 +186,7 @@ def pretrain(
         module.train()
     params = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    average = [p.detach().clone() for p in params] if settings.ema_decay > 0 else None
+    average = _moving_average(params, settings.ema_decay)
 
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(num_examples, generator=generator)
@@ -206,10 +207,7 @@ def pretrain(
         optimizer.step()
 
         if average is not None:
-            # The usual warm-up of the decay: early weights are poor, so the average forgets them fast.
-            decay = min(settings.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - decay)
+            average.step(params)
         history.append(loss.item())
         if step % 25 == 0 or step == settings.train_steps - 1:
             recent = history[-50:]
@@ -217,11 +215,23 @@ def pretrain(
     bar.close()
 
     if average is not None:
-        with torch.no_grad():
-            for p, averaged in zip(params, average, strict=True):
-                p.copy_(averaged)
+        average.copy_to(params)
     for module in modules:
         module.eval()
+
+
+def _moving_average(params: list[nn.Parameter], decay: float) -> Any:
+    """diffusers' EMAModel of ``params`` (None when ``decay`` is 0).
+
+    Without ``use_ema_warmup`` its decay at update n is ``min(decay, n / (9 + n))`` from the second
+    update on (the usual warm-up: early weights are poor, so the average forgets them fast); the first
+    update copies the weights.
+    """
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=decay, use_ema_warmup=False, foreach=True)
 
 
 def pretrain_into_cache(

@@ -7,6 +7,8 @@ Layout of ``RUN/checkpoint-N/`` (N = optimizer steps done):
   own sharded model files instead (``pytorch_model_fsdp_0/``, ``pytorch_model/``).
 - ``optimizer.bin``, ``scheduler.bin``, ``random_states_<rank>.pkl``: accelerate's optimizer, LR
   scheduler and RNG state (the data position is the step: the batch order is a function of it).
+- ``ema.safetensors`` (``ema_decay`` only): the moving average of the trainable parameters, by the
+  same names; its update count is ``ema_updates`` in the trainer state.
 - ``train_config.json``: the TrainConfig the checkpoint was made with (checked on resume).
 - ``trainer_state.json``: ``{"step": N, "format": 1, "bad_steps": ..., "config_changes": [...]}``,
   written last and atomically: it is what makes the folder a checkpoint. A folder without it (an
@@ -21,6 +23,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +151,12 @@ def weights_are_finite(accelerator: Any, params: list[nn.Parameter]) -> bool:
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, step: int, params: list[nn.Parameter],
-                    config_data: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write ``checkpoint-<step>`` (collective); the state file last, atomically. Refuses NaN weights."""
+                    config_data: dict[str, Any], state: dict[str, Any],
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``checkpoint-<step>`` (collective); the state file last, atomically. Refuses NaN weights.
+
+    ``extra(folder)``, run on the main process before the state file, writes further files (the EMA).
+    """
     if not weights_are_finite(accelerator, params):
         raise NonFiniteWeightsError(f"the weights after step {step} hold NaN or inf; checkpoint-{step} not written")
     folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -160,6 +167,8 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, params: list[
     _pause_for_tests("SDPO_TEST_SAVE_PAUSE")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra is not None:
+            extra(folder)
         write_atomic(folder / CONFIG_NAME, json.dumps(config_data, indent=2))
         write_atomic(folder / STATE_NAME, json.dumps({"step": step, "format": STATE_FORMAT, **state}))
     accelerator.wait_for_everyone()

@@ -28,6 +28,7 @@ from sdpo.objectives import MethodConfig
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
+PAIR_WEIGHTINGS = ("none", "gap")
 
 
 @dataclass
@@ -78,6 +79,23 @@ class TrainConfig:
     """Optimizer steps of linear warm-up."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip; 0 disables clipping (the norm is still logged)."""
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the trained weights (the LoRA adapters, or the whole
+    denoiser when lora_rank is 0), kept by diffusers' ``EMAModel`` beside them, saved in every checkpoint
+    and exported to ``OUTPUT/ema/`` in the same format as the raw weights; 0 keeps none. The average is
+    updated after each applied optimizer step (a step the non-finite guard skips leaves it alone), with
+    ``EMAModel``'s warm-up: the first update copies the weights, update n uses ``min(ema_decay, n / (9 + n))``.
+    Costs one float32 copy of the trained weights on the device."""
+    ema_warmup: bool = False
+    """Use ``EMAModel``'s power warm-up instead: update n decays by ``min(ema_decay, 1 - n ** -ema_power)``
+    (its ``use_ema_warmup`` with ``inv_gamma`` 1)."""
+    ema_power: float = 2 / 3
+    """Exponent of the power warm-up (``ema_warmup`` only); diffusers suggests 2/3 for a million steps, 3/4
+    for shorter runs (0.999 after 10k steps)."""
+    pair_weighting: str = "none"
+    """Per-pair multiplier on the preference loss: "none", or "gap": each pair weighs its score gap (the
+    ``gap`` that `sdpo pairs` writes and precompute stores) divided by the mean gap over the cache, so the
+    loss keeps its scale and clearly ranked pairs count more (as VideoDPO weights pairs by their score gap)."""
 
     max_steps: int = 1000
     """Optimizer steps to train."""
@@ -149,6 +167,11 @@ class TrainConfig:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("report_to", self.report_to, TRACKERS)
+        _check_choice("pair_weighting", self.pair_weighting, PAIR_WEIGHTINGS)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
+        if not self.ema_power > 0:
+            raise ValueError(f"ema_power must be a positive number, got {self.ema_power}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.validation_guidance_scale is not None and not 0 <= self.validation_guidance_scale < math.inf:

@@ -1,5 +1,6 @@
-"""The end of a run: the final checkpoint, the atomic export of the LoRA / model, and ``export_run``
-(``sdpo export``: the same export from a run's latest checkpoint, without training)."""
+"""The end of a run: the final checkpoint, the atomic export of the LoRA / model (and, with ``ema_decay``,
+of its moving average in ``ema/``, same format), and ``export_run`` (``sdpo export``: the same export
+from a run's latest checkpoint, without training)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from sdpo.train.checkpoint import (
     weights_are_finite,
 )
 from sdpo.train.config import TrainConfig
+from sdpo.train.ema import EMA_FOLDER, averaged_state_dict
 from sdpo.train.setup import EXPORT_TMP_NAME, _final_model, _Run, _save
 
 if TYPE_CHECKING:
@@ -75,10 +77,10 @@ def _write_export(run: _Run, state_dict: dict[str, Tensor], staging: Path) -> No
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     final = _final_model(run)
-    if run.config.lora_rank > 0:
-        run.spec.save_lora(staging, final, state_dict)
-    else:
-        run.spec.save_full(staging, final, state_dict)
+    save = run.spec.save_lora if run.config.lora_rank > 0 else run.spec.save_full
+    save(staging, final, state_dict)
+    if run.ema is not None:  # the moving average, in the same format, in its own folder
+        save(staging / EMA_FOLDER, final, averaged_state_dict(run.ema, final, state_dict))
     (staging / "train_config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
     info = {**_run_info(run.accelerator), "final_step": run.config.max_steps, "bad_steps": run.bad_steps,
             "config_changes": run.config_changes}

@@ -31,8 +31,14 @@ from sdpo.train.checkpoint import (
     save_checkpoint,
 )
 from sdpo.train.config import TrainConfig
+from sdpo.train.ema import EMA_FOLDER, build_ema, check_ema_supported, load_ema
 from sdpo.train.metrics import BAD_STEPS_NAME
-from sdpo.train.sharding import enable_gradient_checkpointing, shard_like_policy, uses_fsdp
+from sdpo.train.sharding import (
+    enable_gradient_checkpointing,
+    parameters_are_sharded,
+    shard_like_policy,
+    uses_fsdp,
+)
 from sdpo.train.step import adapters_disabled
 
 if TYPE_CHECKING:
@@ -41,7 +47,7 @@ if TYPE_CHECKING:
 EXPORT_TMP_NAME = ".export-tmp"
 
 RUN_FILES = frozenset({"metrics.jsonl", BAD_STEPS_NAME, "run_info.json", "train_config.json", "logs", "validation",
-                       "pytorch_lora_weights.safetensors", "unet", "transformer", EXPORT_TMP_NAME})
+                       "pytorch_lora_weights.safetensors", "unet", "transformer", EMA_FOLDER, EXPORT_TMP_NAME})
 """What a run writes into its folder (besides checkpoint-N): a folder holding any of them holds a run."""
 
 
@@ -78,6 +84,10 @@ class _Run:
     bad_steps: int = 0
     consecutive_bad: int = 0
     config_changes: list[dict[str, Any]] = field(default_factory=list)
+    ema: Any = None
+    """diffusers' EMAModel of ``params`` (``ema_decay``), or None."""
+    pair_weights: Any = None
+    """How ``pair_weighting`` turns a batch's gaps into weights (``sdpo.train.pair_weights.PairWeights``), or None."""
 
     @property
     def main(self) -> bool:
@@ -209,6 +219,7 @@ def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accele
     """Load the model (if not given), add the adapters, prepare optimizer and schedule, load the checkpoint."""
     from diffusers.optimization import get_scheduler
 
+    check_ema_supported(config, parameters_are_sharded(accelerator))  # before a model loads
     if spec is None:
         from sdpo.models.registry import load_spec
 
@@ -237,8 +248,11 @@ def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accele
                reference=reference, weight_dtype=weight_dtype, output_dir=output_dir, resume=start)
     if dataset is not None:
         run.sample_shape = tuple(dataset[0].chosen.shape)
+    run.ema = build_ema(config, run.params)  # a copy of the initial weights; a resume overwrites it
     if start.checkpoint is not None:
         accelerator.load_state(str(start.checkpoint))
+        if run.ema is not None:
+            load_ema(run.ema, model, start.checkpoint, start.state.get("ema_updates"))
         run.bad_steps = int(start.state.get("bad_steps", 0))
         run.config_changes = list(start.state.get("config_changes", []))
     if start.changes:
@@ -342,11 +356,23 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
 
 def _save(run: _Run, done: int, final: bool = False) -> Path:
     state = {"bad_steps": run.bad_steps, "config_changes": run.config_changes, "final": final}
-    folder = save_checkpoint(run.accelerator, run.output_dir, done, run.params, run.config.to_dict(), state)
+    if run.ema is not None:
+        state["ema_updates"] = run.ema.optimization_step
+    folder = save_checkpoint(run.accelerator, run.output_dir, done, run.params, run.config.to_dict(), state,
+                             extra=_ema_writer(run))
     if run.main:
         prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit, protect=folder)
     run.accelerator.wait_for_everyone()
     return folder
+
+
+def _ema_writer(run: _Run) -> Callable[[Path], None] | None:
+    """What writes the moving average into a checkpoint folder (main process), or None without one."""
+    if run.ema is None:
+        return None
+    from sdpo.train.ema import save_ema
+
+    return lambda folder: save_ema(run.ema, run.model, folder)
 
 
 def _final_model(run: _Run) -> nn.Module:

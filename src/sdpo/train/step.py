@@ -98,10 +98,12 @@ def preference_step(
     draws: StepDraws,
     method: MethodConfig,
     reference: Callable[[], contextlib.AbstractContextManager[nn.Module]],
+    pair_weights: Tensor | None = None,
 ) -> StepResult:
     """Forward policy and reference on winners and losers, weight the members, return the loss.
 
     ``batch`` holds the pairs on the model's device; ``reference()`` is a context manager yielding the frozen reference network.
+    ``pair_weights`` (B,): a per-pair factor on the preference loss (``pair_weighting``), None for 1.
     """
     schedule = spec.schedule
     chosen, rejected = batch.chosen, batch.rejected
@@ -151,5 +153,6 @@ def preference_step(
         weights[pairs:],
         loser_scale=loser_scale,
         sft_weight=method.sft_weight,
+        pair_weights=pair_weights,
     )
     return StepResult(output=output, timesteps=t, raw_weights=raw_weights, weights=weights)

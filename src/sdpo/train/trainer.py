@@ -36,6 +36,7 @@ from sdpo.train.checkpoint import NonFiniteWeightsError, RunLock, latest_checkpo
 from sdpo.train.config import TrainConfig
 from sdpo.train.export import ExportError, _finish, export_run
 from sdpo.train.metrics import BAD_STEPS_NAME, _MetricsLog, _read_history
+from sdpo.train.pair_weights import PairWeights
 from sdpo.train.preemption import StopRequests
 from sdpo.train.setup import (  # _add_lora: re-exported, tests import it from here
     _accelerator,
@@ -159,7 +160,11 @@ def train(
         accelerator.wait_for_everyone()
         if dataset is None and start.step < config.max_steps:
             dataset = _open_cache(config)
+        # Before the model loads: a cache without the gaps pair_weighting needs is a one-line error.
+        pair_weights = None if dataset is None else PairWeights.from_dataset(
+            config.pair_weighting, dataset, str(getattr(dataset, "cache_dir", None) or config.cache_dir or "the dataset"))
         run = _build_run(config, spec, dataset, accelerator, output_dir, start)
+        run.pair_weights = pair_weights
         if dataset is not None:
             run.order = GlobalBatchOrder(len(dataset), config.train_batch_size, accelerator.num_processes,
                                          accelerator.process_index, config.seed)
@@ -202,10 +207,11 @@ def _optimizer_step(run: _Run, step: int) -> _StepOutcome:
         rows, positions = run.order.indices(micro_step)
         # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
         batch = collate_pairs([run.dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
+        pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
         draws = draw_for_pairs(positions, micro_step, config.seed, run.sample_shape, run.spec.schedule.num_timesteps,
                                config.t_min, config.t_max, config.method.estimator == "sampled")
         with accelerator.accumulate(run.model), accelerator.autocast():
-            result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference)
+            result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference, pair_weights)
             loss = result.output.loss
             finite = finite and bool(torch.isfinite(loss))
             max_loss = max(max_loss, float(loss.detach()) if finite else math.inf)
@@ -216,6 +222,8 @@ def _optimizer_step(run: _Run, step: int) -> _StepOutcome:
                 if skipped is None or accelerator.scaler is not None:  # fp16's scaler skips inf itself
                     run.optimizer.step()
                     run.lr_scheduler.step()
+                if skipped is None and run.ema is not None:  # a skipped step left the weights alone
+                    run.ema.step(run.params)
                 run.optimizer.zero_grad(set_to_none=True)
         metrics.append(({k: v.item() for k, v in result.output.metrics.items()}, result.timesteps,
                         result.raw_weights))

@@ -98,7 +98,8 @@ class VideoToyConfig(PretrainSettings):
     batch_size: int = 32
     """Clips per pretraining step."""
     ema_decay: float = 0.99
-    """Decay of the exponential moving average of the weights that is saved (0 saves the raw weights)."""
+    """Decay of the exponential moving average of the weights that is saved (diffusers' ``EMAModel``, its
+    default warm-up ``min(decay, n / (9 + n))``; 0 saves the raw weights)."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
