@@ -23,6 +23,11 @@ class Pair:
     """Latents of the other sample."""
     conditions: dict[str, Tensor]
     """Conditioning tensors of the prompt, shared by both."""
+    chosen_std: Tensor | None = None
+    """Posterior std of the preferred sample's latents (``chosen`` is then the posterior mean), or None
+    for a cache that stores the mean only or a deterministic encoder."""
+    rejected_std: Tensor | None = None
+    """Posterior std of the other sample's latents, or None (as ``chosen_std``)."""
 
 
 @dataclass
@@ -35,6 +40,10 @@ class PairBatch:
     """Latents of the other samples, (B, ...)."""
     conditions: dict[str, Tensor]
     """Conditioning tensors, each (B, ...)."""
+    chosen_std: Tensor | None = None
+    """Posterior std of ``chosen``, (B, ...), or None (see ``Pair.chosen_std``)."""
+    rejected_std: Tensor | None = None
+    """Posterior std of ``rejected``, (B, ...), or None."""
 
     def __len__(self) -> int:
         return int(self.chosen.shape[0])
@@ -48,10 +57,15 @@ class PairBatch:
         for item in items[1:]:
             if set(item.conditions) != keys:
                 raise ValueError(f"pairs with different conditioning keys: {sorted(keys)} and {sorted(item.conditions)}")
+        with_std = [item.chosen_std is not None and item.rejected_std is not None for item in items]
+        if any(with_std) and not all(with_std):
+            raise ValueError("pairs with and without latent std cannot be collated into one batch")
         return cls(
             chosen=torch.stack([item.chosen for item in items]),
             rejected=torch.stack([item.rejected for item in items]),
             conditions={key: torch.stack([item.conditions[key] for item in items]) for key in items[0].conditions},
+            chosen_std=torch.stack([item.chosen_std for item in items]) if with_std[0] else None,  # type: ignore[misc]
+            rejected_std=torch.stack([item.rejected_std for item in items]) if with_std[0] else None,  # type: ignore[misc]
         )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PairBatch:
@@ -65,4 +79,6 @@ class PairBatch:
                               else value.dtype)
                 for key, value in self.conditions.items()
             },
+            chosen_std=None if self.chosen_std is None else self.chosen_std.to(device),
+            rejected_std=None if self.rejected_std is None else self.rejected_std.to(device),
         )
