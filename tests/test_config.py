@@ -149,6 +149,9 @@ def test_numbers_in_the_forms_people_write_them(tmp_path, capsys):
         ({"learning_rate": float("inf")}, "learning_rate must be a finite number"),
         ({"learning_rate": 0}, "learning_rate must be a positive number"),
         ({"validation_guidance_scale": -1}, "validation_guidance_scale must be a finite number >= 0"),
+        ({"latent_sampling": "posterior"}, "latent_sampling must be one of auto, mean, sample, got 'posterior'"),
+        ({"flip": True}, "flip must be a string, got true"),
+        ({"flip": "horizontal"}, "flip must be one of none, pair, independent, got 'horizontal'"),
         ({"adam_betas": [0.9]}, "adam_betas must be a list of 2 finite numbers"),
         ({"adam_betas": 0.9}, "adam_betas must be a list of 2 finite numbers"),
         ({"use_8bit_adam": "maybe"}, "use_8bit_adam must be true or false"),
@@ -242,6 +245,7 @@ FULL = {
     "checkpoint_every": 4, "checkpoints_total_limit": None, "validation_prompts": ["a", "b"],
     "validation_every": 3, "validation_inference_steps": 4, "validation_guidance_scale": 1.5, "report_to": "none", "offload_reference": True,
     "max_bad_steps": 5, "ema_decay": 0.99, "ema_warmup": True, "ema_power": 0.75, "pair_weighting": "gap",
+    "latent_sampling": "sample", "flip": "pair",
 }
 
 
@@ -296,6 +300,8 @@ UNSAFE = [
     ("train_batch_size", 8), ("gradient_accumulation_steps", 2), ("mixed_precision", "bf16"),
     ("t_min", 10), ("t_max", 500), ("seed", 7),
     ("ema_decay", 0.999), ("ema_warmup", True), ("ema_power", 0.75), ("pair_weighting", "gap"),
+    # What a step trains on: a resumed run must draw the same latents and flips.
+    ("latent_sampling", "mean"), ("flip", "independent"),
 ]
 SAFE = [
     ("max_steps", 5000), ("log_every", 1), ("checkpoint_every", 100), ("checkpoints_total_limit", None),

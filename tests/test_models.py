@@ -517,3 +517,30 @@ def test_sample_from_initial_latents(name: str, folders: dict[str, Path], tmp_pa
     assert (with_lora - pixels[:1]).abs().max() > 1e-3
     with pytest.raises(FileNotFoundError, match="LoRA"):
         tuned.load_lora(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "cogvideox", "wan"])
+def test_posterior_moments_are_in_the_latents_scale_and_layout(name: str, folders: dict[str, Path]) -> None:
+    """What precompute stores: the mean is ``encode_media``'s latent, the std diffusers' ``latent_dist.std``
+    scaled as the latents are (times scaling_factor; Wan: over latents_std), and a draw ``mean + std * eps``
+    is diffusers' own posterior sample with the same eps."""
+    case = CASES[name]
+    spec = _spec(case, folders[name])
+    pixels = torch.rand(case.pixels, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = spec.encode_media_moments(pixels)
+    torch.testing.assert_close(mean, spec.encode_media(pixels))
+    video = pixels.ndim == 5
+    with torch.no_grad():
+        raw = spec.vae.encode(pixels.permute(0, 2, 1, 3, 4) if video else pixels).latent_dist.std
+    if name == "wan":
+        expected = raw / torch.tensor(spec.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    else:
+        expected = raw * spec.vae.config.scaling_factor
+    if name == "cogvideox":
+        expected = expected.permute(0, 2, 1, 3, 4)  # its transformer's (B, F, C, H, W)
+    torch.testing.assert_close(std, expected)
+    assert (std - (raw.permute(0, 2, 1, 3, 4) if name == "cogvideox" else raw)).abs().max() > 1e-3  # scaled
+    eps = torch.randn(raw.shape, generator=torch.Generator().manual_seed(5))
+    eps = eps.permute(0, 2, 1, 3, 4) if name == "cogvideox" else eps
+    sampled = spec.encode_media(pixels, sample=True, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sampled, mean + std * eps, rtol=1e-4, atol=1e-5)

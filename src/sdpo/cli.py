@@ -87,7 +87,7 @@ def _precompute(args: argparse.Namespace) -> None:
     spec = load_spec_from(args, media_format, encoders_only=True)
     out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet,
                      overwrite=args.overwrite, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
-                     check_media=spec.media_format != expected)  # fmt: skip
+                     check_media=spec.media_format != expected, latent_std=not args.no_latent_std)  # fmt: skip
     manifest = read_manifest(out)
     _print_skipped(manifest, out)
     print(f"cache: {out} ({manifest['num_pairs']} pairs)")
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "one (default), or skip it; skipped pairs are printed and listed in the manifest")
     pre.add_argument("--pad-frames", action="store_true",
                      help="a clip shorter than --frames repeats its last frame (default: such a clip is an error)")
+    pre.add_argument("--no-latent-std", action="store_true",
+                     help="store the VAE posterior's mean only, not its std beside it (half the latent bytes; "
+                          "training then cannot use latent_sampling=sample)")
     pre.set_defaults(func=_precompute)
 
     from sdpo.stages.cli import add_stage_commands  # generate, score, pairs, evaluate (helper "stages")

@@ -26,6 +26,11 @@ class Pair:
     gap: Tensor | None = None
     """The pair's score gap (chosen minus rejected reward, a 0-d float64 tensor) when its source recorded
     one (`sdpo pairs` does), else None; read only by ``pair_weighting``."""
+    chosen_std: Tensor | None = None
+    """Posterior std of the preferred sample's latents (``chosen`` is then the posterior mean), or None
+    for a cache that stores the mean only or a deterministic encoder."""
+    rejected_std: Tensor | None = None
+    """Posterior std of the other sample's latents, or None (as ``chosen_std``)."""
 
 
 @dataclass
@@ -40,6 +45,10 @@ class PairBatch:
     """Conditioning tensors, each (B, ...)."""
     gaps: Tensor | None = None
     """Score gaps, (B,) float64, when every pair has one (else None)."""
+    chosen_std: Tensor | None = None
+    """Posterior std of ``chosen``, (B, ...), or None (see ``Pair.chosen_std``)."""
+    rejected_std: Tensor | None = None
+    """Posterior std of ``rejected``, (B, ...), or None."""
 
     def __len__(self) -> int:
         return int(self.chosen.shape[0])
@@ -54,11 +63,16 @@ class PairBatch:
             if set(item.conditions) != keys:
                 raise ValueError(f"pairs with different conditioning keys: {sorted(keys)} and {sorted(item.conditions)}")
         with_gaps = all(item.gap is not None for item in items)
+        with_std = [item.chosen_std is not None and item.rejected_std is not None for item in items]
+        if any(with_std) and not all(with_std):
+            raise ValueError("pairs with and without latent std cannot be collated into one batch")
         return cls(
             chosen=torch.stack([item.chosen for item in items]),
             rejected=torch.stack([item.rejected for item in items]),
             conditions={key: torch.stack([item.conditions[key] for item in items]) for key in items[0].conditions},
             gaps=torch.stack([item.gap.double().reshape(()) for item in items]) if with_gaps else None,
+            chosen_std=torch.stack([item.chosen_std for item in items]) if with_std[0] else None,  # type: ignore[misc]
+            rejected_std=torch.stack([item.rejected_std for item in items]) if with_std[0] else None,  # type: ignore[misc]
         )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PairBatch:
@@ -74,4 +88,6 @@ class PairBatch:
                 for key, value in self.conditions.items()
             },
             gaps=self.gaps,  # per-pair scalars in float64 (not every device has it): they stay on the CPU
+            chosen_std=None if self.chosen_std is None else self.chosen_std.to(device),
+            rejected_std=None if self.rejected_std is None else self.rejected_std.to(device),
         )

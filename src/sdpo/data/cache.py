@@ -11,7 +11,10 @@ Layout of a cache folder::
 Each shard holds, for its N pairs, ``latents_chosen`` (N, ...), ``latents_rejected`` (N, ...) and one
 ``cond.<key>`` (N, ...) per conditioning tensor of ``spec.encode_prompts``, and ``gap`` (N,) float64,
 each pair's score gap, when every pair came with a numeric ``gap`` (as `sdpo pairs` writes it; a cache
-without it reads as before, its pairs with no gap). ``manifest.json`` says
+without it reads as before, its pairs with no gap). For a VAE family the
+latents are the posterior means and ``latents_chosen_std`` / ``latents_rejected_std`` (same shapes)
+hold the posterior stds, scaled like the latents (manifest ``latent_std: true``); caches made before
+the std was stored, and caches of a deterministic encoder (the toy worlds), have neither. ``manifest.json`` says
 what made the cache and how to check it (see :func:`precompute`). A cache is written into a hidden
 sibling folder and renamed into place only once complete, so a folder that exists is a finished
 cache; an interrupted run leaves nothing behind.
@@ -64,6 +67,8 @@ CACHE_VERSION = 1
 """Bumped whenever the layout changes; a cache of another version must be rebuilt."""
 MANIFEST_NAME = "manifest.json"
 LATENT_KEYS = ("latents_chosen", "latents_rejected")
+STD_KEYS = ("latents_chosen_std", "latents_rejected_std")
+"""The posterior stds of LATENT_KEYS, in a cache whose manifest says ``latent_std: true``."""
 COND_PREFIX = "cond."
 GAP_KEY = "gap"
 """The per-pair score gap in a shard (optional: only when every pair of the cache had one)."""
@@ -80,7 +85,10 @@ class CacheError(ValueError):
 
 
 class MediaEncoder(Protocol):
-    """What precompute needs of a ModelSpec (the full protocol is :class:`sdpo.models.base.ModelSpec`)."""
+    """What precompute needs of a ModelSpec (the full protocol is :class:`sdpo.models.base.ModelSpec`).
+
+    Optionally also ``encode_media_moments(pixels) -> (mean, std)`` (the VAE families): see ``precompute``.
+    """
 
     family: str
     media_format: MediaFormat
@@ -107,6 +115,7 @@ def precompute(
     num_workers: int = 4,
     on_bad_pair: OnBadPair = "fail",
     check_media: bool = True,
+    latent_std: bool = True,
 ) -> Path:
     """Encode every pair once through ``spec`` and write the cache to ``out_dir``; returns ``out_dir``.
 
@@ -120,7 +129,13 @@ def precompute(
     ``manifest.json`` records: ``format``, ``version``, ``family``, ``pretrained`` (the spec's
     ``pretrained`` attribute, or null), ``media_format``, ``num_pairs``, ``shards`` (``file``,
     ``num_pairs``, ``bytes``, ``sha256`` each), ``tensors`` (name -> per-pair ``shape`` and ``dtype``),
-    ``extra`` (``extra_manifest``), ``created`` and ``sdpo_version``.
+    ``extra`` (``extra_manifest``), ``created``, ``sdpo_version`` and ``latent_std``.
+
+    ``latent_std`` (default true): when the spec has ``encode_media_moments`` (the VAE families), the
+    latents stored are the posterior means and the posterior stds are stored beside them (``STD_KEYS``,
+    scaled like the latents), so training can draw ``mean + std * eps`` each step
+    (``TrainConfig.latent_sampling``); this doubles the latents' bytes. A spec without it (a
+    deterministic encoder) stores ``encode_media`` alone; ``latent_std=False`` does so for any spec.
 
     Before the first encode every pair's media are checked (:func:`sdpo.data.media.check_pairs`;
     ``check_media=False`` when the caller already did): ``on_bad_pair="fail"`` raises BadPairsError
@@ -159,8 +174,9 @@ def precompute(
         writer = _ShardWriter(staging, shard_size)
         # Every shard must hold the same tensors, so the gaps are stored only when no pair lacks one.
         with_gaps = all(pair_gap(pair) is not None for pair in pairs)
-        _encode_all(pairs, spec, writer,
-                    _EncodeSettings(batch_size, progress, pad_frames, num_workers, on_bad_pair, with_gaps))
+        with_std = latent_std and callable(getattr(spec, "encode_media_moments", None))
+        settings = _EncodeSettings(batch_size, progress, pad_frames, num_workers, on_bad_pair, with_gaps, with_std)
+        _encode_all(pairs, spec, writer, settings)
         writer.flush(final=True)
         if not writer.shards:
             raise BadPairsError(pairs.problems, "no pair could be encoded")
@@ -178,6 +194,7 @@ def precompute(
             "extra": extra,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sdpo_version": _sdpo_version(),
+            "latent_std": with_std,
         }
         _write_synced(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
         _swap_into_place(staging, out_dir, overwrite)
@@ -243,6 +260,7 @@ class _EncodeSettings:
     num_workers: int
     on_bad_pair: OnBadPair
     with_gaps: bool = False
+    latent_std: bool = False
 
 
 def pair_gap(pair: PreferencePair) -> float | None:
@@ -298,7 +316,7 @@ def _encode_all(pairs: PairList, spec: MediaEncoder, writer: _ShardWriter, setti
                 if number + 1 < len(batches):
                     pending = submit(batches[number + 1])  # decoded while this batch is encoded
                 if kept:
-                    _encode_batch(spec, kept, pixels, writer, settings.with_gaps)
+                    _encode_batch(spec, kept, pixels, writer, settings.with_gaps, settings.latent_std)
                 bar.update(1)
     finally:
         if pool is not None:
@@ -306,11 +324,18 @@ def _encode_all(pairs: PairList, spec: MediaEncoder, writer: _ShardWriter, setti
 
 
 def _encode_batch(spec: MediaEncoder, batch: list[PreferencePair], pixels: list[Tensor], writer: _ShardWriter,
-                  with_gaps: bool = False) -> None:
-    tensors = {
-        "latents_chosen": _checked(spec.encode_media(pixels[0]), len(batch), "encode_media"),
-        "latents_rejected": _checked(spec.encode_media(pixels[1]), len(batch), "encode_media"),
-    }
+                  with_gaps: bool = False, latent_std: bool = False) -> None:
+    tensors = {}
+    for name, std_name, media in zip(LATENT_KEYS, STD_KEYS, pixels, strict=True):
+        if latent_std:
+            mean, std = spec.encode_media_moments(media)  # type: ignore[attr-defined]
+            tensors[name] = _checked(mean, len(batch), "encode_media_moments")
+            tensors[std_name] = _checked(std, len(batch), "encode_media_moments")
+            if tensors[std_name].shape != tensors[name].shape:
+                raise ValueError(f"encode_media_moments returned a std of shape {tuple(std.shape)} for a mean "
+                                 f"of shape {tuple(mean.shape)}")
+        else:
+            tensors[name] = _checked(spec.encode_media(media), len(batch), "encode_media")
     for key, value in _encode_prompts(spec, [pair.prompt for pair in batch]).items():
         tensors[COND_PREFIX + key] = value
     if with_gaps:
@@ -494,6 +519,12 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
             raise bad(f"malformed tensor entry {name!r}")
     if not any(name.startswith(COND_PREFIX) for name in tensors):
         raise bad("no conditioning tensors ('cond.*') listed")
+    if manifest.get("latent_std", False) not in (True, False):
+        raise bad("'latent_std' must be true or false")
+    if manifest.get("latent_std") and any(
+        tensors.get(std, {}).get("shape") != tensors[mean]["shape"] for mean, std in zip(LATENT_KEYS, STD_KEYS, strict=True)
+    ):
+        raise bad("'latent_std' is true but the std tensors are missing or shaped unlike the latents")
     if not isinstance(manifest.get("extra", {}), dict):
         raise bad("'extra' must be an object")
     if not isinstance(manifest.get("skipped", []), list) or not isinstance(manifest.get("skipped_counts", {}), dict):
@@ -692,6 +723,9 @@ class CachedPairs(Dataset):
     ``max_open_shards`` shards are kept open. ``verify`` (the default) checks every shard's sha256
     and that its tensors are finite up front (see :func:`verify_cache`: a shard unchanged since it
     last passed is not read again). Safe to pass to a DataLoader with workers (open shards are not pickled).
+
+    When the cache stores posterior stds (``has_latent_std``), each Pair carries them in
+    ``chosen_std`` / ``rejected_std`` (its ``chosen`` / ``rejected`` are then the posterior means).
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], *, verify: bool = True, max_open_shards: int = 2) -> None:
@@ -702,6 +736,8 @@ class CachedPairs(Dataset):
         self.max_open_shards = max(1, max_open_shards)
         self.cond_keys: list[str] = [n[len(COND_PREFIX) :] for n in self.manifest["tensors"] if n.startswith(COND_PREFIX)]
         self.has_gaps: bool = GAP_KEY in self.manifest["tensors"]
+        self.has_latent_std: bool = bool(self.manifest.get("latent_std", False))
+        """Whether the cache stores the posterior std of every latent (older caches and toy worlds: no)."""
         self._ends: list[int] = []
         end = 0
         for shard in self.manifest["shards"]:
@@ -735,6 +771,8 @@ class CachedPairs(Dataset):
             chosen, rejected = (handle.get_slice(name)[local] for name in LATENT_KEYS)
             item = Pair(chosen, rejected, {key: handle.get_slice(COND_PREFIX + key)[local] for key in self.cond_keys},
                         handle.get_slice(GAP_KEY)[local] if self.has_gaps else None)
+            if self.has_latent_std:
+                item.chosen_std, item.rejected_std = (handle.get_slice(name)[local] for name in STD_KEYS)
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
             raise CacheError(f"{self._shard_path(shard)}: cannot read pair {local} ({error}): {_REBUILD}") from None
         return item

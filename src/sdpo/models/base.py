@@ -117,7 +117,13 @@ class ModelSpec(Protocol):
         ...
 
     def encode_media(self, pixels: Tensor) -> Tensor:
-        """Normalised latents for pixels in [-1, 1] (needs the VAE)."""
+        """Normalised latents for pixels in [-1, 1] (needs the VAE).
+
+        A family whose encoder is a posterior (the VAE families) also has ``encode_media_moments(pixels)
+        -> (mean, std)``, both normalised as these latents are; precompute then stores the std too, so
+        training can draw a fresh latent each step (``TrainConfig.latent_sampling``). It is not part of
+        this protocol: a deterministic encoder (the toy worlds) has none.
+        """
         ...
 
     def save_lora(self, output_dir: str | Path, model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> None:

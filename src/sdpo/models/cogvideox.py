@@ -182,12 +182,22 @@ class CogVideoXSpec(DiffusersSpec):
 
         Uses the posterior mean unless ``sample`` is true.
         """
+        posterior = self._posterior(pixels)
+        return self._scaled(posterior.sample(generator) if sample else posterior.mode())
+
+    def encode_media_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior's mean and std in the layout and scale of ``encode_media`` (both times ``scaling_factor``)."""
+        posterior = self._posterior(pixels)
+        return self._scaled(posterior.mean), self._scaled(posterior.std)
+
+    def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 5 or pixels.shape[2] != 3:
             raise ValueError(f"cogvideox expects videos (B, F, 3, H, W), got shape {tuple(pixels.shape)}")
         video = pixels.permute(0, 2, 1, 3, 4)  # the VAE wants (B, C, F, H, W)
         with torch.no_grad():
-            posterior = vae.encode(video.to(module_device(vae), module_dtype(vae))).latent_dist
-            latents = posterior.sample(generator) if sample else posterior.mode()
+            return vae.encode(video.to(module_device(vae), module_dtype(vae))).latent_dist
+
+    def _scaled(self, latents: Tensor) -> Tensor:
         latents = latents.float().permute(0, 2, 1, 3, 4)  # the transformer wants (B, F, C, H, W)
-        return (latents * vae.config.scaling_factor).contiguous()
+        return (latents * self._require_vae().config.scaling_factor).contiguous()

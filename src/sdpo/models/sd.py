@@ -117,14 +117,29 @@ class StableDiffusionSpec(DiffusersSpec):
         By default the posterior mean is used (deterministic, so a precompute cache is
         reproducible); ``sample=True`` draws from the posterior as the reference Diffusion-DPO code does.
         """
+        posterior = self._posterior(pixels)
+        return self._scaled(posterior.sample(generator) if sample else posterior.mode())
+
+    def encode_media_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior's mean and std, both in the scaled latent space of ``encode_media`` (float32).
+
+        ``mean + std * eps`` (eps standard normal) is distributed as ``encode_media(pixels, sample=True)``:
+        the std is multiplied by ``scaling_factor`` as the latents are (the shift moves only the mean).
+        """
+        posterior = self._posterior(pixels)
+        return self._scaled(posterior.mean), posterior.std.float() * self._require_vae().config.scaling_factor
+
+    def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"{self.family} expects images (B, 3, H, W), got shape {tuple(pixels.shape)}")
         with torch.no_grad():
-            posterior = vae.encode(pixels.to(module_device(vae), module_dtype(vae))).latent_dist
-            latents = posterior.sample(generator) if sample else posterior.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents.float() - shift) * vae.config.scaling_factor
+            return vae.encode(pixels.to(module_device(vae), module_dtype(vae))).latent_dist
+
+    def _scaled(self, latents: Tensor) -> Tensor:
+        config = self._require_vae().config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * config.scaling_factor
 
 
 class StableDiffusionXLSpec(StableDiffusionSpec):

@@ -184,12 +184,22 @@ class WanSpec(DiffusersSpec):
 
         Uses the posterior mean unless ``sample`` is true.
         """
+        posterior = self._posterior(pixels)
+        latents = (posterior.sample(generator) if sample else posterior.mode()).float()
+        mean, std = self._latent_stats(self._require_vae(), latents.device)
+        return (latents - mean) / std
+
+    def encode_media_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior's mean and std, normalised as ``encode_media`` normalises latents: the mean
+        by ``(x - latents_mean) / latents_std``, the std divided by ``latents_std`` (per channel)."""
+        posterior = self._posterior(pixels)
+        mean, std = self._latent_stats(self._require_vae(), posterior.mean.device)
+        return (posterior.mean.float() - mean) / std, posterior.std.float() / std
+
+    def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 5 or pixels.shape[2] != 3:
             raise ValueError(f"wan expects videos (B, F, 3, H, W), got shape {tuple(pixels.shape)}")
         video = pixels.permute(0, 2, 1, 3, 4)  # the VAE (and the transformer) work in (B, C, F, H, W)
         with torch.no_grad():
-            posterior = vae.encode(video.to(module_device(vae), module_dtype(vae))).latent_dist
-            latents = (posterior.sample(generator) if sample else posterior.mode()).float()
-        mean, std = self._latent_stats(vae, latents.device)
-        return (latents - mean) / std
+            return vae.encode(video.to(module_device(vae), module_dtype(vae))).latent_dist

@@ -29,6 +29,8 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 PAIR_WEIGHTINGS = ("none", "gap")
+LATENT_SAMPLING = ("auto", "mean", "sample")
+FLIPS = ("none", "pair", "independent")
 
 
 @dataclass
@@ -114,6 +116,23 @@ class TrainConfig:
     seed: int = 0
     """Seeds initialisation, data order, timesteps and noise (each pair's draw depends only on the
     seed, the step and its global index, so runs are identical across process counts and resumes)."""
+    latent_sampling: str = "auto"
+    """Which latent of each cached image or clip a step trains on: "mean" (the VAE posterior's mean,
+    the same every step), "sample" (a fresh ``mean + std * eps`` each step, as diffusers' Diffusion-DPO
+    scripts get from ``vae.encode(x).latent_dist.sample()``; needs a cache that stores the std) or
+    "auto" (sample when the cache stores the std, else the mean). Caches made by ``sdpo precompute`` for
+    the VAE families store it; older caches, and the toy worlds (whose encoder is deterministic), do not,
+    so "auto" trains on the mean there, as before. eps is drawn per (seed, step, pair, member)."""
+    flip: str = "none"
+    """Horizontal-flip augmentation of the latents, drawn per (seed, step, pair): "none"; "pair" mirrors
+    winner and loser together (one coin per pair: the comparison stays between two images of the
+    same composition, so the preference signal is about content, not orientation; diffusers' SDXL
+    Diffusion-DPO script flips the stacked pair so); "independent" gives each member its own coin (as
+    diffusers' SD 1.5 script, which flips each image as it loads it). The flip reverses the last
+    latent axis, the width in every family's layout (every frame of a clip alike): for convolutional
+    VAEs the latent of a mirrored image is close to the mirrored latent, not equal to it. Off by
+    default: mirroring is wrong where orientation is content (text, digits, "on the left" prompts),
+    and turning it on changes what a run trains on."""
 
     log_every: int = 10
     """Optimizer steps between logged metrics."""
@@ -172,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if not self.ema_power > 0:
             raise ValueError(f"ema_power must be a positive number, got {self.ema_power}")
+        _check_choice("latent_sampling", self.latent_sampling, LATENT_SAMPLING)
+        _check_choice("flip", self.flip, FLIPS)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.validation_guidance_scale is not None and not 0 <= self.validation_guidance_scale < math.inf:

@@ -81,6 +81,7 @@ class _Run:
     resume: _Resume
     order: GlobalBatchOrder | None = None
     sample_shape: tuple[int, ...] = ()
+    sample_latents: bool = False
     bad_steps: int = 0
     consecutive_bad: int = 0
     config_changes: list[dict[str, Any]] = field(default_factory=list)

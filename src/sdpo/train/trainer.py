@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from sdpo.data.cache import collate_pairs
 from sdpo.models.base import ModelSpec
+from sdpo.train.augment import augment_batch, samples_latents
 from sdpo.train.checkpoint import NonFiniteWeightsError, RunLock, latest_checkpoint
 from sdpo.train.config import TrainConfig
 from sdpo.train.export import ExportError, _finish, export_run
@@ -163,8 +164,10 @@ def train(
         # Before the model loads: a cache without the gaps pair_weighting needs is a one-line error.
         pair_weights = None if dataset is None else PairWeights.from_dataset(
             config.pair_weighting, dataset, str(getattr(dataset, "cache_dir", None) or config.cache_dir or "the dataset"))
+        # Likewise latent_sampling=sample on a cache without stds.
+        sample_latents = dataset is not None and samples_latents(config.latent_sampling, dataset)
         run = _build_run(config, spec, dataset, accelerator, output_dir, start)
-        run.pair_weights = pair_weights
+        run.pair_weights, run.sample_latents = pair_weights, sample_latents
         if dataset is not None:
             run.order = GlobalBatchOrder(len(dataset), config.train_batch_size, accelerator.num_processes,
                                          accelerator.process_index, config.seed)
@@ -208,6 +211,7 @@ def _optimizer_step(run: _Run, step: int) -> _StepOutcome:
         # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
         batch = collate_pairs([run.dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
         pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
+        batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
         draws = draw_for_pairs(positions, micro_step, config.seed, run.sample_shape, run.spec.schedule.num_timesteps,
                                config.t_min, config.t_max, config.method.estimator == "sampled")
         with accelerator.accumulate(run.model), accelerator.autocast():
