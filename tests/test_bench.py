@@ -103,7 +103,7 @@ def test_bench_methods_rejects_bad_settings_in_one_line(tmp_path, capsys, args, 
 # ------------------------------------------------------------------ sdpo bench speed
 def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, capsys):
     out = tmp_path / "speed"
-    assert main(["--quiet", "bench", "speed", "--models", "sd-tiny", "--steps", "2", "--warmup", "1",
+    assert main(["--quiet", "bench", "speed", "--models", "sd-tiny", "--steps", "2", "--warmup", "1", "--batch-size", "1",
                  "--threads", "1", "--no-memory", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| sd-tiny |" in printed
@@ -119,7 +119,7 @@ def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, caps
 def test_step_memory_is_measured_in_a_fresh_process(tmp_path):
     from sdpo.bench.speed import SpeedConfig, _peak_in_fresh_process
 
-    config = SpeedConfig(models=("sd-tiny",), batch_size=2, warmup=1, threads=1)
+    config = SpeedConfig(models=("sd-tiny",), batch_size=1, warmup=1, threads=1)
     assert _peak_in_fresh_process("sd-tiny", "diffusion-dpo", config, tmp_path) > 0.0
 
 

@@ -200,7 +200,7 @@ def test_pair_flips_mirror_winner_and_loser_together_and_independent_ones_apart(
 
 
 def test_collating_needs_every_pair_or_none_to_carry_stds():
-    with_std = Pair(torch.zeros(2), torch.zeros(2), {}, torch.ones(2), torch.ones(2))
+    with_std = Pair(torch.zeros(2), torch.zeros(2), {}, chosen_std=torch.ones(2), rejected_std=torch.ones(2))
     without = Pair(torch.zeros(2), torch.zeros(2), {})
     assert PairBatch.collate([with_std, with_std]).chosen_std.shape == (2, 2)
     assert PairBatch.collate([without]).chosen_std is None

@@ -4,9 +4,10 @@ On one model and one batch, four steps are timed, interleaved round by round so 
 favours none of them: supervised fine-tuning on the winners (one policy pass on B samples), and
 Diffusion-DPO, DPO-C&M and SDPO (policy and no-grad reference passes on 2B samples, exactly
 ``sdpo.train.step.preference_step`` as the trainer runs it). Each step includes backward and an
-AdamW update of the LoRA adapters. Peak memory is the step's own: on a GPU the allocator's peak
-above the memory held before the step; on the CPU the growth of the resident-set peak while steps
-run, measured in a fresh process per arm (the process-wide peak cannot be reset otherwise).
+AdamW update of the LoRA adapters. Peak memory is the steps' own: on a GPU the allocator's peak
+above the memory held before the first step; on the CPU the peak of the resident set (sampled every
+0.5 ms) above what the loaded model and batch hold, in a fresh process per arm (freed heap is not
+always returned to the system, so arms measured one after another would hide each other's peaks).
 
 Targets (issue 11): sdpo / diffusion-dpo <= 1.03 (the weights reuse predictions already made) and
 diffusion-dpo / sft <= 1.40 (one extra no-grad reference pass on top of twice the samples).
@@ -14,12 +15,15 @@ diffusion-dpo / sft <= 1.40 (one extra no-grad reference pass on top of twice th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,7 +37,10 @@ ARMS = ("sft", "diffusion-dpo", "dpo-cm", "sdpo")
 
 MODELS = ("sd-tiny", "toy", "toy-video")
 """Models the CPU benchmark can build offline: a small random Stable Diffusion pipeline (64x64
-pixels, the test suite's architecture) and the two embedded worlds' base models."""
+pixels, the test suite's architecture) and the two embedded worlds' base-model architectures."""
+
+SD_TINY_FORMAT_SIZE = 64
+"""Pixel size of the sd-tiny benchmark images (latents 32x32); the toy worlds use their own size."""
 
 TARGETS = {("sdpo", "diffusion-dpo"): 1.03, ("diffusion-dpo", "sft"): 1.40}
 """Upper bounds on step-time ratios (numerator, denominator)."""
@@ -85,8 +92,9 @@ def _model_folder(name: str, work: Path) -> tuple[str, Path]:
         return "sd", folder
     from sdpo.toy.world import get_world
 
-    world = get_world("image" if name == "toy" else "video")
-    return world.family, world.pretrain(progress=False)
+    # Step time does not depend on the weights: the world's architecture, pretrained for one step.
+    world = get_world("image" if name == "toy" else "video", {"train_steps": 1})
+    return world.family, world.pretrain(work / "toy-models", progress=False)
 
 
 def _batch(spec: Any, pairs: int, device: torch.device) -> Any:
@@ -145,11 +153,12 @@ def _sync(device: torch.device) -> None:
 
 
 def _prepared(name: str, arm: str, config: SpeedConfig, work: Path) -> tuple[Callable[[int], float], torch.device]:
+    from sdpo.models.base import MediaFormat
     from sdpo.models.registry import load_spec
 
     family, folder = _model_folder(name, work)
     device = torch.device(config.device)
-    spec = load_spec(family, folder)
+    spec = load_spec(family, folder, media_format=MediaFormat(3, SD_TINY_FORMAT_SIZE, SD_TINY_FORMAT_SIZE) if name == "sd-tiny" else None)
     spec.denoiser.to(device)
     batch = _batch(spec, config.batch_size, device)
     spec.denoiser.train()
@@ -171,8 +180,30 @@ def time_model(name: str, config: SpeedConfig, work: Path) -> dict[str, list[flo
     return seconds
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _ResidentPeak(threading.Thread):
+    """Samples the resident set every half millisecond (torch releases the GIL inside its ops)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self._finished = _resident_bytes(), threading.Event()
+
+    def run(self) -> None:
+        while not self._finished.wait(0.0005):
+            self.peak = max(self.peak, _resident_bytes())
+
+    def stop(self) -> int:
+        self._finished.set()
+        self.join()
+        return max(self.peak, _resident_bytes())
+
+
 def step_peak_mb(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
-    """Peak memory one arm's steps add above what the loaded model and batch hold, in MiB."""
+    """Peak memory one arm's warm-up steps add above what the loaded model and batch hold, in MiB."""
     step, device = _prepared(name, arm, config, work)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,12 +213,18 @@ def step_peak_mb(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
             step(number)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - held) / 2**20
-    import resource
+    import ctypes
+    import gc
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # give freed heap back, so the baseline is what is held
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    held = _resident_bytes()
+    sampler = _ResidentPeak()
+    sampler.start()
     for number in range(config.warmup):
         step(number)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux reports KiB
+    return (sampler.stop() - held) / 2**20
 
 
 def _peak_in_fresh_process(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
