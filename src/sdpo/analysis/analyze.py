@@ -123,22 +123,32 @@ def markdown_table(profiles: dict[str, dict[str, Any]], setting: dict[str, Any])
 
 
 def plot_profiles(profiles: dict[str, dict[str, Any]], path: Path, num_timesteps: int) -> Path:
-    """Mean w(t) per profile with a band of one standard deviation."""
+    """One panel per K: mean w(t) per source (colour) and model (solid base, dashed tuned), one-std bands."""
     from sdpo.analysis.plots import _pyplot
 
     plt = _pyplot()
-    fig, axis = plt.subplots(figsize=(7, 4))
-    for label, profile in profiles.items():
-        t, mean, std = profile["t"], profile["mean"], profile["std"]
-        line = axis.plot(t, mean, marker="o", ms=2.5, lw=1.2, label=label)[0]
-        axis.fill_between(t, [m - s for m, s in zip(mean, std, strict=True)],
-                          [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.12)
-    axis.set_xlim(0, num_timesteps - 1)
-    axis.set_ylim(-0.02, 1.05)
-    axis.set_xlabel("timestep t (0 = clean)")
-    axis.set_ylabel("w(t)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    parsed = [(label, *label.rsplit(", ", 2)) for label in profiles]  # (label, model, source, "K=k")
+    ks = list(dict.fromkeys(k for *_, k in parsed))
+    sources = list(dict.fromkeys(source for _, _, source, _ in parsed))
+    colours = dict(zip(sources, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False))
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.6), squeeze=False, sharey=True)
+    for axis, k in zip(axes[0], ks, strict=True):
+        for label, model, source, label_k in parsed:
+            if label_k != k:
+                continue
+            profile = profiles[label]
+            t, mean, std = profile["t"], profile["mean"], profile["std"]
+            axis.plot(t, mean, color=colours.get(source), ls="-" if model == "base" else "--", marker="o", ms=2,
+                      lw=1.2, label=f"{model}, {source}")
+            axis.fill_between(t, [m - s for m, s in zip(mean, std, strict=True)],
+                              [m + s for m, s in zip(mean, std, strict=True)], color=colours.get(source), alpha=0.08)
+        axis.set_title(k)
+        axis.set_xlim(0, num_timesteps - 1)
+        axis.set_ylim(-0.02, 1.05)
+        axis.set_xlabel("timestep t (0 = clean)")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("w(t), mean and one std")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
