@@ -224,7 +224,8 @@ def write_report(out: Path, config: Any, cells: list[dict[str, Any]], long: list
         plot_long(curves, out / "reward_over_steps.png", f"long training, {settings['long_condition']}")
     write_atomic(out / "results.json", json.dumps(
         {"config": settings, "machine": platform.platform(), "wall_s": wall_s, "summary": summary,
-         "long": curves, "cells": [{k: v for k, v in c.items() if k != "histories"} for c in cells]},
+         "long": curves,  # each cell's evaluation and training history stay in cells/<condition>/seed-<s>/cell.json
+         "cells": [f"cells/{c['condition']}/seed-{c['seed']}/cell.json" for c in cells]},
         indent=1, default=str))
     write_atomic(out / "table.md", table)
 
