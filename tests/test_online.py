@@ -49,6 +49,10 @@ def test_online_rounds_run_and_resume_after_a_kill(tmp_path: Path, monkeypatch) 
     assert len(records) == 4 and {c["lora"] for c in records} == {str(straight / "round-00" / "run")}
     # keep_pairs (the default): round 1 trains on its own 2 pairs and round 0's 2
     assert [len(CachedPairs(straight / f"round-{r:02d}" / "cache")) for r in (0, 1)] == [2, 4]
+    # warm_start (the default): round 1's adapter starts from round 0's
+    starts = [json.loads((straight / f"round-{r:02d}" / "run" / "train_config.json").read_text())["init_lora"]
+              for r in (0, 1)]
+    assert starts == [None, str(straight / "round-00" / "run")]
 
     real = online._evaluate_round
     calls = []
@@ -79,6 +83,10 @@ def test_online_config_errors_are_one_line(tmp_path: Path, capsys) -> None:
     path.write_text(yaml.safe_dump({**data, "bogus": 1}))
     assert main(["--quiet", "online", str(path)]) == 2
     assert "bogus" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**data, "train": {**data["train"], "lora_rank": 0}}))
+    assert main(["--quiet", "online", str(path)]) == 2
+    assert "warm_start needs LoRA training" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before any stage ran
 
 
 def test_the_readme_online_config_resolves_to_its_training_run(tmp_path: Path, monkeypatch) -> None:

@@ -320,3 +320,37 @@ def test_ema_under_sharded_weights_is_refused_in_one_line():
     with pytest.raises(ValueError, match="ema_decay is not supported under FSDP or DeepSpeed") as caught:
         check_ema_supported(TrainConfig(ema_decay=0.9), sharded=True)
     assert "\n" not in str(caught.value)
+
+
+# ------------------------------------------------------------------ starting from a saved LoRA
+def test_init_lora_starts_from_the_saved_adapter_through_the_cli(world, tmp_path, capsys):
+    """A run with init_lora starts where the saved run ended: at a vanishing learning rate it saves the
+    same adapter back, and its first loss is off ln 2 (policy != reference), unlike a fresh adapter's."""
+    from safetensors.torch import load_file
+
+    from sdpo.cli import main
+
+    base, cache = world
+    first = tmp_path / "first"
+    train(_config(first, "diffusion-dpo", pretrained=str(base), cache_dir=str(cache)))
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "family": "toy", "pretrained": str(base), "cache_dir": str(cache), "output_dir": str(tmp_path / "next"),
+        "max_steps": 1, "train_batch_size": 4, "lora_rank": 4, "report_to": "none", "log_every": 1, "seed": 1,
+        "learning_rate": 1e-12, "method": {"name": "diffusion-dpo", "beta": 500.0}}))
+    assert main(["--quiet", "train", str(config), "--set", f"init_lora={first}"]) == 0
+    saved, again = (load_file(str(run / "pytorch_lora_weights.safetensors")) for run in (first, tmp_path / "next"))
+    assert saved.keys() == again.keys() and any(v.abs().max() > 0 for k, v in saved.items() if ".up." in k or "lora_B" in k)
+    assert all(torch.allclose(saved[k], again[k], atol=1e-7) for k in saved)
+    assert abs(_losses(tmp_path / "next")[0] - math.log(2)) > 1e-3
+    assert main(["--quiet", "train", str(config), "--set", "output_dir=" + str(tmp_path / "fresh")]) == 0
+    assert abs(_losses(tmp_path / "fresh")[0] - math.log(2)) < 1e-6
+
+    capsys.readouterr()
+    assert main(["--quiet", "train", str(config), "--set", f"init_lora={first}", "lora_rank=2",
+                 "output_dir=" + str(tmp_path / "other-rank")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "another lora_rank" in err[0]
+    assert main(["--quiet", "train", str(config), "--set", f"init_lora={tmp_path}",
+                 "output_dir=" + str(tmp_path / "no-weights")]) == 2
+    assert "no pytorch_lora_weights.safetensors" in capsys.readouterr().err

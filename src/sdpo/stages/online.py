@@ -6,8 +6,10 @@ round 0) -> score -> pairs -> precompute -> train N steps -> evaluate on held-ou
 is skipped when its output is there (each is written atomically or resumes itself), so a killed run
 resumes at the round and stage where it stopped.
 
-Each round trains a fresh LoRA on the base with the base as reference; ``keep_pairs`` decides whether
-it sees the pairs of every round so far or of its own round only.
+The reference is always the base. With ``warm_start`` (the default) round r's LoRA starts from round
+r-1's weights, so the policy keeps improving and has trained R x N steps after R rounds; without it,
+every round trains a fresh LoRA. ``keep_pairs`` decides whether a round sees the pairs of every round
+so far or of its own round only.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class OnlineConfig:
     """Reference model: "base" (the only one implemented; "previous" needs the trainer to start from a LoRA)."""
     keep_pairs: bool = True
     """Train each round on the pairs of all rounds so far (true) or of its own round only (false)."""
+    warm_start: bool = True
+    """Start each round's LoRA from the previous round's weights (true) or from a fresh adapter (false)."""
+    evaluate_rounds: bool = True
+    """Evaluate every round's policy on the held-out prompts (false: no evaluation; e.g. a benchmark
+    that evaluates the last policy itself, with its own noise)."""
     reward_options: dict[str, Any] = field(default_factory=dict)
     """Keyword options of the reward's factory."""
     train_config: str | None = None
@@ -72,7 +79,8 @@ class OnlineConfig:
         if self.reference not in ("base", "previous"):
             raise ValueError(f"reference must be 'base' or 'previous', got {self.reference!r}")
         if self.reference == "previous":
-            raise ValueError("reference: previous is not implemented yet (the trainer cannot start from a LoRA)")
+            raise ValueError("reference: previous is not implemented yet (the reference is the base; "
+                         "warm_start: true continues the policy from round to round)")
         for name in ("rounds", "steps", "num_inference_steps", "batch_size", "eval_per_prompt"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -98,13 +106,15 @@ class OnlineConfig:
         return cls(**data)
 
 
-def _train_config(config: OnlineConfig, cache_dir: Path, output_dir: Path) -> Any:
+def _train_config(config: OnlineConfig, cache_dir: Path, output_dir: Path, previous: Path | None = None) -> Any:
     from sdpo.train.config import TrainConfig, read_config_file
 
     data = read_config_file(config.train_config) if config.train_config else {}
     data.update(config.train)
     data.update(family=config.family, pretrained=config.pretrained, cache_dir=str(cache_dir),
                 output_dir=str(output_dir), max_steps=config.steps, seed=data.get("seed", config.seed))
+    if config.warm_start and previous is not None:
+        data["init_lora"] = str(previous)
     return TrainConfig.from_dict(data)
 
 
@@ -138,9 +148,10 @@ def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[
         write_atomic(folder / f"cache{DONE}", "")
     run = folder / "run"
     # "latest": a finished run is left as it is, a killed one continues from its last checkpoint
-    train(_train_config(config, cache, run), spec=load_spec(config.family, config.pretrained), resume="latest",
-          progress=config.progress)
-    _evaluate_round(config, folder, run, eval_prompts, reward, sampler)
+    train(_train_config(config, cache, run, previous), spec=load_spec(config.family, config.pretrained),
+          resume="latest", progress=config.progress)
+    if config.evaluate_rounds:
+        _evaluate_round(config, folder, run, eval_prompts, reward, sampler)
     return run
 
 
@@ -161,6 +172,11 @@ def run_online(config: OnlineConfig) -> list[Path]:
     from sdpo.rewards.registry import load_reward
     from sdpo.stages._io import read_prompts
 
+    out = Path(config.out)
+    checked = _train_config(config, out / "cache", out / "run")  # every training setting, before any work
+    if config.warm_start and checked.lora_rank == 0:
+        raise ValueError("warm_start needs LoRA training (lora_rank > 0); set warm_start: false to fine-tune "
+                         "the full denoiser afresh each round")
     prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
     reward = load_reward(config.reward, **config.reward_options)
     return [_round(config, r, prompts, eval_prompts, reward) for r in range(config.rounds)]

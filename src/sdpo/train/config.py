@@ -64,6 +64,11 @@ class TrainConfig:
     The feed-forward layers are included because preference tuning moves style and detail, which
     they carry; ["to_q", "to_k", "to_v", "to_out.0"] adapts attention only (about half the
     trainable parameters and a little less memory). Checked against the denoiser when it loads."""
+    init_lora: str | None = None
+    """A finished LoRA run folder (its ``pytorch_lora_weights.safetensors``) whose adapter weights
+    training starts from, instead of the random initialisation; it must have this run's rank and
+    targets. The reference stays the base model. ``sdpo online`` uses it to continue a policy from
+    round to round. None: a fresh adapter."""
 
     learning_rate: float = 1e-4
     """Peak learning rate (AdamW)."""
@@ -201,6 +206,8 @@ class TrainConfig:
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number (or null for alpha = rank), got {self.lora_alpha}")
         _check_lora_targets(self.lora_target_modules)
+        if self.init_lora is not None and self.lora_rank == 0:
+            raise ValueError("init_lora needs LoRA training (lora_rank > 0): full fine-tuning has no adapter to start")
         if self.t_max is not None and self.t_max < self.t_min:
             raise ValueError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -45,9 +45,10 @@ if TYPE_CHECKING:
     from sdpo.train.trainer import GlobalBatchOrder
 
 EXPORT_TMP_NAME = ".export-tmp"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 RUN_FILES = frozenset({"metrics.jsonl", BAD_STEPS_NAME, "run_info.json", "train_config.json", "logs", "validation",
-                       "pytorch_lora_weights.safetensors", "unet", "transformer", EMA_FOLDER, EXPORT_TMP_NAME})
+                       LORA_WEIGHTS_NAME, "unet", "transformer", EMA_FOLDER, EXPORT_TMP_NAME})
 """What a run writes into its folder (besides checkpoint-N): a folder holding any of them holds a run."""
 
 
@@ -341,6 +342,36 @@ def _add_lora(model: nn.Module, config: TrainConfig, spec: ModelSpec) -> None:
         target_modules=targets,
     )
     model.add_adapter(lora)
+    if config.init_lora is not None:
+        _start_from_lora(model, Path(config.init_lora), spec.denoiser_subfolder)
+
+
+def _start_from_lora(model: nn.Module, folder: Path, prefix: str) -> None:
+    """Copy a saved LoRA's A/B weights into the freshly added adapter ("default"), refusing any
+    mismatch of targets or rank in one line: a partial load would train a silently different model."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    path = folder / LORA_WEIGHTS_NAME if folder.is_dir() else folder
+    if not path.is_file():
+        raise FileNotFoundError(f"init_lora: no {LORA_WEIGHTS_NAME} in {folder} (is it a finished LoRA run?)")
+    saved = {key.removeprefix(f"{prefix}."): value for key, value in load_file(str(path)).items()}
+    # The file holds diffusers' names (module.lora.down.weight), as save_lora wrote them through the
+    # same conversion; the live adapter's are peft's (module.lora_A.default.weight).
+    wanted = convert_state_dict_to_diffusers({
+        key.replace(".default.", "."): key for key in model.state_dict()
+        if ".lora_A.default." in key or ".lora_B.default." in key})
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    if missing or extra:
+        what = f"{len(missing)} adapted layer weight(s) missing, e.g. {missing[0]}" if missing else \
+            f"{len(extra)} weight(s) for layers this run does not adapt, e.g. {extra[0]}"
+        raise ValueError(f"init_lora {folder}: other LoRA targets than this run's ({what})")
+    current = model.state_dict()
+    for name, key in wanted.items():
+        if saved[name].shape != current[key].shape:
+            raise ValueError(f"init_lora {folder}: {name} has shape {tuple(saved[name].shape)}, this run's "
+                             f"{tuple(current[key].shape)} (another lora_rank?)")
+    model.load_state_dict({key: saved[name] for name, key in wanted.items()}, strict=False)
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
