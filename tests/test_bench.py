@@ -100,6 +100,41 @@ def test_bench_methods_rejects_bad_settings_in_one_line(tmp_path, capsys, args, 
     assert not (tmp_path / "x").exists()
 
 
+# ------------------------------------------------------------------ sdpo bench online
+def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_path, capsys):
+    out = tmp_path / "online"
+    argv = ["--quiet", "bench", "online", "--quick", "--out", str(out), "--set", f"cache_root={tmp_path / 'models'}",
+            "--toy", *TINY_TOY]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| online:sdpo |" in printed and "| offline:diffusion-dpo |" in printed
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
+    assert set(summary) == {"offline:diffusion-dpo", "offline:sdpo", "online:diffusion-dpo", "online:sdpo", "base"}
+    row = summary["online:sdpo"]["digits"]
+    assert row["gain"]["n"] == 2 and 0.0 <= row["win_rate"]["mean"] <= 1.0
+    assert row["versus_baseline"]["difference"]["mean"] == pytest.approx(
+        row["gain"]["mean"] - summary["offline:diffusion-dpo"]["digits"]["gain"]["mean"])
+    assert (out / "online_vs_offline.png").stat().st_size > 0
+    # The same budget: offline trains R x N steps in one run; online N a round, continuing the previous LoRA.
+    seed = out / "seed-0"
+    offline_steps = [json.loads(line)["step"] for line in (seed / "offline/runs/sdpo/metrics.jsonl").open()]
+    assert offline_steps[-1] == 2 * 3
+    online = seed / "online" / "sdpo"
+    assert json.loads((online / "round-01/run/train_config.json").read_text())["init_lora"] == str(online / "round-00/run")
+    assert len(open(seed / "offline/pairs-00.jsonl").readlines()) * 2 == len(
+        [p for r in (0, 1) for p in open(online / f"round-{r:02d}/pairs.jsonl")])
+    # round 0 of the online arm and group 0 of the offline data are the same base samples
+    first = [json.loads(line)["scores"] for line in (seed / "offline/candidates-00/candidates.jsonl").open()]
+    again = [json.loads(line)["scores"] for line in (online / "round-00/candidates/candidates.jsonl").open()]
+    assert first == again
+    # a rerun resumes: nothing is retrained, the table is the same
+    stamp = (seed / "seed.json").stat().st_mtime_ns
+    assert main(argv) == 0 and (seed / "seed.json").stat().st_mtime_ns == stamp
+    assert main([*argv[:-len(TINY_TOY) - 1], "--toy", *TINY_TOY, "--rounds", "3"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ sdpo bench speed
 def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, capsys):
     out = tmp_path / "speed"

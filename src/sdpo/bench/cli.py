@@ -1,4 +1,4 @@
-"""The `sdpo bench methods` and `sdpo bench speed` commands: parsing, then one library call each.
+"""The `sdpo bench methods`, `sdpo bench online` and `sdpo bench speed` commands: parsing, then one library call each.
 
 ``add_bench_commands(commands)`` is called by ``sdpo.cli.build_parser``.
 """
@@ -41,6 +41,27 @@ def _methods(args: argparse.Namespace) -> None:
     print(f"bench: {out / 'table.md'} (results.json, reward_vs_beta.png, reward_over_steps.png)")
 
 
+def _online(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from sdpo.bench.online import OnlineBenchConfig, run_online_bench
+
+    settings = _key_values(args.set, "--set")
+    known = {f.name for f in fields(OnlineBenchConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: not a bench online setting; known: {', '.join(sorted(known))}")
+    for flag in ("seeds", "rounds", "out"):
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    settings["toy_overrides"] = _key_values(args.toy, "--toy")
+    settings["progress"] = not args.quiet
+    config = OnlineBenchConfig.quick(**settings) if args.quick else OnlineBenchConfig(**settings)
+    out = run_online_bench(config)
+    print((out / "table.md").read_text(), end="")
+    print(f"bench: {out / 'table.md'} (results.json, online_vs_offline.png)")
+
+
 def _speed(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
@@ -61,7 +82,7 @@ def _speed(args: argparse.Namespace) -> None:
 
 
 def add_bench_commands(commands: Any) -> None:
-    """Add `bench methods` and `bench speed` to the `sdpo` subcommands."""
+    """Add `bench methods`, `bench online` and `bench speed` to the `sdpo` subcommands."""
     from sdpo.bench.speed import MODELS, SpeedConfig
 
     bench = commands.add_parser("bench", help="measure the methods against each other: results and speed")
@@ -79,6 +100,18 @@ def add_bench_commands(commands: Any) -> None:
     methods.add_argument("--toy", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                          help="base-model config overrides of the world, e.g. --toy train_steps=10 (a tiny model)")
     methods.set_defaults(func=_methods)
+
+    online = kinds.add_parser("online", help="offline pairs from the base vs online rounds from the current policy, "
+                                             "at the same candidates and steps, over seeds")
+    online.add_argument("--quick", action="store_true", help="the test-sized run (well under a minute)")
+    online.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
+    online.add_argument("--rounds", type=int, default=None, help="rounds R (default 3)")
+    online.add_argument("--out", default=None, help="output folder (a rerun resumes it; default outputs/bench-online)")
+    online.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="any other OnlineBenchConfig field, e.g. --set steps_per_round=50 (values are YAML)")
+    online.add_argument("--toy", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="base-model config overrides of the world (e.g. a tiny model in the tests)")
+    online.set_defaults(func=_online)
 
     speed = kinds.add_parser("speed", help="step time and peak memory: SFT on the winners vs the preference methods")
     speed.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))

@@ -302,7 +302,7 @@ def run_bench(config: BenchConfig) -> Path:
     from sdpo.bench.report import write_report
 
     out = Path(config.out)
-    _claim(out, config)
+    claim_folder(out, config_dict(config))
     start = time.perf_counter()
     context = _context(config)
     cells = [_run_cell(context, condition, seed) for condition in config.conditions for seed in range(config.seeds)]
@@ -316,11 +316,11 @@ SETTINGS_FILE = "settings.json"
 _NOT_SETTINGS = ("out", "progress", "cache_root")
 
 
-def _claim(out: Path, config: BenchConfig) -> None:
+def claim_folder(out: Path, config: dict[str, Any]) -> None:
     """Create ``out`` for this sweep, or check that the sweep it holds has the same settings."""
     from sdpo.files import write_atomic
 
-    settings = {k: v for k, v in json.loads(json.dumps(config_dict(config))).items() if k not in _NOT_SETTINGS}
+    settings = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in _NOT_SETTINGS}
     path = out / SETTINGS_FILE
     if path.is_file():
         held = json.loads(path.read_text())

@@ -1,0 +1,233 @@
+"""`sdpo bench online`: offline pairs against online rounds, at the same sample and step budget.
+
+Refreshing the pairs from the current policy is the direct cure for the off-policy bias the
+importance weights correct for cheaply. For each seed and method (Diffusion-DPO and SDPO by default):
+
+* ``offline``: R groups of K candidates per prompt from the base (seeds s+0 ... s+R-1), best vs worst of
+  each group (R pairs per prompt), one LoRA trained R x N steps on all of them;
+* ``online``: `sdpo online` with R rounds of K candidates per prompt from the current policy, N steps a
+  round, each round continuing the previous round's LoRA on every round's pairs so far.
+
+Both arms generate the same number of candidates, build the same number of pairs, take the same
+number of optimizer steps and start from the same round-0 candidates (the base, seed s). All arms and
+the base are then sampled from the same held-out noise and scored by the world's reward, the held-out
+second scorer and the quality guard, as in `sdpo bench methods`. Wall time covers generation,
+scoring, pairs, precompute and training (the offline data is built once and shared by the methods,
+and counted in each).
+
+A killed run resumes: every seed whose ``seed.json`` is written is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdpo.objectives import METHODS
+
+SOURCES = ("offline", "online")
+"""Where an arm's pairs come from: the base model only, or each round's current policy."""
+
+
+@dataclass
+class OnlineBenchConfig:
+    """Settings of `sdpo bench online` (the defaults are the full run; ``quick()`` the test-sized one)."""
+
+    world: str = "image"
+    """Embedded world: "image" or "video"."""
+    methods: tuple[str, ...] = ("diffusion-dpo", "sdpo")
+    """Methods trained from each source (MethodConfig presets)."""
+    beta: float = 2000.0
+    """Objective temperature of every arm."""
+    seeds: int = 3
+    """Seeds: each has its own candidates, training draws and evaluation noise."""
+    rounds: int = 3
+    """Rounds R (online), or groups of candidates from the base (offline)."""
+    steps_per_round: int = 100
+    """Optimizer steps N per round; the offline arm trains R x N in one run."""
+    pairs_per_digit: int = 16
+    """Prompts per digit (10 digits); each round gives one pair per prompt."""
+    samples_per_prompt: int = 4
+    """Candidates K per prompt and round."""
+    eval_per_digit: int = 10
+    """Held-out evaluation samples per digit and model."""
+    batch_size: int = 16
+    """Pairs per optimizer step."""
+    learning_rate: float = 1e-3
+    """LoRA learning rate (constant after a short warm-up, restarted each online round)."""
+    lora_rank: int = 8
+    """LoRA rank."""
+    num_inference_steps: int = 25
+    """Sampler steps for candidates and evaluation, and the K of the importance weights."""
+    out: str = "outputs/bench-online"
+    """Output folder (a rerun resumes the seeds it holds)."""
+    cache_root: str | None = None
+    """Where the pretrained base model is cached (default $SDPO_CACHE or ~/.cache/sdpo)."""
+    toy_overrides: dict[str, Any] = field(default_factory=dict)
+    """Base-model config fields to override (tests use a tiny model)."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        if self.world not in ("image", "video"):
+            raise ValueError(f"unknown world {self.world!r}; choose image or video")
+        for name in self.methods:
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        for name in ("seeds", "rounds", "steps_per_round", "pairs_per_digit", "eval_per_digit", "batch_size",
+                     "lora_rank", "num_inference_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be at least 2 (a pair needs two), got {self.samples_per_prompt}")
+        if not self.beta > 0 or not self.learning_rate > 0:
+            raise ValueError(f"beta and learning_rate must be positive, got {self.beta} and {self.learning_rate}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> OnlineBenchConfig:
+        """The test-sized run: two seeds, two rounds of a few steps on a few prompts."""
+        settings: dict[str, Any] = dict(seeds=2, rounds=2, steps_per_round=3, pairs_per_digit=1, eval_per_digit=2,
+                                        batch_size=4, samples_per_prompt=2, num_inference_steps=4)
+        settings.update(overrides)
+        return cls(**settings)
+
+    def labels(self) -> list[str]:
+        """Arm labels, "source:method"."""
+        return [f"{source}:{method}" for source in SOURCES for method in self.methods]
+
+    def _train(self, method: str, seed: int) -> dict[str, Any]:
+        """TrainConfig fields of every arm (family, folders and max_steps are set per arm)."""
+        return {"method": {"name": method, "beta": self.beta, "num_inference_steps": self.num_inference_steps},
+                "lora_rank": self.lora_rank, "learning_rate": self.learning_rate,
+                "lr_schedule": "constant_with_warmup", "lr_warmup_steps": min(20, self.steps_per_round // 10),
+                "train_batch_size": self.batch_size, "log_every": 1, "seed": seed, "report_to": "none",
+                "checkpoint_every": 0}
+
+
+def _methods_context(config: OnlineBenchConfig) -> Any:
+    """The world, base model, scorers and real data, shared with `sdpo bench methods`' evaluation."""
+    from sdpo.bench.methods import BenchConfig, _context
+
+    methods = BenchConfig(world=config.world, conditions=("on-policy",), betas=(config.beta,),
+                          default_beta=config.beta, baselines=(), variants=(), long_steps=0,
+                          eval_per_digit=config.eval_per_digit, num_inference_steps=config.num_inference_steps,
+                          out=config.out, cache_root=config.cache_root, toy_overrides=config.toy_overrides,
+                          progress=config.progress)
+    return _context(methods)
+
+
+def _offline_cache(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) -> Path:
+    """R groups of K base candidates per prompt, best vs worst of each, in one precompute cache."""
+    from sdpo.data import precompute, read_pairs
+    from sdpo.models.registry import load_spec
+    from sdpo.stages.generate import SamplerSettings, generate
+    from sdpo.stages.pairs import build_pairs
+    from sdpo.stages.score import score
+
+    world, base = context.world, context.generators["base"]
+    video = world.family == "toy-video"
+    pairs = []
+    for r in range(config.rounds):
+        out = folder / f"candidates-{r:02d}"
+        generate(load_spec(world.family, base), world.prompts(config.pairs_per_digit), out,
+                 per_prompt=config.samples_per_prompt, seed=_data_seed(seed) + r,
+                 sampler=SamplerSettings(config.num_inference_steps, world.guidance_scale), batch_size=512,
+                 progress=config.progress, frame_folders=video)
+        score(out, [world.reward()], batch_size=512, progress=config.progress)
+        built = build_pairs(out, "best-worst", frames=video, out=folder / f"pairs-{r:02d}.jsonl")
+        pairs += read_pairs(built.out)
+    return precompute(pairs, load_spec(world.family, base), folder / "cache", batch_size=512,
+                      progress=config.progress, overwrite=True)
+
+
+def _data_seed(seed: int) -> int:
+    """Candidate seed of round 0 for a bench seed; round r uses this + r (spaced so seeds never share)."""
+    return 1000 * seed
+
+
+def _offline(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) -> tuple[dict[str, Path], dict]:
+    from sdpo.data import CachedPairs
+    from sdpo.models.registry import load_spec
+    from sdpo.train.config import TrainConfig
+    from sdpo.train.trainer import train
+
+    world, base = context.world, context.generators["base"]
+    start = time.perf_counter()
+    cache = _offline_cache(context, config, seed, folder / "offline")
+    data_s = time.perf_counter() - start
+    runs, seconds = {}, {}
+    for method in config.methods:
+        start = time.perf_counter()
+        run = folder / "offline" / "runs" / method
+        train(TrainConfig.from_dict({**config._train(method, seed), "family": world.family, "pretrained": str(base),
+                                     "cache_dir": str(cache), "output_dir": str(run),
+                                     "max_steps": config.rounds * config.steps_per_round}),
+              spec=load_spec(world.family, base), dataset=CachedPairs(cache), progress=config.progress)
+        runs[f"offline:{method}"], seconds[f"offline:{method}"] = run, data_s + time.perf_counter() - start
+    return runs, seconds
+
+
+def _online(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) -> tuple[dict[str, Path], dict]:
+    from sdpo.stages.online import OnlineConfig, run_online
+
+    world = context.world
+    prompts, held_out = folder / "prompts.txt", folder / "eval-prompts.txt"
+    prompts.write_text("\n".join(world.prompts(config.pairs_per_digit)) + "\n")
+    held_out.write_text("\n".join(world.prompts(1)) + "\n")  # required by the stage; rounds are not evaluated
+    runs, seconds = {}, {}
+    for method in config.methods:
+        start = time.perf_counter()
+        stage = OnlineConfig(
+            family=world.family, pretrained=str(context.generators["base"]), prompts=str(prompts),
+            eval_prompts=str(held_out), reward=world.reward().name, out=str(folder / "online" / method),
+            rounds=config.rounds, per_prompt=config.samples_per_prompt, steps=config.steps_per_round,
+            train=config._train(method, seed), num_inference_steps=config.num_inference_steps,
+            guidance_scale=world.guidance_scale, batch_size=512, seed=_data_seed(seed), evaluate_rounds=False,
+            progress=config.progress)
+        runs[f"online:{method}"] = run_online(stage)[-1]
+        seconds[f"online:{method}"] = time.perf_counter() - start
+    return runs, seconds
+
+
+def _run_seed(context: Any, config: OnlineBenchConfig, seed: int) -> dict[str, Any]:
+    """Every arm of one seed, evaluated together; cached as seed.json."""
+    from sdpo.bench.methods import _evaluate
+
+    folder = Path(config.out) / f"seed-{seed}"
+    done = folder / "seed.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # a seed killed half-way is redone whole
+    folder.mkdir(parents=True)
+    offline_runs, offline_s = _offline(context, config, seed, folder)
+    online_runs, online_s = _online(context, config, seed, folder)
+    runs = {**offline_runs, **online_runs}
+    evaluation = _evaluate(context, runs, seed, folder / "evaluation")
+    record = {"seed": seed, "evaluation": evaluation, "wall_s": {**offline_s, **online_s},
+              "runs": {label: str(path) for label, path in runs.items()}}
+    done.write_text(json.dumps(record, default=str))
+    return record
+
+
+def run_online_bench(config: OnlineBenchConfig) -> Path:
+    """Run (or resume) every seed and write results.json and table.md; returns the output folder."""
+    from sdpo.bench.methods import claim_folder
+    from sdpo.bench.online_report import write_online_report
+
+    out = Path(config.out)
+    claim_folder(out, asdict(config))
+    context = _methods_context(config)
+    seeds = [_run_seed(context, config, seed) for seed in range(config.seeds)]
+    write_online_report(out, asdict(config), config.labels(), seeds)
+    return out
+
+
+__all__ = ["SOURCES", "OnlineBenchConfig", "run_online_bench"]
