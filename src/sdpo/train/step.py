@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -82,13 +83,30 @@ def _mix(seed: int, step: int, index: int) -> int:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """The base network of a LoRA model: the reference, with no second copy in memory."""
+    """The base network of a LoRA model: the reference, with no second copy in memory.
+
+    Switches the adapted layers themselves, as diffusers' ``disable_adapters`` does, but from a list
+    found once per model: diffusers walks every module on each call, which on a small network costs
+    about 6% of a preference step."""
     inner = unwrap(model)
-    inner.disable_adapters()
+    layers = _TUNER_LAYERS.get(inner)
+    if layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = _TUNER_LAYERS[inner] = [m for m in inner.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to disable: the reference needs adapters or a frozen copy")
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield inner
     finally:
-        inner.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+_TUNER_LAYERS: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
+"""Each LoRA model's adapted layers (adapters are added once, before training starts)."""
 
 
 def preference_step(
