@@ -122,8 +122,11 @@ def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_p
     assert offline_steps[-1] == 2 * 3
     online = seed / "online" / "sdpo"
     assert json.loads((online / "round-01/run/train_config.json").read_text())["init_lora"] == str(online / "round-00/run")
-    assert len(open(seed / "offline/pairs-00.jsonl").readlines()) * 2 == len(
-        [p for r in (0, 1) for p in open(online / f"round-{r:02d}/pairs.jsonl")])
+    def lines(path):
+        return path.read_text().splitlines()
+
+    assert len(lines(seed / "offline/pairs-00.jsonl")) * 2 == sum(
+        len(lines(online / f"round-{r:02d}/pairs.jsonl")) for r in (0, 1))
     # round 0 of the online arm and group 0 of the offline data are the same base samples
     first = [json.loads(line)["scores"] for line in (seed / "offline/candidates-00/candidates.jsonl").open()]
     again = [json.loads(line)["scores"] for line in (online / "round-00/candidates/candidates.jsonl").open()]
