@@ -11,11 +11,12 @@ from diffusers import (
 
 from sdpo.schedules import NoiseSchedule
 
-FAMILIES = {
-    "sd-epsilon": lambda: DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-    "sd-v": lambda: DDIMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear"),
+FAMILIES = {  # clip_sample as the released models' scheduler configs set it
+    "sd-epsilon": lambda: DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False),
+    "sd-v": lambda: DDIMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear", clip_sample=False),
     "cogvideox": lambda: CogVideoXDDIMScheduler(
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0, clip_sample=False
     ),
     "wan-flow": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
 }
@@ -164,3 +165,32 @@ def test_flow_sigma_unipc_is_not_misread_as_ddpm():
     reference = NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
     assert converted.prediction_type == "flow"
     torch.testing.assert_close(converted.sigmas, reference.sigmas)
+
+
+def test_a_clipping_sampler_s_estimate_is_what_the_weights_see():
+    """With clip_sample the clean-sample estimate is diffusers' own pred_original_sample, clipped; so
+    near t = T, where an epsilon model's estimate is its noise error over alpha_T (about 2e4 here), the
+    weight stays bounded away from 0 instead of vanishing."""
+    from sdpo.importance import log_importance_weight
+
+    scheduler = DDPMScheduler(beta_schedule="linear", clip_sample=True, clip_sample_range=1.0)
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    assert schedule.clip_sample_range == 1.0
+    assert NoiseSchedule.from_scheduler(DDPMScheduler(clip_sample=False)).clip_sample_range is None
+    g = torch.Generator().manual_seed(3)
+    x_t = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    for step in (10, 500, 999):
+        t = torch.full((3,), step)
+        expected = torch.stack([scheduler.step(eps[i:i + 1], step, x_t[i:i + 1]).pred_original_sample[0]
+                                for i in range(3)])
+        assert torch.allclose(schedule.x0_from_prediction(x_t, eps, t), expected, atol=1e-6)
+    t, s = torch.full((3,), 999), torch.full((3,), 959)
+    x0 = torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    x0_hat = schedule.x0_from_prediction(x_t, eps, t)
+    floor = -0.5 * float(schedule.snr(s)[0] - schedule.snr(t)[0]) * 4.0  # |x0 - x0_hat| <= 2 per element
+    assert bool((log_importance_weight(schedule, x0, x0_hat, t, s) >= floor).all())
+    unclipped = NoiseSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    assert bool((log_importance_weight(unclipped, x0, unclipped.x0_from_prediction(x_t, eps, t), t, s) < floor).all())
+    with pytest.raises(ValueError, match="clip_sample_range must be positive"):
+        NoiseSchedule.from_alphas_cumprod(scheduler.alphas_cumprod, clip_sample_range=0.0)

@@ -35,12 +35,17 @@ class NoiseSchedule:
         prediction_type: what the network predicts: "epsilon", "v_prediction" or "flow".
         model_timesteps: the value passed to the network for each t (t itself for DDPM, sigma * T
             for flow models), float64.
+        clip_sample_range: the bound the model's own sampler clips its clean-sample estimate to
+            (diffusers' ``clip_sample`` / ``clip_sample_range``), or None where it does not clip. The
+            importance weights compare q with the reverse step the sampler takes, so they clip too:
+            near t = T an epsilon model's unclipped estimate is its noise error divided by alpha_T.
     """
 
     alphas: Tensor
     sigmas: Tensor
     prediction_type: str
     model_timesteps: Tensor
+    clip_sample_range: float | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -51,6 +56,8 @@ class NoiseSchedule:
             raise ValueError("alphas and sigmas must be 1-D tensors of the same length")
         if self.model_timesteps.shape != self.alphas.shape:
             raise ValueError("model_timesteps must have one entry per timestep")
+        if self.clip_sample_range is not None and not self.clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be positive (or None: no clipping), got {self.clip_sample_range}")
         if bool((self.sigmas <= 0).any()):
             raise ValueError("every sigma must be positive (t = 0 is the least noisy level, not the data)")
 
@@ -75,7 +82,8 @@ class NoiseSchedule:
             if prediction_type not in ("epsilon", "v_prediction"):
                 raise ValueError(f"unsupported DDPM prediction_type {prediction_type!r}")
             abar = fresh.alphas_cumprod.to(torch.float64)
-            return cls.from_alphas_cumprod(abar, prediction_type)
+            clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+            return cls.from_alphas_cumprod(abar, prediction_type, clip)
         if "shift" in config and hasattr(fresh, "sigmas"):
             if config.get("use_dynamic_shifting", False):
                 raise ValueError(
@@ -88,13 +96,14 @@ class NoiseSchedule:
         raise ValueError(f"cannot build a noise schedule from {type(scheduler).__name__}")
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: Tensor, prediction_type: str = "epsilon") -> NoiseSchedule:
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor, prediction_type: str = "epsilon",
+                            clip_sample_range: float | None = None) -> NoiseSchedule:
         """DDPM view from the cumulative product of alphas (abar_t), t = 0..T-1."""
         abar = alphas_cumprod.to(torch.float64)
         alphas = abar.clamp(0.0, 1.0).sqrt()
         sigmas = (1.0 - abar).clamp_min(0.0).sqrt()
         steps = torch.arange(abar.numel(), dtype=torch.float64)
-        return cls(alphas, sigmas, prediction_type, steps)
+        return cls(alphas, sigmas, prediction_type, steps, clip_sample_range)
 
     @classmethod
     def flow(cls, sigmas: Tensor, num_train_timesteps: int) -> NoiseSchedule:
@@ -160,14 +169,19 @@ class NoiseSchedule:
         """The clean-sample estimate implied by a prediction in the network's native target.
 
         For epsilon prediction at a level with alpha = 0 (only a zero-terminal-SNR epsilon model,
-        which diffusers itself warns against) alpha is floored at 1e-4 to stay finite.
+        which diffusers itself warns against) alpha is floored at 1e-4 to stay finite. With
+        ``clip_sample_range`` set, the estimate is clipped to it, as the model's sampler does.
         """
         alpha, sigma = self.alpha(t, x_t), self.sigma(t, x_t)
         if self.prediction_type == "epsilon":
-            return (x_t - sigma * prediction) / alpha.clamp_min(1e-4)
-        if self.prediction_type == "v_prediction":
-            return alpha * x_t - sigma * prediction
-        return x_t - sigma * prediction
+            x0 = (x_t - sigma * prediction) / alpha.clamp_min(1e-4)
+        elif self.prediction_type == "v_prediction":
+            x0 = alpha * x_t - sigma * prediction
+        else:
+            x0 = x_t - sigma * prediction
+        if self.clip_sample_range is not None:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
 
     # ---------------------------------------------------------------- sampling helpers
     def sample_timesteps(
