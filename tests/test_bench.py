@@ -78,8 +78,14 @@ def test_bench_methods_quick_writes_every_arm_condition_and_figure(quick_bench, 
 def test_bench_methods_resumes_a_finished_sweep_and_refuses_other_settings(quick_bench, capsys):
     argv, out = quick_bench
     before = (out / "cells" / "on-policy" / "seed-0" / "cell.json").stat().st_mtime_ns
+    wall = json.loads((out / "results.json").read_text())["wall_s"]
     assert main(argv) == 0  # every cell is on disk: only the report is rewritten
     assert (out / "cells" / "on-policy" / "seed-0" / "cell.json").stat().st_mtime_ns == before
+    # the resumed report states the cells' own time, not the near-zero time of this run
+    cells = [json.loads(p.read_text())["wall_s"] for p in (out / "cells").glob("*/seed-*/cell.json")]
+    cells += [json.loads(p.read_text())["wall_s"] for p in (out / "long").glob("seed-*/long.json")]
+    assert json.loads((out / "results.json").read_text())["wall_s"] == pytest.approx(sum(cells)) == pytest.approx(wall)
+    assert sum(cells) > 1.0
     capsys.readouterr()
     assert main([*argv, "--seeds", "3"]) == 2
     error = capsys.readouterr().err.strip()

@@ -251,6 +251,7 @@ def _run_cell(context: _Context, condition: str, seed: int) -> dict[str, Any]:
     if done.is_file():
         return json.loads(done.read_text())
     shutil.rmtree(folder, ignore_errors=True)  # a cell killed half-way is redone whole
+    start = time.perf_counter()
     cache = _cell_data(context, condition, seed)
     dataset = CachedPairs(cache)
     runs, histories = {}, {}
@@ -262,7 +263,7 @@ def _run_cell(context: _Context, condition: str, seed: int) -> dict[str, Any]:
         runs[arm.label], histories[arm.label] = run, result.history
     evaluation = _evaluate(context, runs, seed, folder / "evaluation")
     cell = {"condition": condition, "seed": seed, "pairs": len(dataset), "evaluation": evaluation,
-            "histories": histories}
+            "histories": histories, "wall_s": time.perf_counter() - start}
     done.write_text(json.dumps(cell, default=str))
     return cell
 
@@ -279,6 +280,7 @@ def _run_long(context: _Context, seed: int) -> dict[str, Any]:
     if done.is_file():
         return json.loads(done.read_text())
     shutil.rmtree(folder, ignore_errors=True)
+    start = time.perf_counter()
     cache = _cell_data(context, config.long_condition, seed)
     arms = [Arm(method, method, config.default_beta) for method in config.methods]
     points: dict[str, Any] = {}
@@ -292,7 +294,7 @@ def _run_long(context: _Context, seed: int) -> dict[str, Any]:
                   resume="latest")
             runs[arm.label] = run
         points[str(steps)] = _evaluate(context, runs, seed, folder / f"evaluation-{steps:05d}")
-    long = {"seed": seed, "condition": config.long_condition, "points": points}
+    long = {"seed": seed, "condition": config.long_condition, "points": points, "wall_s": time.perf_counter() - start}
     done.write_text(json.dumps(long, default=str))
     return long
 
@@ -303,11 +305,11 @@ def run_bench(config: BenchConfig) -> Path:
 
     out = Path(config.out)
     claim_folder(out, config_dict(config))
-    start = time.perf_counter()
     context = _context(config)
     cells = [_run_cell(context, condition, seed) for condition in config.conditions for seed in range(config.seeds)]
     long = [_run_long(context, seed) for seed in range(config.long_seeds)] if config.long_steps else []
-    write_report(out, config, cells, long, wall_s=time.perf_counter() - start)
+    # The cells' own times: a resumed sweep reports the work of every run, not the last one's.
+    write_report(out, config, cells, long, wall_s=sum(part.get("wall_s", 0.0) for part in cells + long))
     return out
 
 

@@ -118,7 +118,8 @@ def markdown_table(config: dict[str, Any], summary: dict[str, Any], long: dict[s
     """The README table: one block per condition, one row per arm."""
     lines = [f"Machine: {platform.machine()} CPU, {config['threads']} threads; {config['seeds']} seeds x "
              f"{config['steps']} steps per arm, {config['pairs_per_digit'] * 10} pairs, "
-             f"{config['eval_per_digit'] * 10} evaluation samples per model and seed; {wall_s / 60:.1f} min in all.",
+             f"{config['eval_per_digit'] * 10} evaluation samples per model and seed; {wall_s / 60:.1f} min of "
+             "cell work in all (base-model pretraining not counted).",
              "Gains and win rates are means over seeds with 95% t intervals; 'vs DPO' is the paired difference "
              "in reward gain against Diffusion-DPO at the same beta, with the paired t-test p-value.", ""]
     for condition, rows in summary.items():
