@@ -192,6 +192,26 @@ def test_bucketed_batches_stay_in_one_bucket_and_cover_each_bucket_once_per_epoc
     assert torch.equal(resumed.indices(12)[0], single.indices(12)[0])
 
 
+def test_a_bucket_smaller_than_a_batch_is_padded_with_a_warning_naming_it():
+    from types import SimpleNamespace
+
+    from sdpo.train.config import TrainConfig
+    from sdpo.train.trainer import _batch_order
+
+    class Buckets(list):
+        buckets = [(16, 16), (20, 12)]
+
+        def bucket_ids(self):
+            return torch.tensor([0] * 6 + [1])
+
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
+    config = TrainConfig(family="toy", cache_dir="unused", output_dir="unused", train_batch_size=3, report_to="none")
+    with pytest.warns(UserWarning, match=r"bucket\(s\) 20x12 hold fewer pairs than one global batch \(3\)"):
+        order = _batch_order(Buckets(range(7)), config, accelerator)
+    batches = [order.indices(step)[0].tolist() for step in range(order.batches_per_epoch)]
+    assert [6, 6, 6] in batches and len(batches) == 3  # the one-pair bucket fills its batch with itself
+
+
 # ---------------------------------------------------------------------- training through the CLI
 def _train_config(tmp_path: Path, model: Path, cache: Path, out: Path, **extra) -> Path:
     path = tmp_path / f"{out.name}.yaml"
