@@ -66,12 +66,25 @@ def _export(args: argparse.Namespace) -> None:
 
 def _precompute(args: argparse.Namespace) -> None:
     from sdpo.cli_helpers import load_spec_from, media_format_from
-    from sdpo.data import check_out_dir, precompute, read_checked_pairs, read_manifest, read_pairs
+    from sdpo.data import (
+        check_buckets,
+        check_out_dir,
+        precompute,
+        read_checked_pairs,
+        read_manifest,
+        read_pairs,
+    )
     from sdpo.models.base import _HUB_ID, resolve_pretrained
 
     media_format = media_format_from(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    buckets = None
+    if args.buckets is not None:  # the sizes now; that they suit the model's spatial factor once it is loaded
+        try:
+            buckets = check_buckets(args.buckets)
+        except ValueError as error:
+            raise ValueError(f"--buckets: {error}") from None
     # Every check that needs no model comes before the model loads: a mistake costs seconds, not minutes.
     check_out_dir(args.out, args.overwrite)
     if not os.path.isdir(args.pretrained) and not _HUB_ID.fullmatch(args.pretrained):
@@ -87,10 +100,13 @@ def _precompute(args: argparse.Namespace) -> None:
     spec = load_spec_from(args, media_format, encoders_only=True)
     out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet,
                      overwrite=args.overwrite, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
-                     check_media=spec.media_format != expected, latent_std=not args.no_latent_std)  # fmt: skip
+                     check_media=spec.media_format != expected, latent_std=not args.no_latent_std,
+                     buckets=buckets)  # fmt: skip
     manifest = read_manifest(out)
     _print_skipped(manifest, out)
     print(f"cache: {out} ({manifest['num_pairs']} pairs)")
+    for bucket in manifest.get("buckets", []):
+        print(f"  bucket {bucket['height']}x{bucket['width']}: {bucket['num_pairs']} pairs")
 
 
 def _print_skipped(manifest: dict, out: object, shown: int = 10) -> None:
@@ -169,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-latent-std", action="store_true",
                      help="store the VAE posterior's mean only, not its std beside it (half the latent bytes; "
                           "training then cannot use latent_sampling=sample)")
+    pre.add_argument("--buckets", nargs="+", default=None, metavar="HEIGHTxWIDTH",
+                     help="aspect-ratio buckets, e.g. --buckets 512x512 448x576 576x448: each pair is loaded at "
+                          "the bucket closest to its chosen image's aspect ratio (resized to cover it, then "
+                          "centre-cropped) and training batches never mix buckets (default: every pair at the "
+                          "model's one resolution, --height x --width)")
     pre.set_defaults(func=_precompute)
 
     from sdpo.stages.cli import add_stage_commands  # generate, score, pairs, evaluate (helper "stages")

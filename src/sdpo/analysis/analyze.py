@@ -33,7 +33,10 @@ def _cache_batch(cache: str | Path, max_pairs: int) -> Any:
     from sdpo.data import CachedPairs, collate_pairs
 
     dataset = CachedPairs(cache)
-    return collate_pairs([dataset[i] for i in range(min(len(dataset), max_pairs))])
+    # A bucketed cache's buckets have different shapes: the first pair's bucket alone stacks into a batch.
+    ids = dataset.bucket_ids()
+    same = (ids == ids[0]).nonzero()[:, 0][:max_pairs]
+    return collate_pairs([dataset[int(i)] for i in same])
 
 
 def _fresh_latents(spec: Any, prompts: list[str], steps: int, guidance: float, seed: int) -> tuple[Any, Any]:

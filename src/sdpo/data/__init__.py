@@ -16,6 +16,7 @@ from sdpo.data.cache import (
 )
 from sdpo.data.media import (
     bucket_for,
+    check_buckets,
     check_media,
     check_pairs,
     count_video_frames,
@@ -25,6 +26,7 @@ from sdpo.data.media import (
     load_media,
     load_video,
     media_size,
+    parse_bucket,
     read_checked_pairs,
     resize_center_crop,
     sample_frame_indices,
@@ -67,6 +69,7 @@ __all__ = [
     "ParquetImage",
     "PreferencePair",
     "bucket_for",
+    "check_buckets",
     "check_cache_matches",
     "check_media",
     "check_out_dir",
@@ -82,6 +85,7 @@ __all__ = [
     "load_video",
     "media_kind",
     "media_size",
+    "parse_bucket",
     "precompute",
     "read_checked_pairs",
     "read_jsonl_pairs",

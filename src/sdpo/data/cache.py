@@ -18,6 +18,13 @@ the std was stored, and caches of a deterministic encoder (the toy worlds), have
 what made the cache and how to check it (see :func:`precompute`). A cache is written into a hidden
 sibling folder and renamed into place only once complete, so a folder that exists is a finished
 cache; an interrupted run leaves nothing behind.
+
+A cache made with aspect-ratio ``buckets`` (version 2) groups its pairs by bucket: the pairs of bucket 0
+come first (in the order given), then those of bucket 1, and so on, and a shard never holds two buckets,
+so each shard's latents have one shape. The manifest lists ``buckets`` (``height``, ``width``,
+``num_pairs`` and the bucket's ``tensors`` each) and each shard's ``bucket`` (an index into that list);
+``tensors`` is then the first non-empty bucket's. A cache without buckets is written as version 1,
+exactly as before, and reads as one bucket at its ``media_format``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import shutil
 import tempfile
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -45,7 +52,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sdpo.data.batch import Pair, PairBatch
-from sdpo.data.media import check_pairs, load_media
+from sdpo.data.media import bucket_for, check_buckets, check_pairs, format_buckets, load_media, media_size
 from sdpo.data.pairs import (
     SKIP_HINT,
     BadPairsError,
@@ -63,8 +70,12 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "sdpo-pair-cache"
 """The ``format`` field of every cache manifest."""
-CACHE_VERSION = 1
-"""Bumped whenever the layout changes; a cache of another version must be rebuilt."""
+CACHE_VERSION = 2
+"""The newest layout (2: aspect-ratio buckets), bumped whenever the layout changes. A cache without
+buckets is still written as version 1, which older sdpo releases read too; a bucketed one is version 2,
+so an sdpo that cannot group batches by bucket refuses it instead of failing on its shapes."""
+READABLE_VERSIONS = (1, 2)
+"""The cache versions this sdpo reads; a cache of any other must be rebuilt."""
 MANIFEST_NAME = "manifest.json"
 LATENT_KEYS = ("latents_chosen", "latents_rejected")
 STD_KEYS = ("latents_chosen_std", "latents_rejected_std")
@@ -116,6 +127,7 @@ def precompute(
     on_bad_pair: OnBadPair = "fail",
     check_media: bool = True,
     latent_std: bool = True,
+    buckets: Sequence[tuple[int, int] | str] | None = None,
 ) -> Path:
     """Encode every pair once through ``spec`` and write the cache to ``out_dir``; returns ``out_dir``.
 
@@ -136,6 +148,17 @@ def precompute(
     scaled like the latents), so training can draw ``mean + std * eps`` each step
     (``TrainConfig.latent_sampling``); this doubles the latents' bytes. A spec without it (a
     deterministic encoder) stores ``encode_media`` alone; ``latent_std=False`` does so for any spec.
+
+    ``buckets`` (default None: every pair at ``spec.media_format``'s one resolution, a version 1 cache as
+    before): aspect-ratio buckets, ``(height, width)`` pixel sizes or ``"HEIGHTxWIDTH"`` strings. Each
+    pair goes to the bucket whose aspect ratio is closest to its chosen member's size
+    (:func:`sdpo.data.media.bucket_for`, ties to the earlier bucket); both members are loaded at that
+    bucket's size, each resized to cover it (aspect ratio kept) and centre-cropped, so only the sliver
+    by which an image's ratio differs from its bucket's is cut, not everything outside one centred
+    square. Sides must be positive multiples of the model's spatial factor (VAE downsampling times
+    the denoiser's patch size, when the spec tells it): a ValueError names the first bad bucket. The
+    trainer then never mixes buckets in a batch. The manifest records ``buckets`` and each shard's
+    ``bucket`` (see the module docstring); ``media_format`` stays the spec's (the model's own resolution).
 
     Before the first encode every pair's media are checked (:func:`sdpo.data.media.check_pairs`;
     ``check_media=False`` when the caller already did): ``on_bad_pair="fail"`` raises BadPairsError
@@ -161,6 +184,8 @@ def precompute(
         raise ValueError(f"extra_manifest is not JSON-serialisable: {error}") from None
     _check_out_dir(out_dir, overwrite)
     media_format = spec.media_format
+    if buckets is not None:
+        buckets = check_buckets(list(buckets), spatial_factor(spec))
     # Fail now, not hours into encoding, when the data does not suit the model or does not decode.
     if check_media:
         pairs = check_pairs(pairs, media_format, pad_frames=pad_frames, on_bad_pair=on_bad_pair,
@@ -176,26 +201,18 @@ def precompute(
         with_gaps = all(pair_gap(pair) is not None for pair in pairs)
         with_std = latent_std and callable(getattr(spec, "encode_media_moments", None))
         settings = _EncodeSettings(batch_size, progress, pad_frames, num_workers, on_bad_pair, with_gaps, with_std)
-        _encode_all(pairs, spec, writer, settings)
+        if buckets is None:
+            _encode_all(pairs, spec, writer, settings)
+        else:
+            for index, (bucket, group) in enumerate(zip(buckets, _group_by_bucket(pairs, buckets, settings),
+                                                        strict=True)):
+                writer.start_bucket(index)
+                if group:
+                    _encode_all(group, spec, writer, settings, size=bucket)
         writer.flush(final=True)
         if not writer.shards:
             raise BadPairsError(pairs.problems, "no pair could be encoded")
-        manifest = {
-            "format": CACHE_FORMAT,
-            "version": CACHE_VERSION,
-            "family": spec.family,
-            "pretrained": _pretrained_of(spec),
-            "media_format": asdict(media_format),
-            "num_pairs": sum(shard["num_pairs"] for shard in writer.shards),
-            "shards": writer.shards,
-            "tensors": writer.tensor_info,
-            "skipped": [problem.to_json() for problem in pairs.problems[:MAX_RECORDED_SKIPS]],
-            "skipped_counts": dict(sorted(pairs.skipped.items())),
-            "extra": extra,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "sdpo_version": _sdpo_version(),
-            "latent_std": with_std,
-        }
+        manifest = _manifest(spec, writer, pairs, extra, with_std, buckets)
         _write_synced(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
         _swap_into_place(staging, out_dir, overwrite)
     except BaseException:
@@ -206,6 +223,86 @@ def precompute(
 
 MAX_RECORDED_SKIPS = 10_000
 """At most this many skipped pairs are listed in a manifest (``skipped_counts`` counts them all)."""
+
+
+def _manifest(spec: MediaEncoder, writer: _ShardWriter, pairs: PairList, extra: dict[str, Any], with_std: bool,
+              buckets: list[tuple[int, int]] | None) -> dict[str, Any]:
+    manifest = {
+        "format": CACHE_FORMAT,
+        "version": 1 if buckets is None else CACHE_VERSION,  # an unbucketed cache stays readable by older sdpo
+        "family": spec.family,
+        "pretrained": _pretrained_of(spec),
+        "media_format": asdict(spec.media_format),
+        "num_pairs": sum(shard["num_pairs"] for shard in writer.shards),
+        "shards": writer.shards,
+        "tensors": writer.tensor_info,
+        "skipped": [problem.to_json() for problem in pairs.problems[:MAX_RECORDED_SKIPS]],
+        "skipped_counts": dict(sorted(pairs.skipped.items())),
+        "extra": extra,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sdpo_version": _sdpo_version(),
+        "latent_std": with_std,
+    }
+    if buckets is not None:
+        counts = [sum(s["num_pairs"] for s in writer.shards if s["bucket"] == i) for i in range(len(buckets))]
+        manifest["buckets"] = [{"height": height, "width": width, "num_pairs": count,
+                                "tensors": writer.bucket_tensors.get(index, {})}
+                               for index, ((height, width), count) in enumerate(zip(buckets, counts, strict=True))]
+        manifest["tensors"] = next(b["tensors"] for b in manifest["buckets"] if b["num_pairs"])
+        kinds = {json.dumps({n: i["dtype"] for n, i in b["tensors"].items()}, sort_keys=True) for b in manifest["buckets"] if b["num_pairs"]}
+        if len(kinds) > 1:  # readers take the tensor names and dtypes of one bucket for all
+            raise ValueError(f"the spec returned other tensors or dtypes for different buckets: {sorted(kinds)}")
+    return manifest
+
+
+def spatial_factor(spec: Any) -> int | None:
+    """Pixels per latent cell along height and width, times the denoiser's spatial patch size (CogVideoX,
+    Wan: 2), from ``spec.latent_shape()`` at its media format; None when the spec does not tell."""
+    latent_shape = getattr(spec, "latent_shape", None)
+    if not callable(latent_shape):
+        return None
+    try:
+        shape = tuple(latent_shape())
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError):
+        return None  # e.g. a spec loaded without the VAE or denoiser it reads the factor from
+    height = spec.media_format.height
+    if len(shape) < 2 or not shape[-2] or height % shape[-2]:
+        return None
+    config = getattr(getattr(spec, "denoiser", None), "config", None)
+    patch = getattr(config, "patch_size", None) if config is not None else None
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+    return height // shape[-2] * (patch if isinstance(patch, int) and patch > 0 else 1)
+
+
+def _group_by_bucket(pairs: PairList, buckets: list[tuple[int, int]], settings: _EncodeSettings) -> list[PairList]:
+    """The pairs of each bucket (closest aspect ratio to the chosen member's size), in their given order;
+    a pair whose size cannot be read is handled by ``on_bad_pair``. The groups share ``pairs``' records
+    of skipped pairs, so a pair skipped while encoding a group is reported with the rest."""
+
+    def size_of(pair: PreferencePair) -> tuple[int, int] | Exception:
+        try:
+            return media_size(pair.chosen)
+        except (OSError, ValueError) as error:
+            return error
+
+    if settings.num_workers > 0 and len(pairs) > 1:
+        with ThreadPoolExecutor(max_workers=settings.num_workers) as pool:
+            sizes = list(pool.map(size_of, pairs))
+    else:
+        sizes = [size_of(pair) for pair in pairs]
+    groups = [PairList() for _ in buckets]
+    for group in groups:
+        group.problems, group.skipped = pairs.problems, pairs.skipped
+    for pair, size in zip(pairs, sizes, strict=True):
+        if isinstance(size, Exception):
+            problem = PairProblem(pair.source, pair.line, "unreadable media", f"{size}")
+            if settings.on_bad_pair == "fail":
+                raise BadPairsError([problem], SKIP_HINT)
+            pairs.skip(problem)
+            logger.warning("skipped %s", problem.describe())
+            continue
+        groups[buckets.index(bucket_for(size, buckets))].append(pair)
+    return groups
 
 
 class CacheExistsError(CacheError, FileExistsError):
@@ -271,15 +368,17 @@ def pair_gap(pair: PreferencePair) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _encode_all(pairs: PairList, spec: MediaEncoder, writer: _ShardWriter, settings: _EncodeSettings) -> None:
+def _encode_all(pairs: PairList, spec: MediaEncoder, writer: _ShardWriter, settings: _EncodeSettings,
+                size: tuple[int, int] | None = None) -> None:
+    """Encode ``pairs`` into ``writer``, media loaded at ``size`` (height, width; None: the spec's format)."""
     from tqdm.auto import tqdm
 
     media_format = spec.media_format
-    size = settings.batch_size
-    batches = [pairs[start : start + size] for start in range(0, len(pairs), size)]
+    count = settings.batch_size
+    batches = [pairs[start : start + count] for start in range(0, len(pairs), count)]
 
     def load(ref: Any) -> Tensor:
-        return load_media(ref, media_format, pad_frames=settings.pad_frames)
+        return load_media(ref, media_format, size=size, pad_frames=settings.pad_frames)
 
     def load_pair(pair: PreferencePair) -> tuple[Tensor, Tensor]:
         return load(pair.chosen), load(pair.rejected)
@@ -309,7 +408,8 @@ def _encode_all(pairs: PairList, spec: MediaEncoder, writer: _ShardWriter, setti
 
     try:
         pending = submit(batches[0])
-        with torch.no_grad(), tqdm(total=len(batches), desc="precompute", unit="batch",
+        desc = "precompute" if size is None else f"precompute {size[0]}x{size[1]}"
+        with torch.no_grad(), tqdm(total=len(batches), desc=desc, unit="batch",
                                    disable=not settings.progress) as bar:  # fmt: skip
             for number, batch in enumerate(batches):
                 kept, pixels = collect(pending, batch)
@@ -384,7 +484,11 @@ def _checked(value: Any, batch: int, what: str) -> Tensor:
 
 
 class _ShardWriter:
-    """Buffers encoded batches and writes them out ``shard_size`` pairs per file."""
+    """Buffers encoded batches and writes them out ``shard_size`` pairs per file.
+
+    With buckets, ``start_bucket`` ends the current shard (a shard holds one bucket, so one shape per
+    tensor) and records the finished bucket's tensor shapes in ``bucket_tensors``.
+    """
 
     def __init__(self, folder: Path, shard_size: int) -> None:
         self.folder = folder
@@ -393,6 +497,12 @@ class _ShardWriter:
         self.pending_count = 0
         self.shards: list[dict[str, Any]] = []
         self.tensor_info: dict[str, dict[str, Any]] = {}
+        self.bucket: int | None = None
+        self.bucket_tensors: dict[int, dict[str, dict[str, Any]]] = {}
+
+    def start_bucket(self, bucket: int) -> None:
+        self.flush(final=True)
+        self.bucket, self.tensor_info = bucket, {}
 
     def add(self, tensors: dict[str, Tensor], count: int) -> None:
         if not self.tensor_info:
@@ -436,6 +546,9 @@ class _ShardWriter:
         with path.open("rb+") as handle:
             os.fsync(handle.fileno())
         self.shards.append({"file": name, "num_pairs": count, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+        if self.bucket is not None:
+            self.shards[-1]["bucket"] = self.bucket
+            self.bucket_tensors[self.bucket] = self.tensor_info
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -459,9 +572,10 @@ def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise CacheError(f"{path} is not valid JSON ({error}): {_REBUILD}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         raise CacheError(f"{path} is not an sdpo pair-cache manifest: {_REBUILD}")
-    if manifest.get("version") != CACHE_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise CacheError(
-            f"{folder} is a version {manifest.get('version')!r} cache, this sdpo reads version {CACHE_VERSION}: {_REBUILD}"
+            f"{folder} is a version {manifest.get('version')!r} cache, this sdpo reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: {_REBUILD}"
         )
     _check_fields(manifest, path)
     total = 0
@@ -507,16 +621,9 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         ):
             raise bad(f"malformed shard entry {shard!r:.120}")
     tensors = manifest.get("tensors")
-    if not isinstance(tensors, dict) or any(key not in tensors for key in LATENT_KEYS):
-        raise bad("missing 'tensors' entries for latents_chosen / latents_rejected")
-    for name, info in tensors.items():
-        if (
-            not isinstance(info, dict)
-            or not isinstance(info.get("shape"), list)
-            or not all(_is_count(d) for d in info["shape"])
-            or not isinstance(info.get("dtype"), str)
-        ):
-            raise bad(f"malformed tensor entry {name!r}")
+    _check_tensors(tensors, bad)
+    if manifest["version"] >= 2:
+        _check_buckets(manifest, bad)
     if not any(name.startswith(COND_PREFIX) for name in tensors):
         raise bad("no conditioning tensors ('cond.*') listed")
     if manifest.get("latent_std", False) not in (True, False):
@@ -529,6 +636,42 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         raise bad("'extra' must be an object")
     if not isinstance(manifest.get("skipped", []), list) or not isinstance(manifest.get("skipped_counts", {}), dict):
         raise bad("'skipped' must be a list and 'skipped_counts' an object")
+
+
+def _check_tensors(tensors: Any, bad: Callable[[str], CacheError], where: str = "") -> None:
+    if not isinstance(tensors, dict) or any(key not in tensors for key in LATENT_KEYS):
+        raise bad(f"missing {where}'tensors' entries for latents_chosen / latents_rejected")
+    for name, info in tensors.items():
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("shape"), list)
+            or not all(_is_count(d) for d in info["shape"])
+            or not isinstance(info.get("dtype"), str)
+        ):
+            raise bad(f"malformed {where}tensor entry {name!r}")
+
+
+def _check_buckets(manifest: dict[str, Any], bad: Callable[[str], CacheError]) -> None:
+    """A version 2 manifest: its ``buckets`` list, and a ``bucket`` in range on every shard."""
+    buckets = manifest.get("buckets")
+    if not isinstance(buckets, list) or not buckets:
+        raise bad("a version 2 cache must list its 'buckets'")
+    counts = [0] * len(buckets)
+    for shard in manifest["shards"]:
+        index = shard.get("bucket")
+        if not _is_count(index) or index >= len(buckets):
+            raise bad(f"shard {shard['file']} has no valid 'bucket' index")
+        counts[index] += shard["num_pairs"]
+    names = {name: info["dtype"] for name, info in manifest["tensors"].items()}
+    for index, bucket in enumerate(buckets):
+        if not isinstance(bucket, dict) or not all(_is_count(bucket.get(k)) for k in ("height", "width", "num_pairs")):
+            raise bad(f"malformed bucket entry {bucket!r:.120}")
+        if bucket["num_pairs"] != counts[index]:
+            raise bad(f"bucket {index} lists {bucket['num_pairs']} pairs, its shards hold {counts[index]}")
+        if counts[index]:
+            _check_tensors(bucket.get("tensors"), bad, f"bucket {index} ")
+            if {name: info["dtype"] for name, info in bucket["tensors"].items()} != names:
+                raise bad(f"bucket {index} lists other tensors than 'tensors'")
 
 
 def _is_count(value: Any) -> bool:
@@ -726,6 +869,10 @@ class CachedPairs(Dataset):
 
     When the cache stores posterior stds (``has_latent_std``), each Pair carries them in
     ``chosen_std`` / ``rejected_std`` (its ``chosen`` / ``rejected`` are then the posterior means).
+
+    A bucketed cache's pairs have their bucket's shape: ``buckets`` lists the sizes and
+    ``bucket_ids()`` each pair's bucket, which the trainer's batch order groups by (a cache without
+    buckets is one bucket at its ``media_format``).
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], *, verify: bool = True, max_open_shards: int = 2) -> None:
@@ -744,6 +891,17 @@ class CachedPairs(Dataset):
             end += shard["num_pairs"]
             self._ends.append(end)
         self._open: OrderedDict[int, Any] = OrderedDict()
+        listed = self.manifest.get("buckets") if self.manifest["version"] >= 2 else None
+        self._bucketed = listed is not None
+        self.buckets: list[tuple[int, int]] = (
+            format_buckets(self.media_format) if listed is None else [(b["height"], b["width"]) for b in listed])
+        """The (height, width) pixel size of each bucket (a cache without buckets: its media format's)."""
+
+    def bucket_ids(self) -> Tensor:
+        """Each pair's bucket (an index into ``buckets``) in cache order, (N,) int64."""
+        counts = [shard["num_pairs"] for shard in self.manifest["shards"]]
+        ids = [shard["bucket"] if self._bucketed else 0 for shard in self.manifest["shards"]]
+        return torch.repeat_interleave(torch.tensor(ids, dtype=torch.long), torch.tensor(counts, dtype=torch.long))
 
     @property
     def family(self) -> str:
@@ -812,6 +970,8 @@ class CachedPairs(Dataset):
 
     def _check_shard(self, handle: Any, shard: int, path: Path) -> None:
         expected = self.manifest["tensors"]
+        if self._bucketed:
+            expected = self.manifest["buckets"][self.manifest["shards"][shard]["bucket"]]["tensors"]
         names = set(handle.keys())
         if names != set(expected):
             raise CacheError(f"{path} holds tensors {sorted(names)}, the manifest lists {sorted(expected)}: {_REBUILD}")

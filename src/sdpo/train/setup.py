@@ -81,7 +81,6 @@ class _Run:
     output_dir: Path
     resume: _Resume
     order: GlobalBatchOrder | None = None
-    sample_shape: tuple[int, ...] = ()
     sample_latents: bool = False
     bad_steps: int = 0
     consecutive_bad: int = 0
@@ -248,8 +247,6 @@ def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accele
     run = _Run(config=config, accelerator=accelerator, spec=spec, dataset=dataset, model=model, optimizer=optimizer,
                lr_scheduler=lr_scheduler, params=[p for p in model.parameters() if p.requires_grad],
                reference=reference, weight_dtype=weight_dtype, output_dir=output_dir, resume=start)
-    if dataset is not None:
-        run.sample_shape = tuple(dataset[0].chosen.shape)
     run.ema = build_ema(config, run.params)  # a copy of the initial weights; a resume overwrites it
     if start.checkpoint is not None:
         accelerator.load_state(str(start.checkpoint))
