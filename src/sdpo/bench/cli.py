@@ -21,43 +21,34 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
     return found
 
 
-def _methods(args: argparse.Namespace) -> None:
+def _bench_config(args: argparse.Namespace, cls: Any, flags: tuple[str, ...], what: str) -> Any:
+    """The config of a bench command: its --set fields, its own flags, --toy overrides, --quick."""
     from dataclasses import fields
 
-    from sdpo.bench.methods import BenchConfig, run_bench
-
     settings = _key_values(args.set, "--set")
-    known = {f.name for f in fields(BenchConfig)}
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise ValueError(f"--set {unknown[0]}: not a bench setting; known: {', '.join(sorted(known))}")
-    for flag in ("world", "seeds", "steps", "out"):
+        raise ValueError(f"--set {unknown[0]}: not a {what} setting; known: {', '.join(sorted(known))}")
+    for flag in flags:
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)
     settings["toy_overrides"] = _key_values(args.toy, "--toy")
     settings["progress"] = not args.quiet
-    config = BenchConfig.quick(**settings) if args.quick else BenchConfig(**settings)
-    out = run_bench(config)
+    return cls.quick(**settings) if args.quick else cls(**settings)
+
+
+def _methods(args: argparse.Namespace) -> None:
+    from sdpo.bench.methods import BenchConfig, run_bench
+
+    out = run_bench(_bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench"))
     print(f"bench: {out / 'table.md'} (results.json, reward_vs_beta.png, reward_over_steps.png)")
 
 
 def _online(args: argparse.Namespace) -> None:
-    from dataclasses import fields
-
     from sdpo.bench.online import OnlineBenchConfig, run_online_bench
 
-    settings = _key_values(args.set, "--set")
-    known = {f.name for f in fields(OnlineBenchConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"--set {unknown[0]}: not a bench online setting; known: {', '.join(sorted(known))}")
-    for flag in ("seeds", "rounds", "out"):
-        if getattr(args, flag) is not None:
-            settings[flag] = getattr(args, flag)
-    settings["toy_overrides"] = _key_values(args.toy, "--toy")
-    settings["progress"] = not args.quiet
-    config = OnlineBenchConfig.quick(**settings) if args.quick else OnlineBenchConfig(**settings)
-    out = run_online_bench(config)
+    out = run_online_bench(_bench_config(args, OnlineBenchConfig, ("seeds", "rounds", "out"), "bench online"))
     print((out / "table.md").read_text(), end="")
     print(f"bench: {out / 'table.md'} (results.json, online_vs_offline.png)")
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
+from sdpo.bench.settings import WorldBenchSettings
 from sdpo.objectives import METHODS, MethodConfig
 
 BASELINES: dict[str, str] = {
@@ -71,17 +72,16 @@ def parse_variant(text: str, beta: float) -> Arm:
 
 
 @dataclass
-class BenchConfig:
-    """Settings of `sdpo bench methods` (the defaults are the full sweep; ``quick()`` the test-sized one)."""
+class BenchConfig(WorldBenchSettings):
+    """Settings of `sdpo bench methods` (the defaults are the full sweep; ``quick()`` the test-sized one);
+    the world, data sizes, LoRA recipe and evaluation are ``WorldBenchSettings``."""
 
-    world: str = "image"
-    """Embedded world: "image" or "video"."""
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     """Data conditions (sdpo.bench.conditions.CONDITIONS)."""
     methods: tuple[str, ...] = METHODS
     """Methods trained at every beta of ``betas``."""
     betas: tuple[float, ...] = (200.0, 2000.0, 20000.0)
-    """The beta grid of the methods (the robustness picture); at least two values."""
+    """The beta grid of the methods (the robustness picture; one value gives no picture)."""
     default_beta: float = 2000.0
     """The beta of the baselines, the variants and the long-training arm."""
     baselines: tuple[str, ...] = tuple(BASELINES)
@@ -100,34 +100,11 @@ class BenchConfig:
     """Data condition of the long-training arm."""
     long_seeds: int = 3
     """Seeds of the long-training arm."""
-    pairs_per_digit: int = 16
-    """Prompts per digit (10 digits); one pair per prompt."""
-    samples_per_prompt: int = 4
-    """Candidates per prompt and generator; best and worst form a pair."""
-    eval_per_digit: int = 10
-    """Held-out evaluation samples per digit and model."""
-    batch_size: int = 16
-    """Pairs per optimizer step."""
-    learning_rate: float = 1e-3
-    """LoRA learning rate (constant after a short warm-up)."""
-    lora_rank: int = 8
-    """LoRA rank."""
-    num_inference_steps: int = 25
-    """Sampler steps for candidates and evaluation, and the K of the importance weights."""
     out: str = "outputs/bench-methods"
     """Output folder (a rerun resumes the cells it holds)."""
-    cache_root: str | None = None
-    """Where the pretrained base and weaker generator are cached (default $SDPO_CACHE or ~/.cache/sdpo)."""
-    toy_overrides: dict[str, Any] = field(default_factory=dict)
-    """Base-model config fields to override (tests use a tiny model); the weaker generator shares them."""
-    progress: bool = True
-    """Show progress bars."""
 
     def __post_init__(self) -> None:
-        from sdpo.toy.world import WORLDS
-
-        if self.world not in WORLDS:
-            raise ValueError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
+        self.check_shared()
         self.conditions, self.methods = tuple(self.conditions), tuple(self.methods)
         self.betas, self.baselines, self.variants = tuple(self.betas), tuple(self.baselines), tuple(self.variants)
         for name in self.conditions:
@@ -141,8 +118,7 @@ class BenchConfig:
                              "the baselines are compared with Diffusion-DPO there")
         if "diffusion-dpo" not in self.methods:
             raise ValueError("methods must include diffusion-dpo: every row is compared with it")
-        for name in ("seeds", "steps", "pairs_per_digit", "eval_per_digit", "batch_size", "num_inference_steps",
-                     "long_every", "long_seeds"):
+        for name in ("seeds", "steps", "long_every", "long_seeds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -150,8 +126,6 @@ class BenchConfig:
             raise ValueError(f"long_steps must be a multiple of long_every ({self.long_every}), got {self.long_steps}")
         if self.long_steps and self.long_condition not in self.conditions:
             raise ValueError(f"long_condition {self.long_condition!r} is not among the conditions")
-        if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be at least 2, got {self.samples_per_prompt}")
         self.arms()  # every arm's method settings are validated now, before any work
 
     @classmethod

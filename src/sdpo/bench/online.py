@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sdpo.bench.settings import WorldBenchSettings
 from sdpo.objectives import METHODS
 
 SOURCES = ("offline", "online")
@@ -34,11 +35,11 @@ SOURCES = ("offline", "online")
 
 
 @dataclass
-class OnlineBenchConfig:
-    """Settings of `sdpo bench online` (the defaults are the full run; ``quick()`` the test-sized one)."""
+class OnlineBenchConfig(WorldBenchSettings):
+    """Settings of `sdpo bench online` (the defaults are the full run; ``quick()`` the test-sized one); the
+    world, data sizes (``samples_per_prompt`` is K per round), LoRA recipe and evaluation are
+    ``WorldBenchSettings``."""
 
-    world: str = "image"
-    """Embedded world: "image" or "video"."""
     methods: tuple[str, ...] = ("diffusion-dpo", "sdpo")
     """Methods trained from each source (MethodConfig presets)."""
     beta: float = 2000.0
@@ -48,48 +49,24 @@ class OnlineBenchConfig:
     rounds: int = 3
     """Rounds R (online), or groups of candidates from the base (offline)."""
     steps_per_round: int = 100
-    """Optimizer steps N per round; the offline arm trains R x N in one run."""
-    pairs_per_digit: int = 16
-    """Prompts per digit (10 digits); each round gives one pair per prompt."""
-    samples_per_prompt: int = 4
-    """Candidates K per prompt and round."""
-    eval_per_digit: int = 10
-    """Held-out evaluation samples per digit and model."""
-    batch_size: int = 16
-    """Pairs per optimizer step."""
-    learning_rate: float = 1e-3
-    """LoRA learning rate (constant after a short warm-up, restarted each online round)."""
-    lora_rank: int = 8
-    """LoRA rank."""
-    num_inference_steps: int = 25
-    """Sampler steps for candidates and evaluation, and the K of the importance weights."""
+    """Optimizer steps N per round (the warm-up restarts each online round); offline trains R x N in one run."""
     out: str = "outputs/bench-online"
     """Output folder (a rerun resumes the seeds it holds)."""
-    cache_root: str | None = None
-    """Where the pretrained base model is cached (default $SDPO_CACHE or ~/.cache/sdpo)."""
-    toy_overrides: dict[str, Any] = field(default_factory=dict)
-    """Base-model config fields to override (tests use a tiny model)."""
-    progress: bool = True
-    """Show progress bars."""
 
     def __post_init__(self) -> None:
+        self.check_shared()
         self.methods = tuple(self.methods)
-        if self.world not in ("image", "video"):
-            raise ValueError(f"unknown world {self.world!r}; choose image or video")
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
         for name in self.methods:
             if name not in METHODS:
                 raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-        if not self.methods:
-            raise ValueError("methods must name at least one method")
-        for name in ("seeds", "rounds", "steps_per_round", "pairs_per_digit", "eval_per_digit", "batch_size",
-                     "lora_rank", "num_inference_steps"):
+        for name in ("seeds", "rounds", "steps_per_round"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be at least 2 (a pair needs two), got {self.samples_per_prompt}")
-        if not self.beta > 0 or not self.learning_rate > 0:
-            raise ValueError(f"beta and learning_rate must be positive, got {self.beta} and {self.learning_rate}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> OnlineBenchConfig:
