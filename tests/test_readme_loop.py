@@ -6,8 +6,11 @@ ids and /models/ folders become tiny random models and reward stand-ins (tests/s
 sizes, candidate count and step counts shrink, cuda becomes cpu. A flag the CLI no longer accepts, a
 reward option that changed name, or commands that no longer fit together fail here.
 
-The image variant is the same block with the substitutions the README's sentence above it names
-(``--family sd ... --reward pickscore``), plus the ones it leaves implied (IMPLIED_FOR_IMAGES).
+The image variant is the section's own image block (a second ```bash block with ``--family sd``) when it
+has one; otherwise the video block with the substitutions the sentence above it names (``--family sd
+... --reward pickscore``) plus the ones it leaves implied (IMPLIED_FOR_IMAGES). ``sdpo generate --vbench``
+lines run too (their clips are checked); ``vbench`` itself is not installed, and its lines are skipped.
+The python "use it" line is checked for syntax and paths, and its logic runs in-process on the tiny model.
 """
 
 from __future__ import annotations
