@@ -108,6 +108,24 @@ def test_missing_model_and_config_errors(tmp_path, capsys):
     assert "unknown config key(s): learning_rat" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["generate", "evaluate", "precompute"])
+@pytest.mark.parametrize("family, size, message", [
+    ("sd", ["--frames", "49", "--height", "512", "--width", "512"],
+     "--frames is for video models; the sd model makes images: drop --frames"),
+    ("cogvideox", ["--height", "480", "--width", "720"],
+     "the cogvideox model makes videos: give --frames with --height and --width (e.g. --frames 49)"),
+])
+def test_frames_must_match_the_family_before_anything_loads(command, family, size, message, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    where = {"generate": ["--prompts", "prompts.txt", "--out", "gen"],
+             "evaluate": ["--prompts", "prompts.txt", "--out", "eval", "--run", "a=run", "--reward", "brightness"],
+             "precompute": ["--pairs", "pairs.jsonl", "--out", str(tmp_path / "cache")]}[command]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        code = main(["--quiet", command, "--family", family, "--pretrained", "no/such-model", *where, *size])
+    assert code == 2 and capsys.readouterr().err.strip() == f"sdpo: error: {message}"
+
+
 def _cached_model(tmp_path, family, *precompute_flags):
     """A tiny ``family`` model folder and a two-pair cache made with ``precompute_flags`` (on the CPU)."""
     build, _, size_flags, frames = CASES[family]

@@ -137,6 +137,17 @@ def test_numbers_in_the_forms_people_write_them(tmp_path, capsys):
     assert resolved["gradient_checkpointing"] is True and resolved["method"]["clip"] == [0.0, 1.5]
 
 
+def test_mixed_precision_no_as_people_type_it(tmp_path, capsys):
+    """YAML reads an unquoted `no` as false; `mixed_precision: no` and `--set mixed_precision=no` mean "no"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: bf16\n")
+    assert _dry_run(capsys, path, "--set", "mixed_precision=no")["mixed_precision"] == "no"
+    path.write_text("mixed_precision: no\n")
+    assert TrainConfig.from_file(path).mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision must be a string, got true"):
+        TrainConfig.from_dict({"mixed_precision": True})  # `yes` names no precision
+
+
 @pytest.mark.parametrize(
     "data, message",
     [

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from stand_ins import WORDS, build_tiny_clip, build_tiny_qwen2vl, save_image_processor, save_tokenizer
 
 from sdpo.rewards import as_reward, known_rewards, load_reward
 from sdpo.rewards._loading import ClipPreprocess, RewardWeightsNotFoundError, pooled
@@ -16,55 +17,14 @@ from sdpo.rewards.video import FramesReward, frame_indices
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = ["a", "cat", "dog", "photo", "of", "red", "blue", "on", "the", "mat", "sky", "tree"]
 PROMPTS = ["a photo of a cat", "a red dog on the mat", "blue sky", "the tree"]
 
 
 # ----------------------------------------------------------------------------------------- stand-ins
-def save_tokenizer(folder) -> int:
-    """A CLIP-like word-level tokenizer (<|startoftext|>, <|endoftext|> last in the vocabulary); its size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[(t, vocab[t]) for t in ("<|startoftext|>", "<|endoftext|>")],
-    )
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", unk_token="[UNK]",
-    ).save_pretrained(str(folder))
-    return len(vocab)
-
-
-def save_image_processor(folder, size: int = 32) -> None:
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        str(folder))
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random CLIPModel with tiny towers plus its processor files, in one folder."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    vocab = save_tokenizer(folder)
-    save_image_processor(folder)
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=12, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16, logit_scale_init_value=math.log(50.0),
-    )
-    transformers.CLIPModel(config).save_pretrained(str(folder))
-    return folder
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def quantised_images(count: int, height: int = 32, width: int = 32, seed: int = 0) -> torch.Tensor:
@@ -386,38 +346,10 @@ def test_combine_through_the_registry_and_bad_input(tiny_clip):
 
 
 # ------------------------------------------------------------------------------------- videoreward
-VR_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>",
-               "<|image_pad|>", "<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>", "<|endoftext|>"]
-
-
 @pytest.fixture(scope="module")
 def tiny_videoreward(tmp_path_factory):
     """A random Qwen2-VL (1 text layer, 1 vision block), a tokenizer with the reward tokens, a head."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder = tmp_path_factory.mktemp("tiny-videoreward")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS + ["video", "quality", "motion", "text"])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(VR_SPECIALS)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", unk_token="[UNK]",
-                                                padding_side="right")
-    fast.save_pretrained(str(folder))
-    ids = {t: fast.convert_tokens_to_ids(t) for t in VR_SPECIALS}
-    torch.manual_seed(0)
-    config = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(str(folder))
-    save_file({"rm_head.weight": torch.randn(1, 32)}, str(folder / "rm_head.safetensors"))
-    return folder
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-videoreward"))
 
 
 def test_videoreward_patches_match_the_qwen2vl_processor():

@@ -17,7 +17,23 @@ def media_format_from(args: argparse.Namespace) -> Any:
         return None
     if not (args.height and args.width):
         raise ValueError("--height and --width go together")
+    check_frames_flag(args.family, args.frames)
     return MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
+
+
+def check_frames_flag(family: str, frames: int | None) -> None:
+    """--frames is given exactly for a video family. A mismatch would otherwise load, then fail far away
+    ("chosen is image but sd takes videos") or sample a video model as if it made images."""
+    from sdpo.models.registry import spec_class
+
+    default = getattr(spec_class(family), "default_media_format", None)
+    if default is None:  # an embedded world checks the size against its own folder
+        return
+    if frames and default.frames is None:
+        raise ValueError(f"--frames is for video models; the {family} model makes images: drop --frames")
+    if not frames and default.frames is not None:
+        raise ValueError(f"the {family} model makes videos: give --frames with --height and --width "
+                         f"(e.g. --frames {default.frames})")
 
 
 def load_spec_from(args: argparse.Namespace, media_format: Any, *, encoders_only: bool = False) -> Any:

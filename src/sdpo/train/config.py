@@ -166,6 +166,8 @@ class TrainConfig:
     ``fsdp_offload_params``)."""
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # YAML reads an unquoted `no` (accelerate's spelling) as false
+            self.mixed_precision = "no"
         hints = _type_hints(type(self))
         for item in fields(self):
             if item.name != "method":
