@@ -256,7 +256,7 @@ FULL = {
     "checkpoint_every": 4, "checkpoints_total_limit": None, "validation_prompts": ["a", "b"],
     "validation_every": 3, "validation_inference_steps": 4, "validation_guidance_scale": 1.5, "report_to": "none", "offload_reference": True,
     "max_bad_steps": 5, "ema_decay": 0.99, "ema_warmup": True, "ema_power": 0.75, "pair_weighting": "gap",
-    "latent_sampling": "sample", "flip": "pair",
+    "latent_sampling": "sample", "flip": "pair", "init_lora": "outputs/previous-run",
 }
 
 
@@ -313,6 +313,8 @@ UNSAFE = [
     ("ema_decay", 0.999), ("ema_warmup", True), ("ema_power", 0.75), ("pair_weighting", "gap"),
     # What a step trains on: a resumed run must draw the same latents and flips.
     ("latent_sampling", "mean"), ("flip", "independent"),
+    # Another starting adapter is another run, even though the checkpoint's weights would win.
+    ("init_lora", "outputs/other-run"),
 ]
 SAFE = [
     ("max_steps", 5000), ("log_every", 1), ("checkpoint_every", 100), ("checkpoints_total_limit", None),

@@ -105,4 +105,4 @@ def test_the_readme_online_config_resolves_to_its_training_run(tmp_path: Path, m
     assert (config.family, config.reward, config.rounds, config.steps) == ("sd", "pickscore", 3, 500)
     train_config = online._train_config(config, tmp_path / "cache", tmp_path / "run")
     assert train_config.method.name == "sdpo" and train_config.learning_rate == 1e-5
-    assert train_config.max_steps == 500 and train_config.pretrained == "runwayml/stable-diffusion-v1-5"
+    assert train_config.max_steps == 500 and train_config.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"

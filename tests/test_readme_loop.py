@@ -271,8 +271,6 @@ def test_the_block_fits_together(family: str) -> None:
     assert f"from_pretrained('{config['pretrained']}'" in code and f"load_lora_weights('{lora}')" in code
 
 
-@pytest.mark.xfail(strict=True, reason="README fixes proposed in /work/helpers/loop-readme.md; once merged, "
-                                       "this passes: drop the marker")
 def test_the_block_has_the_proposed_fixes() -> None:
     """A hub id that still exists; evaluate samples and scores as generate and score do."""
     text = section()
