@@ -67,6 +67,12 @@ def test_the_whole_loop_runs_on_an_embedded_world(world: str, tmp_path: Path) ->
     _sdpo("evaluate", "--family", family, "--pretrained", base, "--prompts", str(prompts), "--run", f"tuned={run}",
           "--reward", reward, "--steps", "2", "--out", str(report))
 
+    # the same reward twice would overwrite its own results: refused in one line before sampling
+    assert main(["--quiet", "evaluate", "--family", family, "--pretrained", base, "--prompts", str(prompts),
+                 "--run", f"tuned={run}", "--reward", reward, "--reward", reward, "--steps", "2",
+                 "--out", str(tmp_path / "twice")]) == 2
+    assert not (tmp_path / "twice" / "results.json").exists()
+
     results = json.loads((report / "results.json").read_text())
     assert "tuned" in json.dumps(results) and (report / "report.md").read_text().count("tuned") >= 1
     with safe_open(str(report / "eval_samples.safetensors"), "pt") as handle:

@@ -335,6 +335,21 @@ def test_reward_prefers_the_prompted_digit_and_direction() -> None:
         reward(clips[:1], ["a handwritten digit 3"])
 
 
+def test_the_held_out_scorer_is_another_classifier_that_agrees_on_real_clips() -> None:
+    """The second scorer of `sdpo bench methods` on the video world: its own name (results keyed by name
+    must not collide with the reward's), another classifier, and still the prompted digit and direction."""
+    clips, labels = load_video_clips("held_out")
+    directions = clip_directions("held_out")
+    reward, held_out = moving_digit_reward(), load_reward("moving-digits", split="held_out", seed=1, hidden=32)
+    assert held_out.name == "moving-digits@held_out" != reward.name
+    prompts = video_prompts_for(labels, directions)
+    first, second = reward(clips, prompts), held_out(clips, prompts)
+    assert not torch.allclose(first, second)
+    assert torch.corrcoef(torch.stack([first, second]))[0, 1] > 0.5
+    wrong = held_out(clips, video_prompts_for((labels + 1) % 10, directions))
+    assert (second > wrong).float().mean() > 0.9
+
+
 def test_feature_distance_separates_real_from_noise() -> None:
     real, _ = load_video_clips("held_out")
     train, _ = load_video_clips("train")

@@ -187,7 +187,7 @@ def _context(config: BenchConfig) -> _Context:
                                                          world.config.seed))
     generators = {"base": base, "weak": weak_world.pretrain(config.cache_root, config.progress)}
     held_out = (load_reward("digits", split="held_out", seed=1, hidden=32) if config.world == "image"
-                else load_reward("moving-digits", seed=1))
+                else load_reward("moving-digits", split="held_out", seed=1, hidden=32))
     return _Context(config, world, generators, [world.reward(), held_out], world.real("held_out"), Path(config.out))
 
 

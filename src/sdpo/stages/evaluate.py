@@ -123,6 +123,10 @@ def evaluate(
     sampler = sampler or SamplerSettings()
     if not runs:
         raise ValueError("evaluate needs at least one run (NAME=LORA_DIR) to compare with the base")
+    names = [reward.name for reward in rewards]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two rewards are named {next(n for n in names if names.count(n) > 1)!r}: their "
+                         "results would overwrite each other; give one another name")
     for reward in rewards:
         if reward.media != spec.media_kind:
             raise ValueError(f"reward {reward.name!r} scores {reward.media}s, but the {spec.family} model makes "

@@ -111,16 +111,18 @@ class MovingDigitReward:
 
     media = "video"
 
-    def __init__(self, kind: str, motion_weight: float, speed: float, frame_reward: str, seed: int) -> None:
+    def __init__(self, kind: str, motion_weight: float, speed: float, frame_reward: str, seed: int,
+                 split: str = "train", hidden: int = 64) -> None:
         if kind not in VIDEO_REWARD_KINDS:
             raise ValueError(f"unknown video reward kind {kind!r}; expected one of {VIDEO_REWARD_KINDS}")
         if not speed > 0:
             raise ValueError(f"speed must be positive, got {speed}")
         if not math.isfinite(motion_weight):
             raise ValueError(f"motion_weight must be finite, got {motion_weight}")
-        self.name = "moving-digits" if kind == "default" else f"moving-digits-{kind}"
+        self.name = ("moving-digits" if kind == "default" else f"moving-digits-{kind}") + (
+            "@held_out" if split == "held_out" else "")
         self.kind, self.motion_weight, self.speed = kind, motion_weight, speed
-        self.frame_reward = digit_reward(kind=frame_reward, seed=seed)
+        self.frame_reward = digit_reward(kind=frame_reward, seed=seed, split=split, hidden=hidden)
         typical_centre()  # build the references now, not inside the first call
 
     @torch.no_grad()
@@ -149,6 +151,8 @@ def moving_digit_reward(
     speed: float = DEFAULT_SPEED,
     frame_reward: str = "default",
     seed: int = 0,
+    split: str = "train",
+    hidden: int = 64,
 ) -> MovingDigitReward:
     """The reward for moving-digit clips (registry name "moving-digits"), ``score(samples (B,F,1,H,W), prompts)``.
 
@@ -160,8 +164,10 @@ def moving_digit_reward(
 
     ``speed`` is the pixels per frame the prompts mean (the base model's ``config.speed``). The digit
     and direction are read from each prompt; a prompt without exactly one of each is an error.
+    ``split="held_out"`` (with another ``seed`` and ``hidden``) reads the frames with the digits world's
+    held-out classifier: the second scorer of `sdpo bench methods`, named ``moving-digits@held_out``.
     """
-    return MovingDigitReward(kind, motion_weight, speed, frame_reward, seed)
+    return MovingDigitReward(kind, motion_weight, speed, frame_reward, seed, split, hidden)
 
 
 def video_metrics(samples: Tensor, prompts: list[str], seed: int = 0) -> dict[str, float]:
