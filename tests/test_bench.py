@@ -137,6 +137,10 @@ def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_p
     first = [json.loads(line)["scores"] for line in (seed / "offline/candidates-00/candidates.jsonl").open()]
     again = [json.loads(line)["scores"] for line in (online / "round-00/candidates/candidates.jsonl").open()]
     assert first == again
+    by_round = results["candidate_reward_by_round"]
+    assert set(by_round) == {"offline", "online:diffusion-dpo", "online:sdpo"}
+    assert by_round["offline"][0]["mean"] == pytest.approx(by_round["online:sdpo"][0]["mean"])
+    assert len(by_round["online:sdpo"]) == 2 and "Mean reward of the candidates" in printed
     # a rerun resumes: nothing is retrained, the table is the same
     stamp = (seed / "seed.json").stat().st_mtime_ns
     assert main(argv) == 0 and (seed / "seed.json").stat().st_mtime_ns == stamp

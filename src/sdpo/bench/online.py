@@ -194,6 +194,22 @@ def _run_seed(context: Any, config: OnlineBenchConfig, seed: int) -> dict[str, A
     return record
 
 
+def candidate_rewards(config: OnlineBenchConfig, seed: int) -> dict[str, list[float]]:
+    """Mean ``total`` score of the candidates generated in each round: the base's for the offline data
+    (one list, shared by its methods), the current policy's for each online arm."""
+    folder = Path(config.out) / f"seed-{seed}"
+
+    def mean_total(candidates: Path) -> float:
+        totals = [json.loads(line)["total"] for line in (candidates / "candidates.jsonl").read_text().splitlines()]
+        return sum(totals) / len(totals)
+
+    found = {"offline": [mean_total(folder / "offline" / f"candidates-{r:02d}") for r in range(config.rounds)]}
+    for method in config.methods:
+        found[f"online:{method}"] = [mean_total(folder / "online" / method / f"round-{r:02d}" / "candidates")
+                                     for r in range(config.rounds)]
+    return found
+
+
 def run_online_bench(config: OnlineBenchConfig) -> Path:
     """Run (or resume) every seed and write results.json and table.md; returns the output folder."""
     from sdpo.bench.methods import claim_folder
@@ -203,7 +219,8 @@ def run_online_bench(config: OnlineBenchConfig) -> Path:
     claim_folder(out, asdict(config))
     context = _methods_context(config)
     seeds = [_run_seed(context, config, seed) for seed in range(config.seeds)]
-    write_online_report(out, asdict(config), config.labels(), seeds)
+    rounds = [candidate_rewards(config, seed) for seed in range(config.seeds)]
+    write_online_report(out, asdict(config), config.labels(), seeds, rounds)
     return out
 
 

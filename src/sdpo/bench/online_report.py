@@ -73,6 +73,22 @@ def online_table(config: dict[str, Any], summary: dict[str, Any], machine: str) 
     return "\n".join(lines) + "\n"
 
 
+def summarize_rounds(rounds: list[dict[str, list[float]]]) -> dict[str, list[dict[str, float]]]:
+    """source -> per round, the mean candidate reward over seeds with its interval."""
+    return {source: [_interval([seed[source][r] for seed in rounds]) for r in range(len(rounds[0][source]))]
+            for source in rounds[0]}
+
+
+def rounds_table(rounds: dict[str, list[dict[str, float]]]) -> str:
+    """Mean reward of the candidates each round generated (the data the next training sees)."""
+    count = len(next(iter(rounds.values())))
+    lines = ["Mean reward of the candidates generated in each round (offline: always the base):", "",
+             "| source | " + " | ".join(f"round {r}" for r in range(count)) + " |", "|---" * (count + 1) + "|"]
+    for source, values in rounds.items():
+        lines.append(f"| {source} | " + " | ".join(_fmt(v) for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_online(summary: dict[str, Any], path: Path) -> Path:
     """Reward gain over base per arm and scorer, with 95% intervals."""
     from sdpo.analysis.plots import _pyplot
@@ -98,20 +114,22 @@ def plot_online(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_online_report(out: Path, config: dict[str, Any], labels: list[str], seeds: list[dict[str, Any]]) -> None:
-    """results.json, table.md and online_vs_offline.png in ``out``."""
+def write_online_report(out: Path, config: dict[str, Any], labels: list[str], seeds: list[dict[str, Any]],
+                        rounds: list[dict[str, list[float]]]) -> None:
+    """results.json, table.md (arms, then candidate rewards by round) and online_vs_offline.png in ``out``."""
     import torch
 
     from sdpo.files import write_atomic
 
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     summary = summarize_online(labels, seeds)
-    table = online_table(config, summary, machine)
+    by_round = summarize_rounds(rounds)
+    table = online_table(config, summary, machine) + "\n" + rounds_table(by_round)
     plot_online(summary, out / "online_vs_offline.png")
     write_atomic(out / "results.json", json.dumps(
-        {"config": config, "machine": machine, "summary": summary,
+        {"config": config, "machine": machine, "summary": summary, "candidate_reward_by_round": by_round,
          "seeds": [f"seed-{s['seed']}/seed.json" for s in seeds]}, indent=1, default=str))
     write_atomic(out / "table.md", table)
 
 
-__all__ = ["online_table", "summarize_online", "write_online_report"]
+__all__ = ["online_table", "rounds_table", "summarize_online", "summarize_rounds", "write_online_report"]
