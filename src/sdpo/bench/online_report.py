@@ -67,7 +67,9 @@ def online_table(config: dict[str, Any], summary: dict[str, Any], machine: str) 
             versus = figures["versus_baseline"]
             cells.append("—" if versus["against"] == label
                          else f"{_fmt(versus['difference'])} [{_p(versus['p_value'])}]")
-        lines.append(f"| {label} | {_fmt(first['gain'])} | {_fmt(first['win_rate'])} | {cells[0]} | "
+        win = first["win_rate"]
+        lines.append(f"| {label} | {_fmt(first['gain'])} | {win['mean']:.3f} ± {(win['high'] - win['low']) / 2:.3f} | "
+                     f"{cells[0]} | "
                      f"{_fmt(second['gain'])} | {cells[1]} | {row['feature_distance']['mean']:.2f} | "
                      f"{row['wall_s']['mean']:.0f} |")
     return "\n".join(lines) + "\n"
