@@ -213,3 +213,24 @@ def test_analyze_weights_needs_a_cache_or_prompts(world, tmp_path, capsys):
     base, _ = world
     assert main(["analyze", "weights", "--family", "toy", "--pretrained", str(base), "--out", str(tmp_path)]) == 2
     assert "needs a cache of pairs (--cache) or prompts" in capsys.readouterr().err
+
+
+def test_the_readme_video_sweep_command_builds_the_config_it_describes():
+    """The README's video-world command, as typed: every flag and --set value parses into the sweep it
+    claims (run at full size it takes minutes, so only the config is built here)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sdpo.bench.cli import _bench_config
+    from sdpo.bench.methods import BenchConfig
+    from sdpo.cli import build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    typed = re.search(r"`(sdpo bench methods --world video.*?long_steps=0)`", readme, re.S).group(1)
+    words = shlex.split(typed.replace("\n", " "))[1:]
+    args = build_parser().parse_args(["--quiet", *words])
+    config = _bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench")
+    assert (config.world, config.seeds, config.long_steps) == ("video", 3, 0)
+    assert config.conditions == ("on-policy", "off-policy-far") and config.betas == (2000,)
+    assert [arm.label for arm in config.arms()] == ["diffusion-dpo@2000", "dpo-cm@2000", "sdpo@2000", "dpo+sft@2000"]
