@@ -18,12 +18,13 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdpo.objectives import METHODS, MethodConfig
 from sdpo.stages.evaluate import EVAL_SAMPLES_FILE, load_eval_samples, save_eval_samples
+from sdpo.toy.settings import WorldRunSettings
 from sdpo.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -39,11 +40,9 @@ DEMO_BETA = {"diffusion-dpo": 2000.0, "dpo-cm": 2000.0, "sdpo": 2000.0}
 
 
 @dataclass
-class DemoConfig:
-    """Settings of `sdpo demo`; every field is a command-line flag."""
+class DemoConfig(WorldRunSettings):
+    """Settings of `sdpo demo` (the world, data sizes, LoRA recipe and evaluation are ``WorldRunSettings``)."""
 
-    world: str = "image"
-    """Embedded world: "image" (8x8 digits, a UNet) or "video" (moving digits, a tiny video transformer)."""
     methods: tuple[str, ...] = ("sdpo",)
     """Methods to fine-tune and compare: any of diffusion-dpo, dpo-cm, sdpo."""
     steps: int = 300
@@ -56,24 +55,8 @@ class DemoConfig:
     """Output folder; replaced as a whole when the run succeeds."""
     pairs_per_digit: int = 32
     """Preference pairs per digit prompt (10 prompts)."""
-    samples_per_prompt: int = 4
-    """Candidates sampled per pair; the best and worst by reward form the pair."""
     eval_per_digit: int = 50
     """Held-out evaluation samples per digit, from seeds never used for pairs."""
-    batch_size: int = 16
-    """Pairs per optimizer step."""
-    learning_rate: float = 1e-3
-    """LoRA learning rate."""
-    lora_rank: int = 8
-    """LoRA rank."""
-    num_inference_steps: int = 25
-    """Sampler steps for pairs and evaluation (and the K of the importance weights)."""
-    cache_root: str | None = None
-    """Where the pretrained base model is cached (default $SDPO_CACHE or ~/.cache/sdpo)."""
-    toy_overrides: dict = field(default_factory=dict)
-    """Base-model config fields to override (ToyModelConfig or VideoToyConfig; tests use tiny ones)."""
-    progress: bool = True
-    """Show progress bars."""
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -81,16 +64,9 @@ class DemoConfig:
         self.methods = tuple(METHODS if "all" in self.methods else self.methods)
         for name in self.methods:
             MethodConfig.preset(name)  # raises a one-line error for an unknown method
-        from sdpo.toy.world import WORLDS
-
-        if self.world not in WORLDS:
-            raise ValueError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
-        for name in ("steps", "pairs_per_digit", "eval_per_digit", "batch_size", "num_inference_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be at least 2, got {self.samples_per_prompt}")
+        self.check_shared()
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.eval_per_digit < 2:
             raise ValueError("eval_per_digit must be at least 2 for confidence intervals")
 

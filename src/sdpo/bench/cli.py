@@ -72,6 +72,15 @@ def _speed(args: argparse.Namespace) -> None:
         print(f"bench: {out / 'speed.md'}")
 
 
+def _world_bench_flags(parser: argparse.ArgumentParser, quick: str, out: str, settings: str) -> None:
+    """The flags every embedded-world bench takes (read back by ``_bench_config``)."""
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", default=None, help=f"output folder (a rerun resumes it; default {out})")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=settings)
+    parser.add_argument("--toy", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="base-model config overrides of the world, e.g. --toy train_steps=10 (a tiny model)")
+
+
 def add_bench_commands(commands: Any) -> None:
     """Add `bench methods`, `bench online` and `bench speed` to the `sdpo` subcommands."""
     from sdpo.bench.speed import MODELS, SpeedConfig
@@ -81,27 +90,19 @@ def add_bench_commands(commands: Any) -> None:
 
     methods = kinds.add_parser("methods", help="the methods, baselines and variants over data conditions, betas "
                                                "and seeds on an embedded world, with seed-level statistics")
-    methods.add_argument("--quick", action="store_true", help="the test-sized sweep (about 2 minutes)")
+    _world_bench_flags(methods, "the test-sized sweep (about 2 minutes)", "outputs/bench-methods",
+                       "any other BenchConfig field, e.g. --set betas=[200,20000] long_steps=0 (values are YAML)")
     methods.add_argument("--world", choices=["image", "video"], default=None)
     methods.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 5)")
     methods.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 100)")
-    methods.add_argument("--out", default=None, help="output folder (a rerun resumes it; default outputs/bench-methods)")
-    methods.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                         help="any other BenchConfig field, e.g. --set betas=[200,20000] long_steps=0 (values are YAML)")
-    methods.add_argument("--toy", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                         help="base-model config overrides of the world, e.g. --toy train_steps=10 (a tiny model)")
     methods.set_defaults(func=_methods)
 
     online = kinds.add_parser("online", help="offline pairs from the base vs online rounds from the current policy, "
                                              "at the same candidates and steps, over seeds")
-    online.add_argument("--quick", action="store_true", help="the test-sized run (well under a minute)")
+    _world_bench_flags(online, "the test-sized run (well under a minute)", "outputs/bench-online",
+                       "any other OnlineBenchConfig field, e.g. --set steps_per_round=50 (values are YAML)")
     online.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
     online.add_argument("--rounds", type=int, default=None, help="rounds R (default 3)")
-    online.add_argument("--out", default=None, help="output folder (a rerun resumes it; default outputs/bench-online)")
-    online.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="any other OnlineBenchConfig field, e.g. --set steps_per_round=50 (values are YAML)")
-    online.add_argument("--toy", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="base-model config overrides of the world (e.g. a tiny model in the tests)")
     online.set_defaults(func=_online)
 
     speed = kinds.add_parser("speed", help="step time and peak memory: SFT on the winners vs the preference methods")

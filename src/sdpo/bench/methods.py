@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
-from sdpo.bench.settings import WorldBenchSettings
 from sdpo.objectives import METHODS, MethodConfig
+from sdpo.toy.settings import WorldRunSettings
 
 BASELINES: dict[str, str] = {
     "dpo+sft": "Diffusion-DPO plus an SFT term on the winners, sft_weight = beta/4 (as in Reg-DPO)",
@@ -72,9 +72,9 @@ def parse_variant(text: str, beta: float) -> Arm:
 
 
 @dataclass
-class BenchConfig(WorldBenchSettings):
+class BenchConfig(WorldRunSettings):
     """Settings of `sdpo bench methods` (the defaults are the full sweep; ``quick()`` the test-sized one);
-    the world, data sizes, LoRA recipe and evaluation are ``WorldBenchSettings``."""
+    the world, data sizes, LoRA recipe and evaluation are ``WorldRunSettings``."""
 
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     """Data conditions (sdpo.bench.conditions.CONDITIONS)."""
@@ -166,7 +166,8 @@ def _train_config(config: BenchConfig, arm: Arm, seed: int, steps: int, cache: P
 class _Context:
     """What every cell of one sweep shares: the world, its generators, rewards and real data."""
 
-    config: BenchConfig
+    config: Any
+    """The sweep's settings: a BenchConfig, or any WorldRunSettings with an ``out`` (`sdpo bench online`)."""
     world: Any
     generators: dict[str, Path]
     rewards: list[Any]
@@ -174,7 +175,9 @@ class _Context:
     out: Path
 
 
-def _context(config: BenchConfig) -> _Context:
+def _context(config: Any, weak: bool = True) -> _Context:
+    """The shared pieces of a sweep of ``config`` (WorldRunSettings with an ``out``); ``weak``: also the
+    weaker generator the off-policy conditions draw from."""
     from transformers.utils import logging as transformers_logging
 
     from sdpo.rewards.registry import load_reward
@@ -183,9 +186,11 @@ def _context(config: BenchConfig) -> _Context:
     transformers_logging.disable_progress_bar()  # one bar per loaded model, hundreds per sweep
     world = get_world(config.world, config.toy_overrides)
     base = world.pretrain(config.cache_root, config.progress)
-    weak_world = get_world(config.world, weak_overrides(config.toy_overrides, world.config.train_steps,
-                                                         world.config.seed))
-    generators = {"base": base, "weak": weak_world.pretrain(config.cache_root, config.progress)}
+    generators = {"base": base}
+    if weak:
+        weak_world = get_world(config.world, weak_overrides(config.toy_overrides, world.config.train_steps,
+                                                             world.config.seed))
+        generators["weak"] = weak_world.pretrain(config.cache_root, config.progress)
     held_out = (load_reward("digits", split="held_out", seed=1, hidden=32) if config.world == "image"
                 else load_reward("moving-digits", split="held_out", seed=1, hidden=32))
     return _Context(config, world, generators, [world.reward(), held_out], world.real("held_out"), Path(config.out))

@@ -27,18 +27,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdpo.bench.settings import WorldBenchSettings
 from sdpo.objectives import METHODS
+from sdpo.toy.settings import WorldRunSettings
 
 SOURCES = ("offline", "online")
 """Where an arm's pairs come from: the base model only, or each round's current policy."""
 
 
 @dataclass
-class OnlineBenchConfig(WorldBenchSettings):
+class OnlineBenchConfig(WorldRunSettings):
     """Settings of `sdpo bench online` (the defaults are the full run; ``quick()`` the test-sized one); the
     world, data sizes (``samples_per_prompt`` is K per round), LoRA recipe and evaluation are
-    ``WorldBenchSettings``."""
+    ``WorldRunSettings``."""
 
     methods: tuple[str, ...] = ("diffusion-dpo", "sdpo")
     """Methods trained from each source (MethodConfig presets)."""
@@ -87,18 +87,6 @@ class OnlineBenchConfig(WorldBenchSettings):
                 "lr_schedule": "constant_with_warmup", "lr_warmup_steps": min(20, self.steps_per_round // 10),
                 "train_batch_size": self.batch_size, "log_every": 1, "seed": seed, "report_to": "none",
                 "checkpoint_every": 0}
-
-
-def _methods_context(config: OnlineBenchConfig) -> Any:
-    """The world, base model, scorers and real data, shared with `sdpo bench methods`' evaluation."""
-    from sdpo.bench.methods import BenchConfig, _context
-
-    methods = BenchConfig(world=config.world, conditions=("on-policy",), betas=(config.beta,),
-                          default_beta=config.beta, baselines=(), variants=(), long_steps=0,
-                          eval_per_digit=config.eval_per_digit, num_inference_steps=config.num_inference_steps,
-                          out=config.out, cache_root=config.cache_root, toy_overrides=config.toy_overrides,
-                          progress=config.progress)
-    return _context(methods)
 
 
 def _offline_cache(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) -> Path:
@@ -212,12 +200,12 @@ def candidate_rewards(config: OnlineBenchConfig, seed: int) -> dict[str, list[fl
 
 def run_online_bench(config: OnlineBenchConfig) -> Path:
     """Run (or resume) every seed and write results.json and table.md; returns the output folder."""
-    from sdpo.bench.methods import claim_folder
+    from sdpo.bench.methods import _context, claim_folder
     from sdpo.bench.online_report import write_online_report
 
     out = Path(config.out)
     claim_folder(out, asdict(config))
-    context = _methods_context(config)
+    context = _context(config, weak=False)  # the world, base, scorers and real data of `sdpo bench methods`
     seeds = [_run_seed(context, config, seed) for seed in range(config.seeds)]
     rounds = [candidate_rewards(config, seed) for seed in range(config.seeds)]
     write_online_report(out, asdict(config), config.labels(), seeds, rounds)

@@ -1,4 +1,5 @@
-"""What every benchmark on an embedded world shares: the world, its data sizes, the LoRA recipe, evaluation."""
+"""What every run on an embedded world shares (`sdpo demo`, `sdpo bench methods`, `sdpo bench online`):
+the world, its data sizes, the LoRA recipe and the evaluation size."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 
 @dataclass
-class WorldBenchSettings:
-    """Settings shared by `sdpo bench methods` and `sdpo bench online` (validated by ``check_shared``)."""
+class WorldRunSettings:
+    """Settings shared by the demo and the benchmarks (validated by ``check_shared``)."""
 
     world: str = "image"
     """Embedded world: "image" or "video"."""
@@ -49,4 +50,4 @@ class WorldBenchSettings:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 
 
-__all__ = ["WorldBenchSettings"]
+__all__ = ["WorldRunSettings"]
