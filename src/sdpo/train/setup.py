@@ -8,6 +8,7 @@ import copy
 import json
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,9 +99,10 @@ class _Run:
 def _check_writable(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A probe of its own per process: with one shared name, one process could delete the file
+        # another had just written, and that process's unlink then failed as "not writable".
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
     except OSError as error:
         raise PermissionError(f"output folder is not writable: {output_dir} ({error.strerror})") from error
 
