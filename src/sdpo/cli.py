@@ -1,7 +1,8 @@
 """The `sdpo` command line. Thin: it parses arguments and calls the library.
 
-A user mistake (bad value, missing file, unwritable folder, corrupt cache) ends with one line on
-stderr and exit status 2, never a traceback.
+A user mistake (an `SdpoError`: bad value, missing file, used folder, corrupt cache) and an OSError
+on a user's path (read-only, disk full, not a directory) end with one line on stderr and exit status
+2; `--debug` adds the traceback. Anything else is a bug and keeps its traceback (exit status 1).
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from sdpo.cli_helpers import DTYPES
+from sdpo.errors import USER_ERRNOS, InputError, SdpoError, describe_os_error
 from sdpo.objectives import METHODS
-
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -78,13 +79,13 @@ def _precompute(args: argparse.Namespace) -> None:
 
     media_format = media_format_from(args)
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     buckets = None
     if args.buckets is not None:  # the sizes now; that they suit the model's spatial factor once it is loaded
         try:
             buckets = check_buckets(args.buckets)
         except ValueError as error:
-            raise ValueError(f"--buckets: {error}") from None
+            raise InputError(f"--buckets: {error}") from None
     # Every check that needs no model comes before the model loads: a mistake costs seconds, not minutes.
     check_out_dir(args.out, args.overwrite)
     if not os.path.isdir(args.pretrained) and not _HUB_ID.fullmatch(args.pretrained):
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="sdpo", description="Preference fine-tuning of diffusion models.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="offline end-to-end run on the embedded digits world")
@@ -208,9 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as error:
-        print(f"sdpo: error: {error}", file=sys.stderr)
-        return 2
+    except SdpoError as error:
+        return _user_error(str(error), args.debug)
+    except OSError as error:
+        if error.errno not in USER_ERRNOS:
+            raise
+        return _user_error(describe_os_error(error), args.debug)
     except StoppedEarly as stop:
         print(f"sdpo: {stop}", file=sys.stderr)
         return STOPPED_EXIT_CODE
@@ -218,6 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sdpo: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _user_error(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"sdpo: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sdpo.errors import InputError
+
 DTYPES = ("fp32", "bf16", "fp16")
 """Choices of the --dtype flags."""
 
@@ -16,7 +18,7 @@ def media_format_from(args: argparse.Namespace) -> Any:
     if not (args.height or args.width or args.frames):
         return None
     if not (args.height and args.width):
-        raise ValueError("--height and --width go together")
+        raise InputError("--height and --width go together")
     check_frames_flag(args.family, args.frames)
     return MediaFormat(channels=3, height=args.height, width=args.width, frames=args.frames)
 
@@ -30,9 +32,9 @@ def check_frames_flag(family: str, frames: int | None) -> None:
     if default is None:  # an embedded world checks the size against its own folder
         return
     if frames and default.frames is None:
-        raise ValueError(f"--frames is for video models; the {family} model makes images: drop --frames")
+        raise InputError(f"--frames is for video models; the {family} model makes images: drop --frames")
     if not frames and default.frames is not None:
-        raise ValueError(f"the {family} model makes videos: give --frames with --height and --width "
+        raise InputError(f"the {family} model makes videos: give --frames with --height and --width "
                          f"(e.g. --frames {default.frames})")
 
 
@@ -54,6 +56,6 @@ def load_spec_from(args: argparse.Namespace, media_format: Any, *, encoders_only
         spec.denoiser.to(device)
     if args.vae_tiling:
         if not hasattr(getattr(spec, "vae", None), "enable_tiling"):
-            raise ValueError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
+            raise InputError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
         spec.vae.enable_tiling()
     return spec

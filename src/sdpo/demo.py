@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sdpo.errors import InputError, UnwritableError
 from sdpo.objectives import METHODS, MethodConfig
 from sdpo.stages.evaluate import EVAL_SAMPLES_FILE, load_eval_samples, save_eval_samples
 from sdpo.toy.settings import WorldRunSettings
@@ -66,9 +67,9 @@ class DemoConfig(WorldRunSettings):
             MethodConfig.preset(name)  # raises a one-line error for an unknown method
         self.check_shared()
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
         if self.eval_per_digit < 2:
-            raise ValueError("eval_per_digit must be at least 2 for confidence intervals")
+            raise InputError("eval_per_digit must be at least 2 for confidence intervals")
 
     def train_config(self, method: str, output_dir: Path) -> TrainConfig:
         """The TrainConfig of one method's fine-tuning run."""
@@ -101,7 +102,7 @@ def _prepare_output(out: Path) -> Path:
         staging = parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
     except OSError as error:
-        raise PermissionError(f"output folder is not writable: {out} ({error.strerror})") from error
+        raise UnwritableError(f"output folder is not writable: {out} ({error.strerror})") from error
     return staging
 
 

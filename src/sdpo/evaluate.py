@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
+
 Z_95 = 1.959963984540054
 
 
@@ -53,7 +55,7 @@ def mean_interval(values: Tensor) -> Interval:
     values = values.double().flatten()
     n = values.numel()
     if n < 2:
-        raise ValueError("need at least two paired samples for an interval")
+        raise InputError("need at least two paired samples for an interval")
     mean = values.mean().item()
     half = Z_95 * values.std(unbiased=True).item() / math.sqrt(n)
     return Interval(mean, mean - half, mean + half)
@@ -62,7 +64,7 @@ def mean_interval(values: Tensor) -> Interval:
 def wilson_interval(successes: float, n: int) -> Interval:
     """Wilson score interval for a proportion (successes may be fractional when ties count half)."""
     if n < 1:
-        raise ValueError("need at least one trial")
+        raise InputError("need at least one trial")
     p = successes / n
     denominator = 1 + Z_95**2 / n
     centre = (p + Z_95**2 / (2 * n)) / denominator
@@ -73,11 +75,11 @@ def wilson_interval(successes: float, n: int) -> Interval:
 def compare(base_scores: Tensor, tuned_scores: Tensor) -> Comparison:
     """Paired comparison of per-sample rewards of the base and the tuned model."""
     if base_scores.shape != tuned_scores.shape or base_scores.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"base and tuned scores must be 1-D and paired, got {tuple(base_scores.shape)} and {tuple(tuned_scores.shape)}"
         )
     if not (torch.isfinite(base_scores).all() and torch.isfinite(tuned_scores).all()):
-        raise ValueError("scores contain NaN or infinity")
+        raise InputError("scores contain NaN or infinity")
     base, tuned = base_scores.double(), tuned_scores.double()
     wins = (tuned > base).double().sum().item()
     ties = (tuned == base).double().sum().item()

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from sdpo.errors import InputError
+
 
 @dataclass
 class WeightAnalysis:
@@ -84,11 +86,11 @@ def analyze_weights(
 ) -> WeightAnalysis:
     """Profiles of the base model (and of the ``lora`` run loaded on it) on ``cache`` and/or fresh samples."""
     if cache is None and not prompts:
-        raise ValueError("analyze weights needs a cache of pairs (--cache) or prompts for fresh samples (--prompts)")
+        raise InputError("analyze weights needs a cache of pairs (--cache) or prompts for fresh samples (--prompts)")
     if grid_points < 2:
-        raise ValueError(f"grid points must be at least 2, got {grid_points}")
+        raise InputError(f"grid points must be at least 2, got {grid_points}")
     if any(k < 1 for k in ks):
-        raise ValueError(f"K must be at least 1, got {list(ks)}")
+        raise InputError(f"K must be at least 1, got {list(ks)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(spec.denoiser.parameters()).device

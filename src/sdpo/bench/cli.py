@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sdpo.errors import InputError
+
 
 def _key_values(items: list[str], flag: str) -> dict[str, Any]:
     import yaml
@@ -16,7 +18,7 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
     for text in items:
         key, equals, value = text.partition("=")
         if not equals or not key.strip():
-            raise ValueError(f"{flag} expects KEY=VALUE, got {text!r}")
+            raise InputError(f"{flag} expects KEY=VALUE, got {text!r}")
         found[key.strip()] = yaml.safe_load(value)
     return found
 
@@ -29,7 +31,7 @@ def _bench_config(args: argparse.Namespace, cls: Any, flags: tuple[str, ...], wh
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise ValueError(f"--set {unknown[0]}: not a {what} setting; known: {', '.join(sorted(known))}")
+        raise InputError(f"--set {unknown[0]}: not a {what} setting; known: {', '.join(sorted(known))}")
     for flag in flags:
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdpo.errors import InputError
+
 if TYPE_CHECKING:
     from sdpo.toy.world import World
 
@@ -58,7 +60,7 @@ def condition_cache(
     from sdpo.stages.score import score
 
     if condition not in CONDITIONS:
-        raise ValueError(f"unknown condition {condition!r}; choose one of {', '.join(CONDITIONS)}")
+        raise InputError(f"unknown condition {condition!r}; choose one of {', '.join(CONDITIONS)}")
     cache = folder / f"cache-{condition}"
     if (cache / "manifest.json").is_file():  # written last: the cache is complete
         return cache

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
+from sdpo.errors import InputError
 from sdpo.objectives import METHODS, MethodConfig
 from sdpo.toy.settings import WorldRunSettings
 
@@ -59,12 +60,12 @@ def parse_variant(text: str, beta: float) -> Arm:
 
     method, _, rest = text.partition(":")
     if method not in METHODS:
-        raise ValueError(f"variant {text!r}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"variant {text!r}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     settings = []
     for item in filter(None, rest.split(",")):
         key, equals, value = item.partition("=")
         if not equals:
-            raise ValueError(f"variant {text!r}: expected key=value, got {item!r}")
+            raise InputError(f"variant {text!r}: expected key=value, got {item!r}")
         settings.append((key.strip(), yaml.safe_load(value)))
     arm = Arm(text, method, beta, tuple(settings))
     arm.method_config(50)  # one clear error for an unknown or invalid setting
@@ -109,23 +110,23 @@ class BenchConfig(WorldRunSettings):
         self.betas, self.baselines, self.variants = tuple(self.betas), tuple(self.baselines), tuple(self.variants)
         for name in self.conditions:
             if name not in CONDITIONS:
-                raise ValueError(f"unknown condition {name!r}; choose one of {', '.join(CONDITIONS)}")
+                raise InputError(f"unknown condition {name!r}; choose one of {', '.join(CONDITIONS)}")
         for name in self.baselines:
             if name not in BASELINES:
-                raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+                raise InputError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
         if len(self.betas) < 1 or self.default_beta not in self.betas:
-            raise ValueError(f"default_beta {self.default_beta:g} must be one of the betas {list(self.betas)}: "
+            raise InputError(f"default_beta {self.default_beta:g} must be one of the betas {list(self.betas)}: "
                              "the baselines are compared with Diffusion-DPO there")
         if "diffusion-dpo" not in self.methods:
-            raise ValueError("methods must include diffusion-dpo: every row is compared with it")
+            raise InputError("methods must include diffusion-dpo: every row is compared with it")
         for name in ("seeds", "steps", "long_every", "long_seeds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if self.long_steps < 0 or (self.long_steps and self.long_steps % self.long_every):
-            raise ValueError(f"long_steps must be a multiple of long_every ({self.long_every}), got {self.long_steps}")
+            raise InputError(f"long_steps must be a multiple of long_every ({self.long_every}), got {self.long_steps}")
         if self.long_steps and self.long_condition not in self.conditions:
-            raise ValueError(f"long_condition {self.long_condition!r} is not among the conditions")
+            raise InputError(f"long_condition {self.long_condition!r} is not among the conditions")
         self.arms()  # every arm's method settings are validated now, before any work
 
     @classmethod
@@ -307,11 +308,11 @@ def claim_folder(out: Path, config: dict[str, Any]) -> None:
         held = json.loads(path.read_text())
         changed = [f"{k}: {held.get(k)!r} -> {v!r}" for k, v in settings.items() if held.get(k) != v]
         if changed:
-            raise ValueError(f"{out} holds a sweep with other settings ({'; '.join(changed[:3])}); "
+            raise InputError(f"{out} holds a sweep with other settings ({'; '.join(changed[:3])}); "
                              "use another --out")
         return
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not a bench folder; use another --out")
+        raise InputError(f"{out} exists and is not a bench folder; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(settings, indent=1))
 

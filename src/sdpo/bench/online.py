@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sdpo.errors import InputError
 from sdpo.objectives import METHODS
 from sdpo.toy.settings import WorldRunSettings
 
@@ -57,16 +58,16 @@ class OnlineBenchConfig(WorldRunSettings):
         self.check_shared()
         self.methods = tuple(self.methods)
         if not self.methods:
-            raise ValueError("methods must name at least one method")
+            raise InputError("methods must name at least one method")
         for name in self.methods:
             if name not in METHODS:
-                raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+                raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
         for name in ("seeds", "rounds", "steps_per_round"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.beta > 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+            raise InputError(f"beta must be positive, got {self.beta}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> OnlineBenchConfig:

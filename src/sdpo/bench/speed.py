@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from sdpo.errors import InputError
+
 ARMS = ("sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo")
 """Step kinds, in table order; the last three are MethodConfig presets."""
 SFT_ARMS = frozenset({"sft", "sft-pairs"})
@@ -79,12 +81,12 @@ class SpeedConfig:
         self.models = tuple(self.models)
         unknown = [name for name in self.models if name not in MODELS]
         if unknown or not self.models:
-            raise ValueError(f"unknown model {unknown[0] if unknown else '(none)'}; choose from {', '.join(MODELS)}")
+            raise InputError(f"unknown model {unknown[0] if unknown else '(none)'}; choose from {', '.join(MODELS)}")
         for name in ("batch_size", "steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 1:
-            raise ValueError(f"warmup must be at least 1 (the first step pays one-off costs), got {self.warmup}")
+            raise InputError(f"warmup must be at least 1 (the first step pays one-off costs), got {self.warmup}")
 
 
 def _model_folder(name: str, work: Path) -> tuple[str, Path]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sdpo.errors import InputError
+
 
 def _incomplete_beta_fraction(a: float, b: float, x: float) -> float:
     """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
@@ -31,7 +33,7 @@ def _incomplete_beta_fraction(a: float, b: float, x: float) -> float:
 def regularized_beta(a: float, b: float, x: float) -> float:
     """I_x(a, b), the regularised incomplete beta function, for a, b > 0 and x in [0, 1]."""
     if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must be in [0, 1], got {x}")
+        raise InputError(f"x must be in [0, 1], got {x}")
     if x in (0.0, 1.0):
         return x
     log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
@@ -43,7 +45,7 @@ def regularized_beta(a: float, b: float, x: float) -> float:
 def t_two_sided_p(t: float, df: int) -> float:
     """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom."""
     if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+        raise InputError(f"degrees of freedom must be >= 1, got {df}")
     if math.isinf(t):
         return 0.0
     return regularized_beta(df / 2.0, 0.5, df / (df + t * t))
@@ -52,7 +54,7 @@ def t_two_sided_p(t: float, df: int) -> float:
 def t_quantile(probability: float, df: int) -> float:
     """The ``probability`` quantile (> 0.5) of Student's t, by bisection on the two-sided p-value."""
     if not 0.5 < probability < 1.0:
-        raise ValueError(f"probability must be in (0.5, 1), got {probability}")
+        raise InputError(f"probability must be in (0.5, 1), got {probability}")
     target = 2.0 * (1.0 - probability)
     low, high = 0.0, 1.0
     while t_two_sided_p(high, df) > target:
@@ -87,7 +89,7 @@ def seed_interval(values: list[float]) -> SeedInterval:
     """Mean of per-seed values with a 95% t interval."""
     n = len(values)
     if n == 0:
-        raise ValueError("need at least one value")
+        raise InputError("need at least one value")
     mean = sum(values) / n
     if n < 2:
         return SeedInterval(mean, 0.0, n)
@@ -108,7 +110,7 @@ class PairedTest:
 def paired_test(values: list[float], baseline: list[float]) -> PairedTest:
     """The paired t-test of ``values`` against ``baseline`` (same seeds, same order)."""
     if len(values) != len(baseline):
-        raise ValueError(f"paired values need equal lengths, got {len(values)} and {len(baseline)}")
+        raise InputError(f"paired values need equal lengths, got {len(values)} and {len(baseline)}")
     differences = [v - b for v, b in zip(values, baseline, strict=True)]
     interval = seed_interval(differences)
     n = len(differences)

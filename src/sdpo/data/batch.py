@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
+
 
 @dataclass
 class Pair:
@@ -57,15 +59,15 @@ class PairBatch:
     def collate(cls, items: Sequence[Pair]) -> PairBatch:
         """Stack pairs into a batch (usable as a DataLoader ``collate_fn``); all must share condition keys."""
         if not items:
-            raise ValueError("cannot collate an empty list of pairs")
+            raise InputError("cannot collate an empty list of pairs")
         keys = set(items[0].conditions)
         for item in items[1:]:
             if set(item.conditions) != keys:
-                raise ValueError(f"pairs with different conditioning keys: {sorted(keys)} and {sorted(item.conditions)}")
+                raise InputError(f"pairs with different conditioning keys: {sorted(keys)} and {sorted(item.conditions)}")
         with_gaps = all(item.gap is not None for item in items)
         with_std = [item.chosen_std is not None and item.rejected_std is not None for item in items]
         if any(with_std) and not all(with_std):
-            raise ValueError("pairs with and without latent std cannot be collated into one batch")
+            raise InputError("pairs with and without latent std cannot be collated into one batch")
         return cls(
             chosen=torch.stack([item.chosen for item in items]),
             rejected=torch.stack([item.rejected for item in items]),

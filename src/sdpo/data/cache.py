@@ -63,6 +63,7 @@ from sdpo.data.pairs import (
     check_policy,
     media_kind,
 )
+from sdpo.errors import InputError
 from sdpo.files import fsync_dir, write_atomic
 from sdpo.models.base import MediaFormat
 
@@ -174,14 +175,14 @@ def precompute(
     pairs = pairs if isinstance(pairs, PairList) else PairList(pairs)
     out_dir = Path(out_dir)
     if not pairs:
-        raise ValueError("no pairs to precompute")
+        raise InputError("no pairs to precompute")
     if batch_size < 1 or shard_size < 1:
-        raise ValueError(f"batch_size and shard_size must be at least 1, got {batch_size} and {shard_size}")
+        raise InputError(f"batch_size and shard_size must be at least 1, got {batch_size} and {shard_size}")
     extra = dict(extra_manifest or {})
     try:
         json.dumps(extra)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"extra_manifest is not JSON-serialisable: {error}") from None
+        raise InputError(f"extra_manifest is not JSON-serialisable: {error}") from None
     _check_out_dir(out_dir, overwrite)
     media_format = spec.media_format
     if buckets is not None:
@@ -251,7 +252,7 @@ def _manifest(spec: MediaEncoder, writer: _ShardWriter, pairs: PairList, extra: 
         manifest["tensors"] = next(b["tensors"] for b in manifest["buckets"] if b["num_pairs"])
         kinds = {json.dumps({n: i["dtype"] for n, i in b["tensors"].items()}, sort_keys=True) for b in manifest["buckets"] if b["num_pairs"]}
         if len(kinds) > 1:  # readers take the tensor names and dtypes of one bucket for all
-            raise ValueError(f"the spec returned other tensors or dtypes for different buckets: {sorted(kinds)}")
+            raise InputError(f"the spec returned other tensors or dtypes for different buckets: {sorted(kinds)}")
     return manifest
 
 
@@ -330,7 +331,7 @@ def _check_kinds(pairs: Sequence[PreferencePair], media_format: MediaFormat, fam
         for side in ("chosen", "rejected"):
             kind = media_kind(getattr(pair, side))
             if kind != wanted:
-                raise ValueError(f"{pair.where or f'pair {number}'}: {side} is {kind} but {family} takes {wanted}s")
+                raise InputError(f"{pair.where or f'pair {number}'}: {side} is {kind} but {family} takes {wanted}s")
 
 
 def _swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
@@ -432,7 +433,7 @@ def _encode_batch(spec: MediaEncoder, batch: list[PreferencePair], pixels: list[
             tensors[name] = _checked(mean, len(batch), "encode_media_moments")
             tensors[std_name] = _checked(std, len(batch), "encode_media_moments")
             if tensors[std_name].shape != tensors[name].shape:
-                raise ValueError(f"encode_media_moments returned a std of shape {tuple(std.shape)} for a mean "
+                raise InputError(f"encode_media_moments returned a std of shape {tuple(std.shape)} for a mean "
                                  f"of shape {tuple(mean.shape)}")
         else:
             tensors[name] = _checked(spec.encode_media(media), len(batch), "encode_media")
@@ -448,12 +449,12 @@ def _encode_prompts(spec: MediaEncoder, prompts: list[str]) -> dict[str, Tensor]
     unique = list(dict.fromkeys(prompts))
     conditions = spec.encode_prompts(unique)
     if not isinstance(conditions, Mapping) or not conditions:
-        raise ValueError(f"encode_prompts must return a non-empty dict of tensors, got {type(conditions).__name__}")
+        raise InputError(f"encode_prompts must return a non-empty dict of tensors, got {type(conditions).__name__}")
     index = torch.tensor([unique.index(prompt) for prompt in prompts])
     expanded = {}
     for key, value in conditions.items():
         if not isinstance(key, str) or not key:
-            raise ValueError(f"encode_prompts returned a non-string key {key!r}")
+            raise InputError(f"encode_prompts returned a non-string key {key!r}")
         value = _checked(value, len(unique), f"encode_prompts[{key!r}]")
         expanded[key] = value.index_select(0, index)
     return expanded
@@ -465,7 +466,7 @@ def _check_encoded_finite(tensors: Mapping[str, Tensor], batch: Sequence[Prefere
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = sorted({int(i) for i in (~torch.isfinite(value)).reshape(len(batch), -1).any(1).nonzero()[:, 0]})
             where = ", ".join(_pair_where(batch[i]) for i in bad[:3]) + (" ..." if len(bad) > 3 else "")
-            raise ValueError(
+            raise InputError(
                 f"the encoder returned non-finite values (NaN/inf) in {name} for {where}: an fp16 VAE can "
                 f"overflow, try --dtype fp32 or bf16"
             )
@@ -477,9 +478,9 @@ def _pair_where(pair: PreferencePair) -> str:
 
 def _checked(value: Any, batch: int, what: str) -> Tensor:
     if not isinstance(value, Tensor):
-        raise ValueError(f"{what} must return a tensor, got {type(value).__name__}")
+        raise InputError(f"{what} must return a tensor, got {type(value).__name__}")
     if value.dim() == 0 or value.shape[0] != batch:
-        raise ValueError(f"{what} returned shape {tuple(value.shape)}, expected a leading batch dimension of {batch}")
+        raise InputError(f"{what} returned shape {tuple(value.shape)}, expected a leading batch dimension of {batch}")
     return value.detach().to("cpu").contiguous()
 
 
@@ -510,11 +511,11 @@ class _ShardWriter:
                 name: {"shape": list(value.shape[1:]), "dtype": _dtype_name(value.dtype)} for name, value in tensors.items()
             }
         elif set(tensors) != set(self.tensor_info):
-            raise ValueError(f"the spec returned tensors {sorted(tensors)} after {sorted(self.tensor_info)} for earlier batches")
+            raise InputError(f"the spec returned tensors {sorted(tensors)} after {sorted(self.tensor_info)} for earlier batches")
         for name, value in tensors.items():
             info = self.tensor_info[name]
             if list(value.shape[1:]) != info["shape"] or _dtype_name(value.dtype) != info["dtype"]:
-                raise ValueError(
+                raise InputError(
                     f"{name}: the spec returned per-pair shape {list(value.shape[1:])} {_dtype_name(value.dtype)} "
                     f"after {info['shape']} {info['dtype']} for earlier batches (all pairs must match)"
                 )

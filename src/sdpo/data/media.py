@@ -40,6 +40,7 @@ from sdpo.data.pairs import (
     raise_problems,
     read_pairs,
 )
+from sdpo.errors import InputError, MissingFileError
 from sdpo.models.base import MediaFormat
 
 _EXIF_ORIENTATION = 0x0112
@@ -51,7 +52,7 @@ _EXIF_ORIENTATION = 0x0112
 def resize_center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
     """Resize (bicubic, keeping the aspect ratio) so the image covers ``height`` x ``width``, then crop the centre."""
     if height < 1 or width < 1:
-        raise ValueError(f"target size must be positive, got {height}x{width}")
+        raise InputError(f"target size must be positive, got {height}x{width}")
     src_w, src_h = image.size
     if (src_w, src_h) != (width, height):
         scale = max(height / src_h, width / src_w)
@@ -66,7 +67,7 @@ def resize_center_crop(image: Image.Image, height: int, width: int) -> Image.Ima
 def image_to_tensor(image: Image.Image, channels: int = 3) -> Tensor:
     """A PIL image as float32 ``(channels, H, W)`` in [-1, 1]; transparency is composited onto white."""
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+        raise InputError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Dropping alpha would turn transparent areas into whatever colour the pixels hold (often
         # black); generated images with alpha are meant to be seen on a light background.
@@ -87,13 +88,13 @@ def open_image(ref: MediaRef) -> Image.Image:
     else:
         source = Path(ref)
         if not source.is_file():
-            raise FileNotFoundError(f"image not found: {source}")
+            raise MissingFileError(f"image not found: {source}")
     try:
         image = Image.open(source)
         image.load()
         image = ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for a broken file
-        raise ValueError(f"cannot read image {_describe(ref)}: {_one_line(error)}") from None
+        raise InputError(f"cannot read image {_describe(ref)}: {_one_line(error)}") from None
     if image.mode.startswith("I;16") or image.mode == "I":
         # Pillow's 16/32-bit to 8-bit conversion clips instead of scaling: 16-bit PNGs would turn white.
         array = np.asarray(image, dtype=np.float64)
@@ -121,12 +122,12 @@ def sample_frame_indices(total: int, frames: int, *, pad_frames: bool = False) -
     and repeats the last one.
     """
     if frames < 1:
-        raise ValueError(f"frames must be at least 1, got {frames}")
+        raise InputError(f"frames must be at least 1, got {frames}")
     if total < 1:
-        raise ValueError("the clip has no frames")
+        raise InputError("the clip has no frames")
     if total < frames:
         if not pad_frames:
-            raise ValueError(
+            raise InputError(
                 f"the clip has {total} frames but {frames} are needed (pad_frames=True, --pad-frames on the command line, repeats its last frame)"
             )
         return list(range(total)) + [total - 1] * (frames - total)
@@ -145,7 +146,7 @@ def load_video(
     ``ref`` is a video file (mp4, webm, gif; read with imageio) or a folder of frame images.
     """
     if media_format.frames is None:
-        raise ValueError(f"{_describe(ref)} is a video but the model takes images (media_format.frames is None)")
+        raise InputError(f"{_describe(ref)} is a video but the model takes images (media_format.frames is None)")
     height, width = size or (media_format.height, media_format.width)
     channels = media_format.channels
     path = Path(ref)
@@ -154,23 +155,23 @@ def load_video(
         try:
             indices = sample_frame_indices(len(files), media_format.frames, pad_frames=pad_frames)
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise InputError(f"{path}: {error}") from None
         # A repeated index (padding) is decoded once.
         decoded = {i: _frame_tensor(open_image(files[i]), height, width, channels) for i in set(indices)}
         return torch.stack([decoded[i] for i in indices])
     if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
+        raise MissingFileError(f"video not found: {path}")
     try:
         total = _count_frames(path)
     except Exception as error:  # noqa: BLE001 - imageio/ffmpeg raise OSError, RuntimeError, ...
-        raise ValueError(f"cannot read video {path}: {_one_line(error)}") from None
+        raise InputError(f"cannot read video {path}: {_one_line(error)}") from None
     indices = _video_indices(path, total, media_format.frames, pad_frames)
     decoded, seen = _decode_frames(path, set(indices), height, width, channels)
     if len(decoded) < len(set(indices)):
         # The counted and the decoded frame counts disagree (a damaged stream): sample again from
         # the frames that really decode rather than return a clip with holes.
         if seen == 0:
-            raise ValueError(f"cannot decode video {path}: no frames")
+            raise InputError(f"cannot decode video {path}: no frames")
         indices = _video_indices(path, seen, media_format.frames, pad_frames)
         decoded, _ = _decode_frames(path, set(indices), height, width, channels)
     return torch.stack([decoded[i] for i in indices])
@@ -195,7 +196,7 @@ def _video_indices(path: Path, total: int, frames: int, pad_frames: bool) -> lis
     try:
         return sample_frame_indices(total, frames, pad_frames=pad_frames)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise InputError(f"{path}: {error}") from None
 
 
 def _decode_frames(
@@ -214,7 +215,7 @@ def _decode_frames(
                 if len(decoded) == len(wanted):
                     break  # closing the iterator stops ffmpeg without decoding the rest
     except Exception as error:  # noqa: BLE001
-        raise ValueError(f"cannot decode video {path}: {_one_line(error)}") from None
+        raise InputError(f"cannot decode video {path}: {_one_line(error)}") from None
     return decoded, seen
 
 
@@ -228,10 +229,10 @@ def load_media(
     kind = media_kind(ref)
     if media_format.frames is None:
         if kind != "image":
-            raise ValueError(f"{_describe(ref)} is a video but the model takes images")
+            raise InputError(f"{_describe(ref)} is a video but the model takes images")
         return load_image(ref, media_format, size=size)
     if kind != "video":
-        raise ValueError(f"{_describe(ref)} is an image but the model takes {media_format.frames}-frame clips")
+        raise InputError(f"{_describe(ref)} is an image but the model takes {media_format.frames}-frame clips")
     return load_video(ref, media_format, size=size, pad_frames=pad_frames)
 
 
@@ -284,7 +285,7 @@ def check_media(ref: MediaRef, frames: int | None = None, *, pad_frames: bool = 
             _check_image(files[index])
         return
     if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
+        raise MissingFileError(f"video not found: {path}")
     total = count_video_frames(path)
     if frames:
         _video_indices(path, total, frames, pad_frames)
@@ -390,7 +391,7 @@ def _pair_problem(
 
 def _check_image(ref: MediaRef) -> None:
     if isinstance(ref, (Path, str)) and not Path(ref).is_file():
-        raise FileNotFoundError(f"image not found: {ref}")
+        raise MissingFileError(f"image not found: {ref}")
     try:
         source: Any = io.BytesIO(_parquet_bytes(ref)) if isinstance(ref, ParquetImage) else (
             io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else Path(ref))  # fmt: skip
@@ -404,7 +405,7 @@ def _check_image(ref: MediaRef) -> None:
     except ValueError:
         raise
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for a broken file
-        raise ValueError(f"cannot read image {_describe(ref)}: {_one_line(error)}") from None
+        raise InputError(f"cannot read image {_describe(ref)}: {_one_line(error)}") from None
 
 
 def count_video_frames(path: str | os.PathLike[str]) -> int:
@@ -419,17 +420,17 @@ def count_video_frames(path: str | os.PathLike[str]) -> int:
         try:
             return int(iio.improps(path).shape[0])
         except Exception as error:  # noqa: BLE001
-            raise ValueError(f"cannot read video {path}: {_one_line(error)}") from None
+            raise InputError(f"cannot read video {path}: {_one_line(error)}") from None
     import imageio_ffmpeg
 
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
                "-c", "copy", "-f", "null", "-", "-progress", "pipe:1"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, check=False)
     if result.returncode != 0:
-        raise ValueError(f"cannot read video {path}: {ffmpeg_reason(result.stderr.decode(errors='replace'))}")
+        raise InputError(f"cannot read video {path}: {ffmpeg_reason(result.stderr.decode(errors='replace'))}")
     counts = [line for line in result.stdout.decode(errors="replace").splitlines() if line.startswith("frame=")]
     if not counts or not counts[-1].removeprefix("frame=").strip().isdigit():
-        raise ValueError(f"cannot read video {path}: ffmpeg reported no frame count")
+        raise InputError(f"cannot read video {path}: ffmpeg reported no frame count")
     return int(counts[-1].removeprefix("frame=").strip())
 
 
@@ -469,7 +470,7 @@ def parse_bucket(text: str) -> tuple[int, int]:
     """``(height, width)`` of a bucket written ``HEIGHTxWIDTH`` ("448x576": 448 high, 576 wide)."""
     found = _BUCKET.match(str(text))
     if found is None:
-        raise ValueError(f"bucket {text!r} is not HEIGHTxWIDTH in pixels (such as 448x576)")
+        raise InputError(f"bucket {text!r} is not HEIGHTxWIDTH in pixels (such as 448x576)")
     return int(found.group(1)), int(found.group(2))
 
 
@@ -481,22 +482,22 @@ def check_buckets(buckets: Sequence[tuple[int, int]], multiple: int | None = Non
     latents have whole-numbered sides; a bucket may not appear twice, and the list may not be empty.
     """
     if not buckets:
-        raise ValueError("buckets must list at least one HEIGHTxWIDTH size")
+        raise InputError("buckets must list at least one HEIGHTxWIDTH size")
     checked: list[tuple[int, int]] = []
     for bucket in buckets:
         if isinstance(bucket, str):
             bucket = parse_bucket(bucket)
         if len(bucket) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) for side in bucket):
-            raise ValueError(f"bucket {bucket!r} must be two integers (height, width)")
+            raise InputError(f"bucket {bucket!r} must be two integers (height, width)")
         height, width = bucket
         name = f"{height}x{width}"
         if height <= 0 or width <= 0:
-            raise ValueError(f"bucket {name}: height and width must be positive")
+            raise InputError(f"bucket {name}: height and width must be positive")
         if multiple and (height % multiple or width % multiple):
-            raise ValueError(f"bucket {name}: height and width must be multiples of {multiple} (the model's "
+            raise InputError(f"bucket {name}: height and width must be multiples of {multiple} (the model's "
                              f"spatial factor)")
         if (height, width) in checked:
-            raise ValueError(f"bucket {name} is listed twice")
+            raise InputError(f"bucket {name} is listed twice")
         checked.append((height, width))
     return checked
 
@@ -510,15 +511,15 @@ def bucket_for(size: tuple[int, int], buckets: Sequence[tuple[int, int]] | Media
     if isinstance(buckets, MediaFormat):
         buckets = format_buckets(buckets)
     if not buckets:
-        raise ValueError("no buckets to choose from")
+        raise InputError("no buckets to choose from")
     height, width = size
     if height <= 0 or width <= 0:
-        raise ValueError(f"size must be positive, got {height}x{width}")
+        raise InputError(f"size must be positive, got {height}x{width}")
     target = math.log(height / width)
     best = None
     for bucket in buckets:
         if bucket[0] <= 0 or bucket[1] <= 0:
-            raise ValueError(f"bucket sizes must be positive, got {bucket[0]}x{bucket[1]}")
+            raise InputError(f"bucket sizes must be positive, got {bucket[0]}x{bucket[1]}")
         distance = abs(math.log(bucket[0] / bucket[1]) - target)
         if best is None or distance < best[0]:
             best = (distance, (int(bucket[0]), int(bucket[1])))
@@ -543,11 +544,11 @@ def _parquet_bytes(ref: ParquetImage) -> bytes:
         modified = ref.path.stat().st_mtime_ns
         value = _parquet_column(ref.path, modified, ref.row_group, ref.column)[ref.index].as_py()
     except Exception as error:  # noqa: BLE001 - pyarrow errors for a missing or broken file
-        raise ValueError(f"cannot read {ref}: {error}") from None
+        raise InputError(f"cannot read {ref}: {error}") from None
     if not value:
-        raise ValueError(f"{ref}: no image bytes")
+        raise InputError(f"{ref}: no image bytes")
     if not isinstance(value, (bytes, bytearray)):
-        raise ValueError(f"{ref}: holds {type(value).__name__}, not encoded image bytes")
+        raise InputError(f"{ref}: holds {type(value).__name__}, not encoded image bytes")
     return bytes(value)
 
 

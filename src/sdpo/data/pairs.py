@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from sdpo.errors import InputError, MissingFileError
 from sdpo.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class PreferencePair:
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError(f"empty prompt in preference pair (chosen={self.chosen!s:.80})")
+            raise InputError(f"empty prompt in preference pair (chosen={self.chosen!s:.80})")
         if isinstance(self.chosen, str):
             self.chosen = Path(self.chosen)
         if isinstance(self.rejected, str):
@@ -196,7 +197,7 @@ class PairList(list):
 def check_policy(on_bad_pair: str) -> OnBadPair:
     """``on_bad_pair`` itself when it is "fail" or "skip"; ValueError otherwise."""
     if on_bad_pair not in ("fail", "skip"):
-        raise ValueError(f"on_bad_pair must be 'fail' or 'skip', got {on_bad_pair!r}")
+        raise InputError(f"on_bad_pair must be 'fail' or 'skip', got {on_bad_pair!r}")
     return on_bad_pair  # type: ignore[return-value]
 
 
@@ -221,7 +222,7 @@ def media_kind(ref: MediaRef) -> MediaKind:
     path = Path(ref)
     if path.is_dir():
         if not frame_files(path):
-            raise ValueError(f"frame folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): {path}")
+            raise InputError(f"frame folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): {path}")
         return "video"
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
@@ -229,7 +230,7 @@ def media_kind(ref: MediaRef) -> MediaKind:
     if suffix in VIDEO_SUFFIXES:
         return "video"
     known = ", ".join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))
-    raise ValueError(f"unknown media type {suffix or '(no suffix)'!r} for {path} (expected {known} or a frame folder)")
+    raise InputError(f"unknown media type {suffix or '(no suffix)'!r} for {path} (expected {known} or a frame folder)")
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -242,19 +243,19 @@ def detect_format(source: str | os.PathLike[str]) -> Literal["jsonl", "pickapic"
     """
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"pair source not found: {path}")
+        raise MissingFileError(f"pair source not found: {path}")
     if path.is_dir():
         if any(path.glob("*.parquet")):
             return "pickapic"
         if (path / "pairs.jsonl").is_file():
             return "jsonl"
-        raise ValueError(f"{path}: folder holds neither *.parquet files (Pick-a-Pic) nor pairs.jsonl")
+        raise InputError(f"{path}: folder holds neither *.parquet files (Pick-a-Pic) nor pairs.jsonl")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if suffix == ".parquet":
         return "pickapic"
-    raise ValueError(f"{path}: unknown pair format {suffix!r} (expected a .jsonl manifest or .parquet files)")
+    raise InputError(f"{path}: unknown pair format {suffix!r} (expected a .jsonl manifest or .parquet files)")
 
 
 def read_pairs(
@@ -309,14 +310,14 @@ def read_jsonl_pairs(
     check_policy(on_bad_pair)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pair manifest not found: {path}")
+        raise MissingFileError(f"pair manifest not found: {path}")
     base = path.parent
     pairs, problems = PairList(), []
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             if lineno == 1:
                 if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                    raise ValueError(f"{path}: the manifest is UTF-16 text; save it as UTF-8 (one JSON object a line)")
+                    raise InputError(f"{path}: the manifest is UTF-16 text; save it as UTF-8 (one JSON object a line)")
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
             try:
                 pair = _jsonl_pair(raw, base)
@@ -336,7 +337,7 @@ def read_jsonl_pairs(
         pairs.skip(problem)
     if not pairs:
         detail = ", ".join(f"{count} {kind}" for kind, count in sorted(pairs.skipped.items()))
-        raise ValueError(f"{path}: no pairs at all" + (f" (skipped {detail})" if detail else ""))
+        raise InputError(f"{path}: no pairs at all" + (f" (skipped {detail})" if detail else ""))
     return pairs
 
 
@@ -440,10 +441,10 @@ def read_pickapic_pairs(
     check_policy(on_bad_pair)
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"Pick-a-Pic source not found: {path}")
+        raise MissingFileError(f"Pick-a-Pic source not found: {path}")
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"{path}: no *.parquet files")
+        raise InputError(f"{path}: no *.parquet files")
     pairs, problems = PairList(), []
     for file in files:
         _read_pickapic_file(file, pairs, problems, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts)
@@ -453,7 +454,7 @@ def read_pickapic_pairs(
         pairs.skip(problem)
     if not pairs:
         detail = ", ".join(f"{count} {reason}" for reason, count in pairs.skipped.items())
-        raise ValueError(f"{path}: no pairs at all" + (f" (skipped {detail})" if detail else ""))
+        raise InputError(f"{path}: no pairs at all" + (f" (skipped {detail})" if detail else ""))
     return pairs
 
 
@@ -464,15 +465,15 @@ def _open_pickapic(file: Path) -> Any:
     try:
         parquet = pq.ParquetFile(file)
     except Exception as error:  # noqa: BLE001 - pyarrow raises several types for unreadable files
-        raise ValueError(f"{file}: not a readable parquet file ({_one_line(error)})") from None
+        raise InputError(f"{file}: not a readable parquet file ({_one_line(error)})") from None
     schema = parquet.schema_arrow
     for column in PICKAPIC_COLUMNS:
         if column not in schema.names:
-            raise ValueError(f"{file}: missing column {column!r} (Pick-a-Pic needs {', '.join(PICKAPIC_COLUMNS)})")
+            raise InputError(f"{file}: missing column {column!r} (Pick-a-Pic needs {', '.join(PICKAPIC_COLUMNS)})")
     for column in ("jpg_0", "jpg_1"):
         kind = schema.field(column).type
         if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-            raise ValueError(f"{file}: column {column!r} holds {kind}, expected encoded image bytes (binary)")
+            raise InputError(f"{file}: column {column!r} holds {kind}, expected encoded image bytes (binary)")
     return parquet
 
 
@@ -487,7 +488,7 @@ def _read_pickapic_file(
         try:
             records = parquet.read_row_group(group, columns=small).to_pylist()
         except Exception as error:  # noqa: BLE001 - a damaged row group
-            raise ValueError(f"{file}: row group {group} cannot be read ({_one_line(error)})") from None
+            raise InputError(f"{file}: row group {group} cannot be read ({_one_line(error)})") from None
         for index, record in enumerate(records):
             row += 1
             try:
@@ -556,18 +557,18 @@ def write_pairs_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike[s
         for key in ("chosen", "rejected"):
             media = getattr(pair, key)
             if not isinstance(media, (str, os.PathLike)):
-                raise ValueError(f"pair {number}: {key} is {type(media).__name__}, only file paths can be written to JSONL")
+                raise InputError(f"pair {number}: {key} is {type(media).__name__}, only file paths can be written to JSONL")
             record[key] = _relative_to(Path(media), base)
         for key, value in pair.metadata.items():
             if key in _JSONL_KEYS:
-                raise ValueError(f"pair {number}: metadata key {key!r} clashes with a manifest key")
+                raise InputError(f"pair {number}: metadata key {key!r} clashes with a manifest key")
             record[key] = value
         try:
             lines.append(json.dumps(record, ensure_ascii=False))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"pair {number}: metadata is not JSON-serialisable ({error})") from None
+            raise InputError(f"pair {number}: metadata is not JSON-serialisable ({error})") from None
     if not lines:
-        raise ValueError(f"no pairs to write to {path}")
+        raise InputError(f"no pairs to write to {path}")
     return write_atomic(path, "\n".join(lines) + "\n")
 
 

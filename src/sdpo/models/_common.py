@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError, MissingFileError
 from sdpo.models.base import (
     MediaFormat,
     ModelNotFoundError,
@@ -104,7 +105,7 @@ def load_scheduler(folder: str, subfolder: str = "scheduler") -> Any:
         class_name = json.load(handle)["_class_name"]
     scheduler_class = getattr(diffusers, class_name, None)
     if scheduler_class is None:
-        raise ValueError(f"{config_path} names {class_name!r}, which this diffusers version does not provide")
+        raise InputError(f"{config_path} names {class_name!r}, which this diffusers version does not provide")
     return scheduler_class.from_pretrained(folder, subfolder=subfolder)
 
 
@@ -144,7 +145,7 @@ def existing_suffixes(model: nn.Module, candidates: tuple[str, ...]) -> list[str
     names = [name for name, module in unwrap(model).named_modules() if isinstance(module, nn.Linear)]
     found = [s for s in candidates if any(name == s or name.endswith("." + s) for name in names)]
     if not found:
-        raise ValueError(f"none of the LoRA targets {candidates} exist in {type(unwrap(model)).__name__}")
+        raise InputError(f"none of the LoRA targets {candidates} exist in {type(unwrap(model)).__name__}")
     return found
 
 
@@ -354,7 +355,7 @@ class DiffusersSpec:
         if isinstance(prompts, str):
             raise TypeError("sample takes a list of prompts, not a single string")
         if latents.shape[0] != len(prompts) or tuple(latents.shape[1:]) != self.latent_shape():
-            raise ValueError(f"latents {tuple(latents.shape)} do not fit {len(prompts)} prompt(s) of latent shape "
+            raise InputError(f"latents {tuple(latents.shape)} do not fit {len(prompts)} prompt(s) of latent shape "
                              f"{self.latent_shape()} (media format {self.media_format})")
         self._require_vae()
         self._require(getattr(self, "text_encoder", None), "text encoder", "load_text_encoder")
@@ -384,9 +385,9 @@ class DiffusersSpec:
         own ``load_lora_weights``. ``adapter_name`` names the adapter (diffusers picks one when None)."""
         path = Path(folder)
         if not path.exists():
-            raise FileNotFoundError(f"LoRA folder not found: {path}")
+            raise MissingFileError(f"LoRA folder not found: {path}")
         if path.is_dir() and not any(path.glob("*.safetensors")):
-            raise FileNotFoundError(f"no LoRA weights (*.safetensors) in {path}: is it a finished training run?")
+            raise MissingFileError(f"no LoRA weights (*.safetensors) in {path}: is it a finished training run?")
         pipe = self.pipeline(self.denoiser) if self.scheduler is not None else None
         if pipe is None:
             raise RuntimeError(f"the {self.family} spec has no pipeline to load a LoRA with: load it with from_pretrained")

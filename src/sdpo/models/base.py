@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
 from sdpo.schedules import NoiseSchedule
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -209,7 +210,7 @@ def peft_lora_state_dict(
         if marker in key and (".lora_A." in key or ".lora_B." in key)
     }
     if not adapters:
-        raise ValueError(f"the model has no LoRA weights of adapter {adapter!r} to save")
+        raise InputError(f"the model has no LoRA weights of adapter {adapter!r} to save")
     return convert_state_dict_to_diffusers(adapters)
 
 

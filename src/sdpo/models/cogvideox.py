@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
 from sdpo.models._common import (
     Component,
     DiffusersSpec,
@@ -193,7 +194,7 @@ class CogVideoXSpec(DiffusersSpec):
     def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 5 or pixels.shape[2] != 3:
-            raise ValueError(f"cogvideox expects videos (B, F, 3, H, W), got shape {tuple(pixels.shape)}")
+            raise InputError(f"cogvideox expects videos (B, F, 3, H, W), got shape {tuple(pixels.shape)}")
         video = pixels.permute(0, 2, 1, 3, 4)  # the VAE wants (B, C, F, H, W)
         with torch.no_grad():
             return vae.encode(video.to(module_device(vae), module_dtype(vae))).latent_dist

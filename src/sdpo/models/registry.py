@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from sdpo.errors import InputError
 from sdpo.models.base import MediaFormat, ModelSpec
 from sdpo.models.cogvideox import CogVideoXSpec
 from sdpo.models.sd import StableDiffusionSpec, StableDiffusionXLSpec
@@ -40,7 +41,7 @@ def spec_class(family: str) -> type:
     if family in SPECS:
         return SPECS[family]
     if family not in LAZY_SPECS:
-        raise ValueError(f"unknown model family {family!r}; known families: {', '.join(known_families())}")
+        raise InputError(f"unknown model family {family!r}; known families: {', '.join(known_families())}")
     module_name, _, class_name = LAZY_SPECS[family].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     SPECS[family] = cls

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
 from sdpo.models._common import (
     Component,
     DiffusersSpec,
@@ -132,7 +133,7 @@ class StableDiffusionSpec(DiffusersSpec):
     def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"{self.family} expects images (B, 3, H, W), got shape {tuple(pixels.shape)}")
+            raise InputError(f"{self.family} expects images (B, 3, H, W), got shape {tuple(pixels.shape)}")
         with torch.no_grad():
             return vae.encode(pixels.to(module_device(vae), module_dtype(vae))).latent_dist
 

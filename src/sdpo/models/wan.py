@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
 from sdpo.models._common import (
     Component,
     DiffusersSpec,
@@ -42,10 +43,10 @@ def flow_training_scheduler(scheduler: Any) -> Any:
     config = scheduler.config
     if not config.get("use_flow_sigmas", False):
         if config.get("prediction_type") == "flow_prediction":
-            raise ValueError(f"{type(scheduler).__name__} predicts flow but does not use flow sigmas")
+            raise InputError(f"{type(scheduler).__name__} predicts flow but does not use flow sigmas")
         return scheduler
     if config.get("use_dynamic_shifting", False):
-        raise ValueError(
+        raise InputError(
             "schedulers with use_dynamic_shifting need a resolution-dependent shift; set a fixed flow_shift"
         )
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -96,7 +97,7 @@ class WanSpec(DiffusersSpec):
         self, schedule: NoiseSchedule, denoiser: nn.Module, media_format: MediaFormat | None = None, **components: Any
     ) -> None:
         if schedule.prediction_type != "flow":
-            raise ValueError(
+            raise InputError(
                 f"Wan is a flow model, but its scheduler gave a {schedule.prediction_type!r} schedule"
             )
         super().__init__(schedule, denoiser, media_format, **components)
@@ -199,7 +200,7 @@ class WanSpec(DiffusersSpec):
     def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 5 or pixels.shape[2] != 3:
-            raise ValueError(f"wan expects videos (B, F, 3, H, W), got shape {tuple(pixels.shape)}")
+            raise InputError(f"wan expects videos (B, F, 3, H, W), got shape {tuple(pixels.shape)}")
         video = pixels.permute(0, 2, 1, 3, 4)  # the VAE (and the transformer) work in (B, C, F, H, W)
         with torch.no_grad():
             return vae.encode(video.to(module_device(vae), module_dtype(vae))).latent_dist

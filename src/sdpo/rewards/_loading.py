@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.models.base import ModelNotFoundError, resolve_pretrained
 
 EXTRA_HINT = 'pip install -e ".[rewards]"'
@@ -74,14 +75,14 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype).lower() not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+        raise InputError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
     return _DTYPES[str(dtype).lower()]
 
 
 def parse_batch_size(batch_size: int) -> int:
     """A positive batch size, or one clear line."""
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
     return int(batch_size)
 
 
@@ -89,7 +90,7 @@ def in_batches(fn: Callable[[Tensor, list[str]], Tensor], media: Tensor, prompts
                batch_size: int) -> Tensor:
     """``fn`` over slices of ``batch_size`` samples, concatenated as float32 on the CPU."""
     if len(media) != len(prompts):
-        raise ValueError(f"got {len(media)} samples but {len(prompts)} prompts")
+        raise InputError(f"got {len(media)} samples but {len(prompts)} prompts")
     out = [fn(media[i:i + batch_size], prompts[i:i + batch_size]).float().cpu()
            for i in range(0, len(media), batch_size)]
     return torch.cat(out) if out else torch.zeros(0)
@@ -98,7 +99,7 @@ def in_batches(fn: Callable[[Tensor, list[str]], Tensor], media: Tensor, prompts
 def check_images(media: Tensor, reward: str) -> None:
     """Refuse anything but a (B, 3, H, W) batch with one line."""
     if media.ndim != 4 or media.shape[1] != 3:
-        raise ValueError(f"{reward} scores RGB images (B, 3, H, W) in [-1, 1], got shape {tuple(media.shape)}")
+        raise InputError(f"{reward} scores RGB images (B, 3, H, W) in [-1, 1], got shape {tuple(media.shape)}")
 
 
 @dataclass(frozen=True)

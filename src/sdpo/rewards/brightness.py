@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.rewards.base import MediaKind
 
 
@@ -17,7 +18,7 @@ class BrightnessReward:
 
     def __init__(self, media: MediaKind = "image", name: str = "brightness") -> None:
         if media not in ("image", "video"):
-            raise ValueError(f"media must be 'image' or 'video', got {media!r}")
+            raise InputError(f"media must be 'image' or 'video', got {media!r}")
         self.media, self.name = media, name
 
     def score(self, media: Tensor, prompts: list[str]) -> Tensor:

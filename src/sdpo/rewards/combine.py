@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.rewards.base import Reward
 
 Normalize = Literal["raw", "zscore"]
@@ -30,7 +31,7 @@ NORMALIZATIONS = ("raw", "zscore")
 def zscore_by_group(values: Tensor, groups: Sequence[Hashable]) -> Tensor:
     """``values`` standardised within each group (population std; 0 where a group has no spread)."""
     if len(values) != len(groups):
-        raise ValueError(f"got {len(values)} scores but {len(groups)} group labels")
+        raise InputError(f"got {len(values)} scores but {len(groups)} group labels")
     values = values.float()
     out = torch.zeros_like(values)
     index: dict[Hashable, list[int]] = {}
@@ -51,12 +52,12 @@ def combine_scores(parts: Mapping[str, Tensor], weights: Mapping[str, float], gr
     for name, values in parts.items():
         how = normalize[name] if isinstance(normalize, Mapping) else normalize
         if how not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {how!r} for {name!r}; use one of {', '.join(NORMALIZATIONS)}")
+            raise InputError(f"unknown normalization {how!r} for {name!r}; use one of {', '.join(NORMALIZATIONS)}")
         values = values if values.is_floating_point() else values.float()
         term = weights[name] * (zscore_by_group(values, groups) if how == "zscore" else values)
         total = term if total is None else total + term
     if total is None:
-        raise ValueError("combine needs at least one reward")
+        raise InputError("combine needs at least one reward")
     return total
 
 
@@ -68,20 +69,20 @@ class CombinedReward:
     def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None,
                  normalize: Normalize | Sequence[Normalize] = "raw") -> None:
         if not rewards:
-            raise ValueError("combine needs at least one reward")
+            raise InputError("combine needs at least one reward")
         names = [reward.name for reward in rewards]
         if len(set(names)) != len(names):
-            raise ValueError(f"combine got a reward twice: {', '.join(names)}")
+            raise InputError(f"combine got a reward twice: {', '.join(names)}")
         kinds = {reward.media for reward in rewards}
         if len(kinds) != 1:
-            raise ValueError(f"combine needs rewards of one media kind, got {', '.join(sorted(kinds))}")
+            raise InputError(f"combine needs rewards of one media kind, got {', '.join(sorted(kinds))}")
         weights = [1.0] * len(rewards) if weights is None else [float(w) for w in weights]
         norms = [normalize] * len(rewards) if isinstance(normalize, str) else list(normalize)
         if len(weights) != len(rewards) or len(norms) != len(rewards):
-            raise ValueError(f"combine got {len(rewards)} rewards, {len(weights)} weights, {len(norms)} normalizations")
+            raise InputError(f"combine got {len(rewards)} rewards, {len(weights)} weights, {len(norms)} normalizations")
         for how in norms:
             if how not in NORMALIZATIONS:
-                raise ValueError(f"unknown normalization {how!r}; use one of {', '.join(NORMALIZATIONS)}")
+                raise InputError(f"unknown normalization {how!r}; use one of {', '.join(NORMALIZATIONS)}")
         self.rewards, self.media = list(rewards), kinds.pop()
         self.weights = dict(zip(names, weights, strict=True))
         self.normalize: dict[str, Normalize] = dict(zip(names, norms, strict=True))
@@ -111,7 +112,7 @@ def combine(rewards: Sequence[str | Mapping[str, Any] | Reward], weights: Sequen
         elif isinstance(item, Mapping):
             options = dict(item)
             if "name" not in options:
-                raise ValueError(f"a combine entry needs a 'name' key, got {sorted(options)}")
+                raise InputError(f"a combine entry needs a 'name' key, got {sorted(options)}")
             built.append(load_reward(options.pop("name"), **options))
         else:
             built.append(item)

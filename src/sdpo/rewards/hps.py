@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError, MissingFileError
 from sdpo.rewards._loading import ClipPreprocess, load_tokenizer, locate, parse_dtype
 from sdpo.rewards.clip import PICKSCORE_PROCESSOR, ClipReward
 
@@ -72,7 +73,7 @@ def _map_block(tower: str, index: str, rest: str, value: Tensor) -> dict[str, Te
     for source, target in _BLOCK_PARTS.items():
         if rest.startswith(source + "."):
             return {prefix + target + rest[len(source):]: value}
-    raise ValueError(f"unexpected open_clip key in a transformer block: {rest!r} (layer scale is not supported)")
+    raise InputError(f"unexpected open_clip key in a transformer block: {rest!r} (layer scale is not supported)")
 
 
 def map_openclip_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -93,7 +94,7 @@ def map_openclip_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
         elif key == "text_projection":
             out["text_projection.weight"] = value.t().contiguous()
         elif key != "attn_mask":  # open_clip's causal-mask buffer; transformers builds its own
-            raise ValueError(f"unexpected open_clip key {key!r} (not a plain ViT CLIP checkpoint?)")
+            raise InputError(f"unexpected open_clip key {key!r} (not a plain ViT CLIP checkpoint?)")
     return out
 
 
@@ -134,7 +135,7 @@ def clip_from_openclip(state: dict[str, Tensor], hidden_act: str = "gelu"):  # n
     missing, unexpected = model.load_state_dict(map_openclip_state_dict(state), strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing or unexpected:
-        raise ValueError(f"open_clip checkpoint does not fill the CLIP model: missing {missing[:3]}, "
+        raise InputError(f"open_clip checkpoint does not fill the CLIP model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     return model
 
@@ -155,7 +156,7 @@ def hpsv2(checkpoint: str | os.PathLike[str] = HPS_HUB, processor: str | os.Path
     if path.is_dir():
         path = path / HPS_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"hpsv2: no {HPS_FILE} in {path.parent}; pass the checkpoint file itself")
+            raise MissingFileError(f"hpsv2: no {HPS_FILE} in {path.parent}; pass the checkpoint file itself")
     processor_dir = locate(processor, reward="hpsv2", what="processor", hub_id=PICKSCORE_PROCESSOR)
     model = clip_from_openclip(read_openclip_checkpoint(path))
     return ClipReward("hpsv2", model, load_tokenizer(processor_dir, "hpsv2"), ClipPreprocess.from_folder(processor_dir),

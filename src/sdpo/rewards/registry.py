@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.rewards.base import MediaKind, Reward
 
 REWARDS: dict[str, Callable[..., Reward]] = {}
@@ -44,7 +45,7 @@ def load_reward(name: str, **options: Any) -> Reward:
     """Build the reward registered as ``name`` with its options (model folder, device, ...)."""
     if name not in REWARDS:
         if name not in LAZY_REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(known_rewards()) or 'none'}")
+            raise InputError(f"unknown reward {name!r}; known rewards: {', '.join(known_rewards()) or 'none'}")
         module_name, _, attribute = LAZY_REWARDS[name].partition(":")
         REWARDS[name] = getattr(importlib.import_module(module_name), attribute)
     _check_options(name, REWARDS[name], options)
@@ -62,7 +63,7 @@ def _check_options(name: str, factory: Callable[..., Reward], options: dict[str,
     accepted = [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"reward {name!r} has no option {', '.join(unknown)}; its options: "
+        raise InputError(f"reward {name!r} has no option {', '.join(unknown)}; its options: "
                          f"{', '.join(accepted) or 'none'}")
 
 
@@ -82,5 +83,5 @@ def as_reward(value: Reward | Callable[[Tensor, list[str]], Tensor], name: str |
     if isinstance(value, Reward):
         return value
     if not callable(value):
-        raise ValueError(f"a reward must have a score(media, prompts) method or be callable, got {type(value).__name__}")
+        raise InputError(f"a reward must have a score(media, prompts) method or be callable, got {type(value).__name__}")
     return CallableReward(value, name or getattr(value, "__name__", "reward"), media)

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.rewards.base import Reward
 
 
 def frame_indices(total: int, count: int) -> Tensor:
     """``count`` evenly spaced frame indices in ``[0, total)`` (all of them when ``count >= total``)."""
     if total < 1 or count < 1:
-        raise ValueError(f"need at least one frame to pick from and to pick, got total={total}, count={count}")
+        raise InputError(f"need at least one frame to pick from and to pick, got total={total}, count={count}")
     if count >= total:
         return torch.arange(total)
     return torch.linspace(0, total - 1, count).round().long()
@@ -30,18 +31,18 @@ class FramesReward:
 
     def __init__(self, image_reward: Reward, frames: int = 8) -> None:
         if image_reward.media != "image":
-            raise ValueError(f"frames wraps an image reward, but {image_reward.name!r} scores {image_reward.media}")
+            raise InputError(f"frames wraps an image reward, but {image_reward.name!r} scores {image_reward.media}")
         if int(frames) < 1:
-            raise ValueError(f"frames must be at least 1, got {frames}")
+            raise InputError(f"frames must be at least 1, got {frames}")
         self.inner, self.frames = image_reward, int(frames)
         self.name = f"frames:{image_reward.name}"
 
     def score(self, media: Tensor, prompts: list[str]) -> Tensor:
         """One score per clip (B,): the inner reward's mean over the chosen frames."""
         if media.ndim != 5:
-            raise ValueError(f"{self.name} scores videos (B, F, C, H, W), got shape {tuple(media.shape)}")
+            raise InputError(f"{self.name} scores videos (B, F, C, H, W), got shape {tuple(media.shape)}")
         if len(media) != len(prompts):
-            raise ValueError(f"got {len(media)} clips but {len(prompts)} prompts")
+            raise InputError(f"got {len(media)} clips but {len(prompts)} prompts")
         batch, total = media.shape[:2]
         picked = media[:, frame_indices(total, self.frames)]
         count = picked.shape[1]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
 from sdpo.rewards._loading import (
     RewardWeightsNotFoundError,
     in_batches,
@@ -129,7 +130,7 @@ class VideoReward:
         self.patch, self.merge, self.temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
         self.token_ids = tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in self.token_ids:
-            raise ValueError(f"videoreward: the tokenizer lacks the reward tokens {', '.join(REWARD_TOKENS)}")
+            raise InputError(f"videoreward: the tokenizer lacks the reward tokens {', '.join(REWARD_TOKENS)}")
 
     def prepare_frames(self, clip: Tensor) -> Tensor:
         """One clip (F, 3, H, W) in [-1, 1] -> chosen, resized, normalised frames (T, 3, h, w)."""
@@ -166,13 +167,13 @@ class VideoReward:
         hidden = self.model.model(**batch).last_hidden_state
         mask = torch.isin(ids, torch.tensor(self.token_ids)).to(self.device)
         if (mask.sum(dim=1) != len(REWARD_TOKENS)).any():
-            raise ValueError("videoreward: each query must hold each reward token exactly once")
+            raise InputError("videoreward: each query must hold each reward token exactly once")
         return self.head(hidden[mask].float()).view(len(ids), len(REWARD_TOKENS))
 
     def score_dimensions(self, media: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """VQ, MQ, TA (standardised when the checkpoint has its inference means / stds) and Overall, each (B,)."""
         if media.ndim != 5 or media.shape[2] != 3:
-            raise ValueError(f"videoreward scores RGB videos (B, F, 3, H, W), got shape {tuple(media.shape)}")
+            raise InputError(f"videoreward scores RGB videos (B, F, 3, H, W), got shape {tuple(media.shape)}")
         raw = in_batches(self.raw_dimensions, media, prompts, self.batch_size).view(len(media), 3)
         out = {}
         for i, key in enumerate(DIMENSIONS):
@@ -207,7 +208,7 @@ def load_head(path: Path, hidden_size: int) -> nn.Linear:
         state = torch.load(path, map_location="cpu", weights_only=True)
     weight = state.get("rm_head.weight", state.get("weight"))
     if weight is None or tuple(weight.shape) != (1, hidden_size):
-        raise ValueError(f"videoreward: {path} holds no rm_head.weight of shape (1, {hidden_size})")
+        raise InputError(f"videoreward: {path} holds no rm_head.weight of shape (1, {hidden_size})")
     head = nn.Linear(hidden_size, 1, bias=False)
     head.weight.data.copy_(weight)
     return head
@@ -255,14 +256,14 @@ def _model_key(key: str, keys: set[str]) -> str:
     for candidate in (key, key.replace("model.", "model.language_model.", 1), "model." + key):
         if candidate in keys:
             return candidate
-    raise ValueError(f"videoreward: checkpoint weight {key!r} has no place in the Qwen2-VL model")
+    raise InputError(f"videoreward: checkpoint weight {key!r} has no place in the Qwen2-VL model")
 
 
 def apply_videoalign(backbone: nn.Module, checkpoint: Path) -> Tensor:
     """Load a VideoAlign checkpoint into ``backbone`` (LoRA merged in); returns the ``rm_head`` weight."""
     weights, deltas = videoalign_state(checkpoint)
     if "rm_head.weight" not in weights:
-        raise ValueError(f"videoreward: {checkpoint} holds no rm_head.weight")
+        raise InputError(f"videoreward: {checkpoint} holds no rm_head.weight")
     head = weights.pop("rm_head.weight")
     state = backbone.state_dict()
     keys = set(state)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sdpo.errors import InputError, MissingFileError
 from sdpo.files import write_atomic
 
 CANDIDATES_FILE = "candidates.jsonl"
@@ -17,7 +18,7 @@ def read_records(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of ``folder/candidates.jsonl`` (FileNotFoundError naming it when missing)."""
     path = Path(folder) / CANDIDATES_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {CANDIDATES_FILE} in {folder}: run `sdpo generate --out {folder}` first")
+        raise MissingFileError(f"no {CANDIDATES_FILE} in {folder}: run `sdpo generate --out {folder}` first")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -31,7 +32,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     """Prompts from a text file (one per line, blank lines skipped) or JSONL with a "prompt" key."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
+        raise MissingFileError(f"prompts file not found: {path}")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         prompts = []
@@ -39,12 +40,12 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+                raise InputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: each line needs a string \"prompt\"")
+                raise InputError(f"{path}:{number}: each line needs a string \"prompt\"")
             prompts.append(record["prompt"])
     else:
         prompts = [line.strip() for line in lines]
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise InputError(f"{path}: no prompts")
     return prompts

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from sdpo.cli_helpers import DTYPES
+from sdpo.errors import InputError
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -32,7 +33,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.vbench:
         return _generate_vbench(args, prompts)
     if not args.out:
-        raise ValueError("generate needs --out (or --vbench DIR)")
+        raise InputError("generate needs --out (or --vbench DIR)")
     result = generate(_load(args), prompts, args.out, per_prompt=args.per_prompt or 4, seed=args.seed,
                       sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
                       progress=not args.quiet, frame_folders=args.frame_folders)
@@ -70,12 +71,12 @@ def _rewards(args: argparse.Namespace) -> list:
     scoped: dict[str, dict] = {name: {} for name in args.reward}
     for text in args.reward_option or []:
         if "=" not in text:
-            raise ValueError(f"--reward-option expects KEY=VALUE or REWARD.KEY=VALUE, got {text!r}")
+            raise InputError(f"--reward-option expects KEY=VALUE or REWARD.KEY=VALUE, got {text!r}")
         key, value = (part.strip() for part in text.split("=", 1))
         name, dot, option = key.rpartition(".")
         target = scoped.get(name) if dot else shared
         if target is None:
-            raise ValueError(f"--reward-option {text!r} names reward {name!r}, which is not among --reward "
+            raise InputError(f"--reward-option {text!r} names reward {name!r}, which is not among --reward "
                              f"{', '.join(args.reward)}")
         target[option if dot else key] = yaml.safe_load(value)
     return [load_reward(name, **{**shared, **scoped[name]}) for name in args.reward]
@@ -105,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     for text in args.run:
         name, sep, folder = text.partition("=")
         if not sep or not name or not folder:
-            raise ValueError(f"--run expects NAME=LORA_DIR, got {text!r}")
+            raise InputError(f"--run expects NAME=LORA_DIR, got {text!r}")
         runs[name] = folder
     result = evaluate(_load(args), read_prompts(args.prompts), runs, _rewards(args), args.out, seed=args.seed,
                       sampler=_sampler(args), batch_size=args.batch_size,

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.evaluate import Comparison, compare
 from sdpo.files import write_atomic
 from sdpo.models.base import unwrap
@@ -122,24 +123,24 @@ def evaluate(
 
     sampler = sampler or SamplerSettings()
     if not runs:
-        raise ValueError("evaluate needs at least one run (NAME=LORA_DIR) to compare with the base")
+        raise InputError("evaluate needs at least one run (NAME=LORA_DIR) to compare with the base")
     names = [reward.name for reward in rewards]
     if len(set(names)) < len(names):
-        raise ValueError(f"two rewards are named {next(n for n in names if names.count(n) > 1)!r}: their "
+        raise InputError(f"two rewards are named {next(n for n in names if names.count(n) > 1)!r}: their "
                          "results would overwrite each other; give one another name")
     for reward in rewards:
         if reward.media != spec.media_kind:
-            raise ValueError(f"reward {reward.name!r} scores {reward.media}s, but the {spec.family} model makes "
+            raise InputError(f"reward {reward.name!r} scores {reward.media}s, but the {spec.family} model makes "
                              f"{spec.media_kind}s")
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     if len(all_prompts) < 2:
-        raise ValueError("need at least two evaluation samples for intervals")
+        raise InputError("need at least two evaluation samples for intervals")
     seeds = [derive_seed(seed, i) for i in range(len(all_prompts))]
     noise = torch.cat([spec.initial_latents(1, s) for s in seeds])
     samples = {"base": _sample_all(spec, all_prompts, noise, seeds, sampler, batch_size, progress)}
     for name, folder in runs.items():
         if name in samples or name == "noise":
-            raise ValueError(f"run name {name!r} is taken; pick another")
+            raise InputError(f"run name {name!r} is taken; pick another")
         before = set(getattr(unwrap(spec.denoiser), "peft_config", {}))
         spec.load_lora(folder)
         try:

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.files import write_atomic
 from sdpo.models._common import derive_seed
 from sdpo.stages._io import CANDIDATES_FILE, write_records
@@ -50,7 +51,7 @@ class SamplerSettings:
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be positive, got {self.num_inference_steps}")
+            raise InputError(f"num_inference_steps must be positive, got {self.num_inference_steps}")
 
 
 @dataclass
@@ -168,7 +169,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
         for key, value in settings.items():
             if saved.get(key) != value:
-                raise ValueError(f"{out} was generated with other settings ({key}: {str(saved.get(key))[:80]!r}, "
+                raise InputError(f"{out} was generated with other settings ({key}: {str(saved.get(key))[:80]!r}, "
                                  f"now {str(value)[:80]!r}): use a new --out folder, or the same settings to resume")
         return
     write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -201,9 +202,9 @@ def generate(
 
     sampler = sampler or SamplerSettings()
     if per_prompt < 1 or batch_size < 1:
-        raise ValueError(f"per_prompt and batch_size must be positive, got {per_prompt} and {batch_size}")
+        raise InputError(f"per_prompt and batch_size must be positive, got {per_prompt} and {batch_size}")
     if not prompts:
-        raise ValueError("no prompts to generate for")
+        raise InputError("no prompts to generate for")
     out = Path(out_dir)
     rank, world = _dist()
     (out / "media").mkdir(parents=True, exist_ok=True)

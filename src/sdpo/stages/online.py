@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdpo.errors import InputError, MissingFileError
 from sdpo.files import write_atomic
 
 DONE = ".done"
@@ -77,19 +78,19 @@ class OnlineConfig:
 
     def __post_init__(self) -> None:
         if self.reference not in ("base", "previous"):
-            raise ValueError(f"reference must be 'base' or 'previous', got {self.reference!r}")
+            raise InputError(f"reference must be 'base' or 'previous', got {self.reference!r}")
         if self.reference == "previous":
-            raise ValueError("reference: previous is not implemented yet (the reference is the base; "
+            raise InputError("reference: previous is not implemented yet (the reference is the base; "
                          "warm_start: true continues the policy from round to round)")
         for name in ("rounds", "steps", "num_inference_steps", "batch_size", "eval_per_prompt"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.per_prompt, int) or self.per_prompt < 2:
-            raise ValueError(f"per_prompt must be at least 2 (a pair needs two candidates), got {self.per_prompt!r}")
+            raise InputError(f"per_prompt must be at least 2 (a pair needs two candidates), got {self.per_prompt!r}")
         for name in ("prompts", "eval_prompts") + (("train_config",) if self.train_config else ()):
             if not Path(getattr(self, name)).is_file():
-                raise FileNotFoundError(f"{name}: no such file {getattr(self, name)}")
+                raise MissingFileError(f"{name}: no such file {getattr(self, name)}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> OnlineConfig:
@@ -102,7 +103,7 @@ class OnlineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown online config field(s) {', '.join(unknown)}")
+            raise InputError(f"{path}: unknown online config field(s) {', '.join(unknown)}")
         return cls(**data)
 
 
@@ -175,7 +176,7 @@ def run_online(config: OnlineConfig) -> list[Path]:
     out = Path(config.out)
     checked = _train_config(config, out / "cache", out / "run")  # every training setting, before any work
     if config.warm_start and checked.lora_rank == 0:
-        raise ValueError("warm_start needs LoRA training (lora_rank > 0); set warm_start: false to fine-tune "
+        raise InputError("warm_start needs LoRA training (lora_rank > 0); set warm_start: false to fine-tune "
                          "the full denoiser afresh each round")
     prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
     reward = load_reward(config.reward, **config.reward_options)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.data.pairs import PreferencePair, write_pairs_jsonl
+from sdpo.errors import InputError
 from sdpo.stages._io import read_records
 
 STRATEGIES = ("best-worst", "margin")
@@ -49,17 +50,17 @@ def build_pairs(
     """Write pairs of ``candidates_dir``'s scored candidates to ``out`` (default ``candidates_dir/pairs.jsonl``);
     ``frames``: point at the frame folders (see the module docstring)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise InputError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+        raise InputError(f"margin must be >= 0, got {margin}")
     folder = Path(candidates_dir)
     records = read_records(folder)
     unscored = [r for r in records if r.get("total") is None]
     if unscored:
-        raise ValueError(f"{len(unscored)} candidate(s) in {folder} are not scored: run `sdpo score {folder}` first")
+        raise InputError(f"{len(unscored)} candidate(s) in {folder} are not scored: run `sdpo score {folder}` first")
     key = "frames" if frames else "path"
     if frames and any(not r.get("frames") for r in records):
-        raise ValueError(f"{folder} has candidates without frame folders: generate with frame_folders=True")
+        raise InputError(f"{folder} has candidates without frame folders: generate with frame_folders=True")
     groups: dict[int, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(record["prompt_index"], []).append(record)
@@ -79,7 +80,7 @@ def build_pairs(
                                          "gap": gap}))
     out_path = Path(out) if out is not None else folder / "pairs.jsonl"
     if not pairs:
-        raise ValueError(f"no pairs: every candidate pair was skipped ({skipped or 'fewer than 2 per prompt'})")
+        raise InputError(f"no pairs: every candidate pair was skipped ({skipped or 'fewer than 2 per prompt'})")
     write_pairs_jsonl(pairs, out_path)
     return PairsSummary(out_path, len(pairs), sum(len(g) > 1 for g in groups.values()), skipped)
 
@@ -98,7 +99,7 @@ def build_cross_pairs(
     for folder in (Path(chosen_dir), Path(rejected_dir)):
         records = read_records(folder)
         if any(r.get("total") is None for r in records):
-            raise ValueError(f"candidates in {folder} are not scored: run `sdpo score {folder}` first")
+            raise InputError(f"candidates in {folder} are not scored: run `sdpo score {folder}` first")
         groups: dict[int, list[dict[str, Any]]] = {}
         for record in records:
             groups.setdefault(record["prompt_index"], []).append(record)
@@ -110,7 +111,7 @@ def build_cross_pairs(
         chosen = _candidate_pairs(chosen_groups[index], "best-worst")[0][0]
         rejected = _candidate_pairs(rejected_groups[index], "best-worst")[0][1]
         if chosen["prompt"] != rejected["prompt"]:
-            raise ValueError(f"prompt {index} differs between {chosen_folder} and {rejected_folder}: "
+            raise InputError(f"prompt {index} differs between {chosen_folder} and {rejected_folder}: "
                              "generate both from the same prompts file")
         gap = chosen["total"] - rejected["total"]
         if gap <= 0:
@@ -120,6 +121,6 @@ def build_cross_pairs(
                                     (rejected_folder / rejected[key]).resolve(),
                                     {"chosen_score": chosen["total"], "rejected_score": rejected["total"], "gap": gap}))
     if not pairs:
-        raise ValueError(f"no pairs: no prompt of {chosen_folder} beat {rejected_folder} ({skipped})")
+        raise InputError(f"no pairs: no prompt of {chosen_folder} beat {rejected_folder} ({skipped})")
     write_pairs_jsonl(pairs, Path(out))
     return PairsSummary(Path(out), len(pairs), len(pairs) + sum(skipped.values()), skipped)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sdpo.errors import InputError
 from sdpo.rewards.base import Reward
 from sdpo.rewards.combine import combine_scores
 from sdpo.stages._io import read_records, write_records
@@ -44,7 +45,7 @@ def _score_batch(folder: Path, reward: Reward, batch: list[dict[str, Any]]) -> N
     with torch.no_grad():
         values = reward.score(media, [r["prompt"] for r in batch]).detach().float().cpu().flatten()
     if values.numel() != len(batch) or not torch.isfinite(values).all():
-        raise ValueError(f"reward {reward.name!r} returned {tuple(values.shape)} (non-finite or not one "
+        raise InputError(f"reward {reward.name!r} returned {tuple(values.shape)} (non-finite or not one "
                          f"score per sample) for a batch of {len(batch)}")
     for record, value in zip(batch, values.tolist(), strict=True):
         record.setdefault("scores", {})[reward.name] = value
@@ -73,19 +74,19 @@ def score(
     folder = Path(candidates_dir)
     records = read_records(folder)
     if not rewards:
-        raise ValueError("no reward given")
+        raise InputError("no reward given")
     weights = list(weights) if weights is not None else [1.0] * len(rewards)
     if len(weights) != len(rewards):
-        raise ValueError(f"{len(weights)} weight(s) for {len(rewards)} reward(s): give one weight per reward")
+        raise InputError(f"{len(weights)} weight(s) for {len(rewards)} reward(s): give one weight per reward")
     names = [reward.name for reward in rewards]
     if normalize not in ("raw", "zscore"):
-        raise ValueError(f"normalize must be 'raw' or 'zscore', got {normalize!r}")
+        raise InputError(f"normalize must be 'raw' or 'zscore', got {normalize!r}")
     if len(set(names)) != len(names):
-        raise ValueError(f"reward names repeat: {', '.join(names)}")
+        raise InputError(f"reward names repeat: {', '.join(names)}")
     kind = _media_kind(records[0])
     for reward in rewards:
         if reward.media != kind:
-            raise ValueError(f"reward {reward.name!r} scores {reward.media}s, but {folder} holds {kind}s")
+            raise InputError(f"reward {reward.name!r} scores {reward.media}s, but {folder} holds {kind}s")
     scored = {}
     saved_at = time.monotonic()
     try:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sdpo.errors import InputError
 from sdpo.files import write_atomic
 from sdpo.models._common import derive_seed
 from sdpo.stages.generate import SamplerSettings, collect_records, generate, load_pixels, write_media
@@ -59,9 +60,9 @@ def vbench_name(prompt: str, index: int) -> str:
     """The file VBench looks up for clip ``index`` of ``prompt``: ``{prompt}-{index}.mp4`` ('/' -> '_')."""
     name = f"{prompt.replace('/', '_')}-{index}.mp4"
     if not prompt.strip() or "\0" in prompt:
-        raise ValueError(f"prompt {prompt!r} cannot be a VBench file name")
+        raise InputError(f"prompt {prompt!r} cannot be a VBench file name")
     if len(name.encode("utf-8")) > _MAX_NAME_BYTES:
-        raise ValueError(f"prompt {prompt[:40]!r}... is too long for a VBench file name "
+        raise InputError(f"prompt {prompt[:40]!r}... is too long for a VBench file name "
                          f"({len(name.encode('utf-8'))} bytes, at most {_MAX_NAME_BYTES})")
     return name
 
@@ -87,13 +88,13 @@ def generate_vbench(spec: Any, prompts: list[str], out_dir: str | Path, *, per_p
     """
     unique = list(dict.fromkeys(prompts))
     if not unique:
-        raise ValueError("no prompts to generate for")
+        raise InputError("no prompts to generate for")
     names = {prompt: [vbench_name(prompt, k) for k in range(per_prompt)] for prompt in unique}
     by_name: dict[str, str] = {}
     for prompt in unique:
         other = by_name.setdefault(names[prompt][0], prompt)
         if other != prompt:
-            raise ValueError(f"prompts {other!r} and {prompt!r} map to the same VBench file name")
+            raise InputError(f"prompts {other!r} and {prompt!r} map to the same VBench file name")
     out = Path(out_dir)
     (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
     _check_settings(out, {"seed": seed, "per_prompt": per_prompt, "lora": None if lora is None else str(lora),
@@ -117,7 +118,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(key for key, value in settings.items() if saved.get(key) != value)
         if changed:
-            raise ValueError(f"{out} holds VBench clips made with other settings ({', '.join(changed)}): "
+            raise InputError(f"{out} holds VBench clips made with other settings ({', '.join(changed)}): "
                              "use a new folder, or the same settings to resume")
         return
     write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -136,7 +137,7 @@ def _one_prompt(spec: Any, prompt: str, names: list[str], out: Path, seed: int, 
         name = names[record["candidate_index"]]
         source = work / record["path"]
         if not record["path"].endswith(".mp4"):
-            raise ValueError(f"VBench evaluates videos; family {spec.family!r} generated images")
+            raise InputError(f"VBench evaluates videos; family {spec.family!r} generated images")
         if (out / name).is_file():
             continue
         if source.is_file():

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
+
 
 def media_grid(samples: Tensor, nrow: int | None = None, scale: int = 8, padding: int = 1) -> Any:
     """A PIL grey image of grey media in [-1, 1], ink white on black: images (B, 1, H, W) or clips (B, F, 1, H, W).
@@ -21,7 +23,7 @@ def media_grid(samples: Tensor, nrow: int | None = None, scale: int = 8, padding
 
     video = samples.ndim == 5
     if not (samples.ndim == 4 or video) or samples.shape[-3] != 1:
-        raise ValueError(f"samples must have shape (B, 1, H, W) or (B, F, 1, H, W), got {tuple(samples.shape)}")
+        raise InputError(f"samples must have shape (B, 1, H, W) or (B, F, 1, H, W), got {tuple(samples.shape)}")
     clips = samples if video else samples[:, None]
     count, frames, _, height, width = clips.shape
     nrow = max(1, nrow or (1 if video else math.ceil(math.sqrt(count))))

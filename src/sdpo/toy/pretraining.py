@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
+
 MARKER_FILE = "sdpo_toy.json"
 """Written last into a base-model folder: its presence marks the folder complete."""
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
@@ -86,24 +88,24 @@ class PretrainSettings:
         """Raise ValueError naming the first shared field that is out of range."""
         for name in ("text_hidden_size", "text_layers", "text_heads", "train_steps", "batch_size"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if self.text_hidden_size % self.text_heads:
-            raise ValueError(f"text_heads={self.text_heads} must divide text_hidden_size={self.text_hidden_size}")
+            raise InputError(f"text_heads={self.text_heads} must divide text_hidden_size={self.text_hidden_size}")
         if self.max_prompt_tokens < self.min_prompt_tokens:
-            raise ValueError(
+            raise InputError(
                 f"max_prompt_tokens must be at least {self.min_prompt_tokens} to hold a prompt, "
                 f"got {self.max_prompt_tokens}"
             )
         if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+            raise InputError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("weight_decay and warmup_steps must not be negative")
+            raise InputError("weight_decay and warmup_steps must not be negative")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+            raise InputError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields (tuples become lists)."""
@@ -115,7 +117,7 @@ class PretrainSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+            raise InputError(f"unknown {cls.__name__} fields: {unknown}")
         return cls(**values)
 
     def hash_header(self) -> dict[str, Any]:
@@ -404,7 +406,7 @@ def check_folder(
             if name.endswith(".safetensors"):
                 with safe_open(str(folder / name), framework="pt") as handle:
                     if not list(handle.keys()):
-                        raise ValueError("no tensors")
+                        raise InputError("no tensors")
             elif name.endswith(".json"):
                 json.loads((folder / name).read_text())
         except Exception as error:  # noqa: BLE001 - any read failure means the file is damaged

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdpo.errors import InputError
+
 
 @dataclass
 class WorldRunSettings:
@@ -39,15 +41,15 @@ class WorldRunSettings:
         from sdpo.toy.world import WORLDS
 
         if self.world not in WORLDS:
-            raise ValueError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
+            raise InputError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
         for name in ("pairs_per_digit", "eval_per_digit", "batch_size", "lora_rank", "num_inference_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be at least 2 (a pair needs two), got {self.samples_per_prompt}")
+            raise InputError(f"samples_per_prompt must be at least 2 (a pair needs two), got {self.samples_per_prompt}")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
 
 
 __all__ = ["WorldRunSettings"]

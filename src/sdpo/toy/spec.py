@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError, MissingFileError
 from sdpo.models._common import (
     diffusers_dtype_keyword,
     existing_suffixes,
@@ -169,7 +170,7 @@ class ToySpec:
         family, config_class = _config_class(folder, read_marker(folder).get("world"))
         config = config_class.from_dict(check_folder(folder, config_class)["config"])
         if media_format is not None and media_format != toy_media_format(config):
-            raise ValueError(f"this toy model only handles {toy_media_format(config)}, got {media_format}")
+            raise InputError(f"this toy model only handles {toy_media_format(config)}, got {media_format}")
 
         import diffusers
         from transformers import CLIPTextModel, PreTrainedTokenizerFast
@@ -214,7 +215,7 @@ class ToySpec:
     def _check_media(self, pixels: Tensor, what: str) -> None:
         expected = self._pixel_shape()
         if pixels.ndim != len(expected) + 1 or tuple(pixels.shape[1:]) != expected:
-            raise ValueError(f"{what} must have shape (B, {', '.join(map(str, expected))}), got {tuple(pixels.shape)}")
+            raise InputError(f"{what} must have shape (B, {', '.join(map(str, expected))}), got {tuple(pixels.shape)}")
 
     def _to_layout(self, pixels: Tensor) -> Tensor:
         # Wan keeps channels before frames; the UNet and CogVideoX take the pixels as they are.
@@ -313,10 +314,10 @@ class ToySpec:
         prompts = list(prompts)
         shape = self.latent_shape()
         if latents.ndim != len(shape) + 1 or latents.shape[0] != len(prompts) or tuple(latents.shape[1:]) != shape:
-            raise ValueError(f"latents must have shape ({len(prompts)}, {', '.join(map(str, shape))}) for "
+            raise InputError(f"latents must have shape ({len(prompts)}, {', '.join(map(str, shape))}) for "
                              f"{len(prompts)} prompts, got {tuple(latents.shape)}")
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+            raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         model = self.denoiser if model is None else model
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
@@ -363,7 +364,7 @@ class ToySpec:
         the same scale even when ``lora_alpha != r``.
         """
         if not getattr(unwrap(model), "peft_config", None):
-            raise ValueError("the model has no LoRA adapters to save; use save_full for a fully tuned denoiser")
+            raise InputError("the model has no LoRA adapters to save; use save_full for a fully tuned denoiser")
         name = self.denoiser_subfolder
         os.makedirs(output_dir, exist_ok=True)
         self.pipeline_class.save_lora_weights(
@@ -377,7 +378,7 @@ class ToySpec:
     ) -> None:
         """Write the fully fine-tuned denoiser to ``output_dir/<unet|transformer>`` (a ``from_pretrained`` folder)."""
         if getattr(unwrap(model), "peft_config", None):
-            raise ValueError("the model carries LoRA adapters: save them with save_lora (or fuse them first)")
+            raise InputError("the model carries LoRA adapters: save them with save_lora (or fuse them first)")
         save_denoiser(model, Path(output_dir) / self.denoiser_subfolder, state_dict)
 
     def load_lora(self, folder: str | os.PathLike[str], model: nn.Module | None = None) -> None:
@@ -388,9 +389,9 @@ class ToySpec:
         """
         path = Path(folder)
         if not path.exists():
-            raise FileNotFoundError(f"LoRA folder not found: {path}")
+            raise MissingFileError(f"LoRA folder not found: {path}")
         if path.is_dir() and not any(path.glob("*.safetensors")):
-            raise FileNotFoundError(f"no LoRA weights (*.safetensors) in {path}: is it a finished training run?")
+            raise MissingFileError(f"no LoRA weights (*.safetensors) in {path}: is it a finished training run?")
         target = unwrap(self.denoiser if model is None else model)
         pipeline = self.pipeline_class
         if self.arch == "unet":

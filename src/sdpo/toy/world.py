@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.rewards.base import Reward
 from sdpo.toy.pretraining import PretrainSettings, pretrain_base
 
@@ -74,4 +75,4 @@ def get_world(name: str, overrides: dict[str, Any] | None = None) -> World:
         from sdpo.toy.moving.world import MovingDigitsWorld
 
         return MovingDigitsWorld(VideoToyConfig(**(overrides or {})))
-    raise ValueError(f"unknown world {name!r}; choose one of {', '.join(WORLDS)}")
+    raise InputError(f"unknown world {name!r}; choose one of {', '.join(WORLDS)}")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sdpo.data.batch import PairBatch
+from sdpo.errors import InputError
 from sdpo.train.config import FLIPS, LATENT_SAMPLING
 from sdpo.train.step import _mix
 
@@ -44,7 +45,7 @@ def samples_latents(setting: str, dataset: Any) -> bool:
     has_std = has_latent_std(dataset)
     if setting == "sample" and not has_std:
         where = getattr(dataset, "cache_dir", None)
-        raise ValueError(
+        raise InputError(
             f"latent_sampling=sample needs a cache that stores the posterior std of each latent, and "
             f"{f'the cache {where}' if where is not None else 'this dataset'} holds the mean only (made before "
             f"the std was stored, or by a deterministic encoder): rerun `sdpo precompute`, or set latent_sampling "
@@ -75,7 +76,7 @@ def augment_batch(batch: PairBatch, global_indices: Tensor, step: int, seed: int
     chosen, rejected = batch.chosen, batch.rejected
     if sample:
         if batch.chosen_std is None or batch.rejected_std is None:
-            raise ValueError("latent sampling needs the posterior std of every latent, and this batch has none")
+            raise InputError("latent sampling needs the posterior std of every latent, and this batch has none")
         eps_chosen, eps_rejected = posterior_noise(global_indices, step, seed, tuple(chosen.shape[1:]))
         chosen = chosen.float() + batch.chosen_std.float() * eps_chosen.to(chosen.device)
         rejected = rejected.float() + batch.rejected_std.float() * eps_rejected.to(rejected.device)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdpo.errors import InputError
 from sdpo.files import write_atomic
 from sdpo.models.base import unwrap
 
@@ -134,7 +135,7 @@ def load_trainable(model: nn.Module, path: Path) -> None:
     wanted = {name for name, p in inner.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): was it made "
             f"with another lora_rank / lora_target_modules?"
         )

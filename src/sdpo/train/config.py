@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from sdpo.errors import ConfigError, InputError, MissingFileError
 from sdpo.objectives import MethodConfig
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -180,43 +181,43 @@ class TrainConfig:
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every",
                      "validation_inference_steps", "max_bad_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("lora_rank", "lr_warmup_steps", "checkpoint_every", "t_min", "validation_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("learning_rate", "adam_epsilon"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         for name in ("max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("report_to", self.report_to, TRACKERS)
         _check_choice("pair_weighting", self.pair_weighting, PAIR_WEIGHTINGS)
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
+            raise InputError(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if not self.ema_power > 0:
-            raise ValueError(f"ema_power must be a positive number, got {self.ema_power}")
+            raise InputError(f"ema_power must be a positive number, got {self.ema_power}")
         _check_choice("latent_sampling", self.latent_sampling, LATENT_SAMPLING)
         _check_choice("flip", self.flip, FLIPS)
         if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise InputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.validation_guidance_scale is not None and not 0 <= self.validation_guidance_scale < math.inf:
-            raise ValueError(f"validation_guidance_scale must be a finite number >= 0 (or null for the default), "
+            raise InputError(f"validation_guidance_scale must be a finite number >= 0 (or null for the default), "
                              f"got {self.validation_guidance_scale}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number (or null for alpha = rank), got {self.lora_alpha}")
+            raise InputError(f"lora_alpha must be a positive number (or null for alpha = rank), got {self.lora_alpha}")
         _check_lora_targets(self.lora_target_modules)
         if self.init_lora is not None and self.lora_rank == 0:
-            raise ValueError("init_lora needs LoRA training (lora_rank > 0): full fine-tuning has no adapter to start")
+            raise InputError("init_lora needs LoRA training (lora_rank > 0): full fine-tuning has no adapter to start")
         if self.t_max is not None and self.t_max < self.t_min:
-            raise ValueError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
+            raise InputError(f"t_max ({self.t_max}) must be >= t_min ({self.t_min})")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError(f"checkpoints_total_limit must be a positive integer or null (keep all), "
+            raise InputError(f"checkpoints_total_limit must be a positive integer or null (keep all), "
                              f"got {self.checkpoints_total_limit}")
         if not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+            raise InputError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -225,7 +226,7 @@ class TrainConfig:
         ``TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config`` for every config.
         """
         if not isinstance(data, Mapping):
-            raise ValueError(f"a config must be a mapping of settings, got {_show(data)}")
+            raise InputError(f"a config must be a mapping of settings, got {_show(data)}")
         _check_keys(data, _field_names(cls), "config key")
         return cls(**data)
 
@@ -247,17 +248,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingFileError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
-        raise ValueError(f"config file {path} is not UTF-8 text (byte {error.start})") from error
+        raise InputError(f"config file {path} is not UTF-8 text (byte {error.start})") from error
     except yaml.YAMLError as error:
-        raise ValueError(f"config file {path} is not valid YAML: {_one_line(error)}") from error
+        raise InputError(f"config file {path} is not valid YAML: {_one_line(error)}") from error
     except RecursionError as error:
-        raise ValueError(f"config file {path} is nested too deeply") from error
+        raise InputError(f"config file {path} is nested too deeply") from error
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings, got {_show(data)}")
+        raise InputError(f"config file {path} must hold a mapping of settings, got {_show(data)}")
     return data
 
 
@@ -266,12 +267,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in text:
-        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
+        raise InputError(f"--set expects KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as error:
-        raise ValueError(f"--set {text!r}: the value is not valid YAML: {_one_line(error)}") from error
+        raise InputError(f"--set {text!r}: the value is not valid YAML: {_one_line(error)}") from error
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -285,23 +286,23 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]
     for key, value in overrides:
         parts = str(key).split(".")
         if not all(parts):
-            raise ValueError(f"override {key!r}: expected a setting name such as max_steps or method.beta")
+            raise InputError(f"override {key!r}: expected a setting name such as max_steps or method.beta")
         top = parts[0]
         _check_keys({top: None}, _field_names(TrainConfig), "config key")
         if len(parts) == 1:
             result[top] = value
             continue
         if top != "method":
-            raise ValueError(f"override {key!r}: {top} is a single setting, not a group (set {top}=VALUE)")
+            raise InputError(f"override {key!r}: {top} is a single setting, not a group (set {top}=VALUE)")
         _check_keys({parts[1]: None}, _field_names(MethodConfig), "method setting")
         if len(parts) > 2:
             whole = f"method.{parts[1]}"
-            raise ValueError(f"override {key!r}: {whole} is a single setting, not a group (set {whole}=VALUE)")
+            raise InputError(f"override {key!r}: {whole} is a single setting, not a group (set {whole}=VALUE)")
         method = result.get("method", {})
         if isinstance(method, MethodConfig):
-            raise ValueError(f"override {key!r}: the method is already built; override a mapping instead")
+            raise InputError(f"override {key!r}: the method is already built; override a mapping instead")
         if not isinstance(method, dict):
-            raise ValueError(f"override {key!r}: method in the config is not a mapping (got {_show(method)})")
+            raise InputError(f"override {key!r}: method in the config is not a mapping (got {_show(method)})")
         result["method"] = {**method, parts[1]: value}
     return result
 
@@ -312,11 +313,14 @@ def method_from_dict(data: Mapping[str, Any] | MethodConfig) -> MethodConfig:
     if isinstance(data, MethodConfig):
         return data
     if not isinstance(data, Mapping):
-        raise ValueError(f"method must be a mapping such as {{name: sdpo, beta: 1000.0}}, got {_show(data)}")
+        raise InputError(f"method must be a mapping such as {{name: sdpo, beta: 1000.0}}, got {_show(data)}")
     _check_keys(data, _field_names(MethodConfig), "method setting")
     hints = _type_hints(MethodConfig)
     values = {key: _coerce(f"method.{key}", hints[key], value) for key, value in data.items()}
-    return MethodConfig.preset(values.pop("name", "sdpo"), **values)
+    try:
+        return MethodConfig.preset(values.pop("name", "sdpo"), **values)
+    except ValueError as error:  # the math layer raises built-ins only
+        raise ConfigError(f"method: {error}") from None
 
 
 # --------------------------------------------------------------------- resume check
@@ -398,7 +402,7 @@ def resolve_lora_targets(requested: list[str] | str | None, default: list[str] |
         missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         what = "no layer's full name matches" if isinstance(requested, str) else "no adaptable layer is named"
-        raise ValueError(f"lora_target_modules: {what} {', '.join(map(repr, missing))}; the denoiser's "
+        raise InputError(f"lora_target_modules: {what} {', '.join(map(repr, missing))}; the denoiser's "
                          f"Linear/Conv layers are named: {', '.join(_short_names(names))}")
     return list(requested) if not isinstance(requested, str) else requested
 
@@ -417,11 +421,11 @@ def _check_lora_targets(targets: list[str] | str | None) -> None:
         try:
             re.compile(targets)
         except re.error as error:
-            raise ValueError(f"lora_target_modules is not a valid regular expression: {error}") from error
+            raise InputError(f"lora_target_modules is not a valid regular expression: {error}") from error
         if not targets:
-            raise ValueError("lora_target_modules must not be empty (null: the family default)")
+            raise InputError("lora_target_modules must not be empty (null: the family default)")
     elif targets is not None and (not targets or not all(targets)):
-        raise ValueError(f"lora_target_modules must be non-empty module names (null: the family default), "
+        raise InputError(f"lora_target_modules must be non-empty module names (null: the family default), "
                          f"got {targets!r}")
 
 
@@ -443,7 +447,7 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
     try:
         return _convert(annotation, value)
     except (ValueError, TypeError, OverflowError):
-        raise ValueError(f"{name} must be {_expected(annotation)}, got {_show(value)}") from None
+        raise InputError(f"{name} must be {_expected(annotation)}, got {_show(value)}") from None
 
 
 def _convert(annotation: Any, value: Any) -> Any:
@@ -517,12 +521,12 @@ def _check_keys(data: Mapping[Any, Any], known: list[str], what: str) -> None:
     if unknown:
         hints = [m for key in unknown for m in difflib.get_close_matches(key, known, n=1)]
         hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-        raise ValueError(f"unknown {what}(s): {', '.join(unknown)}{hint}")
+        raise InputError(f"unknown {what}(s): {', '.join(unknown)}{hint}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _show(value: Any) -> str:

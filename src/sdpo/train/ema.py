@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError, MissingFileError
 from sdpo.models.base import unwrap
 
 EMA_NAME = "ema.safetensors"
@@ -37,7 +38,7 @@ def build_ema(config: Any, params: list[nn.Parameter]) -> Any:
 def check_ema_supported(config: Any, sharded: bool) -> None:
     """Refuse ``ema_decay`` where the parameters are sharded (each process would average a shard)."""
     if config.ema_decay > 0 and sharded:
-        raise ValueError("ema_decay is not supported under FSDP or DeepSpeed (each process holds a shard of the "
+        raise InputError("ema_decay is not supported under FSDP or DeepSpeed (each process holds a shard of the "
                          "weights); train with one process or DDP, or set ema_decay to 0")
 
 
@@ -50,7 +51,7 @@ def ema_weights(ema: Any, model: nn.Module) -> dict[str, Tensor]:
     """The averaged weights by parameter name, on the CPU (what checkpoints and the export store)."""
     names = trainable_names(model)
     if len(names) != len(ema.shadow_params):
-        raise ValueError(f"the moving average holds {len(ema.shadow_params)} tensors for {len(names)} trainable "
+        raise InputError(f"the moving average holds {len(ema.shadow_params)} tensors for {len(names)} trainable "
                          f"parameters")
     return {name: shadow.detach().cpu().contiguous() for name, shadow in zip(names, ema.shadow_params, strict=True)}
 
@@ -68,13 +69,13 @@ def load_ema(ema: Any, model: nn.Module, checkpoint: Path, updates: Any) -> None
 
     path = checkpoint / EMA_NAME
     if not path.is_file() or not isinstance(updates, int):
-        raise FileNotFoundError(f"{checkpoint} holds no moving average ({EMA_NAME} and ema_updates in its trainer "
+        raise MissingFileError(f"{checkpoint} holds no moving average ({EMA_NAME} and ema_updates in its trainer "
                                 f"state), though ema_decay is set: resume with the ema_decay it was made with")
     tensors = load_file(str(path))
     names = trainable_names(model)
     missing = [name for name in names if name not in tensors]
     if missing or len(tensors) != len(names):
-        raise ValueError(f"{path} does not fit this model (missing {missing[:3]}): was it made with another "
+        raise InputError(f"{path} does not fit this model (missing {missing[:3]}): was it made with another "
                          f"lora_rank / lora_target_modules?")
     with torch.no_grad():
         for shadow, name in zip(ema.shadow_params, names, strict=True):
@@ -87,5 +88,5 @@ def averaged_state_dict(ema: Any, model: nn.Module, state_dict: dict[str, Tensor
     averaged = ema_weights(ema, model)
     unknown = sorted(set(averaged) - set(state_dict))
     if unknown:
-        raise ValueError(f"the model's state dict has no entry for trained weights {unknown[:3]}")
+        raise InputError(f"the model's state dict has no entry for trained weights {unknown[:3]}")
     return {**state_dict, **averaged}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from sdpo.errors import MissingFileError
 from sdpo.files import fsync_dir
 from sdpo.train.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -145,10 +146,10 @@ def export_run(run_dir: str | os.PathLike[str], progress: bool = True) -> TrainR
     run_dir = Path(run_dir)
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if checkpoint is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir} to export from")
+        raise MissingFileError(f"no complete checkpoint in {run_dir} to export from")
     saved = json.loads((checkpoint / CONFIG_NAME).read_text()) if (checkpoint / CONFIG_NAME).is_file() else None
     if saved is None:
-        raise FileNotFoundError(f"{checkpoint} holds no {CONFIG_NAME}: train again with --resume latest instead")
+        raise MissingFileError(f"{checkpoint} holds no {CONFIG_NAME}: train again with --resume latest instead")
     from sdpo.train.trainer import train  # late: the trainer imports this module
 
     step = int(read_state(checkpoint)["step"])

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
+
 
 @dataclass(frozen=True)
 class PairWeights:
@@ -30,22 +32,22 @@ class PairWeights:
             return None
         gaps = _dataset_gaps(dataset)
         if gaps is None:
-            raise ValueError(f"pair_weighting={mode} needs each pair's score gap, but {source} holds none: "
+            raise InputError(f"pair_weighting={mode} needs each pair's score gap, but {source} holds none: "
                              f"precompute it again from pairs that carry a numeric \"gap\" (as `sdpo pairs` "
                              f"writes them), or set pair_weighting to none")
         if bool((gaps < 0).any()):
             first = int((gaps < 0).nonzero()[0, 0])
-            raise ValueError(f"pair_weighting={mode}: pair {first} of {source} has a negative gap "
+            raise InputError(f"pair_weighting={mode}: pair {first} of {source} has a negative gap "
                              f"({float(gaps[first])}); chosen must score above rejected")
         mean = float(gaps.mean())
         if not mean > 0:
-            raise ValueError(f"pair_weighting={mode}: every pair of {source} has gap 0, so no pair would count")
+            raise InputError(f"pair_weighting={mode}: every pair of {source} has gap 0, so no pair would count")
         return cls(mean_gap=mean, source=source)
 
     def for_batch(self, gaps: Tensor | None) -> Tensor:
         """Weights (B,) float64 for a batch's gaps, gap / mean gap."""
         if gaps is None:
-            raise ValueError(f"a batch from {self.source} has pairs without a score gap")
+            raise InputError(f"a batch from {self.source} has pairs without a score gap")
         return gaps.double() / self.mean_gap
 
 

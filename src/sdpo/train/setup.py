@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from sdpo.errors import InputError, MissingFileError, MissingPackageError, UnwritableError
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.train.checkpoint import (
     CONFIG_NAME,
@@ -104,7 +105,7 @@ def _check_writable(output_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise PermissionError(f"output folder is not writable: {output_dir} ({error.strerror})") from error
+        raise UnwritableError(f"output folder is not writable: {output_dir} ({error.strerror})") from error
 
 
 def _accelerator(config: TrainConfig, output_dir: Path) -> Any:
@@ -151,7 +152,7 @@ def _resume_point(output_dir: Path, resume: str | None, config: TrainConfig, ove
         return _Resume()
     state = read_state(checkpoint) if checkpoint.is_dir() else None
     if state is None:
-        raise FileNotFoundError(f"not a complete checkpoint (no readable {STATE_NAME}): {checkpoint}")
+        raise MissingFileError(f"not a complete checkpoint (no readable {STATE_NAME}): {checkpoint}")
     changes = _checked_changes(checkpoint, config)
     if changes:
         _note(f"resuming from {checkpoint.name} with changed settings: {'; '.join(map(str, changes))}", main)
@@ -169,7 +170,7 @@ def _checked_changes(checkpoint: Path, config: TrainConfig) -> list[Any]:
     try:
         saved = TrainConfig.from_dict(json.loads(path.read_text()))
     except ValueError as error:
-        raise ValueError(f"cannot read the config saved in {path}: {error}") from None
+        raise InputError(f"cannot read the config saved in {path}: {error}") from None
     return check_resume(saved, config)
 
 
@@ -180,7 +181,7 @@ def _claim_fresh_folder(output_dir: Path, overwrite: bool, main: bool) -> None:
         return
     if not overwrite:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        raise ValueError(f"output folder {output_dir} already holds a run ({shown}): pass --resume latest to "
+        raise InputError(f"output folder {output_dir} already holds a run ({shown}): pass --resume latest to "
                          f"continue it, --overwrite to replace it, or choose another output_dir")
     if main:
         _note(f"--overwrite: deleting the run in {output_dir}")
@@ -203,7 +204,7 @@ def _already_finished(output_dir: Path, config: TrainConfig, resume: str | None)
     if not isinstance(final_step, int):
         return None
     if final_step < config.max_steps:
-        raise FileNotFoundError(f"{output_dir} finished at step {final_step} and kept no checkpoint to continue "
+        raise MissingFileError(f"{output_dir} finished at step {final_step} and kept no checkpoint to continue "
                                 f"from to max_steps={config.max_steps} (set checkpoint_every to keep one)")
     _note(f"{output_dir} already finished (step {final_step}): nothing to do")
     return final_step
@@ -353,7 +354,7 @@ def _start_from_lora(model: nn.Module, folder: Path, prefix: str) -> None:
 
     path = folder / LORA_WEIGHTS_NAME if folder.is_dir() else folder
     if not path.is_file():
-        raise FileNotFoundError(f"init_lora: no {LORA_WEIGHTS_NAME} in {folder} (is it a finished LoRA run?)")
+        raise MissingFileError(f"init_lora: no {LORA_WEIGHTS_NAME} in {folder} (is it a finished LoRA run?)")
     saved = {key.removeprefix(f"{prefix}."): value for key, value in load_file(str(path)).items()}
     # The file holds diffusers' names (module.lora.down.weight), as save_lora wrote them through the
     # same conversion; the live adapter's are peft's (module.lora_A.default.weight).
@@ -364,11 +365,11 @@ def _start_from_lora(model: nn.Module, folder: Path, prefix: str) -> None:
     if missing or extra:
         what = f"{len(missing)} adapted layer weight(s) missing, e.g. {missing[0]}" if missing else \
             f"{len(extra)} weight(s) for layers this run does not adapt, e.g. {extra[0]}"
-        raise ValueError(f"init_lora {folder}: other LoRA targets than this run's ({what})")
+        raise InputError(f"init_lora {folder}: other LoRA targets than this run's ({what})")
     current = model.state_dict()
     for name, key in wanted.items():
         if saved[name].shape != current[key].shape:
-            raise ValueError(f"init_lora {folder}: {name} has shape {tuple(saved[name].shape)}, this run's "
+            raise InputError(f"init_lora {folder}: {name} has shape {tuple(saved[name].shape)}, this run's "
                              f"{tuple(current[key].shape)} (another lora_rank?)")
     model.load_state_dict({key: saved[name] for name, key in wanted.items()}, strict=False)
 
@@ -380,7 +381,7 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+            raise MissingPackageError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 

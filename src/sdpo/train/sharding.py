@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
+
 
 def uses_fsdp(accelerator: Any) -> bool:
     """Whether accelerate runs this process under FSDP."""
@@ -55,7 +57,7 @@ def shard_like_policy(accelerator: Any, reference: nn.Module) -> nn.Module:
 
     plugin = accelerator.state.fsdp_plugin
     if getattr(plugin, "fsdp_version", 2) != 2:
-        raise ValueError("full fine-tuning under FSDP needs fsdp_version: 2 in the accelerate config")
+        raise InputError("full fine-tuning under FSDP needs fsdp_version: 2 in the accelerate config")
     plugin.set_auto_wrap_policy(reference)
     reference.to(accelerator.device)
     return fsdp2_prepare_model(accelerator, reference)

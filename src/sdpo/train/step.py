@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.data.batch import PairBatch
+from sdpo.errors import InputError
 from sdpo.importance import log_importance_weight, log_relative_weight
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.objectives import MethodConfig, PreferenceOutput, preference_loss, safeguard_scale
@@ -95,7 +96,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
         layers = _TUNER_LAYERS[inner] = [m for m in inner.modules() if isinstance(m, BaseTunerLayer)]
     if not layers:
-        raise ValueError("the model has no LoRA adapters to disable: the reference needs adapters or a frozen copy")
+        raise InputError("the model has no LoRA adapters to disable: the reference needs adapters or a frozen copy")
     for layer in layers:
         layer.enable_adapters(False)
     try:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.data.cache import collate_pairs
+from sdpo.errors import InputError
 from sdpo.models.base import ModelSpec
 from sdpo.train.augment import augment_batch, samples_latents
 from sdpo.train.checkpoint import NonFiniteWeightsError, RunLock, latest_checkpoint
@@ -98,12 +99,12 @@ class GlobalBatchOrder:
     def __init__(self, num_pairs: int, per_process: int, world: int, rank: int, seed: int,
                  buckets: Tensor | None = None) -> None:
         if num_pairs < per_process * world:
-            raise ValueError(
+            raise InputError(
                 f"the cache holds {num_pairs} pairs, fewer than one global batch "
                 f"({per_process} x {world} processes)"
             )
         if buckets is not None and buckets.shape != (num_pairs,):
-            raise ValueError(f"buckets must give one bucket per pair ({num_pairs}), got shape {tuple(buckets.shape)}")
+            raise InputError(f"buckets must give one bucket per pair ({num_pairs}), got shape {tuple(buckets.shape)}")
         self.num_pairs, self.per_process, self.world, self.rank, self.seed = num_pairs, per_process, world, rank, seed
         self.global_batch = per_process * world
         self.buckets = None if buckets is None else buckets.long()

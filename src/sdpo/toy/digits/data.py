@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
 PROMPT_TEMPLATE = "a handwritten digit {digit}"
@@ -75,14 +77,14 @@ def load_split(split: str) -> tuple[Tensor, Tensor]:
         return images[train], labels[train]
     if split == "held_out":
         return images[held_out], labels[held_out]
-    raise ValueError(f"unknown split {split!r}; expected 'train', 'held_out' or 'all'")
+    raise InputError(f"unknown split {split!r}; expected 'train', 'held_out' or 'all'")
 
 
 def prompt_for(label: int) -> str:
     """The prompt that asks for one digit, e.g. ``"a handwritten digit 7"``."""
     digit = int(label)
     if not 0 <= digit < NUM_CLASSES:
-        raise ValueError(f"a digit label must be in 0..9, got {label}")
+        raise InputError(f"a digit label must be in 0..9, got {label}")
     return PROMPT_TEMPLATE.format(digit=digit)
 
 
@@ -117,7 +119,7 @@ def the_one(found: set[int], prompt: str, noun: str, name: Callable[[int], objec
     """The one index in ``found``, what ``prompt`` names; ValueError when it names none or several."""
     if len(found) != 1:
         what = f"no {noun}" if not found else f"several {noun}s {sorted(name(i) for i in found)}"
-        raise ValueError(f"prompt {prompt!r} names {what}; expected {expected}")
+        raise InputError(f"prompt {prompt!r} names {what}; expected {expected}")
     return found.pop()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.toy.digits.data import IMAGE_SIZE, load_split, prompts_for
 from sdpo.toy.pretraining import (
     BETA_SCHEDULES,
@@ -53,21 +54,21 @@ class ToyModelConfig(PretrainSettings):
         channels = tuple(int(c) for c in self.block_out_channels)
         object.__setattr__(self, "block_out_channels", channels)
         if not channels or any(c <= 0 for c in channels):
-            raise ValueError(f"block_out_channels must be positive integers, got {self.block_out_channels}")
+            raise InputError(f"block_out_channels must be positive integers, got {self.block_out_channels}")
         # Each level but the last halves the resolution; 8 -> 4 -> 2 -> 1 is the deepest possible.
         if len(channels) > 4:
-            raise ValueError(f"at most 4 UNet levels fit an 8x8 image, got {len(channels)}")
+            raise InputError(f"at most 4 UNet levels fit an 8x8 image, got {len(channels)}")
         if self.norm_num_groups <= 0 or any(c % self.norm_num_groups for c in channels):
-            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels {channels}")
+            raise InputError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels {channels}")
         if self.attention_heads <= 0 or any(c % self.attention_heads for c in channels):
-            raise ValueError(f"attention_heads={self.attention_heads} must divide every block_out_channels {channels}")
+            raise InputError(f"attention_heads={self.attention_heads} must divide every block_out_channels {channels}")
         if int(self.layers_per_block) <= 0:
-            raise ValueError(f"layers_per_block must be positive, got {self.layers_per_block}")
+            raise InputError(f"layers_per_block must be positive, got {self.layers_per_block}")
         self.check_pretrain_settings()
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+            raise InputError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+            raise InputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
 
     def hash_header(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION}

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
 from sdpo.toy.digits.data import IMAGE_SIZE, NUM_CLASSES, load_split, parse_digits
 
 REWARD_KINDS = ("default", "log_odds", "log_prob", "probability", "thickness")
@@ -192,9 +193,9 @@ class DigitReward:
     def __init__(self, kind: str, classifier_weight: float, style_weight: float, log_odds_cap: float,
                  style_cap: float, seed: int, split: str = "train", hidden: int = 64) -> None:
         if kind not in REWARD_KINDS:
-            raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
+            raise InputError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
         if log_odds_cap <= 0 or style_cap <= 0:
-            raise ValueError("log_odds_cap and style_cap must be positive")
+            raise InputError("log_odds_cap and style_cap must be positive")
         self.name = "digits" if kind == "default" else f"digits-{kind}"
         if split != "train":
             self.name += f"@{split}"
@@ -208,9 +209,9 @@ class DigitReward:
     def score(self, media: Tensor, prompts: list[str]) -> Tensor:
         """One score per digit (B,), higher is better."""
         if media.ndim != 4 or tuple(media.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"samples must have shape (B, 1, 8, 8), got {tuple(media.shape)}")
+            raise InputError(f"samples must have shape (B, 1, 8, 8), got {tuple(media.shape)}")
         if len(prompts) != media.shape[0]:
-            raise ValueError(f"got {media.shape[0]} samples but {len(prompts)} prompts")
+            raise InputError(f"got {media.shape[0]} samples but {len(prompts)} prompts")
         images = media.detach().float().cpu().clamp(-1, 1)
         labels = parse_digits(prompts)
         if self.kind == "thickness":
@@ -271,7 +272,7 @@ def digit_features(images: Tensor, space: str = "classifier") -> np.ndarray:
     if space == "classifier":
         with torch.no_grad():
             return digit_classifier().features(images).double().numpy()
-    raise ValueError(f"unknown feature space {space!r}; expected 'classifier' or 'pixels'")
+    raise InputError(f"unknown feature space {space!r}; expected 'classifier' or 'pixels'")
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -282,9 +283,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     than a general ``sqrtm``.
     """
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be (N, D) with the same D, got {a.shape} and {b.shape}")
+        raise InputError(f"feature sets must be (N, D) with the same D, got {a.shape} and {b.shape}")
     if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError("each feature set needs at least 2 rows")
+        raise InputError("each feature set needs at least 2 rows")
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     values, vectors = np.linalg.eigh(cov_a)
@@ -303,5 +304,5 @@ def feature_distance(samples: Tensor, reference_images: Tensor, space: str = "cl
     digits (see the toy README figures) rather than against 0.
     """
     if not math.isfinite(float(samples.float().sum())):
-        raise ValueError("samples contain NaN or infinite values")
+        raise InputError("samples contain NaN or infinite values")
     return frechet_distance(digit_features(samples, space), digit_features(reference_images, space))

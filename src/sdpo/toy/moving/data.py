@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.toy.digits.data import (
     IMAGE_SIZE,
     load_digit_images,
@@ -47,12 +48,12 @@ _WORD = re.compile(r"[a-z]+")
 def check_geometry(frames: int, canvas: int, speed: int) -> None:
     """Raise ValueError unless a digit moving ``speed`` px per frame stays inside the canvas for ``frames`` frames."""
     if frames < 2:
-        raise ValueError(f"a clip needs at least 2 frames to show motion, got {frames}")
+        raise InputError(f"a clip needs at least 2 frames to show motion, got {frames}")
     if speed < 1:
-        raise ValueError(f"speed must be at least 1 pixel per frame, got {speed}")
+        raise InputError(f"speed must be at least 1 pixel per frame, got {speed}")
     travel = (frames - 1) * speed
     if canvas < IMAGE_SIZE + travel:
-        raise ValueError(
+        raise InputError(
             f"a {IMAGE_SIZE}x{IMAGE_SIZE} digit moving {speed} px/frame for {frames} frames travels {travel} px and "
             f"needs a canvas of at least {IMAGE_SIZE + travel}, got {canvas}"
         )
@@ -88,11 +89,11 @@ def render_clips(
     """Clips (N, F, 1, canvas, canvas) in [-1, 1] of digits (N, 1, 8, 8) moving in ``directions`` (N,)."""
     directions = torch.as_tensor(directions, dtype=torch.int64).reshape(-1)
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
+        raise InputError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
     if directions.numel() != images.shape[0]:
-        raise ValueError(f"got {images.shape[0]} images but {directions.numel()} directions")
+        raise InputError(f"got {images.shape[0]} images but {directions.numel()} directions")
     if directions.numel() and (int(directions.min()) < 0 or int(directions.max()) >= len(DIRECTIONS)):
-        raise ValueError(f"directions must be indices 0..{len(DIRECTIONS) - 1} into {DIRECTIONS}")
+        raise InputError(f"directions must be indices 0..{len(DIRECTIONS) - 1} into {DIRECTIONS}")
     check_geometry(frames, canvas, speed)
     clips = images.new_full((images.shape[0], frames, 1, canvas, canvas), -1.0)
     for direction in range(len(DIRECTIONS)):
@@ -124,7 +125,7 @@ def clip_directions(split: str) -> Tensor:
         return directions[train]
     if split == "held_out":
         return directions[held_out]
-    raise ValueError(f"unknown split {split!r}; expected 'train', 'held_out' or 'all'")
+    raise InputError(f"unknown split {split!r}; expected 'train', 'held_out' or 'all'")
 
 
 def load_video_clips(
@@ -148,11 +149,11 @@ def direction_index(direction: int | str) -> int:
     """The index of a direction given as an index or a name ("left", "right", "up", "down")."""
     if isinstance(direction, str):
         if direction not in _DIRECTION_INDEX:
-            raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
+            raise InputError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
         return _DIRECTION_INDEX[direction]
     index = int(direction)
     if not 0 <= index < len(DIRECTIONS):
-        raise ValueError(f"a direction index must be in 0..{len(DIRECTIONS) - 1}, got {direction}")
+        raise InputError(f"a direction index must be in 0..{len(DIRECTIONS) - 1}, got {direction}")
     return index
 
 
@@ -166,7 +167,7 @@ def video_prompts_for(labels: Iterable[int] | Tensor, directions: Iterable[int |
     labels = labels.reshape(-1).tolist() if isinstance(labels, Tensor) else list(labels)
     directions = directions.reshape(-1).tolist() if isinstance(directions, Tensor) else list(directions)
     if len(labels) != len(directions):
-        raise ValueError(f"got {len(labels)} labels but {len(directions)} directions")
+        raise InputError(f"got {len(labels)} labels but {len(directions)} directions")
     return [video_prompt_for(label, direction) for label, direction in zip(labels, directions, strict=True)]
 
 

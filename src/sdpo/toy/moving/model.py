@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdpo.errors import InputError
 from sdpo.models.base import unwrap
 from sdpo.toy.digits.data import load_split
 from sdpo.toy.moving.data import (
@@ -103,25 +104,25 @@ class VideoToyConfig(PretrainSettings):
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+            raise InputError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         check_geometry(self.frames, self.canvas, self.speed)
         for name in ("patch_size", "num_attention_heads", "attention_head_dim", "num_layers", "time_embed_dim"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if self.canvas % self.patch_size:
-            raise ValueError(f"patch_size={self.patch_size} must divide canvas={self.canvas}")
+            raise InputError(f"patch_size={self.patch_size} must divide canvas={self.canvas}")
         width = self.num_attention_heads * self.attention_head_dim
         # CogVideoX's 3-D sincos table gives 1/4 of the width to time and 3/8 to each spatial axis,
         # each split again into sin / cos halves.
         if self.arch == "cogvideox" and width % 16:
-            raise ValueError(f"CogVideoX needs num_attention_heads * attention_head_dim divisible by 16, got {width}")
+            raise InputError(f"CogVideoX needs num_attention_heads * attention_head_dim divisible by 16, got {width}")
         if self.arch == "wan" and self.attention_head_dim < 12:
-            raise ValueError(f"Wan's rotary embedding needs attention_head_dim >= 12, got {self.attention_head_dim}")
+            raise InputError(f"Wan's rotary embedding needs attention_head_dim >= 12, got {self.attention_head_dim}")
         self.check_pretrain_settings()
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+            raise InputError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if not self.snr_shift_scale > 0 or not self.flow_shift > 0:
-            raise ValueError("snr_shift_scale and flow_shift must be positive")
+            raise InputError("snr_shift_scale and flow_shift must be positive")
 
     def pretrained_models(self, progress: bool) -> BaseModels:
         models = build_video_models(self)
@@ -227,11 +228,11 @@ def check_transformer_inputs(model: nn.Module, arch: str, latents: Tensor, hidde
         return
     config = unwrap(model).config
     if hidden.ndim != 3 or hidden.shape[1] != config.max_text_seq_length:
-        raise ValueError(f"CogVideoX needs exactly max_text_seq_length={config.max_text_seq_length} text "
+        raise InputError(f"CogVideoX needs exactly max_text_seq_length={config.max_text_seq_length} text "
                          f"tokens, got encoder_hidden_states of shape {tuple(hidden.shape)}")
     frames, _, height, width = latents.shape[1:]
     if (frames, height, width) != (config.sample_frames, config.sample_height, config.sample_width):
-        raise ValueError(f"CogVideoX's position table is for {config.sample_frames} frames of "
+        raise InputError(f"CogVideoX's position table is for {config.sample_frames} frames of "
                          f"{config.sample_height}x{config.sample_width}, got {frames} of {height}x{width}")
 
 

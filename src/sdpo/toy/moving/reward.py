@@ -25,6 +25,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from sdpo.errors import InputError
 from sdpo.toy.digits.data import IMAGE_SIZE, load_split, parse_digits
 from sdpo.toy.digits.reward import digit_classifier, digit_reward, feature_distance
 from sdpo.toy.moving.data import DEFAULT_SPEED, DIRECTION_VECTORS, parse_directions
@@ -34,7 +35,7 @@ VIDEO_REWARD_KINDS = ("default", "digit", "motion")
 
 def _check_clips(samples: Tensor) -> Tensor:
     if samples.ndim != 5 or samples.shape[2] != 1 or min(samples.shape[-2:]) < IMAGE_SIZE:
-        raise ValueError(f"samples must have shape (B, F, 1, H, W) with H, W >= {IMAGE_SIZE}, got {tuple(samples.shape)}")
+        raise InputError(f"samples must have shape (B, F, 1, H, W) with H, W >= {IMAGE_SIZE}, got {tuple(samples.shape)}")
     return samples.detach().float().cpu().clamp(-1, 1)
 
 
@@ -89,7 +90,7 @@ def clip_velocity(samples: Tensor) -> Tensor:
     centres = ink_centres(samples)
     frames = centres.shape[1]
     if frames < 2:
-        raise ValueError("a velocity needs at least 2 frames")
+        raise InputError("a velocity needs at least 2 frames")
     f = torch.arange(frames, dtype=torch.float32)
     f = f - f.mean()
     return (f[None, :, None] * (centres - centres.mean(dim=1, keepdim=True))).sum(dim=1) / (f**2).sum()
@@ -114,11 +115,11 @@ class MovingDigitReward:
     def __init__(self, kind: str, motion_weight: float, speed: float, frame_reward: str, seed: int,
                  split: str = "train", hidden: int = 64) -> None:
         if kind not in VIDEO_REWARD_KINDS:
-            raise ValueError(f"unknown video reward kind {kind!r}; expected one of {VIDEO_REWARD_KINDS}")
+            raise InputError(f"unknown video reward kind {kind!r}; expected one of {VIDEO_REWARD_KINDS}")
         if not speed > 0:
-            raise ValueError(f"speed must be positive, got {speed}")
+            raise InputError(f"speed must be positive, got {speed}")
         if not math.isfinite(motion_weight):
-            raise ValueError(f"motion_weight must be finite, got {motion_weight}")
+            raise InputError(f"motion_weight must be finite, got {motion_weight}")
         self.name = ("moving-digits" if kind == "default" else f"moving-digits-{kind}") + (
             "@held_out" if split == "held_out" else "")
         self.kind, self.motion_weight, self.speed = kind, motion_weight, speed
@@ -130,7 +131,7 @@ class MovingDigitReward:
         """One score per clip (B,), higher is better."""
         clips = _check_clips(media)
         if len(prompts) != clips.shape[0]:
-            raise ValueError(f"got {clips.shape[0]} samples but {len(prompts)} prompts")
+            raise InputError(f"got {clips.shape[0]} samples but {len(prompts)} prompts")
         directions = parse_directions(prompts)
         parse_digits(prompts)  # fail on a prompt without a digit even for the motion-only kind
         motion = motion_score(clips, directions, self.speed)
@@ -175,7 +176,7 @@ def video_metrics(samples: Tensor, prompts: list[str], seed: int = 0) -> dict[st
     prompted digit) and ``direction_accuracy`` (share of clips moving mostly in the prompted direction)."""
     clips = _check_clips(samples)
     if len(prompts) != clips.shape[0]:
-        raise ValueError(f"got {clips.shape[0]} samples but {len(prompts)} prompts")
+        raise InputError(f"got {clips.shape[0]} samples but {len(prompts)} prompts")
     digits, directions = parse_digits(prompts), parse_directions(prompts)
     classifier = digit_classifier(seed)
     with torch.no_grad():
@@ -193,5 +194,5 @@ def video_feature_distance(samples: Tensor, real_clips: Tensor, space: str = "cl
     motion is judged by the reward, not here. As there, even real vs real is above zero.
     """
     if not math.isfinite(float(samples.float().sum())):
-        raise ValueError("samples contain NaN or infinite values")
+        raise InputError("samples contain NaN or infinite values")
     return feature_distance(digit_crops(samples), digit_crops(real_clips), space)
