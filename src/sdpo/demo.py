@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdpo.errors import InputError, UnwritableError
-from sdpo.objectives import METHODS, MethodConfig
+from sdpo.method_presets import method_preset
+from sdpo.objectives import METHODS
 from sdpo.stages.evaluate import EVAL_SAMPLES_FILE, load_eval_samples, save_eval_samples
 from sdpo.toy.settings import WorldRunSettings
 from sdpo.train.config import TrainConfig
@@ -64,7 +65,7 @@ class DemoConfig(WorldRunSettings):
             self.methods = (self.methods,)
         self.methods = tuple(METHODS if "all" in self.methods else self.methods)
         for name in self.methods:
-            MethodConfig.preset(name)  # raises a one-line error for an unknown method
+            method_preset(name)  # raises a one-line error for an unknown method
         self.check_shared()
         if not isinstance(self.steps, int) or self.steps < 1:
             raise InputError(f"steps must be a positive integer, got {self.steps!r}")
@@ -77,7 +78,7 @@ class DemoConfig(WorldRunSettings):
         return TrainConfig(
             family="toy" if self.world == "image" else "toy-video",
             output_dir=str(output_dir),
-            method=MethodConfig.preset(method, beta=beta, num_inference_steps=self.num_inference_steps),
+            method=method_preset(method, beta=beta, num_inference_steps=self.num_inference_steps),
             lora_rank=self.lora_rank,
             learning_rate=self.learning_rate,
             lr_schedule="constant_with_warmup",

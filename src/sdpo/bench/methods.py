@@ -22,6 +22,7 @@ from typing import Any
 
 from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
 from sdpo.errors import InputError
+from sdpo.method_presets import method_preset
 from sdpo.objectives import METHODS, MethodConfig
 from sdpo.toy.settings import WorldRunSettings
 
@@ -50,7 +51,7 @@ class Arm:
         return f"{self.name}@{self.beta:g}"
 
     def method_config(self, num_inference_steps: int) -> MethodConfig:
-        return MethodConfig.preset(self.method, beta=self.beta, num_inference_steps=num_inference_steps,
+        return method_preset(self.method, beta=self.beta, num_inference_steps=num_inference_steps,
                                    **dict(self.settings))
 
 

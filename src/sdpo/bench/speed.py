@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sdpo.errors import InputError
+from sdpo.method_presets import method_preset
 
 ARMS = ("sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo")
 """Step kinds, in table order; the last three are MethodConfig presets."""
@@ -125,7 +126,6 @@ def _stepper(spec: Any, arm: str, batch: Any, config: SpeedConfig) -> Callable[[
     """A function doing one optimizer step of ``arm`` (draws keyed on the step) and returning its loss."""
     import peft
 
-    from sdpo.objectives import MethodConfig
     from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
 
     model = spec.denoiser
@@ -134,7 +134,7 @@ def _stepper(spec: Any, arm: str, batch: Any, config: SpeedConfig) -> Callable[[
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     schedule, pairs = spec.schedule, batch.chosen.shape[0]
-    method = None if arm in SFT_ARMS else MethodConfig.preset(arm)
+    method = None if arm in SFT_ARMS else method_preset(arm)
     indices = torch.arange(pairs)
     copies = 2 if arm == "sft-pairs" else 1
     x0 = torch.cat([batch.chosen, batch.rejected]) if copies == 2 else batch.chosen

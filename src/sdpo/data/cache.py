@@ -92,7 +92,7 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache folder that is missing, damaged, or made for another model; the message says which."""
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from sdpo.errors import InputError
+from sdpo.errors import InputError, MissingFileError
 from sdpo.schedules import NoiseSchedule
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -140,7 +140,7 @@ class ModelSpec(Protocol):
         ...
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(MissingFileError):
     """A model folder or hub id that cannot be loaded; the message says which and how to fix it."""
 
 

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sdpo.errors import InputError
+from sdpo.errors import FolderError, InputError
 from sdpo.files import write_atomic
 from sdpo.models._common import derive_seed
 from sdpo.stages._io import CANDIDATES_FILE, write_records
@@ -264,7 +264,7 @@ def collect_records(out: Path, expected: int | None = None) -> list[dict[str, An
     """The candidate records of every finished batch file, in batch order."""
     files = sorted((out / "batches").glob("batch-*.safetensors"))
     if expected is not None and len(files) != expected:
-        raise RuntimeError(f"{out}: {len(files)} of {expected} batches are finished; run generate again")
+        raise FolderError(f"{out}: {len(files)} of {expected} batches are finished; run generate again")
     records = []
     for file in files:
         with safe_open(str(file), "pt") as handle:

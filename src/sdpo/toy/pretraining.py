@@ -36,7 +36,7 @@ SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-class ToyCacheError(ValueError):
+class ToyCacheError(InputError):
     """A cached toy base-model folder is damaged or was made for another config."""
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdpo.errors import InputError
+from sdpo.errors import FolderError, InputError
 from sdpo.files import write_atomic
 from sdpo.models.base import unwrap
 
@@ -41,7 +41,7 @@ TRAINABLE_NAME = "trainable.safetensors"
 STATE_FORMAT = 1
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(InputError):
     """Trained weights hold NaN or inf; nothing was written."""
 
 
@@ -188,7 +188,7 @@ def _pause_for_tests(variable: str) -> None:
 LOCK_NAME = ".sdpo-train.lock"
 
 
-class RunLockedError(ValueError):
+class RunLockedError(FolderError):
     """Another process is training into the same output folder."""
 
 

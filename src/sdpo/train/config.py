@@ -345,7 +345,7 @@ class ConfigChange:
         return f"{self.field}: {self.old!r} -> {self.new!r}"
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(ConfigError):
     """Resuming with a changed setting that would corrupt the run (one line: the field, both values)."""
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sdpo.errors import MissingFileError
+from sdpo.errors import InputError, MissingFileError
 from sdpo.files import fsync_dir
 from sdpo.train.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from sdpo.train.trainer import TrainResult
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The final weights could not be written; the checkpoint they come from is kept."""
 
 

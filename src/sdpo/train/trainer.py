@@ -155,7 +155,7 @@ def _batch_order(dataset: Any, config: TrainConfig, accelerator: Any) -> GlobalB
     return order
 
 
-class TrainingDivergedError(ValueError):
+class TrainingDivergedError(InputError):
     """Too many consecutive non-finite steps; the last good weights are checkpointed."""
 
 
