@@ -70,7 +70,7 @@ def _online(args: argparse.Namespace) -> None:
 
     config = OnlineConfig.from_file(args.config)
     config.progress = not args.quiet
-    runs = run_online(config)
+    runs = run_online(config, restart=args.restart)
     print(f"online: {len(runs)} rounds in {config.out}; last policy {runs[-1]}")
 
 
@@ -209,4 +209,7 @@ def add_stage_commands(commands: Any) -> None:
 
     on = commands.add_parser("online", help="rounds of generate -> score -> pairs -> train from the current policy")
     on.add_argument("config", help="YAML file of an OnlineConfig")
+    on.add_argument("--restart", action="store_true",
+                    help="in a folder of an online run with other settings: recompute what they change (every "
+                         "round; round 0's candidates are kept and rescored when their generation is unchanged)")
     on.set_defaults(func=_online)
