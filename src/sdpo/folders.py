@@ -123,7 +123,7 @@ def _json_keys(path: Path) -> set[str]:
 def describe(path: str | os.PathLike[str]) -> str:
     """What is in ``path``, for a message: its kind and a few of its entries."""
     path = Path(path)
-    entries = sorted(entry.name for entry in path.iterdir() if entry.name != MARKER)
+    entries = sorted(entry.name for entry in path.iterdir() if not entry.name.startswith("."))
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
     kind = folder_kind(path)
     what = f"{'an' if kind and kind[0] in 'aeiou' else 'a'} {kind} folder" if kind else "files of no sdpo stage"
