@@ -61,7 +61,7 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from sdpo.train.trainer import export_run
 
-    result = export_run(args.run, progress=not args.quiet)
+    result = export_run(args.run, progress=not args.quiet, allow_older=args.allow_older)
     print(f"exported weights: {result.output_dir}")
 
 
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a run's final weights from its latest checkpoint (no training)")
     export.add_argument("run", help="the run folder (output_dir of sdpo train)")
+    export.add_argument("--allow-older", action="store_true",
+                        help="export the latest readable checkpoint even when a newer one is torn or the run's "
+                             "final weights are newer")
     export.set_defaults(func=_export)
 
     pre = commands.add_parser("precompute", help="encode pairs to latents and text embeddings once")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdpo.errors import InputError, UnwritableError
+from sdpo.folders import check_replaceable, write_marker
 from sdpo.method_presets import method_preset
 from sdpo.objectives import METHODS
 from sdpo.stages.evaluate import EVAL_SAMPLES_FILE, load_eval_samples, save_eval_samples
@@ -127,9 +128,11 @@ def run_demo(config: DemoConfig) -> Path:
     out = Path(config.out)
     for method in config.methods:
         config.train_config(method, out)  # validate every run's settings before any work
+    check_replaceable(out, "demo", flag="demo --out")  # it is replaced whole: only an earlier demo
     staging = _prepare_output(out)
     try:
         _run_stages(config, world, staging)
+        write_marker(staging, "demo", json.loads(json.dumps(asdict(config), default=str)))
         _publish(staging, out)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -65,6 +65,7 @@ from sdpo.data.pairs import (
 )
 from sdpo.errors import InputError
 from sdpo.files import fsync_dir, write_atomic
+from sdpo.folders import check_replaceable
 from sdpo.models.base import MediaFormat
 
 logger = logging.getLogger(__name__)
@@ -315,6 +316,8 @@ def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> N
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CacheExistsError(f"cache folder {out_dir} exists and is not a folder")
+    if overwrite:  # --overwrite deletes only a cache, never a generate folder, a run, ... (sdpo.folders)
+        check_replaceable(out_dir, "cache")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise CacheExistsError(
             f"cache folder {out_dir} already exists and is not empty: choose another folder, or replace it "

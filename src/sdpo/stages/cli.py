@@ -34,11 +34,24 @@ def _generate(args: argparse.Namespace) -> None:
         return _generate_vbench(args, prompts)
     if not args.out:
         raise InputError("generate needs --out (or --vbench DIR)")
+    _check_generate_rerun(args, prompts)
     result = generate(_load(args), prompts, args.out, per_prompt=args.per_prompt or 4, seed=args.seed,
                       sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
                       progress=not args.quiet, frame_folders=args.frame_folders)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one line is enough
         print(f"candidates: {result.out_dir}/candidates.jsonl ({result.candidates}, {result.generated} new)")
+
+
+def _check_generate_rerun(args: argparse.Namespace, prompts: list[str]) -> None:
+    """A rerun with other settings (or into another stage's folder) is refused before the model loads."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from sdpo.stages.generate import generate_settings
+
+    generate_settings(Path(args.out), {
+        "prompts": prompts, "per_prompt": args.per_prompt or 4, "seed": args.seed, "sampler": asdict(_sampler(args)),
+        "batch_size": args.batch_size, "family": args.family, "lora": args.lora, "frame_folders": args.frame_folders})
 
 
 def _generate_vbench(args: argparse.Namespace, prompts: list[str]) -> None:
@@ -57,15 +70,21 @@ def _online(args: argparse.Namespace) -> None:
 
     config = OnlineConfig.from_file(args.config)
     config.progress = not args.quiet
-    runs = run_online(config)
+    runs = run_online(config, restart=args.restart)
     print(f"online: {len(runs)} rounds in {config.out}; last policy {runs[-1]}")
 
 
 def _rewards(args: argparse.Namespace) -> list:
     """The named rewards; ``--reward-option KEY=VALUE`` goes to every reward, ``NAME.KEY=VALUE`` to one."""
-    import yaml
-
     from sdpo.rewards.registry import load_reward
+
+    options = _reward_options(args)
+    return [load_reward(name, **options[name]) for name in args.reward]
+
+
+def _reward_options(args: argparse.Namespace) -> dict[str, dict]:
+    """Reward name -> the options its factory gets (``--reward-option``)."""
+    import yaml
 
     shared: dict = {}
     scoped: dict[str, dict] = {name: {} for name in args.reward}
@@ -79,14 +98,14 @@ def _rewards(args: argparse.Namespace) -> list:
             raise InputError(f"--reward-option {text!r} names reward {name!r}, which is not among --reward "
                              f"{', '.join(args.reward)}")
         target[option if dot else key] = yaml.safe_load(value)
-    return [load_reward(name, **{**shared, **scoped[name]}) for name in args.reward]
+    return {name: {**shared, **scoped[name]} for name in args.reward}
 
 
 def _score(args: argparse.Namespace) -> None:
     from sdpo.stages.score import score
 
     summary = score(args.dir, _rewards(args), args.weight, batch_size=args.batch_size, normalize=args.normalize,
-                    progress=not args.quiet)
+                    progress=not args.quiet, reward_options=_reward_options(args), rescore=args.rescore)
     print(f"scored {summary.candidates} candidates: " + ", ".join(f"{k} ({v} new)" for k, v in summary.scored.items()))
 
 
@@ -107,10 +126,21 @@ def _evaluate(args: argparse.Namespace) -> None:
         name, sep, folder = text.partition("=")
         if not sep or not name or not folder:
             raise InputError(f"--run expects NAME=LORA_DIR, got {text!r}")
+        if name in runs:
+            raise InputError(f"two --run are named {name!r} ({runs[name]} and {folder}): give each run its own name")
         runs[name] = folder
-    result = evaluate(_load(args), read_prompts(args.prompts), runs, _rewards(args), args.out, seed=args.seed,
+    prompts, options = read_prompts(args.prompts), _reward_options(args)
+    from pathlib import Path
+
+    from sdpo.stages.evaluate import check_evaluation_out, evaluation_settings
+
+    known = {**evaluation_settings(prompts, runs, args.reward, args.seed, _sampler(args), args.per_prompt, options),
+             "family": args.family}  # everything but the model's size: checked again once it is loaded
+    check_evaluation_out(Path(args.out), known, args.overwrite)
+    result = evaluate(_load(args), prompts, runs, _rewards(args), args.out, seed=args.seed,
                       sampler=_sampler(args), batch_size=args.batch_size,
-                      samples_per_prompt=args.per_prompt, progress=not args.quiet)
+                      samples_per_prompt=args.per_prompt, progress=not args.quiet, reward_options=options,
+                      overwrite=args.overwrite)
     print(f"report: {result.out / 'report.md'}")
 
 
@@ -156,6 +186,8 @@ def add_stage_commands(commands: Any) -> None:
     sc.add_argument("--normalize", choices=["raw", "zscore"], default="raw",
                     help="each reward enters the total raw, or z-scored over the candidates of its prompt")
     sc.add_argument("--batch-size", type=int, default=8)
+    sc.add_argument("--rescore", action="store_true",
+                    help="score every candidate again with the named rewards (needed when their options changed)")
     sc.set_defaults(func=_score)
 
     pa = commands.add_parser("pairs", help="build preference pairs (JSONL) from scored candidates")
@@ -171,8 +203,13 @@ def add_stage_commands(commands: Any) -> None:
     _reward_flags(ev)
     ev.add_argument("--per-prompt", type=int, default=1, help="samples per prompt")
     ev.add_argument("--seed", type=int, default=10_000)
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace an evaluation made with other settings in --out, whole (no old file is kept)")
     ev.set_defaults(func=_evaluate)
 
     on = commands.add_parser("online", help="rounds of generate -> score -> pairs -> train from the current policy")
     on.add_argument("config", help="YAML file of an OnlineConfig")
+    on.add_argument("--restart", action="store_true",
+                    help="in a folder of an online run with other settings: recompute what they change (every "
+                         "round; round 0's candidates are kept and rescored when their generation is unchanged)")
     on.set_defaults(func=_online)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,11 +118,23 @@ def evaluate(
     quality: Callable[[Tensor], float] | None = None,
     samples_per_prompt: int = 1,
     progress: bool = True,
+    reward_options: dict[str, dict[str, Any]] | None = None,
+    overwrite: bool = False,
 ) -> EvaluationResult:
-    """Sample the base and each run (name -> LoRA folder) from identical noise, score, compare, report."""
+    """Sample the base and each run (name -> LoRA folder) from identical noise, score, compare, report.
+
+    ``out`` holding an evaluation with other settings is refused (FolderError naming the field) unless
+    ``overwrite``, which replaces it whole once the new one is written; another stage's folder is
+    always refused. ``reward_options`` (reward name -> its factory's options) are recorded with the settings.
+    """
     from sdpo.models._common import derive_seed
 
     sampler = sampler or SamplerSettings()
+    settings = evaluation_settings(prompts, runs, [reward.name for reward in rewards], seed, sampler,
+                                   samples_per_prompt, reward_options)
+    settings.update(family=spec.family, media_format=asdict(spec.media_format),
+                    model=getattr(spec, "pretrained", None) and str(spec.pretrained))
+    check_evaluation_out(Path(out), settings, overwrite)
     if not runs:
         raise InputError("evaluate needs at least one run (NAME=LORA_DIR) to compare with the base")
     names = [reward.name for reward in rewards]
@@ -155,14 +168,76 @@ def evaluate(
         versus_base={r: {m: compare(s["base"], s[m]) for m in runs} for r, s in scores.items()},
         head_to_head={r: head_to_head(s) for r, s in scores.items()},
         quality={m: float(quality(x)) for m, x in samples.items()} if quality else {})
-    _write_outputs(result, samples, noise, all_prompts, seed, sampler, runs)
+    _write_outputs(result, samples, noise, all_prompts, seed, sampler, runs, settings)
     return result
 
 
+def evaluation_settings(prompts: list[str], runs: dict[str, str | Path], rewards: list[str], seed: int,
+                        sampler: SamplerSettings, samples_per_prompt: int,
+                        reward_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The settings that define an evaluation's content (the spec's family, model and size are added)."""
+    return {"prompts": list(prompts), "runs": {name: str(folder) for name, folder in runs.items()},
+            "rewards": list(rewards), "reward_options": {k: dict(v) for k, v in (reward_options or {}).items()},
+            "seed": seed, "sampler": asdict(sampler), "samples_per_prompt": samples_per_prompt}
+
+
+def check_evaluation_out(out: Path, settings: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse an ``out`` that holds anything but an evaluation, or (without ``overwrite``) one made with
+    other settings; only the keys of ``settings`` are compared (an evaluation from before markers: its
+    results.json's seed, sampler and runs)."""
+    from sdpo.folders import check_replaceable, check_reuse, saved_settings
+
+    check_replaceable(out, "evaluation", flag="evaluate --out")  # its folder is replaced whole: nothing else
+    if overwrite:
+        return
+    saved = saved_settings(out, "evaluation")
+    if saved is None and (out / "results.json").is_file():
+        legacy = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        saved = {key: legacy[key] for key in ("seed", "sampler", "runs") if key in legacy}
+        settings = {key: value for key, value in settings.items() if key in saved}
+    check_reuse(out, "evaluation", settings, saved=saved,
+                hint="use a new --out folder, or --overwrite to replace that evaluation whole")
+
+
 def _write_outputs(result: EvaluationResult, samples: dict[str, Tensor], noise: Tensor, prompts: list[str],
-                   seed: int, sampler: SamplerSettings, runs: dict[str, str | Path]) -> None:
-    out = result.out
-    out.mkdir(parents=True, exist_ok=True)
+                   seed: int, sampler: SamplerSettings, runs: dict[str, str | Path], settings: dict[str, Any]) -> None:
+    """Write everything into a fresh sibling folder, then put it in the place of ``result.out``: no file of
+    an earlier evaluation (a grid of a run no longer evaluated) survives beside the new results."""
+    import shutil
+    import tempfile
+
+    from sdpo.folders import write_marker
+
+    final = result.out
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        _write_files(out, result, samples, noise, prompts, seed, sampler, runs)
+        write_marker(out, "evaluation", settings)
+        _swap(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _swap(staging: Path, final: Path) -> None:
+    import shutil
+    import tempfile
+
+    from sdpo.files import fsync_dir
+
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / "evaluation")
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(out: Path, result: EvaluationResult, samples: dict[str, Tensor], noise: Tensor,
+                 prompts: list[str], seed: int, sampler: SamplerSettings, runs: dict[str, str | Path]) -> None:
     save_eval_samples(out / EVAL_SAMPLES_FILE, samples, noise, prompts, seed)
     for name, media in samples.items():
         write_grid(media, out / f"grid-{name}.png")

@@ -7,8 +7,9 @@ Layout of the output folder:
 * ``batches/batch-{n:06d}.safetensors``: the exact float pixels of one batch (tensor ``pixels``,
   (n, ...) in [-1, 1]) and, in its metadata ``records``, the candidate records of that batch;
   a batch file is renamed into place only after its media, so its presence marks the batch done;
-* ``generate.json``: the settings (prompts, seed, sampler, model, ...); a rerun with other
-  settings into the same folder is refused;
+* ``generate.json``: the settings (prompts, seed, sampler, model, ...), also in the folder's marker
+  ``.sdpo.json`` (:mod:`sdpo.folders`); both are written with the first finished batch, so a first run
+  that fails binds nothing; a rerun with other settings into the same folder is refused;
 * ``candidates.jsonl``: one record per candidate (see :class:`Candidate`), rebuilt atomically from
   the finished batches at the end.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,16 +165,25 @@ SETTINGS_FILE = "generate.json"
 """What a generate folder was made with; a resumed run must ask for exactly the same."""
 
 
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    path = out / SETTINGS_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        for key, value in settings.items():
-            if saved.get(key) != value:
-                raise InputError(f"{out} was generated with other settings ({key}: {str(saved.get(key))[:80]!r}, "
-                                 f"now {str(value)[:80]!r}): use a new --out folder, or the same settings to resume")
+def generate_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse (FolderError) a rerun in ``out`` with other settings than the batches already there were
+    made with, or into another stage's folder; only the keys of ``settings`` are compared. A folder
+    whose first run produced nothing (it failed before its first batch) binds no settings."""
+    from sdpo.folders import check_kind, check_reuse, saved_settings
+
+    check_kind(out, "generate")
+    if not any((out / "batches").glob("batch-*.safetensors")):
         return
-    write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    saved = saved_settings(out, "generate", legacy=SETTINGS_FILE)
+    check_reuse(out, "generate", settings, saved=saved)
+
+
+def _record_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Write generate.json and the folder's marker: called once the first batch is made, before it lands."""
+    from sdpo.folders import write_marker
+
+    write_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_marker(out, "generate", settings)
 
 
 def _plan(prompts: list[str], per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
@@ -207,13 +218,12 @@ def generate(
         raise InputError("no prompts to generate for")
     out = Path(out_dir)
     rank, world = _dist()
-    (out / "media").mkdir(parents=True, exist_ok=True)
-    (out / "batches").mkdir(parents=True, exist_ok=True)
-    _check_settings(out, {"prompts": list(prompts), "per_prompt": per_prompt, "seed": seed,
-                          "sampler": asdict(sampler), "batch_size": batch_size, "family": spec.family,
-                          "model": getattr(spec, "pretrained", None) and str(spec.pretrained),
-                          "media_format": asdict(spec.media_format), "lora": None if lora is None else str(lora),
-                          "frame_folders": frame_folders, "fps": fps})
+    settings = {"prompts": list(prompts), "per_prompt": per_prompt, "seed": seed, "sampler": asdict(sampler),
+                "batch_size": batch_size, "family": spec.family,
+                "model": getattr(spec, "pretrained", None) and str(spec.pretrained),
+                "media_format": asdict(spec.media_format), "lora": None if lora is None else str(lora),
+                "frame_folders": frame_folders, "fps": fps}
+    generate_settings(out, settings)
     if lora is not None:
         spec.load_lora(lora)
     batches = _plan(prompts, per_prompt, batch_size)
@@ -226,7 +236,8 @@ def generate(
     for count, n in enumerate(todo):
         if fail_after and count >= fail_after:
             raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after {count} batches (test hook)")
-        _generate_batch(spec, prompts, batches[n], n, out, seed, sampler, lora, frame_folders, fps)
+        _generate_batch(spec, prompts, batches[n], n, out, seed, sampler, lora, frame_folders, fps,
+                        record=None if count else lambda: _record_settings(out, settings))
         done += len(batches[n])
         bar.update(len(batches[n]))
     bar.close()
@@ -239,7 +250,10 @@ def generate(
 
 
 def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]], n: int, out: Path, seed: int,
-                    sampler: SamplerSettings, lora: str | Path | None, frame_folders: bool, fps: int) -> None:
+                    sampler: SamplerSettings, lora: str | Path | None, frame_folders: bool, fps: int,
+                    record: Callable[[], None] | None = None) -> None:
+    (out / "media").mkdir(parents=True, exist_ok=True)
+    (out / "batches").mkdir(parents=True, exist_ok=True)
     seeds = [derive_seed(seed, p, k) for p, k in items]
     latents = torch.cat([spec.initial_latents(1, s) for s in seeds])
     pixels = sample_with_seeds(spec, [prompts[p] for p, _ in items], latents, seeds, sampler)
@@ -257,6 +271,8 @@ def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]],
             pixels_index=row, frames=frames)))
     temporary = out / "batches" / f".batch-{n:06d}.tmp"
     save_file({"pixels": pixels.contiguous()}, str(temporary), metadata={"records": json.dumps(records)})
+    if record is not None:  # the settings bind the folder from its first finished batch on
+        record()
     os.replace(temporary, out / batch_name)  # the batch counts as done only from here on
 
 

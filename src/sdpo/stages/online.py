@@ -119,9 +119,12 @@ def _train_config(config: OnlineConfig, cache_dir: Path, output_dir: Path, previ
     return TrainConfig.from_dict(data)
 
 
-def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[str], reward: Any) -> Path:
-    """One round's stages, each skipped when done; returns its LoRA run folder."""
+def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[str], reward: Any,
+           settings: dict[str, Any] | None = None, rescore: bool = False) -> Path:
+    """One round's stages, each skipped when done; returns its LoRA run folder. ``settings``: written to the
+    online folder's marker once round 0's candidates exist; ``rescore``: score them again first."""
     from sdpo.data import precompute, read_pairs
+    from sdpo.folders import write_marker
     from sdpo.models.registry import load_spec
     from sdpo.stages.generate import SamplerSettings, generate
     from sdpo.stages.pairs import build_pairs
@@ -136,7 +139,10 @@ def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[
     generate(load_spec(config.family, config.pretrained), prompts, folder / "candidates",
              per_prompt=config.per_prompt, seed=config.seed + r, sampler=sampler, lora=previous,
              batch_size=config.batch_size, progress=config.progress, frame_folders=video)
-    score(folder / "candidates", [reward], batch_size=config.batch_size, progress=config.progress)
+    if settings is not None:  # the first output exists: from here on the folder is bound to these settings
+        write_marker(out, "online", settings)
+    score(folder / "candidates", [reward], batch_size=config.batch_size, progress=config.progress,
+          reward_options={reward.name: config.reward_options}, rescore=rescore)
     if not (folder / "pairs.jsonl").is_file():  # build_pairs writes it atomically
         build_pairs(folder / "candidates", "best-worst", frames=video, out=folder / "pairs.jsonl")
     cache = folder / "cache"
@@ -168,8 +174,54 @@ def _evaluate_round(config: OnlineConfig, folder: Path, run: Path, eval_prompts:
              samples_per_prompt=config.eval_per_prompt, progress=config.progress)
 
 
-def run_online(config: OnlineConfig) -> list[Path]:
-    """All rounds (resuming where a killed run stopped); returns each round's LoRA run folder."""
+GENERATE_FIELDS = ("family", "pretrained", "prompts", "per_prompt", "seed", "num_inference_steps",
+                   "guidance_scale", "batch_size")
+"""Settings round 0's candidates depend on; every other setting changes only what comes after them."""
+
+
+def online_settings(config: OnlineConfig, prompts: list[str], eval_prompts: list[str], train: Any) -> dict[str, Any]:
+    """What defines an online folder's content: the config with the prompt files' prompts and the resolved
+    training settings; ``out``, ``progress``, ``rounds`` (more rounds continue the same job) and
+    ``evaluate_rounds`` are not part of it."""
+    import dataclasses
+
+    skip = {"out", "progress", "rounds", "evaluate_rounds", "train_config", "train"}
+    data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    resolved = {k: v for k, v in train.to_dict().items() if k not in ("output_dir", "cache_dir", "init_lora")}
+    return {**data, "prompts": list(prompts), "eval_prompts": list(eval_prompts), "train": resolved}
+
+
+def _claim(out: Path, settings: dict[str, Any], restart: bool) -> bool:
+    """Check a rerun in ``out`` (FolderError naming the first differing field, unless ``restart``); with
+    ``restart``, delete what the changed settings make stale. Returns whether round 0 must be rescored."""
+    from sdpo.folders import check_replaceable, check_reuse, first_difference, saved_settings, write_marker
+
+    if not restart:
+        check_reuse(out, "online", settings, hint="pass --restart to recompute what the new settings change, "
+                                                  "or choose another out folder")
+        return False
+    check_replaceable(out, "online", flag="--restart")
+    saved = saved_settings(out, "online") or {}
+    keep = bool(saved) and all(first_difference(k, saved.get(k), settings[k]) is None for k in GENERATE_FIELDS)
+    for folder in sorted(out.glob("round-*")) if out.is_dir() else []:
+        if keep and folder.name == "round-00":
+            for entry in folder.iterdir():  # round 0's candidates are kept (its generation is unchanged)
+                if entry.name != "candidates":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        else:
+            shutil.rmtree(folder)
+    if keep:
+        write_marker(out, "online", settings)
+    return keep
+
+
+def run_online(config: OnlineConfig, restart: bool = False) -> list[Path]:
+    """All rounds (resuming where a killed run stopped); returns each round's LoRA run folder.
+
+    A rerun in a used ``out`` continues the same job; other settings are refused (FolderError naming the
+    field and both values) unless ``restart``, which recomputes what they change: every round, keeping
+    only round 0's candidates when what they depend on (GENERATE_FIELDS) is unchanged (they are scored again).
+    """
     from sdpo.rewards.registry import load_reward
     from sdpo.stages._io import read_prompts
 
@@ -179,8 +231,11 @@ def run_online(config: OnlineConfig) -> list[Path]:
         raise InputError("warm_start needs LoRA training (lora_rank > 0); set warm_start: false to fine-tune "
                          "the full denoiser afresh each round")
     prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
+    settings = online_settings(config, prompts, eval_prompts, checked)
+    rescore = _claim(out, settings, restart)
     reward = load_reward(config.reward, **config.reward_options)
-    return [_round(config, r, prompts, eval_prompts, reward) for r in range(config.rounds)]
+    return [_round(config, r, prompts, eval_prompts, reward, settings if r == 0 else None, rescore and r == 0)
+            for r in range(config.rounds)]
 
 
 __all__ = ["OnlineConfig", "run_online"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from sdpo.data.pairs import PreferencePair, write_pairs_jsonl
 from sdpo.errors import InputError
+from sdpo.folders import check_owned_file
 from sdpo.stages._io import read_records
 
 STRATEGIES = ("best-worst", "margin")
@@ -54,6 +55,8 @@ def build_pairs(
     if margin < 0:
         raise InputError(f"margin must be >= 0, got {margin}")
     folder = Path(candidates_dir)
+    out_path = Path(out) if out is not None else folder / "pairs.jsonl"
+    check_owned_file(out_path, "pairs")  # never over candidates.jsonl, a manifest, ... (sdpo.folders)
     records = read_records(folder)
     unscored = [r for r in records if r.get("total") is None]
     if unscored:
@@ -78,7 +81,6 @@ def build_pairs(
                                         (folder / rejected[key]).resolve(),
                                         {"chosen_score": chosen["total"], "rejected_score": rejected["total"],
                                          "gap": gap}))
-    out_path = Path(out) if out is not None else folder / "pairs.jsonl"
     if not pairs:
         raise InputError(f"no pairs: every candidate pair was skipped ({skipped or 'fewer than 2 per prompt'})")
     write_pairs_jsonl(pairs, out_path)
@@ -95,6 +97,7 @@ def build_cross_pairs(
     one's as losers). A prompt whose best chosen candidate does not score above the worst rejected one
     is skipped and counted as "not preferred".
     """
+    check_owned_file(out, "pairs")
     sources = []
     for folder in (Path(chosen_dir), Path(rejected_dir)):
         records = read_records(folder)

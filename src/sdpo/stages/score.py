@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdpo.errors import InputError
+from sdpo.errors import FolderError, InputError
 from sdpo.rewards.base import Reward
 from sdpo.rewards.combine import combine_scores
 from sdpo.stages._io import read_records, write_records
@@ -51,6 +51,33 @@ def _score_batch(folder: Path, reward: Reward, batch: list[dict[str, Any]]) -> N
         record.setdefault("scores", {})[reward.name] = value
 
 
+def _check_reward_settings(folder: Path, records: list[dict[str, Any]], names: list[str],
+                           options: dict[str, dict[str, Any]], rescore: bool) -> None:
+    """Refuse scores made with other reward options (or, with ``rescore``, drop them); then record the
+    options in the marker. Old scores are dropped on disk before the marker names the new options."""
+    from sdpo.folders import first_difference, read_marker, update_marker
+
+    marker = read_marker(folder) or {}
+    recorded = dict(marker.get("scored_with") or {})
+    wanted = {name: dict(options.get(name) or {}) for name in names}
+    if rescore:
+        for record in records:
+            for name in names:
+                record.get("scores", {}).pop(name, None)
+            record["total"] = None
+        write_records(folder, records)
+    else:
+        for name in names:
+            if name not in recorded or not any(name in r.get("scores", {}) for r in records):
+                continue  # not scored yet, or scored before options were recorded
+            found = first_difference(name, recorded[name], wanted[name])
+            if found is not None:
+                raise FolderError(f"{folder} was scored by {name!r} with other options ({found[0]}: was {found[1]}, "
+                                  f"now {found[2]}): pass --rescore to score every candidate again, or the same "
+                                  f"options to keep the scores")
+    update_marker(folder, scored_with={**recorded, **wanted})
+
+
 def _media_kind(record: dict[str, Any]) -> str:
     return "video" if str(record["path"]).endswith(".mp4") else "image"
 
@@ -63,11 +90,18 @@ def score(
     batch_size: int = 8,
     normalize: str = "raw",
     progress: bool = True,
+    reward_options: dict[str, dict[str, Any]] | None = None,
+    rescore: bool = False,
 ) -> ScoreSummary:
     """Score every candidate under ``candidates_dir`` with each reward (see the module docstring).
 
     ``normalize`` is how each reward enters ``total``: "raw", or "zscore" over the candidates of one
     prompt (rewards on different scales then weigh as their weights say).
+
+    ``reward_options`` (reward name -> the options its factory was given; default none) are recorded in
+    the folder's marker with the scores. Scores a reward made with other options are never kept
+    silently: without ``rescore`` that reward is refused (FolderError naming the option and both
+    values); ``rescore`` scores every candidate again with the rewards given.
     """
     from tqdm.auto import tqdm
 
@@ -87,6 +121,7 @@ def score(
     for reward in rewards:
         if reward.media != kind:
             raise InputError(f"reward {reward.name!r} scores {reward.media}s, but {folder} holds {kind}s")
+    _check_reward_settings(folder, records, names, reward_options or {}, rescore)
     scored = {}
     saved_at = time.monotonic()
     try:

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sdpo.errors import InputError, MissingFileError
+from sdpo.errors import FolderError, InputError, MissingFileError
 from sdpo.files import fsync_dir
 from sdpo.train.checkpoint import (
     CHECKPOINT_PREFIX,
     CONFIG_NAME,
+    STATE_NAME,
     NonFiniteWeightsError,
+    checkpoint_step,
     latest_checkpoint,
     read_state,
     remove_checkpoint,
@@ -136,17 +138,38 @@ def _run_info(accelerator: Any) -> dict[str, Any]:
     }
 
 
-def export_run(run_dir: str | os.PathLike[str], progress: bool = True) -> TrainResult:
+def _refuse_older(run_dir: Path, checkpoint: Path) -> None:
+    """Refuse (FolderError) to export ``checkpoint`` when the run holds newer work: a newer checkpoint whose
+    state is torn, or final weights of a later step (``run_info.json``)."""
+    step = checkpoint_step(checkpoint) or 0
+    torn = sorted((f for f in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (checkpoint_step(f) or 0) > step
+                   and (f / STATE_NAME).exists() and read_state(f) is None), key=lambda f: checkpoint_step(f) or 0)
+    if torn:
+        raise FolderError(f"{torn[-1]} has a torn {STATE_NAME}: exporting would write the older {checkpoint.name} "
+                          f"over the run's weights; pass --allow-older to export {checkpoint.name} anyway")
+    try:
+        final = json.loads((run_dir / "run_info.json").read_text()).get("final_step")
+    except (OSError, ValueError, AttributeError):
+        final = None
+    if isinstance(final, int) and final > step:
+        raise FolderError(f"{run_dir} holds the final weights of step {final}, newer than {checkpoint.name}: pass "
+                          f"--allow-older to write {checkpoint.name}'s weights over them")
+
+
+def export_run(run_dir: str | os.PathLike[str], progress: bool = True, allow_older: bool = False) -> TrainResult:
     """Re-export the final weights of a run from its latest checkpoint, without training.
 
     Loads the model named in the checkpoint's config (the LoRA is rebuilt on it), loads the
     checkpoint and writes the weights atomically, as the end of ``train`` does. What a failed export
-    says to run.
+    says to run. A newer checkpoint that is torn, or final weights newer than the latest checkpoint, are
+    refused (never overwritten by older weights) unless ``allow_older``.
     """
     run_dir = Path(run_dir)
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if checkpoint is None:
         raise MissingFileError(f"no complete checkpoint in {run_dir} to export from")
+    if not allow_older:
+        _refuse_older(run_dir, checkpoint)
     saved = json.loads((checkpoint / CONFIG_NAME).read_text()) if (checkpoint / CONFIG_NAME).is_file() else None
     if saved is None:
         raise MissingFileError(f"{checkpoint} holds no {CONFIG_NAME}: train again with --resume latest instead")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sdpo.errors import InputError, MissingFileError, MissingPackageError, UnwritableError
+from sdpo.folders import check_kind
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.train.checkpoint import (
     CONFIG_NAME,
@@ -143,6 +144,7 @@ def _note(text: str, main: bool = True) -> None:
 
 def _resume_point(output_dir: Path, resume: str | None, config: TrainConfig, overwrite: bool, main: bool) -> _Resume:
     """The checkpoint to start from, its config checked against ``config`` (unsafe changes refused)."""
+    check_kind(output_dir, "run")  # never train into (or --overwrite) a generate folder, a cache, ...
     if not resume:
         _claim_fresh_folder(output_dir, overwrite, main)
         return _Resume()
