@@ -77,6 +77,9 @@ class OnlineConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        from sdpo.stages.checks import check_config_types
+
+        check_config_types(self, "online config")  # strictly: the string "false" is not a bool
         if self.reference not in ("base", "previous"):
             raise InputError(f"reference must be 'base' or 'previous', got {self.reference!r}")
         if self.reference == "previous":
