@@ -138,7 +138,7 @@ MAX_LISTED_PROBLEMS = 20
 """How many problems an error message lists one per line before it says "... and N more"."""
 
 
-class BadPairsError(ValueError):
+class BadPairsError(InputError):
     """Pairs that cannot be used; the message lists every one (file and line), ``problems`` holds them."""
 
     def __init__(self, problems: Sequence[PairProblem], hint: str = "") -> None:

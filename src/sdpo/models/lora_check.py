@@ -67,13 +67,14 @@ def _adapter_configs(metadata: dict[str, str], weights: Path) -> list[dict[str, 
     return [config for config in configs if isinstance(config, dict)]
 
 
-def check_lora_fits(folder: str | os.PathLike[str], family: str, flag: str = "--lora") -> None:
+def check_lora_fits(folder: str | os.PathLike[str], family: str, label: str | None = None) -> None:
     """Raise InputError when the LoRA at ``folder`` was trained for another family, or its header's rank
     disagrees with its weights; a folder that records nothing passes (the load itself then decides)."""
     folder = Path(folder)
+    label = label or str(folder)
     recorded = _recorded_family(folder) if folder.is_dir() else None
     if recorded is not None and recorded != family:
-        raise InputError(f"{flag} {folder} is a LoRA of the {recorded} family, not {family}: give --family "
+        raise InputError(f"{label} is a LoRA of the {recorded} family, not {family}: give --family "
                          f"{recorded} with its base model, or a run trained on {family}")
     weights = _weights_file(folder)
     if weights is None:
@@ -82,13 +83,13 @@ def check_lora_fits(folder: str | os.PathLike[str], family: str, flag: str = "--
     prefix = DENOISER_PREFIX.get(family)
     if prefix and shapes and not any(key.startswith(f"{prefix}.") for key in shapes):
         other = sorted({key.split(".", 1)[0] for key in shapes})
-        raise InputError(f"{flag} {folder}: its weights are for a {'/'.join(other)}, but the {family} model's "
+        raise InputError(f"{label}: its weights are for a {'/'.join(other)}, but the {family} model's "
                          f"denoiser is a {prefix}: is it a LoRA of another family?")
     ranks = {shape[0] for key, shape in shapes.items() if "lora_A" in key or "lora.down" in key}
     for config in _adapter_configs(metadata, weights):
         rank = config.get("r")
         if isinstance(rank, int) and ranks and ranks != {rank} and not config.get("rank_pattern"):
-            raise InputError(f"{flag} {folder}: its adapter config says rank {rank} but its weights have rank "
+            raise InputError(f"{label}: its adapter config says rank {rank} but its weights have rank "
                              f"{', '.join(map(str, sorted(ranks)))}: the folder is torn or mixed; retrain or re-export it")
 
 

@@ -98,16 +98,18 @@ def check_run_name(name: str) -> None:
                          "or leading '.'")
 
 
-def check_lora_folder(folder: str | os.PathLike[str], family: str, flag: str = "--lora") -> Path:
-    """A LoRA run folder that exists, holds weights, and fits ``family`` (see :mod:`sdpo.models.lora_check`)."""
+def check_lora_folder(folder: str | os.PathLike[str], family: str, label: str | None = None) -> Path:
+    """A LoRA run folder that exists, holds weights, and fits ``family`` (see :mod:`sdpo.models.lora_check`);
+    ``label`` names it in messages as the user typed it (default ``--lora FOLDER``)."""
     from sdpo.models.lora_check import check_lora_fits
 
     path = Path(folder)
+    label = label or f"--lora {path}"
     if not path.exists():
-        raise MissingFileError(f"{flag} {path}: no such folder")
+        raise MissingFileError(f"{label}: no such folder")
     if path.is_dir() and not any(path.glob("*.safetensors")):
-        raise MissingFileError(f"{flag} {path}: no LoRA weights (*.safetensors) in it: is it a finished training run?")
-    check_lora_fits(path, family, flag)
+        raise MissingFileError(f"{label}: no LoRA weights (*.safetensors) in it: is it a finished training run?")
+    check_lora_fits(path, family, label)
     return path
 
 

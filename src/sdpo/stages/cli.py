@@ -22,10 +22,13 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _check_model_flags(args: argparse.Namespace, out: str | None, per_prompt: int | None) -> None:
     """What generate and evaluate can check before their model loads (minutes on a video model)."""
+    from sdpo.cli_helpers import media_format_from
+
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--per-prompt", per_prompt)):
         checks.check_positive(flag, value)
     checks.check_finite("--guidance", args.guidance)
     checks.check_size(args.family, args.height, args.width, args.frames)
+    media_format_from(args)  # --frames given exactly for a video family, --height with --width
     if out:
         checks.check_out_folder(out, "--vbench" if out == getattr(args, "vbench", None) else "--out")
 
@@ -125,15 +128,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     from sdpo.stages._io import read_prompts
     from sdpo.stages.evaluate import evaluate
 
+    _check_model_flags(args, args.out, args.per_prompt)
     runs = {}
     for text in args.run:
         name, sep, folder = text.partition("=")
         if not sep or not name or not folder:
             raise InputError(f"--run expects NAME=LORA_DIR, got {text!r}")
         checks.check_run_name(name)
-        checks.check_lora_folder(folder, args.family, f"--run {name}=")
+        checks.check_lora_folder(folder, args.family, f"--run {text}")
         runs[name] = folder
-    _check_model_flags(args, args.out, args.per_prompt)
     prompts, rewards = read_prompts(args.prompts), _rewards(args)
     if len(prompts) * args.per_prompt < 2:
         raise InputError(f"evaluate needs at least two samples for its intervals: {len(prompts)} prompt(s) x "

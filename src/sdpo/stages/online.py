@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdpo.errors import InputError, MissingFileError
+from sdpo.errors import ConfigError, InputError, MissingFileError
 from sdpo.files import write_atomic
 
 DONE = ".done"
@@ -107,7 +107,10 @@ class OnlineConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"{path}: unknown online config field(s) {', '.join(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ConfigError as error:  # name the file the bad value came from
+            raise ConfigError(f"{path}: {str(error).removeprefix('online config: ')}") from None
 
 
 def _train_config(config: OnlineConfig, cache_dir: Path, output_dir: Path, previous: Path | None = None) -> Any:
