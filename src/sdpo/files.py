@@ -1,10 +1,42 @@
-"""Crash-safe file writes shared by every stage: a reader sees the old file or the whole new one."""
+"""Crash-safe file writes shared by every stage: a reader sees the old file or the whole new one.
+
+Every stage writes through :func:`write_atomic` (bytes it has in hand) or :func:`atomic_output` (a
+temporary path for a library that writes the file itself: PIL, imageio, safetensors), so a full disk or
+a kill leaves no half-written file and no temporary one behind. :func:`disk_budget` makes these writes
+run out of space after a number of bytes, to test exactly that.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+_budget: list[int] = []
+"""Bytes left while a :func:`disk_budget` is active (innermost last)."""
+
+
+@contextlib.contextmanager
+def disk_budget(free_bytes: int) -> Iterator[None]:
+    """Within the block, writes through this module fail with ENOSPC (naming their path) once more than
+    ``free_bytes`` would have been written: a full disk, for tests, without mounting one."""
+    _budget.append(free_bytes)
+    try:
+        yield
+    finally:
+        _budget.pop()
+
+
+def _spend(path: Path, size: int) -> None:
+    if not _budget:
+        return
+    if size > _budget[-1]:
+        _budget[-1] = 0
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    _budget[-1] -= size
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
@@ -16,6 +48,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            _spend(path, len(raw))
             handle.write(raw)
             handle.flush()
             os.fsync(handle.fileno())
@@ -25,6 +58,25 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder (same suffix) to write the file at; renamed over ``path``
+    when the block ends without error, deleted when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(descriptor)
+    temporary = Path(name)
+    try:
+        yield temporary
+        _spend(path, temporary.stat().st_size)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:

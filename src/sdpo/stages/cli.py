@@ -11,12 +11,26 @@ from typing import Any
 
 from sdpo.cli_helpers import DTYPES
 from sdpo.errors import InputError
+from sdpo.stages import checks
 
 
 def _load(args: argparse.Namespace) -> Any:
     from sdpo.cli_helpers import load_spec_from, media_format_from
 
     return load_spec_from(args, media_format_from(args))
+
+
+def _check_model_flags(args: argparse.Namespace, out: str | None, per_prompt: int | None) -> None:
+    """What generate and evaluate can check before their model loads (minutes on a video model)."""
+    from sdpo.cli_helpers import media_format_from
+
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--per-prompt", per_prompt)):
+        checks.check_positive(flag, value)
+    checks.check_finite("--guidance", args.guidance)
+    checks.check_size(args.family, args.height, args.width, args.frames)
+    media_format_from(args)  # --frames given exactly for a video family, --height with --width
+    if out:
+        checks.check_out_folder(out, "--vbench" if out == getattr(args, "vbench", None) else "--out")
 
 
 def _sampler(args: argparse.Namespace) -> Any:
@@ -29,20 +43,24 @@ def _generate(args: argparse.Namespace) -> None:
     from sdpo.stages._io import read_prompts
     from sdpo.stages.generate import generate
 
+    if not args.out and not args.vbench:
+        raise InputError("generate needs --out (or --vbench DIR)")
+    _check_model_flags(args, args.vbench or args.out, args.per_prompt)
+    if args.lora:
+        checks.check_lora_folder(args.lora, args.family)
     prompts = read_prompts(args.prompts)
     if args.vbench:
         return _generate_vbench(args, prompts)
-    if not args.out:
-        raise InputError("generate needs --out (or --vbench DIR)")
-    _check_generate_rerun(args, prompts)
-    result = generate(_load(args), prompts, args.out, per_prompt=args.per_prompt or 4, seed=args.seed,
+    per_prompt = 4 if args.per_prompt is None else args.per_prompt
+    _check_generate_rerun(args, prompts, per_prompt)
+    result = generate(_load(args), prompts, args.out, per_prompt=per_prompt, seed=args.seed,
                       sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
                       progress=not args.quiet, frame_folders=args.frame_folders)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one line is enough
         print(f"candidates: {result.out_dir}/candidates.jsonl ({result.candidates}, {result.generated} new)")
 
 
-def _check_generate_rerun(args: argparse.Namespace, prompts: list[str]) -> None:
+def _check_generate_rerun(args: argparse.Namespace, prompts: list[str], per_prompt: int) -> None:
     """A rerun with other settings (or into another stage's folder) is refused before the model loads."""
     from dataclasses import asdict
     from pathlib import Path
@@ -50,14 +68,15 @@ def _check_generate_rerun(args: argparse.Namespace, prompts: list[str]) -> None:
     from sdpo.stages.generate import generate_settings
 
     generate_settings(Path(args.out), {
-        "prompts": prompts, "per_prompt": args.per_prompt or 4, "seed": args.seed, "sampler": asdict(_sampler(args)),
+        "prompts": prompts, "per_prompt": per_prompt, "seed": args.seed, "sampler": asdict(_sampler(args)),
         "batch_size": args.batch_size, "family": args.family, "lora": args.lora, "frame_folders": args.frame_folders})
 
 
 def _generate_vbench(args: argparse.Namespace, prompts: list[str]) -> None:
     from sdpo.stages.vbench import generate_vbench
 
-    result = generate_vbench(_load(args), prompts, args.vbench, per_prompt=args.per_prompt or 5, seed=args.seed,
+    result = generate_vbench(_load(args), prompts, args.vbench, per_prompt=5 if args.per_prompt is None else args.per_prompt,
+                             seed=args.seed,
                              sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
                              progress=not args.quiet)
     print(f"vbench: {len(result.files)} clips in {result.out_dir} ({result.generated} new); evaluate with:")
@@ -69,6 +88,7 @@ def _online(args: argparse.Namespace) -> None:
     from sdpo.stages.online import OnlineConfig, run_online
 
     config = OnlineConfig.from_file(args.config)
+    checks.check_out_folder(config.out, f"{args.config}: out")
     config.progress = not args.quiet
     runs = run_online(config, restart=args.restart)
     print(f"online: {len(runs)} rounds in {config.out}; last policy {runs[-1]}")
@@ -104,15 +124,22 @@ def _reward_options(args: argparse.Namespace) -> dict[str, dict]:
 def _score(args: argparse.Namespace) -> None:
     from sdpo.stages.score import score
 
+    checks.check_positive("--batch-size", args.batch_size)
+    for value in args.weight or []:
+        checks.check_finite("--weight", value)
     summary = score(args.dir, _rewards(args), args.weight, batch_size=args.batch_size, normalize=args.normalize,
-                    progress=not args.quiet, reward_options=_reward_options(args), rescore=args.rescore)
+                    progress=not args.quiet, reward_options=_reward_options(args), rescore=args.rescore,
+                    media_root=args.media_root)
     print(f"scored {summary.candidates} candidates: " + ", ".join(f"{k} ({v} new)" for k, v in summary.scored.items()))
 
 
 def _pairs(args: argparse.Namespace) -> None:
     from sdpo.stages.pairs import build_pairs
 
-    summary = build_pairs(args.dir, args.strategy, args.margin, args.out)
+    checks.check_finite("--margin", args.margin)
+    if args.out is not None:
+        checks.check_out_file(args.out)
+    summary = build_pairs(args.dir, args.strategy, args.margin, args.out, media_root=args.media_root)
     skipped = ", ".join(f"{v} {k}" for k, v in summary.skipped.items()) or "none"
     print(f"pairs: {summary.out} ({summary.pairs} from {summary.prompts} prompts; skipped {skipped})")
 
@@ -121,6 +148,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from sdpo.stages._io import read_prompts
     from sdpo.stages.evaluate import evaluate
 
+    _check_model_flags(args, args.out, args.per_prompt)
     runs = {}
     for text in args.run:
         name, sep, folder = text.partition("=")
@@ -128,8 +156,13 @@ def _evaluate(args: argparse.Namespace) -> None:
             raise InputError(f"--run expects NAME=LORA_DIR, got {text!r}")
         if name in runs:
             raise InputError(f"two --run are named {name!r} ({runs[name]} and {folder}): give each run its own name")
+        checks.check_run_name(name)
+        checks.check_lora_folder(folder, args.family, f"--run {text}")
         runs[name] = folder
     prompts, options = read_prompts(args.prompts), _reward_options(args)
+    if len(prompts) * args.per_prompt < 2:
+        raise InputError(f"evaluate needs at least two samples for its intervals: {len(prompts)} prompt(s) x "
+                         f"--per-prompt {args.per_prompt}; add prompts or raise --per-prompt")
     from pathlib import Path
 
     from sdpo.stages.evaluate import check_evaluation_out, evaluation_settings
@@ -137,7 +170,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     known = {**evaluation_settings(prompts, runs, args.reward, args.seed, _sampler(args), args.per_prompt, options),
              "family": args.family}  # everything but the model's size: checked again once it is loaded
     check_evaluation_out(Path(args.out), known, args.overwrite)
-    result = evaluate(_load(args), prompts, runs, _rewards(args), args.out, seed=args.seed,
+    rewards = _rewards(args)
+    result = evaluate(_load(args), prompts, runs, rewards, args.out, seed=args.seed,
                       sampler=_sampler(args), batch_size=args.batch_size,
                       samples_per_prompt=args.per_prompt, progress=not args.quiet, reward_options=options,
                       overwrite=args.overwrite)
@@ -167,6 +201,12 @@ def _reward_flags(parser: argparse.ArgumentParser) -> None:
                              "e.g. pickscore.model=/models/PickScore_v1 (repeatable)")
 
 
+def _media_root_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--media-root", default=None, metavar="DIR",
+                        help="media paths in candidates.jsonl may point anywhere inside DIR (default: only inside "
+                             "the candidates folder itself)")
+
+
 def add_stage_commands(commands: Any) -> None:
     """Add generate, score, pairs and evaluate to the `sdpo` subcommands."""
     gen = commands.add_parser("generate", help="sample K candidates per prompt (seeds recorded, resumable)")
@@ -188,6 +228,7 @@ def add_stage_commands(commands: Any) -> None:
     sc.add_argument("--batch-size", type=int, default=8)
     sc.add_argument("--rescore", action="store_true",
                     help="score every candidate again with the named rewards (needed when their options changed)")
+    _media_root_flag(sc)
     sc.set_defaults(func=_score)
 
     pa = commands.add_parser("pairs", help="build preference pairs (JSONL) from scored candidates")
@@ -195,6 +236,7 @@ def add_stage_commands(commands: Any) -> None:
     pa.add_argument("--strategy", choices=["best-worst", "margin"], default="best-worst")
     pa.add_argument("--margin", type=float, default=0.0, help="skip pairs whose score gap is not above this")
     pa.add_argument("--out", default=None, help="manifest to write (default DIR/pairs.jsonl)")
+    _media_root_flag(pa)
     pa.set_defaults(func=_pairs)
 
     ev = commands.add_parser("evaluate", help="base vs tuned runs from identical noise: rewards, win rates, report")

@@ -29,8 +29,9 @@ from torch import Tensor
 
 from sdpo.errors import InputError
 from sdpo.evaluate import Comparison, compare
-from sdpo.files import write_atomic
+from sdpo.files import atomic_output, write_atomic
 from sdpo.models.base import unwrap
+from sdpo.models.lora_check import load_lora_checked
 from sdpo.rewards.base import Reward
 from sdpo.stages.generate import SamplerSettings, sample_with_seeds, write_media
 
@@ -42,13 +43,12 @@ def save_eval_samples(path: str | Path, samples: dict[str, Tensor], noise: Tenso
                       seed: int, extra: dict[str, str] | None = None) -> Path:
     """Write the evaluation export (see the module docstring), atomically."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
     tensors = {name: value.contiguous() for name, value in samples.items()}
     tensors["noise"] = noise.contiguous()
-    save_file(tensors, str(temporary), metadata={
-        "prompts": json.dumps(prompts), "seed": str(seed), **(extra or {}),
-        "layout": "samples in [-1, 1] as the sampler returns them; noise is the shared initial noise"})
-    temporary.replace(path)
+    with atomic_output(path) as temporary:
+        save_file(tensors, str(temporary), metadata={
+            "prompts": json.dumps(prompts), "seed": str(seed), **(extra or {}),
+            "layout": "samples in [-1, 1] as the sampler returns them; noise is the shared initial noise"})
     return path
 
 
@@ -155,7 +155,7 @@ def evaluate(
         if name in samples or name == "noise":
             raise InputError(f"run name {name!r} is taken; pick another")
         before = set(getattr(unwrap(spec.denoiser), "peft_config", {}))
-        spec.load_lora(folder)
+        load_lora_checked(spec, folder)
         try:
             samples[name] = _sample_all(spec, all_prompts, noise, seeds, sampler, batch_size, progress)
         finally:

@@ -34,8 +34,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sdpo.errors import FolderError, InputError
-from sdpo.files import write_atomic
+from sdpo.files import atomic_output, write_atomic
 from sdpo.models._common import derive_seed
+from sdpo.models.lora_check import load_lora_checked
 from sdpo.stages._io import CANDIDATES_FILE, write_records
 
 FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"
@@ -131,23 +132,24 @@ def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fp
     from PIL import Image
 
     array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
     if pixels.ndim == 3:
         image = array.permute(1, 2, 0).numpy()
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
-    else:
-        import imageio.v2 as imageio
+        with atomic_output(path) as temporary:
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
+        return
+    import imageio.v2 as imageio
 
-        frames = array.permute(0, 2, 3, 1).numpy()
-        with imageio.get_writer(str(temporary), format="FFMPEG", fps=fps, codec="libx264",
-                                macro_block_size=1, ffmpeg_log_level="error") as writer:
-            for frame in frames:
-                writer.append_data(frame)
-        if frame_folder is not None:
-            frame_folder.mkdir(parents=True, exist_ok=True)
-            for index, frame in enumerate(frames):  # grey clips (one channel) as 8-bit grey PNGs
-                Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(frame_folder / f"{index:04d}.png")
-    os.replace(temporary, path)
+    frames = array.permute(0, 2, 3, 1).numpy()
+    if frame_folder is not None:
+        frame_folder.mkdir(parents=True, exist_ok=True)
+        for index, frame in enumerate(frames):  # grey clips (one channel) as 8-bit grey PNGs
+            with atomic_output(frame_folder / f"{index:04d}.png") as temporary:
+                Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(temporary, format="PNG")
+    with atomic_output(path) as temporary, imageio.get_writer(
+            str(temporary), format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
+            ffmpeg_log_level="error") as writer:
+        for frame in frames:
+            writer.append_data(frame)
 
 
 def sample_with_seeds(spec: Any, prompts: list[str], latents: Tensor, seeds: list[int], sampler: SamplerSettings,
@@ -225,7 +227,7 @@ def generate(
                 "frame_folders": frame_folders, "fps": fps}
     generate_settings(out, settings)
     if lora is not None:
-        spec.load_lora(lora)
+        load_lora_checked(spec, lora)
     batches = _plan(prompts, per_prompt, batch_size)
     mine = [n for n in range(len(batches)) if n % world == rank]
     todo = [n for n in mine if not (out / "batches" / f"batch-{n:06d}.safetensors").is_file()]
@@ -269,11 +271,10 @@ def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]],
             sampler=asdict(sampler), model=getattr(spec, "pretrained", None) and str(spec.pretrained),
             family=spec.family, lora=str(lora) if lora is not None else None, pixels=batch_name,
             pixels_index=row, frames=frames)))
-    temporary = out / "batches" / f".batch-{n:06d}.tmp"
-    save_file({"pixels": pixels.contiguous()}, str(temporary), metadata={"records": json.dumps(records)})
-    if record is not None:  # the settings bind the folder from its first finished batch on
-        record()
-    os.replace(temporary, out / batch_name)  # the batch counts as done only from here on
+    with atomic_output(out / batch_name) as temporary:  # the batch counts as done only once renamed into place
+        save_file({"pixels": pixels.contiguous()}, str(temporary), metadata={"records": json.dumps(records)})
+        if record is not None:  # the settings bind the folder from its first finished batch on
+            record()
 
 
 def collect_records(out: Path, expected: int | None = None) -> list[dict[str, Any]]:

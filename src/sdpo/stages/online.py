@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdpo.errors import InputError, MissingFileError
+from sdpo.errors import ConfigError, InputError, MissingFileError
 from sdpo.files import write_atomic
 
 DONE = ".done"
@@ -77,6 +77,9 @@ class OnlineConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        from sdpo.stages.checks import check_config_types
+
+        check_config_types(self, "online config")  # strictly: the string "false" is not a bool
         if self.reference not in ("base", "previous"):
             raise InputError(f"reference must be 'base' or 'previous', got {self.reference!r}")
         if self.reference == "previous":
@@ -104,7 +107,10 @@ class OnlineConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"{path}: unknown online config field(s) {', '.join(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ConfigError as error:  # name the file the bad value came from
+            raise ConfigError(f"{path}: {str(error).removeprefix('online config: ')}") from None
 
 
 def _train_config(config: OnlineConfig, cache_dir: Path, output_dir: Path, previous: Path | None = None) -> Any:

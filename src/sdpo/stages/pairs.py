@@ -19,6 +19,7 @@ from sdpo.data.pairs import PreferencePair, write_pairs_jsonl
 from sdpo.errors import InputError
 from sdpo.folders import check_owned_file
 from sdpo.stages._io import read_records
+from sdpo.stages.checks import check_finite
 
 STRATEGIES = ("best-worst", "margin")
 
@@ -46,18 +47,19 @@ def _candidate_pairs(group: list[dict[str, Any]], strategy: str) -> list[tuple[d
 
 def build_pairs(
     candidates_dir: str | Path, strategy: str = "best-worst", margin: float = 0.0, out: str | Path | None = None,
-    *, frames: bool = False,
+    *, frames: bool = False, media_root: str | Path | None = None,
 ) -> PairsSummary:
     """Write pairs of ``candidates_dir``'s scored candidates to ``out`` (default ``candidates_dir/pairs.jsonl``);
-    ``frames``: point at the frame folders (see the module docstring)."""
+    ``frames``: point at the frame folders (see the module docstring); ``media_root``: the folder the
+    records' media paths must stay inside (default ``candidates_dir``)."""
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if margin < 0:
+    if check_finite("margin", margin) < 0:
         raise InputError(f"margin must be >= 0, got {margin}")
     folder = Path(candidates_dir)
     out_path = Path(out) if out is not None else folder / "pairs.jsonl"
     check_owned_file(out_path, "pairs")  # never over candidates.jsonl, a manifest, ... (sdpo.folders)
-    records = read_records(folder)
+    records = read_records(folder, media_root)
     unscored = [r for r in records if r.get("total") is None]
     if unscored:
         raise InputError(f"{len(unscored)} candidate(s) in {folder} are not scored: run `sdpo score {folder}` first")

@@ -19,6 +19,7 @@ from sdpo.errors import FolderError, InputError
 from sdpo.rewards.base import Reward
 from sdpo.rewards.combine import combine_scores
 from sdpo.stages._io import read_records, write_records
+from sdpo.stages.checks import check_finite, check_positive
 from sdpo.stages.generate import load_pixels
 
 SAVE_EVERY_S = 10.0
@@ -92,11 +93,13 @@ def score(
     progress: bool = True,
     reward_options: dict[str, dict[str, Any]] | None = None,
     rescore: bool = False,
+    media_root: str | Path | None = None,
 ) -> ScoreSummary:
     """Score every candidate under ``candidates_dir`` with each reward (see the module docstring).
 
     ``normalize`` is how each reward enters ``total``: "raw", or "zscore" over the candidates of one
-    prompt (rewards on different scales then weigh as their weights say).
+    prompt (rewards on different scales then weigh as their weights say). ``media_root``: the folder
+    the records' media paths must stay inside (default ``candidates_dir``).
 
     ``reward_options`` (reward name -> the options its factory was given; default none) are recorded in
     the folder's marker with the scores. Scores a reward made with other options are never kept
@@ -106,10 +109,12 @@ def score(
     from tqdm.auto import tqdm
 
     folder = Path(candidates_dir)
-    records = read_records(folder)
+    records = read_records(folder, media_root)
     if not rewards:
         raise InputError("no reward given")
-    weights = list(weights) if weights is not None else [1.0] * len(rewards)
+    check_positive("batch_size", batch_size)
+    weights = [check_finite(f"weight {number}", value) for number, value in enumerate(weights, start=1)] \
+        if weights is not None else [1.0] * len(rewards)
     if len(weights) != len(rewards):
         raise InputError(f"{len(weights)} weight(s) for {len(rewards)} reward(s): give one weight per reward")
     names = [reward.name for reward in rewards]
