@@ -8,13 +8,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data]"
 	touch $(STAMP)
 
-.PHONY: demo test lint bench
+.PHONY: demo test docs typecheck lint bench
 demo: $(STAMP)
 	.venv/bin/sdpo demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 	.venv/bin/ruff check .
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
+
+# The documentation site (mkdocs.yml, docs/) -> site/; --strict: a broken link or missing page fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
+# mypy on src/sdpo ([tool.mypy] in pyproject.toml); joins `make test` once the code is clean.
+typecheck: $(STAMP)
+	.venv/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/methods.py

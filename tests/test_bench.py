@@ -216,7 +216,7 @@ def test_analyze_weights_needs_a_cache_or_prompts(world, tmp_path, capsys):
 
 
 def test_the_readme_video_sweep_command_builds_the_config_it_describes():
-    """The README's video-world command, as typed: every flag and --set value parses into the sweep it
+    """The video-world results page's command, as typed: every flag and --set value parses into the sweep it
     claims (run at full size it takes minutes, so only the config is built here)."""
     import re
     import shlex
@@ -226,7 +226,7 @@ def test_the_readme_video_sweep_command_builds_the_config_it_describes():
     from sdpo.bench.methods import BenchConfig
     from sdpo.cli import build_parser
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "results" / "video-world.md").read_text()
     typed = re.search(r"`(sdpo bench methods --world video.*?long_steps=0)`", readme, re.S).group(1)
     words = shlex.split(typed.replace("\n", " "))[1:]
     args = build_parser().parse_args(["--quiet", *words])

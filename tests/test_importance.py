@@ -24,7 +24,7 @@ def schedule(request):
 
 
 def _posterior(schedule, x0, x_t, t, s):
-    """mu and var of q(x_s | x_t, x_0), written out from method.md section 3."""
+    """mu and var of q(x_s | x_t, x_0), written out from docs/concepts/method.md section 3."""
     shape = (-1,) + (1,) * (x0.ndim - 1)
     a_t, a_s = schedule.alpha(t).reshape(shape), schedule.alpha(s).reshape(shape)
     s_t, s_s = schedule.sigma(t).reshape(shape), schedule.sigma(s).reshape(shape)
@@ -116,7 +116,7 @@ def test_no_gradient_flows():
 
 
 def test_sd_coefficient_matches_worked_check():
-    """method.md: with SD's linear betas and K = 50 the coefficient is 31 at t = 20, 0.28 at t = 100."""
+    """docs/concepts/method.md: with SD's linear betas and K = 50 the coefficient is 31 at t = 20, 0.28 at t = 100."""
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(beta_start=1e-4, beta_end=0.02))
     # In epsilon terms log w = -1/2 (SNR(s)/SNR(t) - 1) mean (eps - eps_hat)^2; unit eps error:
     for t_value, coefficient in [(20, 31.0), (60, 0.55), (100, 0.28), (999, 0.25)]:

@@ -1,4 +1,4 @@
-"""The preference objective and weight transforms (method.md sections 4 and 5), in float64."""
+"""The preference objective and weight transforms (docs/concepts/method.md sections 4 and 5), in float64."""
 
 import math
 

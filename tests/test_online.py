@@ -90,9 +90,9 @@ def test_online_config_errors_are_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_the_readme_online_config_resolves_to_its_training_run(tmp_path: Path, monkeypatch) -> None:
-    """The README's online.yaml, as a user copies it: it parses, and its train_config + train overrides
+    """The online guide's online.yaml (docs/guides/online.md), as a user copies it: it parses, and its train_config + train overrides
     give the TrainConfig each round trains with."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "guides" / "online.md").read_text()
     block = readme.split("# online.yaml", 1)[1].split("```", 1)[0]
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "sd15-lora.yaml").write_text(

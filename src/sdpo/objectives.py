@@ -1,4 +1,4 @@
-"""The preference objective and the importance-weight transforms (method.md section 4).
+"""The preference objective and the importance-weight transforms (docs/concepts/method.md section 4).
 
 For a pair (winner w, loser l) sharing one timestep and one noise tensor,
 
@@ -206,13 +206,16 @@ def preference_loss(
     sft_weight: float = 0.0,
     pair_weights: Tensor | None = None,
 ) -> PreferenceOutput:
-    """The weighted Diffusion-DPO objective of method.md section 4.
+    """The weighted Diffusion-DPO objective of docs/concepts/method.md section 4.
 
     Args:
-        model_err_w, model_err_l: per-sample mean squared errors of the trained model, shape (B,).
-        ref_err_w, ref_err_l: the same for the frozen reference (no gradient needed).
+        model_err_w: per-sample mean squared errors of the trained model on the winners, shape (B,).
+        model_err_l: the same on the losers.
+        ref_err_w: the frozen reference's errors on the winners (no gradient needed).
+        ref_err_l: the same on the losers.
         beta: positive finite temperature, -(beta/2) convention.
-        weight_w, weight_l: objective weights W per pair member (stop-gradient); None means 1.
+        weight_w: objective weights W of the winners (stop-gradient); None means 1.
+        weight_l: objective weights W of the losers (stop-gradient); None means 1.
         loser_scale: a further per-pair factor on the loser term (``safeguard_scale``); None means 1.
         sft_weight: coefficient of the added supervised term ``mean(model_err_w)``.
         pair_weights: a per-pair factor on each pair's ``-log sigmoid(z)`` (stop-gradient), shape (B,);
