@@ -102,7 +102,7 @@ def _precompute(args: argparse.Namespace) -> None:
     out = precompute(pairs, spec, args.out, batch_size=args.batch_size, progress=not args.quiet,
                      overwrite=args.overwrite, pad_frames=args.pad_frames, on_bad_pair=args.on_bad_pair,
                      check_media=spec.media_format != expected, latent_std=not args.no_latent_std,
-                     buckets=buckets)  # fmt: skip
+                     buckets=buckets, extra_manifest={"pairs_file": str(args.pairs)})  # fmt: skip
     manifest = read_manifest(out)
     _print_skipped(manifest, out)
     print(f"cache: {out} ({manifest['num_pairs']} pairs)")

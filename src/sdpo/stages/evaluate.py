@@ -34,6 +34,7 @@ from sdpo.models.base import unwrap
 from sdpo.models.lora_check import load_lora_checked
 from sdpo.rewards.base import Reward
 from sdpo.stages.generate import SamplerSettings, sample_with_seeds, write_media
+from sdpo.train.model_card import record_evaluation
 
 EVAL_SAMPLES_FILE = "eval_samples.safetensors"
 """Evaluation samples of a run: one tensor per model, the shared noise, and the prompts in the metadata."""
@@ -169,6 +170,8 @@ def evaluate(
         head_to_head={r: head_to_head(s) for r, s in scores.items()},
         quality={m: float(quality(x)) for m, x in samples.items()} if quality else {})
     _write_outputs(result, samples, noise, all_prompts, seed, sampler, runs, settings)
+    for name, folder in runs.items():  # only cards sdpo wrote; a LoRA from elsewhere is left as it is
+        record_evaluation(folder, str(out), {r: c[name].as_dict() for r, c in result.versus_base.items()})
     return result
 
 

@@ -28,6 +28,7 @@ from sdpo.train.checkpoint import (
 )
 from sdpo.train.config import TrainConfig
 from sdpo.train.ema import EMA_FOLDER, averaged_state_dict
+from sdpo.train.model_card import export_card
 from sdpo.train.setup import EXPORT_TMP_NAME, _final_model, _Run, _save
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def _write_export(run: _Run, state_dict: dict[str, Tensor], staging: Path) -> No
     info = {**_run_info(run.accelerator), "final_step": run.config.max_steps, "bad_steps": run.bad_steps,
             "config_changes": run.config_changes}
     (staging / "run_info.json").write_text(json.dumps(info, indent=2))
+    export_card(staging, run.config, run.spec.media_kind, run.output_dir)
     _move_into_place(staging, run.output_dir)
 
 
