@@ -426,15 +426,15 @@ def test_a_run_with_ema_resumes_to_the_same_average_and_sdpo_export_writes_it(wo
 
 NAN_ON_RANK_1 = r"""
 import math, os, sys
-import sdpo.train.trainer as trainer
-real, calls = trainer.preference_step, [0]
+import sdpo.train.optimize as optimize
+real, calls = optimize.preference_step, [0]
 def poisoned(*args, **kwargs):
     result = real(*args, **kwargs)
     if os.environ["RANK"] == "1" and calls[0] == 1:  # only this process sees a NaN, at step 2
         result.output.loss = result.output.loss * math.nan
     calls[0] += 1
     return result
-trainer.preference_step = poisoned
+optimize.preference_step = poisoned
 from sdpo.cli import main
 sys.exit(main(["--quiet", "train", sys.argv[1]]))
 """
