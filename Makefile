@@ -17,4 +17,4 @@ test: $(STAMP)
 	.venv/bin/ruff check .
 
 bench: $(STAMP)
-	$(PY) benchmarks/methods.py
+	.venv/bin/sdpo bench methods

@@ -167,10 +167,10 @@ def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, caps
 
 
 def test_step_memory_is_measured_in_a_fresh_process(tmp_path):
-    from sdpo.bench.speed import SpeedConfig, _peak_in_fresh_process
+    from sdpo.bench.speed import SpeedConfig, peak_in_fresh_process
 
     config = SpeedConfig(models=("sd-tiny",), batch_size=1, warmup=1, threads=1)
-    assert _peak_in_fresh_process("sd-tiny", "diffusion-dpo", config, tmp_path) > 0.0
+    assert peak_in_fresh_process("sd-tiny", "diffusion-dpo", config, tmp_path) > 0.0
 
 
 # ------------------------------------------------------------------ sdpo analyze weights
@@ -222,7 +222,7 @@ def test_the_readme_video_sweep_command_builds_the_config_it_describes():
     import shlex
     from pathlib import Path
 
-    from sdpo.bench.cli import _bench_config
+    from sdpo.bench.cli import bench_config
     from sdpo.bench.methods import BenchConfig
     from sdpo.cli import build_parser
 
@@ -230,7 +230,7 @@ def test_the_readme_video_sweep_command_builds_the_config_it_describes():
     typed = re.search(r"`(sdpo bench methods --world video.*?long_steps=0)`", readme, re.S).group(1)
     words = shlex.split(typed.replace("\n", " "))[1:]
     args = build_parser().parse_args(["--quiet", *words])
-    config = _bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench")
+    config = bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench")
     assert (config.world, config.seeds, config.long_steps) == ("video", 3, 0)
     assert config.conditions == ("on-policy", "off-policy-far") and config.betas == (2000,)
     assert [arm.label for arm in config.arms()] == ["diffusion-dpo@2000", "dpo-cm@2000", "sdpo@2000", "dpo+sft@2000"]

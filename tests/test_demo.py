@@ -47,14 +47,9 @@ def test_demo_end_to_end_writes_the_report(tmp_path):
 
 
 def _benchmark(name):
-    import importlib.util
-    from pathlib import Path
+    import importlib
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"sdpo_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_video_demo_end_to_end(tmp_path):

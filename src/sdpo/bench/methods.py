@@ -68,7 +68,10 @@ def parse_variant(text: str, beta: float) -> Arm:
             raise InputError(f"variant {text!r}: expected key=value, got {item!r}")
         settings.append((key.strip(), yaml.safe_load(value)))
     arm = Arm(text, method, beta, tuple(settings))
-    arm.method_config(50)  # one clear error for an unknown or invalid setting
+    try:
+        arm.method_config(50)  # one clear error for an unknown or invalid setting
+    except (TypeError, ValueError) as error:  # the math module raises plain errors; this is the user's input
+        raise InputError(f"variant {text!r}: {error}") from error
     return arm
 
 
