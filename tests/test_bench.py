@@ -7,12 +7,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY_DIGITS_FLAGS
 
 from sdpo.bench.stats import paired_test, seed_interval, t_quantile, t_two_sided_p
 from sdpo.cli import main
-
-TINY_TOY = ["block_out_channels=[16,32]", "attention_heads=2", "norm_num_groups=8", "text_hidden_size=16",
-            "train_steps=10", "batch_size=32"]
 
 
 # ------------------------------------------------------------------ statistics (closed forms)
@@ -46,7 +44,7 @@ def quick_bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     out = root / "methods"
     argv = ["--quiet", "bench", "methods", "--quick", "--out", str(out), "--set", f"cache_root={root / 'models'}",
-            "--toy", *TINY_TOY]
+            "--toy", *TINY_DIGITS_FLAGS]
     assert main(argv) == 0
     return argv, out
 
@@ -110,7 +108,7 @@ def test_bench_methods_rejects_bad_settings_in_one_line(tmp_path, capsys, args, 
 def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_path, capsys):
     out = tmp_path / "online"
     argv = ["--quiet", "bench", "online", "--quick", "--out", str(out), "--set", f"cache_root={tmp_path / 'models'}",
-            "--toy", *TINY_TOY]
+            "--toy", *TINY_DIGITS_FLAGS]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| online:sdpo |" in printed and "| offline:diffusion-dpo |" in printed
@@ -144,7 +142,7 @@ def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_p
     # a rerun resumes: nothing is retrained, the table is the same
     stamp = (seed / "seed.json").stat().st_mtime_ns
     assert main(argv) == 0 and (seed / "seed.json").stat().st_mtime_ns == stamp
-    assert main([*argv[:-len(TINY_TOY) - 1], "--toy", *TINY_TOY, "--rounds", "3"]) == 2
+    assert main([*argv[:-len(TINY_DIGITS_FLAGS) - 1], "--toy", *TINY_DIGITS_FLAGS, "--rounds", "3"]) == 2
     assert "other settings" in capsys.readouterr().err
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from tiny_models import TINY_COGVIDEOX_15
 
 from sdpo.models import tiny
 from sdpo.models.base import MediaFormat, ModelNotFoundError, ModelSpec
@@ -387,22 +388,7 @@ def test_cogvideox_15_pads_odd_latent_frames() -> None:
     from sdpo.schedules import NoiseSchedule
 
     torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=16,
-        text_embed_dim=16,
-        num_layers=1,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=9,
-        patch_size=2,
-        patch_size_t=2,
-        max_text_seq_length=16,
-        use_rotary_positional_embeddings=True,
-    )
+    transformer = CogVideoXTransformer3DModel(**TINY_COGVIDEOX_15)
     scheduler = CogVideoXDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
     spec = CogVideoXSpec(NoiseSchedule.from_scheduler(scheduler), transformer)
     conditions = {"encoder_hidden_states": torch.randn(1, 16, 16)}
