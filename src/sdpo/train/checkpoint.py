@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from torch import nn
 from sdpo.errors import InputError
 from sdpo.files import write_atomic
 from sdpo.models.base import unwrap
+from sdpo.train import log
 from sdpo.train.ema import save_ema
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def complete_checkpoints(output_dir: Path, warn: bool = False) -> list[Path]:
         if read_state(folder) is not None:
             done.append(folder)
         elif warn and (folder / STATE_NAME).exists():
-            warnings.warn(f"skipping {folder}: its {STATE_NAME} does not parse (a torn write)", stacklevel=3)
+            log.warn(f"skipping {folder}: its {STATE_NAME} does not parse (a torn write)", stacklevel=3)
     return sorted(done, key=lambda p: checkpoint_step(p) or 0)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from sdpo.files import write_atomic
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.train.config import TrainConfig
+from sdpo.train.log import announce, warn
 from sdpo.train.run import StepOutcome, TrainingRun
 
 if TYPE_CHECKING:
@@ -91,8 +91,8 @@ class MetricsLog:
         self.trackers = config.report_to != "none"
         if run.main and self.trackers:
             accelerator.init_trackers("sdpo", config=_flat_config(config))
-        if progress and run.main and run.dataset is not None:
-            tqdm.write(_announcement(run.spec, config, accelerator, run.params, len(run.dataset)))
+        if progress and run.dataset is not None:
+            announce(_announcement(run.spec, config, accelerator, run.params, len(run.dataset)), run.main)
         self.bar = tqdm(total=config.max_steps, initial=run.resume.step, desc=f"train {config.method.name}",
                         disable=not (progress and run.main), unit="step")
         self.warned_masked = self.warned_large = False
@@ -119,7 +119,7 @@ class MetricsLog:
     def _write(self, logged: dict[str, float], done: int) -> None:
         if logged.get("masked_fraction", 0.0) >= 1.0 and not self.warned_masked:
             self.warned_masked = True
-            warnings.warn(
+            warn(
                 f"every pair member was masked up to step {done} (w below method.mask_threshold="
                 f"{self.run.config.method.mask_threshold}), so the loss has no gradient; lower the threshold "
                 "or start from a base model that fits the pairs better",
@@ -138,7 +138,7 @@ class MetricsLog:
     def _check_large(self, loss: float, done: int) -> None:
         if loss > LOSS_BOUND and not self.warned_large and self.run.main:
             self.warned_large = True
-            warnings.warn(f"loss {loss:.4g} at step {done} is above {LOSS_BOUND:g}: the objective is saturated "
+            warn(f"loss {loss:.4g} at step {done} is above {LOSS_BOUND:g}: the objective is saturated "
                           f"(method.beta {self.run.config.method.beta:g} may be far too large)", stacklevel=3)
 
     def close(self) -> None:

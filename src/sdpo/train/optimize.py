@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 from sdpo.data.cache import collate_pairs
 from sdpo.train.augment import augment_batch
 from sdpo.train.checkpoint import NonFiniteWeightsError, latest_checkpoint, save_run
+from sdpo.train.log import warn
 from sdpo.train.metrics import BAD_STEPS_NAME
 from sdpo.train.run import StepOutcome, TrainingRun
 from sdpo.train.sharding import clip_gradients
@@ -105,8 +105,8 @@ def account_for(run: TrainingRun, outcome: StepOutcome, done: int) -> None:
         record = {"step": done, "reason": outcome.skipped, "pairs": rows.tolist(), "timesteps": timesteps.tolist()}
         with (run.output_dir / BAD_STEPS_NAME).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        warnings.warn(f"step {done} skipped ({outcome.skipped}; pairs {rows.tolist()[:8]} at timesteps "
-                      f"{timesteps.tolist()[:8]}): no update, see {BAD_STEPS_NAME}", stacklevel=2)
+        warn(f"step {done} skipped ({outcome.skipped}; pairs {rows.tolist()[:8]} at timesteps "
+             f"{timesteps.tolist()[:8]}): no update, see {BAD_STEPS_NAME}", stacklevel=2)
     if run.consecutive_bad >= run.config.max_bad_steps:
         _stop_diverged(run, done)
 

@@ -3,7 +3,6 @@ bucket for a bucketed cache)."""
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor
 
 from sdpo.errors import InputError
 from sdpo.train.config import TrainConfig
+from sdpo.train.log import warn
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -89,6 +89,6 @@ def batch_order(dataset: Any, config: TrainConfig, accelerator: Accelerator) -> 
     if order.padded and accelerator.is_main_process:
         sizes = getattr(dataset, "buckets", None)
         named = ", ".join(f"{sizes[i][0]}x{sizes[i][1]}" if sizes else str(i) for i in order.padded)
-        warnings.warn(f"bucket(s) {named} hold fewer pairs than one global batch ({order.global_batch}): each "
-                      f"epoch their batch repeats some of their pairs", stacklevel=4)
+        warn(f"bucket(s) {named} hold fewer pairs than one global batch ({order.global_batch}): each "
+             f"epoch their batch repeats some of their pairs", stacklevel=4)
     return order

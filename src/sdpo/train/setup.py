@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +32,7 @@ from sdpo.train.checkpoint import (
 )
 from sdpo.train.config import TrainConfig, check_resume, resolve_lora_targets
 from sdpo.train.ema import EMA_FOLDER, build_ema, check_ema_supported, load_ema
+from sdpo.train.log import note, warn
 from sdpo.train.metrics import BAD_STEPS_NAME
 from sdpo.train.order import batch_order
 from sdpo.train.pair_weights import PairWeights
@@ -99,11 +98,6 @@ def _forget_other_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _note(text: str, main: bool = True) -> None:
-    if main:
-        print(f"sdpo: {text}", file=sys.stderr, flush=True)
-
-
 def resume_point(output_dir: Path, resume: str | None, config: TrainConfig, overwrite: bool,
                  main: bool) -> ResumePoint:
     """The checkpoint to start from, its config checked against ``config`` (unsafe changes refused)."""
@@ -112,22 +106,21 @@ def resume_point(output_dir: Path, resume: str | None, config: TrainConfig, over
         return ResumePoint()
     checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
     if checkpoint is None:
-        _note(f"--resume latest: no checkpoint in {output_dir} yet, starting from step 0", main)
+        note(f"--resume latest: no checkpoint in {output_dir} yet, starting from step 0", main)
         return ResumePoint()
     state = read_state(checkpoint) if checkpoint.is_dir() else None
     if state is None:
         raise MissingFileError(f"not a complete checkpoint (no readable {STATE_NAME}): {checkpoint}")
     changes = _checked_changes(checkpoint, config)
     if changes:
-        _note(f"resuming from {checkpoint.name} with changed settings: {'; '.join(map(str, changes))}", main)
+        note(f"resuming from {checkpoint.name} with changed settings: {'; '.join(map(str, changes))}", main)
     return ResumePoint(checkpoint=checkpoint, step=int(state["step"]), state=state, changes=changes)
 
 
 def _checked_changes(checkpoint: Path, config: TrainConfig) -> list[Any]:
     path = checkpoint / CONFIG_NAME
     if not path.is_file():
-        warnings.warn(f"{checkpoint} holds no {CONFIG_NAME} (an older checkpoint): the config is not checked",
-                      stacklevel=3)
+        warn(f"{checkpoint} holds no {CONFIG_NAME} (an older checkpoint): the config is not checked", stacklevel=3)
         return []
     try:
         saved = TrainConfig.from_dict(json.loads(path.read_text()))
@@ -146,7 +139,7 @@ def _claim_fresh_folder(output_dir: Path, overwrite: bool, main: bool) -> None:
         raise InputError(f"output folder {output_dir} already holds a run ({shown}): pass --resume latest to "
                          f"continue it, --overwrite to replace it, or choose another output_dir")
     if main:
-        _note(f"--overwrite: deleting the run in {output_dir}")
+        note(f"--overwrite: deleting the run in {output_dir}")
         for folder in complete_checkpoints(output_dir):
             remove_checkpoint(folder)
         for name in found:
@@ -168,7 +161,7 @@ def already_finished(output_dir: Path, config: TrainConfig, resume: str | None) 
     if final_step < config.max_steps:
         raise MissingFileError(f"{output_dir} finished at step {final_step} and kept no checkpoint to continue "
                                 f"from to max_steps={config.max_steps} (set checkpoint_every to keep one)")
-    _note(f"{output_dir} already finished (step {final_step}): nothing to do")
+    note(f"{output_dir} already finished (step {final_step}): nothing to do")
     return final_step
 
 
