@@ -26,4 +26,4 @@ typecheck: $(STAMP)
 	.venv/bin/mypy
 
 bench: $(STAMP)
-	$(PY) benchmarks/methods.py
+	.venv/bin/sdpo bench methods

@@ -5,7 +5,7 @@ Two parts:
 1. Measured: a tiny SD pipeline (``sdpo.models.tiny``) with LoRA, saved by ``accelerator.save_state``
    as the trainer did before (every denoiser weight) and as it does now (``register_trainable_hooks``:
    the trainable weights only), after one AdamW step so the optimizer state exists.
-2. Counted: the full-size denoisers (benchmarks/gpu_step.py's configs, built on the meta device: no
+2. Counted: the full-size denoisers (benchmarks/architectures.py's configs, built on the meta device: no
    memory) at LoRA rank 64 and for full fine-tuning. Bytes = weights + AdamW state:
    - trainable weights are float32 (the trainer keeps them so), 4 bytes each; AdamW keeps two float32
      moments per trainable weight, 8 bytes;
@@ -13,21 +13,20 @@ Two parts:
      casts it to the mixed-precision dtype, and bf16 is the paper's setting.
    Full fine-tuning stores every weight either way (all of them train).
 
-    python benchmarks/checkpoint_size.py            # both parts, a markdown table
-    python benchmarks/checkpoint_size.py --rank 16  # another LoRA rank
+    python -m benchmarks.checkpoint_size            # both parts, a markdown table
+    python -m benchmarks.checkpoint_size --rank 16  # another LoRA rank
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import architectures
 
 GB = 1e9
 
@@ -72,15 +71,14 @@ def measured_tiny_sd(rank: int = 4) -> dict[str, Any]:
 
 def counted(rank: int) -> list[dict[str, Any]]:
     """Parameter counts of the real architectures on the meta device and the bytes they imply."""
-    import gpu_step
 
     rows = []
-    for arch in gpu_step.ARCHS.values():
-        model = gpu_step.build_denoiser(arch, False, "meta", torch.bfloat16)
-        total = gpu_step.count_parameters(model)
-        spec = gpu_step.make_spec(arch, model)
+    for arch in architectures.ARCHS.values():
+        model = architectures.build_denoiser(arch, False, "meta", torch.bfloat16)
+        total = architectures.count_parameters(model)
+        spec = architectures.make_spec(arch, model)
         with torch.device("meta"):
-            lora = gpu_step.add_lora(spec, model, rank)
+            lora = architectures.add_lora(spec, model, rank)
         rows.append({
             "model": arch.name, "params": total, "lora_params": lora,
             "lora_before": 2 * total + 4 * lora + 8 * lora,  # frozen base (bf16) + adapters + AdamW

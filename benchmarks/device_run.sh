@@ -24,6 +24,6 @@ if [[ $WHAT != step ]]; then
   echo "fsdp check exit $?"; grep -E '^\| |Error|error' "$OUT/fsdp.log" | tail -40
 fi
 if [[ $WHAT == all || $WHAT == step ]]; then
-  timeout "${STEP_TIMEOUT:-400}" python3 benchmarks/gpu_step.py --steps 3 --warmup 1 --json "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log" | grep -v "step [0-9]/\|warm-up"
+  timeout "${STEP_TIMEOUT:-400}" python3 -m benchmarks.gpu_step --steps 3 --warmup 1 --json "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log" | grep -v "step [0-9]/\|warm-up"
   echo "gpu_step exit ${PIPESTATUS[0]}"
 fi

@@ -2,8 +2,8 @@
 called directly on the same inputs (same prompts, same initial noise, same batches): the ratio is
 what the stage adds (noise drawing, PNG/MP4 and exact-pixel files, the candidates file).
 
-    python benchmarks/generate_speed.py                       # tiny SD and Wan pipelines, CPU
-    python benchmarks/generate_speed.py --family cogvideox --pretrained DIR --height 480 --width 720 \\
+    python -m benchmarks.generate_speed                       # tiny SD and Wan pipelines, CPU
+    python -m benchmarks.generate_speed --family cogvideox --pretrained DIR --height 480 --width 720 \\
         --frames 49 --steps 50 --dtype bf16 --per-prompt 1 --prompts 2 --batch-size 1   # a GPU
 """
 

@@ -9,9 +9,9 @@ launched through ``accelerate launch`` with that config (e.g. FSDP), LoRA and fu
 are loaded back. It prints one row per run and exits non-zero if any run failed or logged a
 non-finite loss.
 
-    python benchmarks/gpu_engine_check.py                       # on cuda
-    python benchmarks/gpu_engine_check.py --families wan --accelerate-config configs/accelerate/fsdp.yaml
-    python benchmarks/gpu_engine_check.py --device cpu --families sd --steps 1   # a CPU smoke run
+    python -m benchmarks.gpu_engine_check                       # on cuda
+    python -m benchmarks.gpu_engine_check --families wan --accelerate-config configs/accelerate/fsdp.yaml
+    python -m benchmarks.gpu_engine_check --device cpu --families sd --steps 1   # a CPU smoke run
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compare the methods with each other, not only with the base, from finished demo runs.
 
-Every demo run (`sdpo demo`, or a seed folder of `benchmarks/methods.py`) saves its evaluation
+Every demo run folder (`sdpo demo --out DIR`) saves its evaluation
 samples: every model sampled from the same noise and prompts. This script re-scores them with the
 world's reward and compares each pair of methods sample by sample:
 - the share of samples where A scores higher than B (ties count half), with a Wilson interval;
@@ -9,7 +9,7 @@ world's reward and compares each pair of methods sample by sample:
 Samples of several runs (seeds) are pooled. The intervals therefore cover the evaluation noise, not
 the variation between training seeds; the per-run columns show that variation.
 
-    python benchmarks/head_to_head.py benchmarks/results/methods/seed-*
+    python -m benchmarks.head_to_head RUN_FOLDER [RUN_FOLDER ...]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train one method variant on a finished demo run's pairs and compare it with that run's models.
 
-A demo run folder (`sdpo demo`, or a seed folder of `benchmarks/methods.py`) keeps its precompute
+A demo run folder (`sdpo demo --out DIR`) keeps its precompute
 cache and its evaluation samples (noise, prompts, every model's samples). This script:
 1. fine-tunes the base model again with a variant of a method (any MethodConfig setting changed,
    e.g. `normalize=true` or `beta=2200`), with the run's own training settings;
@@ -8,7 +8,7 @@ cache and its evaluation samples (noise, prompts, every model's samples). This s
 3. compares it with the base and with each of the run's models on the same samples.
 No pairs are regenerated, so the comparison isolates the objective.
 
-    python benchmarks/variant.py RUN_FOLDER --method sdpo --set normalize=true --steps 800
+    python -m benchmarks.variant RUN_FOLDER --method sdpo --set normalize=true --steps 800
 """
 
 from __future__ import annotations

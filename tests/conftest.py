@@ -7,13 +7,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_models import TINY_DIGITS  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread beats two, and far more so on a busy machine
 
 
-TINY_DIGITS = dict(block_out_channels=(16, 32), attention_heads=2, norm_num_groups=8, text_hidden_size=16,
-                   train_steps=10, batch_size=32)
-"""A tiny digits base model: pretrains in about a second."""
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY_DIGITS_FLAGS
 
 from sdpo.bench.stats import paired_test, seed_interval, t_quantile, t_two_sided_p
 from sdpo.cli import main
-
-TINY_TOY = ["block_out_channels=[16,32]", "attention_heads=2", "norm_num_groups=8", "text_hidden_size=16",
-            "train_steps=10", "batch_size=32"]
 
 
 # ------------------------------------------------------------------ statistics (closed forms)
@@ -46,7 +44,7 @@ def quick_bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     out = root / "methods"
     argv = ["--quiet", "bench", "methods", "--quick", "--out", str(out), "--set", f"cache_root={root / 'models'}",
-            "--toy", *TINY_TOY]
+            "--toy", *TINY_DIGITS_FLAGS]
     assert main(argv) == 0
     return argv, out
 
@@ -110,7 +108,7 @@ def test_bench_methods_rejects_bad_settings_in_one_line(tmp_path, capsys, args, 
 def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_path, capsys):
     out = tmp_path / "online"
     argv = ["--quiet", "bench", "online", "--quick", "--out", str(out), "--set", f"cache_root={tmp_path / 'models'}",
-            "--toy", *TINY_TOY]
+            "--toy", *TINY_DIGITS_FLAGS]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| online:sdpo |" in printed and "| offline:diffusion-dpo |" in printed
@@ -144,7 +142,7 @@ def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_p
     # a rerun resumes: nothing is retrained, the table is the same
     stamp = (seed / "seed.json").stat().st_mtime_ns
     assert main(argv) == 0 and (seed / "seed.json").stat().st_mtime_ns == stamp
-    assert main([*argv[:-len(TINY_TOY) - 1], "--toy", *TINY_TOY, "--rounds", "3"]) == 2
+    assert main([*argv[:-len(TINY_DIGITS_FLAGS) - 1], "--toy", *TINY_DIGITS_FLAGS, "--rounds", "3"]) == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -167,10 +165,10 @@ def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, caps
 
 
 def test_step_memory_is_measured_in_a_fresh_process(tmp_path):
-    from sdpo.bench.speed import SpeedConfig, _peak_in_fresh_process
+    from sdpo.bench.speed import SpeedConfig, peak_in_fresh_process
 
     config = SpeedConfig(models=("sd-tiny",), batch_size=1, warmup=1, threads=1)
-    assert _peak_in_fresh_process("sd-tiny", "diffusion-dpo", config, tmp_path) > 0.0
+    assert peak_in_fresh_process("sd-tiny", "diffusion-dpo", config, tmp_path) > 0.0
 
 
 # ------------------------------------------------------------------ sdpo analyze weights
@@ -222,7 +220,7 @@ def test_the_readme_video_sweep_command_builds_the_config_it_describes():
     import shlex
     from pathlib import Path
 
-    from sdpo.bench.cli import _bench_config
+    from sdpo.bench.cli import bench_config
     from sdpo.bench.methods import BenchConfig
     from sdpo.cli import build_parser
 
@@ -230,7 +228,7 @@ def test_the_readme_video_sweep_command_builds_the_config_it_describes():
     typed = re.search(r"`(sdpo bench methods --world video.*?long_steps=0)`", readme, re.S).group(1)
     words = shlex.split(typed.replace("\n", " "))[1:]
     args = build_parser().parse_args(["--quiet", *words])
-    config = _bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench")
+    config = bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench")
     assert (config.world, config.seeds, config.long_steps) == ("video", 3, 0)
     assert config.conditions == ("on-policy", "off-policy-far") and config.betas == (2000,)
     assert [arm.label for arm in config.arms()] == ["diffusion-dpo@2000", "dpo-cm@2000", "sdpo@2000", "dpo+sft@2000"]

@@ -1,32 +1,24 @@
-"""benchmarks/gpu_step.py in --tiny mode on the CPU: every architecture builds, adapts and steps."""
+"""benchmarks.gpu_step in --tiny mode on the CPU: every architecture builds, adapts and steps."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_step():
     # One thread: the tiny models are all per-op overhead, and a second thread only adds barrier waits.
+    from benchmarks import gpu_step
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("sdpo_bench_gpu_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield gpu_step
     finally:
-        sys.modules.pop(spec.name, None)
         torch.set_num_threads(threads)
 
 
@@ -93,12 +85,8 @@ def test_out_of_memory_is_reported_not_raised(gpu_step, monkeypatch):
 def test_head_to_head_ranks_real_digits_above_noise(tmp_path):
     from safetensors.torch import save_file
 
+    from benchmarks import head_to_head as module
     from sdpo.toy.digits.data import load_split, prompts_for
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head_to_head.py"
-    loader = importlib.util.spec_from_file_location("sdpo_bench_head_to_head", path)
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
 
     images, labels = load_split("held_out")
     images, labels = images[:40], labels[:40]

@@ -26,7 +26,7 @@ from sdpo.data import (
 from sdpo.models import tiny
 from sdpo.models.base import MediaFormat
 from sdpo.models.registry import load_spec
-from sdpo.train import trainer as trainer_module
+from sdpo.train import optimize as optimize_module
 from sdpo.train.trainer import GlobalBatchOrder, latest_checkpoint
 
 BUCKETS = ["16x16", "12x20", "20x12"]
@@ -196,7 +196,7 @@ def test_a_bucket_smaller_than_a_batch_is_padded_with_a_warning_naming_it():
     from types import SimpleNamespace
 
     from sdpo.train.config import TrainConfig
-    from sdpo.train.trainer import _batch_order
+    from sdpo.train.order import batch_order
 
     class Buckets(list):
         buckets = [(16, 16), (20, 12)]
@@ -207,7 +207,7 @@ def test_a_bucket_smaller_than_a_batch_is_padded_with_a_warning_naming_it():
     accelerator = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
     config = TrainConfig(family="toy", cache_dir="unused", output_dir="unused", train_batch_size=3, report_to="none")
     with pytest.warns(UserWarning, match=r"bucket\(s\) 20x12 hold fewer pairs than one global batch \(3\)"):
-        order = _batch_order(Buckets(range(7)), config, accelerator)
+        order = batch_order(Buckets(range(7)), config, accelerator)
     batches = [order.indices(step)[0].tolist() for step in range(order.batches_per_epoch)]
     assert [6, 6, 6] in batches and len(batches) == 3  # the one-pair bucket fills its batch with itself
 
@@ -228,14 +228,14 @@ def _losses(out: Path) -> list[float]:
 
 def test_every_training_batch_has_one_shape_and_a_resume_continues_exactly(sd, tmp_path, monkeypatch):
     model, _, cache = sd
-    shapes, real = [], trainer_module.collate_pairs
+    shapes, real = [], optimize_module.collate_pairs
 
     def recording(items):
         batch = real(items)
         shapes.append(tuple(batch.chosen.shape))
         return batch
 
-    monkeypatch.setattr(trainer_module, "collate_pairs", recording)
+    monkeypatch.setattr(optimize_module, "collate_pairs", recording)
     whole = tmp_path / "whole"
     assert main(["--quiet", "train", str(_train_config(tmp_path, model, cache, whole, checkpoint_every=2,
                                                           gradient_accumulation_steps=2))]) == 0

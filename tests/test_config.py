@@ -394,7 +394,7 @@ def test_lora_targets_that_match_nothing_list_what_exists(requested):
 def test_the_trainer_adapts_only_the_configured_layers():
     from sdpo.models._common import existing_suffixes
     from sdpo.models.sd import StableDiffusionSpec
-    from sdpo.train.trainer import _add_lora
+    from sdpo.train.setup import add_lora
 
     class Stub:
         def __init__(self, model):
@@ -404,15 +404,15 @@ def test_the_trainer_adapts_only_the_configured_layers():
             return existing_suffixes(self.model, StableDiffusionSpec.lora_candidates)
 
     default, attention_only = _tiny_unet(), _tiny_unet()
-    _add_lora(default, TrainConfig(lora_rank=2), Stub(default))
-    _add_lora(attention_only, TrainConfig(lora_rank=2, lora_target_modules=["to_q"]), Stub(attention_only))
+    add_lora(default, TrainConfig(lora_rank=2), Stub(default))
+    add_lora(attention_only, TrainConfig(lora_rank=2, lora_target_modules=["to_q"]), Stub(attention_only))
     adapted = {name.split(".lora_")[0] for name, _ in attention_only.named_parameters() if "lora_" in name}
     assert adapted and all(name.endswith("to_q") for name in adapted)
     count = sum(p.numel() for n, p in default.named_parameters() if "lora_" in n)
     assert count > sum(p.numel() for n, p in attention_only.named_parameters() if "lora_" in n)
     fresh = _tiny_unet()
     with pytest.raises(ValueError, match="lora_target_modules"):
-        _add_lora(fresh, TrainConfig(lora_rank=2, lora_target_modules=["nope"]), Stub(fresh))
+        add_lora(fresh, TrainConfig(lora_rank=2, lora_target_modules=["nope"]), Stub(fresh))
 
 
 # --------------------------------------------------------------------- item 12: property-based

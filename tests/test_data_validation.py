@@ -353,14 +353,12 @@ def test_short_clips_offer_pad_frames_and_corrupt_videos_are_one_line(tmp_path):
         assert "\n" not in str(one.value) and "moov atom not found" in str(one.value)
 
 
-def test_decode_check_costs_milliseconds_per_file(tmp_path):
+def test_decode_check_accepts_a_large_image_and_a_long_clip(tmp_path):
+    # What the check costs per file is measured by benchmarks/decode_check.py, not asserted here.
     image = save_png(tmp_path / "big.png", 0, size=512)
     clip = write_clip(tmp_path / "clip.mp4", 24)
-    for ref, budget in [(image, 0.05), (clip, 0.5)]:
-        check_media(ref, 5)  # warm caches (ffmpeg binary, imports)
-        start = time.perf_counter()
-        check_media(ref, 5)
-        assert time.perf_counter() - start < budget
+    for ref in (image, clip):
+        assert check_media(ref, 5) is None  # raises on a file it refuses
 
 
 # --------------------------------------------------------------------------------------------- item 10: CLI

@@ -4,17 +4,15 @@ import json
 
 import pytest
 from safetensors import safe_open
+from tiny_models import TINY_DIGITS, TINY_VIDEO
 
 from sdpo.cli import main
 from sdpo.demo import DemoConfig, run_demo
 
-TINY_TOY = dict(block_out_channels=(16, 32), attention_heads=2, norm_num_groups=8, text_hidden_size=16,
-                train_steps=10, batch_size=32)
-
 
 def _tiny(out, cache_root, **overrides):
     settings = dict(methods=("all",), steps=3, pairs_per_digit=2, eval_per_digit=2, batch_size=4,
-                    num_inference_steps=4, out=str(out), cache_root=str(cache_root), toy_overrides=TINY_TOY,
+                    num_inference_steps=4, out=str(out), cache_root=str(cache_root), toy_overrides=TINY_DIGITS,
                     progress=False)
     settings.update(overrides)
     return DemoConfig(**settings)
@@ -47,19 +45,12 @@ def test_demo_end_to_end_writes_the_report(tmp_path):
 
 
 def _benchmark(name):
-    import importlib.util
-    from pathlib import Path
+    import importlib
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"sdpo_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_video_demo_end_to_end(tmp_path):
-    from test_toy_video import TINY as TINY_VIDEO
-
     out = run_demo(_tiny(tmp_path / "video", tmp_path / "models", world="video", methods=("sdpo",),
                          toy_overrides=TINY_VIDEO))
     results = json.loads((out / "results.json").read_text())["results"]
@@ -117,7 +108,7 @@ def test_corrupt_base_model_cache_is_a_clear_error(tmp_path):
     from sdpo.toy.digits.model import ToyModelConfig
     from sdpo.toy.pretraining import pretrain_base
 
-    folder = pretrain_base(ToyModelConfig(**TINY_TOY), cache_root=tmp_path / "models", progress=False)
+    folder = pretrain_base(ToyModelConfig(**TINY_DIGITS), cache_root=tmp_path / "models", progress=False)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt") as error:
         run_demo(_tiny(tmp_path / "demo", tmp_path / "models"))

@@ -8,7 +8,6 @@ prediction, LoRA saved with ``save_lora`` and read back by the family's own pipe
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from tiny_models import TINY_COGVIDEOX_15
 
 from sdpo.models import tiny
 from sdpo.models.base import MediaFormat, ModelNotFoundError, ModelSpec
@@ -388,22 +388,7 @@ def test_cogvideox_15_pads_odd_latent_frames() -> None:
     from sdpo.schedules import NoiseSchedule
 
     torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=16,
-        text_embed_dim=16,
-        num_layers=1,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=9,
-        patch_size=2,
-        patch_size_t=2,
-        max_text_seq_length=16,
-        use_rotary_positional_embeddings=True,
-    )
+    transformer = CogVideoXTransformer3DModel(**TINY_COGVIDEOX_15)
     scheduler = CogVideoXDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
     spec = CogVideoXSpec(NoiseSchedule.from_scheduler(scheduler), transformer)
     conditions = {"encoder_hidden_states": torch.randn(1, 16, 16)}
@@ -472,13 +457,11 @@ def test_folder_without_component_names_it(folders: dict[str, Path], tmp_path: P
         load_spec("sd", str(broken))
 
 
-def test_uncached_hub_id_fails_fast_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_uncached_hub_id_fails_offline_with_one_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever the machine has
-    start = time.monotonic()
     with pytest.raises(ModelNotFoundError, match="nobody/no-such-model"):
         load_spec("wan", "nobody/no-such-model")
-    assert time.monotonic() - start < 5.0
 
 
 # ---------------------------------------------------------------------- sampling contract

@@ -9,17 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from tiny_models import TINY_IMAGE
 
 import sdpo.stages.online as online
 from sdpo.cli import main
 from sdpo.data import CachedPairs
-from sdpo.toy.digits.model import ToyModelConfig
 from sdpo.toy.pretraining import pretrain_base
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_IMAGE = ToyModelConfig(block_out_channels=(8, 16), norm_num_groups=4, attention_heads=2, text_hidden_size=8,
-                            text_heads=2, train_steps=20, batch_size=16, warmup_steps=2)
 
 
 def _config(tmp: Path, base: str, out: Path) -> Path:

@@ -19,7 +19,7 @@ from sdpo.data import CachedPairs
 from sdpo.files import write_atomic
 from sdpo.objectives import MethodConfig
 from sdpo.toy import ToySpec
-from sdpo.train import trainer as trainer_module
+from sdpo.train import optimize as optimize_module
 from sdpo.train.checkpoint import RunLock, RunLockedError, latest_checkpoint
 from sdpo.train.config import ConfigMismatchError, TrainConfig
 from sdpo.train.preemption import StopRequests
@@ -51,7 +51,7 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ item 9: non-finite steps
 def _poison_step(monkeypatch, bad_steps: set[int], accumulation: int = 1):
     """Make the loss NaN on the given optimizer steps (0-based), through the real preference step."""
-    real, calls = trainer_module.preference_step, {"n": 0}
+    real, calls = optimize_module.preference_step, {"n": 0}
 
     def poisoned(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -60,7 +60,7 @@ def _poison_step(monkeypatch, bad_steps: set[int], accumulation: int = 1):
         calls["n"] += 1
         return result
 
-    monkeypatch.setattr(trainer_module, "preference_step", poisoned)
+    monkeypatch.setattr(optimize_module, "preference_step", poisoned)
 
 
 def test_a_non_finite_loss_skips_the_step_and_logs_its_pairs(world, tmp_path, monkeypatch):
@@ -114,14 +114,14 @@ def test_weights_with_a_nan_are_never_written(world, tmp_path):
 
 
 def test_a_loss_above_the_sane_bound_is_reported(world, tmp_path, monkeypatch):
-    real = trainer_module.preference_step
+    real = optimize_module.preference_step
 
     def huge(*args, **kwargs):
         result = real(*args, **kwargs)
         result.output.loss = result.output.loss * 1e4
         return result
 
-    monkeypatch.setattr(trainer_module, "preference_step", huge)
+    monkeypatch.setattr(optimize_module, "preference_step", huge)
     with pytest.warns(UserWarning, match="above 100"):
         _train(world, _config(world, tmp_path, max_steps=1))
 
@@ -259,9 +259,8 @@ def test_resume_latest_on_a_run_whose_export_failed_only_exports(world, tmp_path
     monkeypatch.setattr(ToySpec, "save_lora", fail_once)
     with pytest.raises(ExportError):
         _train(world, _config(world, tmp_path))
-    steps = []
-    monkeypatch.setattr(trainer_module, "_optimizer_step", lambda run, step: steps.append(step))
-    result = _train(world, _config(world, tmp_path), resume="latest")
+    steps = []  # on_log runs after every logged step (log_every=1): none may run
+    result = _train(world, _config(world, tmp_path), resume="latest", on_log=lambda step, row, model: steps.append(step))
     assert steps == [] and (tmp_path / "pytorch_lora_weights.safetensors").is_file() and len(result.history) == 4
     assert latest_checkpoint(tmp_path) is None  # checkpoint_every=0: kept only until the export landed
     again = _train(world, _config(world, tmp_path), resume="latest")
@@ -427,15 +426,15 @@ def test_a_run_with_ema_resumes_to_the_same_average_and_sdpo_export_writes_it(wo
 
 NAN_ON_RANK_1 = r"""
 import math, os, sys
-import sdpo.train.trainer as trainer
-real, calls = trainer.preference_step, [0]
+import sdpo.train.optimize as optimize
+real, calls = optimize.preference_step, [0]
 def poisoned(*args, **kwargs):
     result = real(*args, **kwargs)
     if os.environ["RANK"] == "1" and calls[0] == 1:  # only this process sees a NaN, at step 2
         result.output.loss = result.output.loss * math.nan
     calls[0] += 1
     return result
-trainer.preference_step = poisoned
+optimize.preference_step = poisoned
 from sdpo.cli import main
 sys.exit(main(["--quiet", "train", sys.argv[1]]))
 """

@@ -81,8 +81,8 @@ def test_gradient_norms_of_every_backend_become_plain_tensors_or_unknown():
 
     import torch
 
+    from sdpo.train.optimize import skip_reason
     from sdpo.train.sharding import clip_gradients
-    from sdpo.train.trainer import _skip_reason
 
     class Whole:
         def full_tensor(self):
@@ -95,6 +95,6 @@ def test_gradient_norms_of_every_backend_become_plain_tensors_or_unknown():
     assert clip_gradients(accelerator(torch.tensor(3.0)), [], 0.0).item() == 3.0
     assert clip_gradients(accelerator(None), [], 1.0) is None
     one = SimpleNamespace(num_processes=1)
-    assert _skip_reason(one, True, None) is None
-    assert _skip_reason(one, True, torch.tensor(float("inf"))).startswith("non-finite gradient norm")
-    assert _skip_reason(one, False, torch.tensor(1.0)) == "non-finite loss"
+    assert skip_reason(one, True, None) is None
+    assert skip_reason(one, True, torch.tensor(float("inf"))).startswith("non-finite gradient norm")
+    assert skip_reason(one, False, torch.tensor(1.0)) == "non-finite loss"

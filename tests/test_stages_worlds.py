@@ -11,25 +11,20 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from tiny_models import TINY_IMAGE, tiny_video
 
 from sdpo.cli import main
-from sdpo.toy.digits.model import ToyModelConfig
-from sdpo.toy.moving.model import VideoToyConfig
 from sdpo.toy.pretraining import pretrain_base
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_IMAGE = ToyModelConfig(block_out_channels=(8, 16), norm_num_groups=4, attention_heads=2, text_hidden_size=8,
-                            text_heads=2, train_steps=20, batch_size=16, warmup_steps=2)
-TINY_VIDEO = dict(frames=3, canvas=10, patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-                  time_embed_dim=16, text_hidden_size=16, train_steps=3, batch_size=4, warmup_steps=1)
 
 # world: (family, base-model config, reward, prompts)
 WORLDS = {
     "digits": ("toy", TINY_IMAGE, "digits", ["a handwritten digit 3", "a handwritten digit 7"]),
-    "moving-cogvideox": ("toy-video", VideoToyConfig(arch="cogvideox", **TINY_VIDEO), "moving-digits",
+    "moving-cogvideox": ("toy-video", tiny_video("cogvideox"), "moving-digits",
                          ["a handwritten digit 3 moving right", "a handwritten digit 7 moving up"]),
-    "moving-wan": ("toy-video", VideoToyConfig(arch="wan", **TINY_VIDEO), "moving-digits",
+    "moving-wan": ("toy-video", tiny_video("wan"), "moving-digits",
                    ["a handwritten digit 1 moving left", "a handwritten digit 8 moving down"]),
 }
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from tiny_models import TINY_IMAGE
 
 from sdpo.models.base import MediaFormat, ModelNotFoundError, ModelSpec
 from sdpo.rewards import Reward, load_reward
@@ -26,17 +27,7 @@ from sdpo.toy.grids import media_grid
 from sdpo.toy.pretraining import ToyCacheError, base_folder, pretrain_base
 from sdpo.toy.spec import ToySpec
 
-# Small enough that building, 20 steps of training and saving take about a second.
-TINY = ToyModelConfig(
-    block_out_channels=(8, 16),
-    norm_num_groups=4,
-    attention_heads=2,
-    text_hidden_size=8,
-    text_heads=2,
-    train_steps=20,
-    batch_size=16,
-    warmup_steps=2,
-)
+TINY = TINY_IMAGE  # small enough that building, 20 steps of training and saving take about a second
 
 
 @pytest.fixture(scope="module", autouse=True)

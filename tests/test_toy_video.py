@@ -14,6 +14,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from tiny_models import tiny_video
 
 from sdpo.models.base import ModelSpec
 from sdpo.rewards import Reward, load_reward
@@ -46,24 +47,7 @@ from sdpo.toy.pretraining import MARKER_FILE, ToyCacheError, base_folder, pretra
 from sdpo.toy.spec import ToySpec
 
 ARCHS = ("cogvideox", "wan")
-# 3 frames of 10x10 (a digit moving 1 px per frame), patch 2: 75 video tokens, one block.
-TINY = {
-    "frames": 3,
-    "canvas": 10,
-    "patch_size": 2,
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "num_layers": 1,
-    "time_embed_dim": 16,
-    "text_hidden_size": 16,
-    "train_steps": 3,
-    "batch_size": 4,
-    "warmup_steps": 1,
-}
-
-
-def tiny_config(arch: str, **overrides) -> VideoToyConfig:
-    return VideoToyConfig(arch=arch, **{**TINY, **overrides})
+tiny_config = tiny_video
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,19 +58,29 @@ def test_every_method_trains_and_saves_a_loadable_lora(world, tmp_path, method):
     torch.testing.assert_close(ours, loaded, atol=1e-5, rtol=1e-4)
 
 
+class _Crash(Exception):
+    """Raised from on_log to kill a run mid-way, as a crash would (no stop signal, no final export)."""
+
+
 def test_resume_continues_exactly(world, tmp_path):
     base, cache = world
     whole = tmp_path / "whole"
     train(_config(whole, checkpoint_every=2), spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache),
           progress=False)
-    # A run interrupted after step 3 has checkpoint-2 and three logged rows; resume it.
+    # An independent run of the same config that crashes after logging step 3: checkpoint-2, three rows.
     interrupted = tmp_path / "interrupted"
-    shutil.copytree(whole / "checkpoint-2", interrupted / "checkpoint-2")
-    rows = (whole / "metrics.jsonl").read_text().splitlines()
-    (interrupted / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n")
+
+    def crash_after_step_3(step, row, model):
+        if step == 3:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(_config(interrupted, checkpoint_every=2), spec=ToySpec.from_pretrained(base),
+              dataset=CachedPairs(cache), progress=False, on_log=crash_after_step_3)
     assert latest_checkpoint(interrupted).name == "checkpoint-2"
-    resumed = train(_config(interrupted), spec=ToySpec.from_pretrained(base), dataset=CachedPairs(cache),
-                    resume="latest", progress=False)
+    assert [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    resumed = train(_config(interrupted, checkpoint_every=2), spec=ToySpec.from_pretrained(base),
+                    dataset=CachedPairs(cache), resume="latest", progress=False)
     assert [row["step"] for row in resumed.history] == [1, 2, 3, 4]
     torch.testing.assert_close(torch.tensor(_losses(interrupted)), torch.tensor(_losses(whole)), rtol=1e-6, atol=1e-8)
 

@@ -7,17 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_models import tiny_video
 
 from sdpo.cli import main
 from sdpo.stages.vbench import WORK_DIR, vbench_commands, vbench_name
-from sdpo.toy.moving.model import VideoToyConfig
 from sdpo.toy.pretraining import pretrain_base
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_VIDEO = VideoToyConfig(arch="wan", frames=3, canvas=10, patch_size=2, num_attention_heads=2,
-                            attention_head_dim=16, num_layers=1, time_embed_dim=16, text_hidden_size=16,
-                            train_steps=3, batch_size=4, warmup_steps=1)
+TINY_WAN_VIDEO = tiny_video("wan")
 PROMPTS = ["a handwritten digit 3 moving right", "A digit, 7: moving up (fast)!", "digit 1/2 moving left"]
 
 
@@ -33,7 +31,7 @@ def test_names_are_prompt_dash_index_and_slashes_become_underscores() -> None:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(pretrain_base(TINY_VIDEO, cache_root=tmp_path_factory.mktemp("cache"), progress=False))
+    return str(pretrain_base(TINY_WAN_VIDEO, cache_root=tmp_path_factory.mktemp("cache"), progress=False))
 
 
 def _vbench(base: str, prompts: list[str], folder: Path, tmp: Path, *extra: str) -> int:

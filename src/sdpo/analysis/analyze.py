@@ -129,9 +129,9 @@ def markdown_table(profiles: dict[str, dict[str, Any]], setting: dict[str, Any])
 
 def plot_profiles(profiles: dict[str, dict[str, Any]], path: Path, num_timesteps: int) -> Path:
     """One panel per K: mean w(t) per source (colour) and model (solid base, dashed tuned), one-std bands."""
-    from sdpo.analysis.plots import _pyplot
+    from sdpo.analysis.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     parsed = [(label, *label.rsplit(", ", 2)) for label in profiles]  # (label, model, source, "K=k")
     ks = list(dict.fromkeys(k for *_, k in parsed))
     sources = list(dict.fromkeys(source for _, _, source, _ in parsed))

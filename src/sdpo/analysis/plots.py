@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from sdpo.analysis.weights import WeightProfile
 
@@ -15,7 +16,8 @@ CURVES = (
 )
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +28,7 @@ def _pyplot():
 
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
     """One panel per logged quantity, one line per run (keyed by its label)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for axis, (key, title) in zip(axes, CURVES, strict=True):
         for label, rows in histories.items():
@@ -47,7 +49,7 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
 
 def plot_weight_profile(profile: WeightProfile, path: str | Path, title: str = "") -> Path:
     """Mean importance weight w(t) of chosen and rejected samples along the trajectory."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axis = plt.subplots(figsize=(5.5, 3.5))
     axis.plot(profile.timesteps.tolist(), profile.chosen.tolist(), marker="o", ms=3, label="chosen")
     axis.plot(profile.timesteps.tolist(), profile.rejected.tolist(), marker="o", ms=3, label="rejected")

@@ -23,7 +23,7 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
     return found
 
 
-def _bench_config(args: argparse.Namespace, cls: Any, flags: tuple[str, ...], what: str) -> Any:
+def bench_config(args: argparse.Namespace, cls: Any, flags: tuple[str, ...], what: str) -> Any:
     """The config of a bench command: its --set fields, its own flags, --toy overrides, --quick."""
     from dataclasses import fields
 
@@ -43,14 +43,14 @@ def _bench_config(args: argparse.Namespace, cls: Any, flags: tuple[str, ...], wh
 def _methods(args: argparse.Namespace) -> None:
     from sdpo.bench.methods import BenchConfig, run_bench
 
-    out = run_bench(_bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench"))
+    out = run_bench(bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench"))
     print(f"bench: {out / 'table.md'} (results.json, reward_vs_beta.png, reward_over_steps.png)")
 
 
 def _online(args: argparse.Namespace) -> None:
     from sdpo.bench.online import OnlineBenchConfig, run_online_bench
 
-    out = run_online_bench(_bench_config(args, OnlineBenchConfig, ("seeds", "rounds", "out"), "bench online"))
+    out = run_online_bench(bench_config(args, OnlineBenchConfig, ("seeds", "rounds", "out"), "bench online"))
     print((out / "table.md").read_text(), end="")
     print(f"bench: {out / 'table.md'} (results.json, online_vs_offline.png)")
 
@@ -75,7 +75,7 @@ def _speed(args: argparse.Namespace) -> None:
 
 
 def _world_bench_flags(parser: argparse.ArgumentParser, quick: str, out: str, settings: str) -> None:
-    """The flags every embedded-world bench takes (read back by ``_bench_config``)."""
+    """The flags every embedded-world bench takes (read back by ``bench_config``)."""
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--out", default=None, help=f"output folder (a rerun resumes it; default {out})")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=settings)

@@ -69,7 +69,10 @@ def parse_variant(text: str, beta: float) -> Arm:
             raise InputError(f"variant {text!r}: expected key=value, got {item!r}")
         settings.append((key.strip(), yaml.safe_load(value)))
     arm = Arm(text, method, beta, tuple(settings))
-    arm.method_config(50)  # one clear error for an unknown or invalid setting
+    try:
+        arm.method_config(50)  # one clear error for an unknown or invalid setting
+    except (TypeError, ValueError) as error:  # the math module raises plain errors; this is the user's input
+        raise InputError(f"variant {text!r}: {error}") from error
     return arm
 
 
@@ -165,7 +168,7 @@ def _train_config(config: BenchConfig, arm: Arm, seed: int, steps: int, cache: P
 
 
 @dataclass
-class _Context:
+class SweepContext:
     """What every cell of one sweep shares: the world, its generators, rewards and real data."""
 
     config: Any
@@ -177,7 +180,7 @@ class _Context:
     out: Path
 
 
-def _context(config: Any, weak: bool = True) -> _Context:
+def sweep_context(config: Any, weak: bool = True) -> SweepContext:
     """The shared pieces of a sweep of ``config`` (WorldRunSettings with an ``out``); ``weak``: also the
     weaker generator the off-policy conditions draw from."""
     from transformers.utils import logging as transformers_logging
@@ -195,10 +198,10 @@ def _context(config: Any, weak: bool = True) -> _Context:
         generators["weak"] = weak_world.pretrain(config.cache_root, config.progress)
     held_out = (load_reward("digits", split="held_out", seed=1, hidden=32) if config.world == "image"
                 else load_reward("moving-digits", split="held_out", seed=1, hidden=32))
-    return _Context(config, world, generators, [world.reward(), held_out], world.real("held_out"), Path(config.out))
+    return SweepContext(config, world, generators, [world.reward(), held_out], world.real("held_out"), Path(config.out))
 
 
-def _cell_data(context: _Context, condition: str, seed: int) -> Path:
+def _cell_data(context: SweepContext, condition: str, seed: int) -> Path:
     config = context.config
     return condition_cache(
         condition, context.generators, context.world, context.out / "data" / f"seed-{seed}",
@@ -206,7 +209,8 @@ def _cell_data(context: _Context, condition: str, seed: int) -> Path:
         num_inference_steps=config.num_inference_steps, batch_size=512, progress=config.progress)
 
 
-def _evaluate(context: _Context, runs: dict[str, Path], seed: int, out: Path) -> dict[str, Any]:
+def evaluate_cell(context: SweepContext, runs: dict[str, Path], seed: int, out: Path) -> dict[str, Any]:
+    """One cell's runs against the base on the sweep's rewards and quality guard (also ``sdpo bench online``'s)."""
     from sdpo.models.registry import load_spec
     from sdpo.stages.evaluate import evaluate
     from sdpo.stages.generate import SamplerSettings
@@ -220,7 +224,7 @@ def _evaluate(context: _Context, runs: dict[str, Path], seed: int, out: Path) ->
     return result.as_dict()
 
 
-def _run_cell(context: _Context, condition: str, seed: int) -> dict[str, Any]:
+def _run_cell(context: SweepContext, condition: str, seed: int) -> dict[str, Any]:
     """Train every arm on one condition's pairs for one seed, evaluate them together; cached on disk."""
     from sdpo.data import CachedPairs
     from sdpo.models.registry import load_spec
@@ -242,14 +246,14 @@ def _run_cell(context: _Context, condition: str, seed: int) -> dict[str, Any]:
                        spec=load_spec(context.world.family, context.generators["base"]), dataset=dataset,
                        progress=config.progress)
         runs[arm.label], histories[arm.label] = run, result.history
-    evaluation = _evaluate(context, runs, seed, folder / "evaluation")
+    evaluation = evaluate_cell(context, runs, seed, folder / "evaluation")
     cell = {"condition": condition, "seed": seed, "pairs": len(dataset), "evaluation": evaluation,
             "histories": histories, "wall_s": time.perf_counter() - start}
     done.write_text(json.dumps(cell, default=str))
     return cell
 
 
-def _run_long(context: _Context, seed: int) -> dict[str, Any]:
+def _run_long(context: SweepContext, seed: int) -> dict[str, Any]:
     """The core methods at the default beta, trained to ``long_steps`` and evaluated every ``long_every``."""
     from sdpo.data import CachedPairs
     from sdpo.models.registry import load_spec
@@ -274,7 +278,7 @@ def _run_long(context: _Context, seed: int) -> dict[str, Any]:
                   spec=load_spec(context.world.family, context.generators["base"]), progress=config.progress,
                   resume="latest")
             runs[arm.label] = run
-        points[str(steps)] = _evaluate(context, runs, seed, folder / f"evaluation-{steps:05d}")
+        points[str(steps)] = evaluate_cell(context, runs, seed, folder / f"evaluation-{steps:05d}")
     long = {"seed": seed, "condition": config.long_condition, "points": points, "wall_s": time.perf_counter() - start}
     done.write_text(json.dumps(long, default=str))
     return long
@@ -286,7 +290,7 @@ def run_bench(config: BenchConfig) -> Path:
 
     out = Path(config.out)
     claim_folder(out, config_dict(config))
-    context = _context(config)
+    context = sweep_context(config)
     cells = [_run_cell(context, condition, seed) for condition in config.conditions for seed in range(config.seeds)]
     long = [_run_long(context, seed) for seed in range(config.long_seeds)] if config.long_steps else []
     # The cells' own times: a resumed sweep reports the work of every run, not the last one's.

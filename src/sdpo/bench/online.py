@@ -165,7 +165,7 @@ def _online(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) ->
 
 def _run_seed(context: Any, config: OnlineBenchConfig, seed: int) -> dict[str, Any]:
     """Every arm of one seed, evaluated together; cached as seed.json."""
-    from sdpo.bench.methods import _evaluate
+    from sdpo.bench.methods import evaluate_cell
 
     folder = Path(config.out) / f"seed-{seed}"
     done = folder / "seed.json"
@@ -176,7 +176,7 @@ def _run_seed(context: Any, config: OnlineBenchConfig, seed: int) -> dict[str, A
     offline_runs, offline_s = _offline(context, config, seed, folder)
     online_runs, online_s = _online(context, config, seed, folder)
     runs = {**offline_runs, **online_runs}
-    evaluation = _evaluate(context, runs, seed, folder / "evaluation")
+    evaluation = evaluate_cell(context, runs, seed, folder / "evaluation")
     record = {"seed": seed, "evaluation": evaluation, "wall_s": {**offline_s, **online_s},
               "runs": {label: str(path) for label, path in runs.items()}}
     done.write_text(json.dumps(record, default=str))
@@ -201,12 +201,12 @@ def candidate_rewards(config: OnlineBenchConfig, seed: int) -> dict[str, list[fl
 
 def run_online_bench(config: OnlineBenchConfig) -> Path:
     """Run (or resume) every seed and write results.json and table.md; returns the output folder."""
-    from sdpo.bench.methods import _context, claim_folder
+    from sdpo.bench.methods import claim_folder, sweep_context
     from sdpo.bench.online_report import write_online_report
 
     out = Path(config.out)
     claim_folder(out, asdict(config))
-    context = _context(config, weak=False)  # the world, base, scorers and real data of `sdpo bench methods`
+    context = sweep_context(config, weak=False)  # the world, base, scorers and real data of `sdpo bench methods`
     seeds = [_run_seed(context, config, seed) for seed in range(config.seeds)]
     rounds = [candidate_rewards(config, seed) for seed in range(config.seeds)]
     write_online_report(out, asdict(config), config.labels(), seeds, rounds)

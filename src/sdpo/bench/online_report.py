@@ -12,7 +12,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from sdpo.bench.report import _fmt, _interval, _p
+from sdpo.bench.report import format_interval, format_p_value, seed_summary
 from sdpo.bench.stats import paired_test
 
 BASELINE = "offline:diffusion-dpo"
@@ -31,16 +31,16 @@ def summarize_online(labels: list[str], seeds: list[dict[str, Any]]) -> dict[str
             versus = [s["evaluation"]["versus_base"][reward] for s in seeds]
             gains = [v[label]["gain"]["value"] for v in versus]
             reference = [v[baseline]["gain"]["value"] for v in versus]
-            row[reward] = {"gain": _interval(gains), "win_rate": _interval([v[label]["win_rate"]["value"] for v in versus]),
+            row[reward] = {"gain": seed_summary(gains), "win_rate": seed_summary([v[label]["win_rate"]["value"] for v in versus]),
                            "per_seed_gain": gains,
-                           "versus_baseline": {"against": baseline, "difference": _interval(
+                           "versus_baseline": {"against": baseline, "difference": seed_summary(
                                [g - b for g, b in zip(gains, reference, strict=True)]),
                                "p_value": paired_test(gains, reference).p_value}}
-        row["feature_distance"] = _interval([s["evaluation"]["quality"][label] for s in seeds])
-        row["wall_s"] = _interval([s["wall_s"][label] for s in seeds])
+        row["feature_distance"] = seed_summary([s["evaluation"]["quality"][label] for s in seeds])
+        row["wall_s"] = seed_summary([s["wall_s"][label] for s in seeds])
         summary[label] = row
-    summary["base"] = {"feature_distance": _interval([s["evaluation"]["quality"]["base"] for s in seeds]),
-                       "mean_reward": {r: _interval([s["evaluation"]["means"][r]["base"] for s in seeds])
+    summary["base"] = {"feature_distance": seed_summary([s["evaluation"]["quality"]["base"] for s in seeds]),
+                       "mean_reward": {r: seed_summary([s["evaluation"]["means"][r]["base"] for s in seeds])
                                        for r in rewards}}
     return summary
 
@@ -66,18 +66,18 @@ def online_table(config: dict[str, Any], summary: dict[str, Any], machine: str) 
         for figures in (first, second):
             versus = figures["versus_baseline"]
             cells.append("—" if versus["against"] == label
-                         else f"{_fmt(versus['difference'])} [{_p(versus['p_value'])}]")
+                         else f"{format_interval(versus['difference'])} [{format_p_value(versus['p_value'])}]")
         win = first["win_rate"]
-        lines.append(f"| {label} | {_fmt(first['gain'])} | {win['mean']:.3f} ± {(win['high'] - win['low']) / 2:.3f} | "
+        lines.append(f"| {label} | {format_interval(first['gain'])} | {win['mean']:.3f} ± {(win['high'] - win['low']) / 2:.3f} | "
                      f"{cells[0]} | "
-                     f"{_fmt(second['gain'])} | {cells[1]} | {row['feature_distance']['mean']:.2f} | "
+                     f"{format_interval(second['gain'])} | {cells[1]} | {row['feature_distance']['mean']:.2f} | "
                      f"{row['wall_s']['mean']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def summarize_rounds(rounds: list[dict[str, list[float]]]) -> dict[str, list[dict[str, float]]]:
     """source -> per round, the mean candidate reward over seeds with its interval."""
-    return {source: [_interval([seed[source][r] for seed in rounds]) for r in range(len(rounds[0][source]))]
+    return {source: [seed_summary([seed[source][r] for seed in rounds]) for r in range(len(rounds[0][source]))]
             for source in rounds[0]}
 
 
@@ -87,15 +87,15 @@ def rounds_table(rounds: dict[str, list[dict[str, float]]]) -> str:
     lines = ["Mean reward of the candidates generated in each round (offline: always the base):", "",
              "| source | " + " | ".join(f"round {r}" for r in range(count)) + " |", "|---" * (count + 1) + "|"]
     for source, values in rounds.items():
-        lines.append(f"| {source} | " + " | ".join(_fmt(v) for v in values) + " |")
+        lines.append(f"| {source} | " + " | ".join(format_interval(v) for v in values) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_online(summary: dict[str, Any], path: Path) -> Path:
     """Reward gain over base per arm and scorer, with 95% intervals."""
-    from sdpo.analysis.plots import _pyplot
+    from sdpo.analysis.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     labels = [label for label in summary if label != "base"]
     rewards = list(summary["base"]["mean_reward"])
     fig, axis = plt.subplots(figsize=(1.3 * len(labels) + 2.5, 3.6))

@@ -52,7 +52,8 @@ def _reference_label(label: str, config: dict[str, Any]) -> str:
     return f"diffusion-dpo@{beta:g}" if name in config["methods"] else f"diffusion-dpo@{config['default_beta']:g}"
 
 
-def _interval(values: list[float]) -> dict[str, float]:
+def seed_summary(values: list[float]) -> dict[str, float]:
+    """Mean and 95% interval over seeds as the JSON results store it (mean, low, high, n)."""
     found = seed_interval(values)
     return {"mean": found.mean, "low": found.low, "high": found.high, "n": found.n}
 
@@ -72,19 +73,19 @@ def summarize(config: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, 
                 reference = _reference_label(label, config)
                 base_gains = [c["evaluation"]["versus_base"][reward][reference]["gain"]["value"] for c in seeds]
                 test = paired_test(gains, base_gains)
-                row[reward] = {"gain": _interval(gains), "win_rate": _interval(wins), "per_seed_gain": gains,
-                               "versus_diffusion_dpo": {"against": reference, "difference": _interval(
+                row[reward] = {"gain": seed_summary(gains), "win_rate": seed_summary(wins), "per_seed_gain": gains,
+                               "versus_diffusion_dpo": {"against": reference, "difference": seed_summary(
                                    [g - b for g, b in zip(gains, base_gains, strict=True)]), "p_value": test.p_value}}
             row["collapse_share"] = sum(g < 0 for g in row[rewards[0]]["per_seed_gain"]) / len(seeds)
-            row["feature_distance"] = _interval([c["evaluation"]["quality"][label] for c in seeds])
+            row["feature_distance"] = seed_summary([c["evaluation"]["quality"][label] for c in seeds])
             figures = [_training_figures(c["histories"][label]) for c in seeds]
             for key in ("grad_norm_max", "grad_norm_var", "loss_spikes", "masked_share"):
-                row[key] = _interval([f[key] for f in figures])
+                row[key] = seed_summary([f[key] for f in figures])
             row["w_by_t"] = {k: sum(f["w_by_t"].get(k, math.nan) for f in figures) / len(figures)
                              for k in figures[0]["w_by_t"]}
             rows[label] = row
-        rows["base"] = {"feature_distance": _interval([c["evaluation"]["quality"]["base"] for c in seeds]),
-                        "mean_reward": {r: _interval([c["evaluation"]["means"][r]["base"] for c in seeds])
+        rows["base"] = {"feature_distance": seed_summary([c["evaluation"]["quality"]["base"] for c in seeds]),
+                        "mean_reward": {r: seed_summary([c["evaluation"]["means"][r]["base"] for c in seeds])
                                         for r in rewards}}
         summary[condition] = rows
     return summary
@@ -99,18 +100,20 @@ def summarize_long(config: dict[str, Any], long: list[dict[str, Any]]) -> dict[s
     for step in long[0]["points"]:
         for label in long[0]["points"][step]["versus_base"][reward]:
             gains = [run["points"][step]["versus_base"][reward][label]["gain"]["value"] for run in long]
-            curves.setdefault(label, {})[step] = _interval(gains)
+            curves.setdefault(label, {})[step] = seed_summary(gains)
     return curves
 
 
-def _fmt(interval: dict[str, float], digits: int = 3) -> str:
+def format_interval(interval: dict[str, float], digits: int = 3) -> str:
+    """A ``seed_summary`` as a table cell: "+mean ± half-width" (the mean alone for one seed)."""
     if interval["n"] < 2:  # one seed has no interval
         return f"{interval['mean']:+.{digits}f}"
     half = (interval["high"] - interval["low"]) / 2
     return f"{interval['mean']:+.{digits}f} ± {half:.{digits}f}"
 
 
-def _p(value: float) -> str:
+def format_p_value(value: float) -> str:
+    """A p-value as a table cell ("—" where there is none)."""
     return "—" if math.isnan(value) else (f"{value:.3f}" if value >= 0.001 else "<0.001")
 
 
@@ -136,10 +139,10 @@ def markdown_table(config: dict[str, Any], summary: dict[str, Any], long: dict[s
             versus2 = second["versus_diffusion_dpo"]
             same = versus["against"] == label
             lines.append(
-                f"| {label} | {_fmt(first['gain'])} | {first['win_rate']['mean']:.3f} | "
-                + ("—" if same else f"{_fmt(versus['difference'])} [{_p(versus['p_value'])}]")
-                + f" | {_fmt(second['gain'])} | "
-                + ("—" if same else f"{_fmt(versus2['difference'])} [{_p(versus2['p_value'])}]")
+                f"| {label} | {format_interval(first['gain'])} | {first['win_rate']['mean']:.3f} | "
+                + ("—" if same else f"{format_interval(versus['difference'])} [{format_p_value(versus['p_value'])}]")
+                + f" | {format_interval(second['gain'])} | "
+                + ("—" if same else f"{format_interval(versus2['difference'])} [{format_p_value(versus2['p_value'])}]")
                 + f" | {row['feature_distance']['mean']:.2f} | {row['grad_norm_max']['mean']:.3g} | "
                 f"{row['collapse_share']:.0%} | {row['masked_share']['mean']:.2f} |")
         lines.append("")
@@ -148,15 +151,15 @@ def markdown_table(config: dict[str, Any], summary: dict[str, Any], long: dict[s
         lines += [f"**long training** ({config['long_condition']}, {config['long_seeds']} seeds, reward gain "
                   "over base by step)", "", "| arm | " + " | ".join(steps) + " |", "|---" * (len(steps) + 1) + "|"]
         for label, curve in long.items():
-            lines.append(f"| {label} | " + " | ".join(_fmt(curve[s]) for s in steps) + " |")
+            lines.append(f"| {label} | " + " | ".join(format_interval(curve[s]) for s in steps) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_reward_vs_beta(config: dict[str, Any], summary: dict[str, Any], path: Path) -> Path:
     """Reward gain against beta per method, one panel per condition; baselines as single markers."""
-    from sdpo.analysis.plots import _pyplot
+    from sdpo.analysis.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     conditions = list(summary)
     fig, axes = plt.subplots(1, len(conditions), figsize=(4.5 * len(conditions), 3.6), squeeze=False)
     for axis, condition in zip(axes[0], conditions, strict=True):
@@ -187,9 +190,9 @@ def plot_reward_vs_beta(config: dict[str, Any], summary: dict[str, Any], path: P
 
 def plot_long(long: dict[str, Any], path: Path, title: str) -> Path:
     """Reward gain over training steps, one line per method."""
-    from sdpo.analysis.plots import _pyplot
+    from sdpo.analysis.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axis = plt.subplots(figsize=(5.5, 3.6))
     for label, curve in long.items():
         steps = [int(s) for s in curve]

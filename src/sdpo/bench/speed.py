@@ -193,26 +193,27 @@ def time_model(name: str, config: SpeedConfig, work: Path) -> dict[str, list[flo
     return seconds
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
+    """This process's resident set in bytes (Linux: /proc/self/statm)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _ResidentPeak(threading.Thread):
+class ResidentPeak(threading.Thread):
     """Samples the resident set every half millisecond (torch releases the GIL inside its ops)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak, self._finished = _resident_bytes(), threading.Event()
+        self.peak, self._finished = resident_bytes(), threading.Event()
 
     def run(self) -> None:
         while not self._finished.wait(0.0005):
-            self.peak = max(self.peak, _resident_bytes())
+            self.peak = max(self.peak, resident_bytes())
 
     def stop(self) -> int:
         self._finished.set()
         self.join()
-        return max(self.peak, _resident_bytes())
+        return max(self.peak, resident_bytes())
 
 
 def step_peak_mb(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
@@ -232,15 +233,17 @@ def step_peak_mb(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # give freed heap back, so the baseline is what is held
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    held = _resident_bytes()
-    sampler = _ResidentPeak()
+    held = resident_bytes()
+    sampler = ResidentPeak()
     sampler.start()
     for number in range(config.warmup):
         step(number)
     return (sampler.stop() - held) / 2**20
 
 
-def _peak_in_fresh_process(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
+def peak_in_fresh_process(name: str, arm: str, config: SpeedConfig, work: Path) -> float:
+    """``step_peak_mb`` in a fresh process: freed heap is not always returned to the system, so one arm
+    measured after another in the same process would hide the second's peak."""
     settings = json.dumps({**asdict(config), "models": [name]})
     code = ("import json, sys; from pathlib import Path; from sdpo.bench.speed import SpeedConfig, step_peak_mb; "
             "config = SpeedConfig(**json.loads(sys.argv[1])); "
@@ -262,7 +265,7 @@ def run_speed(config: SpeedConfig) -> dict[str, Any]:
         for name in config.models:
             seconds = time_model(name, config, work)
             medians = {arm: statistics.median(values) for arm, values in seconds.items()}
-            memory = ({arm: (_peak_in_fresh_process(name, arm, config, work) if config.device == "cpu"
+            memory = ({arm: (peak_in_fresh_process(name, arm, config, work) if config.device == "cpu"
                              else step_peak_mb(name, arm, config, work)) for arm in ARMS} if config.memory else {})
             ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in RATIOS}
             rows.append({"model": name, "median_s": medians, "peak_mb": memory, "ratios": ratios,

@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +32,11 @@ from torch import nn
 from sdpo.errors import FolderError, InputError
 from sdpo.files import write_atomic
 from sdpo.models.base import unwrap
+from sdpo.train import log
+from sdpo.train.ema import save_ema
+
+if TYPE_CHECKING:
+    from sdpo.train.run import TrainingRun
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
@@ -69,7 +73,7 @@ def complete_checkpoints(output_dir: Path, warn: bool = False) -> list[Path]:
         if read_state(folder) is not None:
             done.append(folder)
         elif warn and (folder / STATE_NAME).exists():
-            warnings.warn(f"skipping {folder}: its {STATE_NAME} does not parse (a torn write)", stacklevel=3)
+            log.warn(f"skipping {folder}: its {STATE_NAME} does not parse (a torn write)", stacklevel=3)
     return sorted(done, key=lambda p: checkpoint_step(p) or 0)
 
 
@@ -173,6 +177,24 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, params: list[
         write_atomic(folder / CONFIG_NAME, json.dumps(config_data, indent=2))
         write_atomic(folder / STATE_NAME, json.dumps({"step": step, "format": STATE_FORMAT, **state}))
     accelerator.wait_for_everyone()
+    return folder
+
+
+def save_run(run: TrainingRun, done: int, final: bool = False) -> Path:
+    """Checkpoint a run after ``done`` steps (collective), with its guard counts, config changes and moving
+    average, then prune old checkpoints down to ``checkpoints_total_limit`` (never this one).
+
+    ``final`` marks a checkpoint made only so the export has one to fall back on (dropped after it)."""
+    state: dict[str, Any] = {"bad_steps": run.bad_steps, "config_changes": run.config_changes, "final": final}
+    if run.ema is not None:
+        state["ema_updates"] = run.ema.optimization_step
+    ema, model = run.ema, run.model
+    extra = None if ema is None else (lambda folder: save_ema(ema, model, folder))
+    folder = save_checkpoint(run.accelerator, run.output_dir, done, run.params, run.config.to_dict(), state,
+                             extra=extra)
+    if run.main:
+        prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit, protect=folder)
+    run.accelerator.wait_for_everyone()
     return folder
 
 

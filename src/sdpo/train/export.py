@@ -1,6 +1,6 @@
-"""The end of a run: the final checkpoint, the atomic export of the LoRA / model (and, with ``ema_decay``,
-of its moving average in ``ema/``, same format), and ``export_run`` (``sdpo export``: the same export
-from a run's latest checkpoint, without training)."""
+"""The end of a run (``finish_run``): the final checkpoint, the atomic export of the LoRA / model (and,
+with ``ema_decay``, of its moving average in ``ema/``, same format). ``sdpo export`` (the same export from
+a run's latest checkpoint, without training) is ``sdpo.train.trainer.export_run``: it runs ``train``."""
 
 from __future__ import annotations
 
@@ -13,39 +13,40 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sdpo.errors import FolderError, InputError, MissingFileError
+from sdpo.errors import FolderError, InputError
 from sdpo.files import fsync_dir
 from sdpo.train.checkpoint import (
     CHECKPOINT_PREFIX,
-    CONFIG_NAME,
     STATE_NAME,
     NonFiniteWeightsError,
     checkpoint_step,
-    latest_checkpoint,
     read_state,
     remove_checkpoint,
+    save_run,
     weights_are_finite,
 )
-from sdpo.train.config import TrainConfig
 from sdpo.train.ema import EMA_FOLDER, averaged_state_dict
 from sdpo.train.model_card import export_card
-from sdpo.train.setup import EXPORT_TMP_NAME, _final_model, _Run, _save
+from sdpo.train.run import TrainingRun, final_model
+from sdpo.train.setup import EXPORT_TMP_NAME
 
 if TYPE_CHECKING:
-    from sdpo.train.trainer import TrainResult
+    from accelerate import Accelerator
+
+__all__ = ["ExportError", "finish_run", "refuse_older_export"]
 
 
 class ExportError(InputError):
     """The final weights could not be written; the checkpoint they come from is kept."""
 
 
-def _finish(run: _Run) -> None:
+def finish_run(run: TrainingRun) -> None:
     """Checkpoint the final step, export the weights atomically, then drop a checkpoint made only for it."""
     config, output_dir = run.config, run.output_dir
     final = output_dir / f"{CHECKPOINT_PREFIX}{config.max_steps}"
     made_here = run.resume.step != config.max_steps  # else the run resumed from it: it holds these weights
     if made_here:
-        _save(run, config.max_steps, final=True)
+        save_run(run, config.max_steps, final=True)
     _export(run, final)
     # Kept only until the export landed when the run asked for no checkpoints; a mid-run checkpoint
     # exported by `sdpo export` stays, to continue from.
@@ -54,7 +55,7 @@ def _finish(run: _Run) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def _export(run: _Run, checkpoint: Path) -> None:
+def _export(run: TrainingRun, checkpoint: Path) -> None:
     """Write the final LoRA / model into a temporary folder inside the run, then rename it into place."""
     accelerator, output_dir = run.accelerator, run.output_dir
     accelerator.wait_for_everyone()
@@ -77,10 +78,10 @@ def _export(run: _Run, checkpoint: Path) -> None:
         )
 
 
-def _write_export(run: _Run, state_dict: dict[str, Tensor], staging: Path) -> None:
+def _write_export(run: TrainingRun, state_dict: dict[str, Tensor], staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    final = _final_model(run)
+    final = final_model(run)
     save = run.spec.save_lora if run.config.lora_rank > 0 else run.spec.save_full
     save(staging, final, state_dict)
     if run.ema is not None:  # the moving average, in the same format, in its own folder
@@ -118,14 +119,14 @@ def _safetensors_error() -> type[BaseException]:
     return SafetensorError
 
 
-def _any_process(accelerator: Any, flag: bool) -> bool:
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     value = torch.tensor([float(flag)], device=accelerator.device)
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
-def _run_info(accelerator: Any) -> dict[str, Any]:
+def _run_info(accelerator: Accelerator) -> dict[str, Any]:
     """How the run was launched, for the record: the config alone does not say it."""
     import accelerate
     import diffusers
@@ -140,7 +141,7 @@ def _run_info(accelerator: Any) -> dict[str, Any]:
     }
 
 
-def _refuse_older(run_dir: Path, checkpoint: Path) -> None:
+def refuse_older_export(run_dir: Path, checkpoint: Path) -> None:
     """Refuse (FolderError) to export ``checkpoint`` when the run holds newer work: a newer checkpoint whose
     state is torn, or final weights of a later step (``run_info.json``)."""
     step = checkpoint_step(checkpoint) or 0
@@ -156,27 +157,3 @@ def _refuse_older(run_dir: Path, checkpoint: Path) -> None:
     if isinstance(final, int) and final > step:
         raise FolderError(f"{run_dir} holds the final weights of step {final}, newer than {checkpoint.name}: pass "
                           f"--allow-older to write {checkpoint.name}'s weights over them")
-
-
-def export_run(run_dir: str | os.PathLike[str], progress: bool = True, allow_older: bool = False) -> TrainResult:
-    """Re-export the final weights of a run from its latest checkpoint, without training.
-
-    Loads the model named in the checkpoint's config (the LoRA is rebuilt on it), loads the
-    checkpoint and writes the weights atomically, as the end of ``train`` does. What a failed export
-    says to run. A newer checkpoint that is torn, or final weights newer than the latest checkpoint, are
-    refused (never overwritten by older weights) unless ``allow_older``.
-    """
-    run_dir = Path(run_dir)
-    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if checkpoint is None:
-        raise MissingFileError(f"no complete checkpoint in {run_dir} to export from")
-    if not allow_older:
-        _refuse_older(run_dir, checkpoint)
-    saved = json.loads((checkpoint / CONFIG_NAME).read_text()) if (checkpoint / CONFIG_NAME).is_file() else None
-    if saved is None:
-        raise MissingFileError(f"{checkpoint} holds no {CONFIG_NAME}: train again with --resume latest instead")
-    from sdpo.train.trainer import train  # late: the trainer imports this module
-
-    step = int(read_state(checkpoint)["step"])
-    saved.update(output_dir=str(run_dir), max_steps=step, validation_prompts=[])
-    return train(TrainConfig.from_dict(saved), resume=str(checkpoint), progress=progress)

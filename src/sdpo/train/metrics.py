@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,10 +16,13 @@ from tqdm.auto import tqdm
 from sdpo.files import write_atomic
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.train.config import TrainConfig
+from sdpo.train.log import announce, warn
+from sdpo.train.run import StepOutcome, TrainingRun
 
 if TYPE_CHECKING:
-    from sdpo.train.setup import _Run
-    from sdpo.train.trainer import _StepOutcome
+    from accelerate import Accelerator
+
+__all__ = ["BAD_STEPS_NAME", "LOSS_BOUND", "MetricsLog", "read_history"]
 
 TIMESTEP_BUCKETS = 10
 
@@ -53,7 +55,7 @@ class _IntervalMeter:
         self.bucket_sum.index_add_(0, buckets, raw_weights.detach().cpu().double())
         self.bucket_count.index_add_(0, buckets, torch.ones_like(buckets, dtype=torch.float64))
 
-    def flush(self, accelerator: Any, num_timesteps: int) -> dict[str, float]:
+    def flush(self, accelerator: Accelerator, num_timesteps: int) -> dict[str, float]:
         keys = sorted(self.sums)
         local = torch.tensor([self.sums[k] for k in keys] + [float(self.count)], dtype=torch.float64)
         packed = torch.cat([local, self.bucket_sum, self.bucket_count]).to(accelerator.device)
@@ -75,26 +77,27 @@ class _IntervalMeter:
         return result
 
 
-class _MetricsLog:
-    """The metrics side of the loop: meter, metrics.jsonl, trackers, progress bar and warnings."""
+class MetricsLog:
+    """The metrics side of a run: meter, metrics.jsonl (cut back to the resume step), trackers, progress
+    bar and warnings. ``record`` each step's outcome, ``close`` at the end; ``history`` is what was logged."""
 
-    def __init__(self, run: _Run, progress: bool, on_log: Callable[..., None] | None) -> None:
+    def __init__(self, run: TrainingRun, progress: bool, on_log: Callable[..., None] | None) -> None:
         config, accelerator = run.config, run.accelerator
         self.run, self.on_log, self.meter = run, on_log, _IntervalMeter()
         self.path = run.output_dir / "metrics.jsonl"
-        self.history = _read_history(self.path, run.resume.step, rewrite=run.main)  # a fresh run: step 0, none
+        self.history = read_history(self.path, run.resume.step, rewrite=run.main)  # a fresh run: step 0, none
         if run.main:
             _cut_jsonl(run.output_dir / BAD_STEPS_NAME, run.resume.step)
         self.trackers = config.report_to != "none"
         if run.main and self.trackers:
             accelerator.init_trackers("sdpo", config=_flat_config(config))
-        if progress and run.main and run.dataset is not None:
-            tqdm.write(_announcement(run.spec, config, accelerator, run.params, len(run.dataset)))
+        if progress and run.dataset is not None:
+            announce(_announcement(run.spec, config, accelerator, run.params, len(run.dataset)), run.main)
         self.bar = tqdm(total=config.max_steps, initial=run.resume.step, desc=f"train {config.method.name}",
                         disable=not (progress and run.main), unit="step")
         self.warned_masked = self.warned_large = False
 
-    def record(self, outcome: _StepOutcome, done: int) -> None:
+    def record(self, outcome: StepOutcome, done: int) -> None:
         """Add a step's metrics (a skipped step adds none), write them at logging steps."""
         run, config = self.run, self.run.config
         num_timesteps = run.spec.schedule.num_timesteps
@@ -116,7 +119,7 @@ class _MetricsLog:
     def _write(self, logged: dict[str, float], done: int) -> None:
         if logged.get("masked_fraction", 0.0) >= 1.0 and not self.warned_masked:
             self.warned_masked = True
-            warnings.warn(
+            warn(
                 f"every pair member was masked up to step {done} (w below method.mask_threshold="
                 f"{self.run.config.method.mask_threshold}), so the loss has no gradient; lower the threshold "
                 "or start from a base model that fits the pairs better",
@@ -135,14 +138,15 @@ class _MetricsLog:
     def _check_large(self, loss: float, done: int) -> None:
         if loss > LOSS_BOUND and not self.warned_large and self.run.main:
             self.warned_large = True
-            warnings.warn(f"loss {loss:.4g} at step {done} is above {LOSS_BOUND:g}: the objective is saturated "
+            warn(f"loss {loss:.4g} at step {done} is above {LOSS_BOUND:g}: the objective is saturated "
                           f"(method.beta {self.run.config.method.beta:g} may be far too large)", stacklevel=3)
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _announcement(spec: ModelSpec, config: TrainConfig, accelerator: Any, params: list, num_pairs: int) -> str:
+def _announcement(spec: ModelSpec, config: TrainConfig, accelerator: Accelerator, params: list,
+                  num_pairs: int) -> str:
     """One line saying what the run is about to do."""
     trainable = sum(p.numel() for p in params)
     what = f"LoRA rank {config.lora_rank}" if config.lora_rank > 0 else "full fine-tuning"
@@ -154,7 +158,7 @@ def _announcement(spec: ModelSpec, config: TrainConfig, accelerator: Any, params
             f"{num_pairs} cached pairs")
 
 
-def _read_history(path: Path, up_to_step: int, rewrite: bool = False) -> list[dict[str, float]]:
+def read_history(path: Path, up_to_step: int, rewrite: bool = False) -> list[dict[str, float]]:
     """The logged rows up to ``up_to_step``; ``rewrite`` cuts the file there too (atomically), so a
     resumed run does not log a step twice and a fresh one does not append to an old run's rows."""
     rows = []
@@ -172,7 +176,7 @@ def _read_history(path: Path, up_to_step: int, rewrite: bool = False) -> list[di
 
 def _cut_jsonl(path: Path, up_to_step: int) -> None:
     if path.is_file():
-        _read_history(path, up_to_step, rewrite=True)
+        read_history(path, up_to_step, rewrite=True)
 
 
 def _flat_config(config: TrainConfig) -> dict[str, Any]:

@@ -12,12 +12,13 @@ raises KeyboardInterrupt at once (the CLI exits 130), for when the save itself i
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from types import FrameType
 from typing import Any
 
 import torch
+
+from sdpo.train.log import note
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 """Signals that request a stop (those that exist on this platform are handled)."""
@@ -52,8 +53,7 @@ class StopRequests:
             if self.interrupts:
                 raise KeyboardInterrupt  # the second Ctrl-C: quit now, without the checkpoint
             self.interrupts += 1
-            print("\nsdpo: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit at once)",
-                  file=sys.stderr, flush=True)
+            note("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit at once)", new_line=True)
         self.received = self.received or name
 
     def agreed(self, accelerator: Any) -> bool:

@@ -1,17 +1,16 @@
 """Setting a run up: the accelerator, the output folder (claim, overwrite, resume point with the config
-check), the cache, the policy and its reference, the optimizer and schedule, and the ``_Run`` state the
-loop's pieces share. Everything that needs no model is checked before the model is loaded."""
+check), the cache, the policy and its reference, the optimizer and schedule, and the ``TrainingRun`` the
+phases share (``sdpo.train.run``). Everything that needs no model is checked before the model is loaded.
+
+``prepare_run`` is the whole set-up after the folder is claimed: a benchmark or another trainer gets a
+run ready to step from it (``make_accelerator`` then ``prepare_run(..., ResumePoint())``)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import shutil
-import sys
 import tempfile
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,22 +19,25 @@ from torch import nn
 
 from sdpo.errors import InputError, MissingFileError, MissingPackageError, UnwritableError
 from sdpo.folders import check_kind
-from sdpo.models.base import ModelSpec, unwrap
+from sdpo.models.base import ModelSpec
+from sdpo.train.augment import samples_latents
 from sdpo.train.checkpoint import (
     CONFIG_NAME,
     STATE_NAME,
     checkpoint_step,
     complete_checkpoints,
     latest_checkpoint,
-    prune_checkpoints,
     read_state,
     register_trainable_hooks,
     remove_checkpoint,
-    save_checkpoint,
 )
-from sdpo.train.config import TrainConfig
+from sdpo.train.config import TrainConfig, check_resume, resolve_lora_targets
 from sdpo.train.ema import EMA_FOLDER, build_ema, check_ema_supported, load_ema
+from sdpo.train.log import note, warn
 from sdpo.train.metrics import BAD_STEPS_NAME
+from sdpo.train.order import batch_order
+from sdpo.train.pair_weights import PairWeights
+from sdpo.train.run import PairDataset, ResumePoint, TrainingRun
 from sdpo.train.sharding import (
     enable_gradient_checkpointing,
     parameters_are_sharded,
@@ -45,7 +47,7 @@ from sdpo.train.sharding import (
 from sdpo.train.step import adapters_disabled
 
 if TYPE_CHECKING:
-    from sdpo.train.trainer import GlobalBatchOrder
+    from accelerate import Accelerator
 
 EXPORT_TMP_NAME = ".export-tmp"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -56,49 +58,8 @@ RUN_FILES = frozenset({"metrics.jsonl", BAD_STEPS_NAME, "run_info.json", "train_
 
 
 
-@dataclass
-class _Resume:
-    """Where a run starts: a checkpoint (None: step 0) and what changed in the config since it was made."""
-
-    checkpoint: Path | None = None
-    step: int = 0
-    state: dict[str, Any] = field(default_factory=dict)
-    changes: list[Any] = field(default_factory=list)
-
-
-
-@dataclass
-class _Run:
-    """Everything the loop's pieces share, built once by ``_build_run`` (``order``: then set by ``train``)."""
-
-    config: TrainConfig
-    accelerator: Any
-    spec: ModelSpec
-    dataset: Any
-    model: nn.Module
-    optimizer: Any
-    lr_scheduler: Any
-    params: list[nn.Parameter]
-    reference: Callable[[], Any]
-    weight_dtype: torch.dtype
-    output_dir: Path
-    resume: _Resume
-    order: GlobalBatchOrder | None = None
-    sample_latents: bool = False
-    bad_steps: int = 0
-    consecutive_bad: int = 0
-    config_changes: list[dict[str, Any]] = field(default_factory=list)
-    ema: Any = None
-    """diffusers' EMAModel of ``params`` (``ema_decay``), or None."""
-    pair_weights: Any = None
-    """How ``pair_weighting`` turns a batch's gaps into weights (``sdpo.train.pair_weights.PairWeights``), or None."""
-
-    @property
-    def main(self) -> bool:
-        return bool(self.accelerator.is_main_process)
-
-
-def _check_writable(output_dir: Path) -> None:
+def check_writable(output_dir: Path) -> None:
+    """Create the output folder and prove this process can write into it (one-line error if not)."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         # A probe of its own per process: with one shared name, one process could delete the file
@@ -109,7 +70,8 @@ def _check_writable(output_dir: Path) -> None:
         raise UnwritableError(f"output folder is not writable: {output_dir} ({error.strerror})") from error
 
 
-def _accelerator(config: TrainConfig, output_dir: Path) -> Any:
+def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
+    """The run's accelerator (precision, accumulation, trackers, logging folder), the seed set."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -137,37 +99,30 @@ def _forget_other_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _note(text: str, main: bool = True) -> None:
-    if main:
-        print(f"sdpo: {text}", file=sys.stderr, flush=True)
-
-
-def _resume_point(output_dir: Path, resume: str | None, config: TrainConfig, overwrite: bool, main: bool) -> _Resume:
+def resume_point(output_dir: Path, resume: str | None, config: TrainConfig, overwrite: bool,
+                 main: bool) -> ResumePoint:
     """The checkpoint to start from, its config checked against ``config`` (unsafe changes refused)."""
     check_kind(output_dir, "run")  # never train into (or --overwrite) a generate folder, a cache, ...
     if not resume:
         _claim_fresh_folder(output_dir, overwrite, main)
-        return _Resume()
+        return ResumePoint()
     checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
     if checkpoint is None:
-        _note(f"--resume latest: no checkpoint in {output_dir} yet, starting from step 0", main)
-        return _Resume()
+        note(f"--resume latest: no checkpoint in {output_dir} yet, starting from step 0", main)
+        return ResumePoint()
     state = read_state(checkpoint) if checkpoint.is_dir() else None
     if state is None:
         raise MissingFileError(f"not a complete checkpoint (no readable {STATE_NAME}): {checkpoint}")
     changes = _checked_changes(checkpoint, config)
     if changes:
-        _note(f"resuming from {checkpoint.name} with changed settings: {'; '.join(map(str, changes))}", main)
-    return _Resume(checkpoint=checkpoint, step=int(state["step"]), state=state, changes=changes)
+        note(f"resuming from {checkpoint.name} with changed settings: {'; '.join(map(str, changes))}", main)
+    return ResumePoint(checkpoint=checkpoint, step=int(state["step"]), state=state, changes=changes)
 
 
 def _checked_changes(checkpoint: Path, config: TrainConfig) -> list[Any]:
-    from sdpo.train.config import check_resume
-
     path = checkpoint / CONFIG_NAME
     if not path.is_file():
-        warnings.warn(f"{checkpoint} holds no {CONFIG_NAME} (an older checkpoint): the config is not checked",
-                      stacklevel=3)
+        warn(f"{checkpoint} holds no {CONFIG_NAME} (an older checkpoint): the config is not checked", stacklevel=3)
         return []
     try:
         saved = TrainConfig.from_dict(json.loads(path.read_text()))
@@ -186,7 +141,7 @@ def _claim_fresh_folder(output_dir: Path, overwrite: bool, main: bool) -> None:
         raise InputError(f"output folder {output_dir} already holds a run ({shown}): pass --resume latest to "
                          f"continue it, --overwrite to replace it, or choose another output_dir")
     if main:
-        _note(f"--overwrite: deleting the run in {output_dir}")
+        note(f"--overwrite: deleting the run in {output_dir}")
         for folder in complete_checkpoints(output_dir):
             remove_checkpoint(folder)
         for name in found:
@@ -194,7 +149,7 @@ def _claim_fresh_folder(output_dir: Path, overwrite: bool, main: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def _already_finished(output_dir: Path, config: TrainConfig, resume: str | None) -> int | None:
+def already_finished(output_dir: Path, config: TrainConfig, resume: str | None) -> int | None:
     """``--resume latest`` on a run whose export has landed and that kept no checkpoint: its final step
     (nothing to do), else None."""
     if resume != "latest" or complete_checkpoints(output_dir) or not (output_dir / "run_info.json").is_file():
@@ -208,20 +163,36 @@ def _already_finished(output_dir: Path, config: TrainConfig, resume: str | None)
     if final_step < config.max_steps:
         raise MissingFileError(f"{output_dir} finished at step {final_step} and kept no checkpoint to continue "
                                 f"from to max_steps={config.max_steps} (set checkpoint_every to keep one)")
-    _note(f"{output_dir} already finished (step {final_step}): nothing to do")
+    note(f"{output_dir} already finished (step {final_step}): nothing to do")
     return final_step
 
 
-def _open_cache(config: TrainConfig) -> Any:
-    from sdpo.data import CachedPairs, check_cache_matches
+def open_cache(config: TrainConfig) -> PairDataset:
+    """The run's precompute cache, checked to match the configured model."""
+    from sdpo.data import CachedPairs, check_cache_matches  # late: sdpo.data loads the media readers
 
     dataset = CachedPairs(config.cache_dir)
     check_cache_matches(dataset.manifest, config.family, config.pretrained or None)
     return dataset
 
 
-def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accelerator: Any, output_dir: Path,
-               start: _Resume) -> _Run:
+def prepare_run(config: TrainConfig, spec: ModelSpec | None, dataset: PairDataset | None, accelerator: Accelerator,
+                output_dir: Path, start: ResumePoint) -> TrainingRun:
+    """A run ready to step: the data checks that need no model, then ``build_run``, then the batch order."""
+    # Before the model loads: a cache without the gaps pair_weighting needs is a one-line error.
+    pair_weights = None if dataset is None else PairWeights.from_dataset(
+        config.pair_weighting, dataset, str(getattr(dataset, "cache_dir", None) or config.cache_dir or "the dataset"))
+    # Likewise latent_sampling=sample on a cache without stds.
+    sample_latents = dataset is not None and samples_latents(config.latent_sampling, dataset)
+    run = build_run(config, spec, dataset, accelerator, output_dir, start)
+    run.pair_weights, run.sample_latents = pair_weights, sample_latents
+    if dataset is not None:
+        run.order = batch_order(dataset, config, accelerator)
+    return run
+
+
+def build_run(config: TrainConfig, spec: ModelSpec | None, dataset: PairDataset | None, accelerator: Accelerator,
+              output_dir: Path, start: ResumePoint) -> TrainingRun:
     """Load the model (if not given), add the adapters, prepare optimizer and schedule, load the checkpoint."""
     from diffusers.optimization import get_scheduler
 
@@ -249,7 +220,7 @@ def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accele
             return adapters_disabled(model)
         return _offloaded(reference_copy, accelerator.device, config.offload_reference and not uses_fsdp(accelerator))
 
-    run = _Run(config=config, accelerator=accelerator, spec=spec, dataset=dataset, model=model, optimizer=optimizer,
+    run = TrainingRun(config=config, accelerator=accelerator, spec=spec, dataset=dataset, model=model, optimizer=optimizer,
                lr_scheduler=lr_scheduler, params=[p for p in model.parameters() if p.requires_grad],
                reference=reference, weight_dtype=weight_dtype, output_dir=output_dir, resume=start)
     run.ema = build_ema(config, run.params)  # a copy of the initial weights; a resume overwrites it
@@ -266,7 +237,7 @@ def _build_run(config: TrainConfig, spec: ModelSpec | None, dataset: Any, accele
 
 
 def _policy_and_reference(
-    spec: ModelSpec, config: TrainConfig, accelerator: Any, weight_dtype: torch.dtype
+    spec: ModelSpec, config: TrainConfig, accelerator: Accelerator, weight_dtype: torch.dtype
 ) -> tuple[nn.Module, nn.Module | None]:
     """The trainable denoiser and, for full fine-tuning, its frozen reference copy (None with LoRA:
     the reference is the same network with its adapters disabled)."""
@@ -275,7 +246,7 @@ def _policy_and_reference(
     reference_copy: nn.Module | None = None
     if config.lora_rank > 0:
         cast_frozen(model, accelerator.device, weight_dtype)
-        _add_lora(model, config, spec)
+        add_lora(model, config, spec)
         for param in model.parameters():  # adapters train in float32 whatever the base dtype
             if param.requires_grad:
                 param.data = param.data.float()
@@ -330,10 +301,9 @@ def cast_frozen(model: nn.Module, device: torch.device | str, dtype: torch.dtype
                 module.to(torch.float32)
 
 
-def _add_lora(model: nn.Module, config: TrainConfig, spec: ModelSpec) -> None:
+def add_lora(model: nn.Module, config: TrainConfig, spec: ModelSpec) -> None:
+    """Add the configured LoRA adapter to ``model`` (and start it from ``init_lora`` when set)."""
     from peft import LoraConfig
-
-    from sdpo.train.config import resolve_lora_targets
 
     targets = resolve_lora_targets(config.lora_target_modules, spec.lora_target_modules(), model)
     lora = LoraConfig(
@@ -386,28 +356,3 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
             raise MissingPackageError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
-
-
-def _save(run: _Run, done: int, final: bool = False) -> Path:
-    state = {"bad_steps": run.bad_steps, "config_changes": run.config_changes, "final": final}
-    if run.ema is not None:
-        state["ema_updates"] = run.ema.optimization_step
-    folder = save_checkpoint(run.accelerator, run.output_dir, done, run.params, run.config.to_dict(), state,
-                             extra=_ema_writer(run))
-    if run.main:
-        prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit, protect=folder)
-    run.accelerator.wait_for_everyone()
-    return folder
-
-
-def _ema_writer(run: _Run) -> Callable[[Path], None] | None:
-    """What writes the moving average into a checkpoint folder (main process), or None without one."""
-    if run.ema is None:
-        return None
-    from sdpo.train.ema import save_ema
-
-    return lambda folder: save_ema(run.ema, run.model, folder)
-
-
-def _final_model(run: _Run) -> nn.Module:
-    return unwrap(run.accelerator.unwrap_model(run.model))

@@ -1,0 +1,127 @@
+"""One optimizer step of a run and its non-finite guard.
+
+``optimizer_step`` runs the forward and backward of every micro-batch (gradient accumulation), clips,
+and updates, unless a loss or the gradient norm is NaN / inf on any process: then every process skips
+the update (``skip_reason``). ``account_for`` counts a skipped step, logs its pairs and timesteps to
+``bad_steps.jsonl``, and after ``max_bad_steps`` in a row checkpoints the last good weights and stops
+with ``TrainingDivergedError``. Both work on any objective that ``preference_step`` computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from sdpo.data.cache import collate_pairs
+from sdpo.errors import InputError
+from sdpo.train.augment import augment_batch
+from sdpo.train.checkpoint import NonFiniteWeightsError, latest_checkpoint, save_run
+from sdpo.train.log import warn
+from sdpo.train.metrics import BAD_STEPS_NAME
+from sdpo.train.run import StepOutcome, TrainingRun
+from sdpo.train.sharding import clip_gradients
+from sdpo.train.step import draw_for_pairs, preference_step
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["TrainingDivergedError", "account_for", "optimizer_step", "skip_reason"]
+
+
+class TrainingDivergedError(InputError):
+    """Too many consecutive non-finite steps; the last good weights are checkpointed."""
+
+
+def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
+    """Forward and backward every micro-batch of one step, then update, unless a loss or the gradient
+    norm is non-finite on any process: then the update is skipped (the guard)."""
+    config, accelerator = run.config, run.accelerator
+    metrics, rows_seen, timesteps_seen = [], [], []
+    finite, max_loss, grad_norm, skipped = True, 0.0, None, None
+    for micro in range(config.gradient_accumulation_steps):
+        micro_step = step * config.gradient_accumulation_steps + micro
+        rows, positions = run.order.indices(micro_step)
+        # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
+        batch = collate_pairs([run.dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
+        pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
+        batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
+        # The batch's own shape: a bucketed cache's batches differ in size from one micro-step to the next.
+        draws = draw_for_pairs(positions, micro_step, config.seed, tuple(batch.chosen.shape[1:]),
+                               run.spec.schedule.num_timesteps,
+                               config.t_min, config.t_max, config.method.estimator == "sampled")
+        with accelerator.accumulate(run.model), accelerator.autocast():
+            result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference, pair_weights)
+            loss = result.output.loss
+            finite = finite and bool(torch.isfinite(loss))
+            max_loss = max(max_loss, float(loss.detach()) if finite else math.inf)
+            accelerator.backward(loss)  # even a non-finite one: DDP's backward is collective
+            if accelerator.sync_gradients:
+                grad_norm = clip_gradients(accelerator, run.params, config.max_grad_norm)
+                skipped = skip_reason(accelerator, finite, grad_norm)
+                if skipped is None or accelerator.scaler is not None:  # fp16's scaler skips inf itself
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                if skipped is None and run.ema is not None:  # a skipped step left the weights alone
+                    run.ema.step(run.params)
+                run.optimizer.zero_grad(set_to_none=True)
+        metrics.append(({k: v.item() for k, v in result.output.metrics.items()}, result.timesteps,
+                        result.raw_weights))
+        rows_seen.append(rows)
+        timesteps_seen.append(draws.timesteps)
+    norm = math.nan if grad_norm is None else float(grad_norm)
+    return StepOutcome(metrics=metrics, grad_norm=norm, skipped=skipped, rows=torch.cat(rows_seen),
+                        timesteps=torch.cat(timesteps_seen), max_loss=max_loss)
+
+
+def skip_reason(accelerator: Accelerator, finite_loss: bool, grad_norm: Tensor | None) -> str | None:
+    """Why this step must not update (None: it may), agreed by every process."""
+    finite_norm = grad_norm is None or bool(torch.isfinite(grad_norm))  # None: DeepSpeed did not say
+    if accelerator.num_processes > 1:
+        flags = torch.tensor([float(not finite_loss), float(not finite_norm)], device=accelerator.device)
+        total = accelerator.reduce(flags, reduction="sum").cpu()
+        finite_loss, finite_norm = bool(total[0] == 0), bool(total[1] == 0)
+    if not finite_loss:
+        return "non-finite loss"
+    if not finite_norm:
+        return f"non-finite gradient norm ({float(grad_norm)})"
+    return None
+
+
+def account_for(run: TrainingRun, outcome: StepOutcome, done: int) -> None:
+    """Count a skipped step, log which pairs and timesteps it had, stop after too many in a row."""
+    if outcome.skipped is None:
+        run.consecutive_bad = 0
+        return
+    run.bad_steps += 1
+    run.consecutive_bad += 1
+    rows, timesteps = outcome.rows, outcome.timesteps
+    if run.accelerator.num_processes > 1:  # every process is here: they agreed to skip
+        rows = run.accelerator.gather(rows.to(run.accelerator.device)).cpu()
+        timesteps = run.accelerator.gather(timesteps.to(run.accelerator.device)).cpu()
+    if run.main:
+        record = {"step": done, "reason": outcome.skipped, "pairs": rows.tolist(), "timesteps": timesteps.tolist()}
+        with (run.output_dir / BAD_STEPS_NAME).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        warn(f"step {done} skipped ({outcome.skipped}; pairs {rows.tolist()[:8]} at timesteps "
+             f"{timesteps.tolist()[:8]}): no update, see {BAD_STEPS_NAME}", stacklevel=2)
+    if run.consecutive_bad >= run.config.max_bad_steps:
+        _stop_diverged(run, done)
+
+
+def _stop_diverged(run: TrainingRun, done: int) -> None:
+    """Save the last good weights (skipped steps never changed them) and end the run with one line."""
+    try:
+        where = save_run(run, done).name
+    except NonFiniteWeightsError:
+        latest = latest_checkpoint(run.output_dir)
+        where = latest.name if latest is not None else "no checkpoint"
+    run.accelerator.end_training()
+    raise TrainingDivergedError(
+        f"{run.consecutive_bad} consecutive steps up to step {done} had a non-finite loss or gradient "
+        f"(max_bad_steps={run.config.max_bad_steps}; pairs and timesteps in {run.output_dir / BAD_STEPS_NAME}); "
+        f"last good weights: {run.output_dir / where}. Lower learning_rate or method.beta, or use bf16 not fp16"
+    )
