@@ -8,6 +8,7 @@ from tiny_models import TINY_DIGITS, TINY_VIDEO
 
 from sdpo.cli import main
 from sdpo.demo import DemoConfig, run_demo
+from sdpo.folders import write_marker
 
 
 def _tiny(out, cache_root, **overrides):
@@ -69,6 +70,7 @@ def test_failed_demo_leaves_nothing_behind(tmp_path, monkeypatch):
     previous = tmp_path / "demo"
     previous.mkdir()
     (previous / "report.md").write_text("an earlier report")
+    write_marker(previous, "demo", {})  # an earlier demo's folder: the only kind demo --out may replace
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_demo(_tiny(previous, tmp_path / "models"))
     assert (previous / "report.md").read_text() == "an earlier report"  # the old output is untouched
