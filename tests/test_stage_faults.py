@@ -1,0 +1,305 @@
+"""What a stage does with a damaged file or a full disk (issue 19, "What must be shown").
+
+Readers: for any bytes, or any mutation of a valid file (a cut line, a flipped byte, a wrong type, a
+number that is not finite, a path out of its folder, a non-UTF-8 byte), every stage's reader returns a
+valid typed result or raises an SdpoError of one line naming the file: never another exception, never
+NaN or inf in what it returns. Hypothesis runs derandomized, so CI sees the same examples every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sdpo.data import read_pairs
+from sdpo.errors import SdpoError
+from sdpo.folders import MARKER, folder_kind, read_marker
+from sdpo.stages._io import CANDIDATES_FILE, read_records
+from sdpo.stages.generate import SETTINGS_FILE, generate_settings
+from sdpo.stages.online import OnlineConfig
+
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# -- what a reader may give back ------------------------------------------------------------------------
+
+
+def _finite(value: Any, where: str = "result") -> None:
+    """No NaN or inf anywhere in ``value`` (nested dicts, lists, dataclass-like objects' dicts)."""
+    if isinstance(value, float):
+        assert math.isfinite(value), f"{where} holds {value}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _finite(item, f"{where}[{index}]")
+
+
+def _one_line_naming(error: SdpoError, path: Path) -> str:
+    message = str(error)
+    assert "\n" not in message and message.strip(), repr(message)
+    assert str(path) in message, (message, path)
+    return message
+
+
+# -- strategies ------------------------------------------------------------------------------------------
+
+HUGE, LONG_INT = "__HUGE__", "__LONG_INT__"
+"""Placeholders a row may hold: written as the JSON numbers 1e999 (infinity once parsed) and a 5,000-digit
+integer (refused by Python's int parser), which json.dumps cannot write itself."""
+
+BAD_PATHS = ["/etc/passwd", "../outside.png", "media/../../outside.png", "", "a\x00b.png", "~/x.png",
+             "media/" + "x" * 300 + ".png"]
+
+json_ish = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12) | st.sampled_from(BAD_PATHS + [HUGE, LONG_INT]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+
+
+def _dumps(row: Any) -> str:
+    text = json.dumps(row, ensure_ascii=False)  # NaN / Infinity tokens where a float is not finite
+    return text.replace(f'"{HUGE}"', "1e999").replace(f'"{LONG_INT}"', "9" * 5000)
+
+
+@st.composite
+def mutated_rows(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
+    """``rows`` (a valid JSONL file's) with some fields replaced, dropped or added, then the bytes cut,
+    flipped or given a stray byte."""
+    rows = [dict(row) for row in rows]
+    for _ in range(draw(st.integers(0, 3))):
+        row = rows[draw(st.integers(0, len(rows) - 1))]
+        key = draw(st.sampled_from(sorted(row) + ["extra"]))
+        if draw(st.booleans()):
+            row[key] = draw(json_ish)
+        else:
+            row.pop(key, None)
+    lines = [_dumps(row) if draw(st.integers(0, 9)) else _dumps(draw(json_ish)) for row in rows]
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    for _ in range(draw(st.integers(0, 2))):
+        action = draw(st.sampled_from(["cut", "flip", "insert"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if action == "cut":
+            data = data[:at]
+        elif action == "flip" and data:
+            data = data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1:]
+        else:
+            data = data[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\n", b"{", b'"'])) + data[at:]
+    return data
+
+
+EDGE_VALUES = [math.nan, math.inf, -math.inf, HUGE, LONG_INT, 10**400, {"digits": 10**400}, True, None, "3", 3.5, -1, [], {},
+                          {"digits": math.nan}, {"digits": HUGE}, {"a\nb": 1}, "line\nbreak", *BAD_PATHS]
+"""Single values a reader must refuse or carry through unchanged."""
+EDGES = st.sampled_from(EDGE_VALUES)
+
+
+@st.composite
+def one_field(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
+    """The valid file of ``rows`` with one field of one row set to an edge value (or a new field)."""
+    rows = [dict(row) for row in rows]
+    row = rows[draw(st.integers(0, len(rows) - 1))]
+    row[draw(st.sampled_from(sorted(row) + ["extra"]))] = draw(EDGES)
+    return "".join(_dumps(row) + "\n" for row in rows).encode("utf-8")
+
+
+def every_edge(rows: list[dict[str, Any]]) -> list[bytes]:
+    """The valid file of ``rows`` with each field of its first row (and a new one) set to each edge value
+    in turn: every case, not a sample of them."""
+    files = []
+    for key in sorted(rows[0]) + ["extra"]:
+        for value in EDGE_VALUES:
+            changed = [{**rows[0], key: value}, *rows[1:]]
+            files.append("".join(_dumps(row) + "\n" for row in changed).encode("utf-8"))
+    return files
+
+
+def file_bytes(rows: list[dict[str, Any]]) -> st.SearchStrategy[bytes]:
+    """Arbitrary bytes, one edge value in the valid file made of ``rows``, or a rougher mutation of it."""
+    return st.binary(max_size=200) | one_field(rows) | mutated_rows(rows)
+
+
+# -- candidates.jsonl (score, pairs) ---------------------------------------------------------------------
+
+CANDIDATES = [{"prompt": f"a handwritten digit {n}", "prompt_index": n, "candidate_index": c, "seed": 3 + c,
+               "path": f"media/{n:06d}-{c:02d}.png", "scores": {"digits": 0.25 * c}, "total": 0.25 * c}
+              for n in range(2) for c in range(2)]
+
+
+@FUZZ
+@given(data=file_bytes(CANDIDATES))
+def test_candidates_reader_returns_checked_records_or_one_line(tmp_path_factory, data):
+    _check_candidates(tmp_path_factory.mktemp("candidates"), data)
+
+
+def _check_candidates(folder: Path, data: bytes) -> None:
+    path = folder / CANDIDATES_FILE
+    path.write_bytes(data)
+    try:
+        records = read_records(folder)
+    except SdpoError as error:
+        _one_line_naming(error, path)
+        return
+    assert records
+    for record in records:
+        assert isinstance(record["prompt"], str) and isinstance(record["path"], str)
+        assert type(record["prompt_index"]) is int and type(record["candidate_index"]) is int
+        assert (folder / record["path"]).resolve().is_relative_to(folder.resolve())
+        _finite(record)
+
+
+def test_candidates_reader_with_each_edge_value_in_each_field(tmp_path):
+    for data in every_edge(CANDIDATES):
+        _check_candidates(tmp_path, data)
+
+
+def test_the_valid_candidates_file_reads_as_written(tmp_path):
+    (tmp_path / CANDIDATES_FILE).write_text("".join(json.dumps(row) + "\n" for row in CANDIDATES))
+    assert read_records(tmp_path) == CANDIDATES
+
+
+# -- pairs.jsonl with scores and gaps (precompute, train) -------------------------------------------------
+
+PAIRS = [{"prompt": f"a handwritten digit {n}", "chosen": f"media/{n}-1.png", "rejected": f"media/{n}-0.png",
+          "chosen_score": 0.75, "rejected_score": 0.25, "gap": 0.5} for n in range(2)]
+
+
+@pytest.fixture(scope="module")
+def pairs_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose media files exist, so a valid manifest reads."""
+    folder = tmp_path_factory.mktemp("pairs")
+    (folder / "media").mkdir()
+    for n in range(2):
+        for c in range(2):
+            (folder / "media" / f"{n}-{c}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return folder
+
+
+def _check_pairs(folder: Path, data: bytes) -> None:
+    path = folder / "pairs.jsonl"
+    path.write_bytes(data)
+    for policy in ("fail", "skip"):
+        try:
+            pairs = read_pairs(path, on_bad_pair=policy)
+        except SdpoError as error:
+            problems = getattr(error, "problems", [])
+            if len(problems) > 1:  # one error lists every bad line: each one line naming file and line
+                assert all(problem.where == f"{path}:{problem.line}" for problem in problems)
+                assert all("\n" not in problem.reason for problem in problems)
+            else:
+                _one_line_naming(error, path)
+            continue
+        assert pairs
+        for pair in pairs:
+            assert isinstance(pair.prompt, str) and pair.prompt.strip()
+            assert isinstance(pair.chosen, Path) and pair.chosen.is_file() and pair.rejected.is_file()
+            assert pair.where.startswith(f"{path}:")
+            _finite(pair.metadata)
+
+
+@FUZZ
+@given(data=file_bytes(PAIRS))
+def test_pairs_reader_returns_usable_pairs_or_names_each_bad_line(pairs_folder, data):
+    _check_pairs(pairs_folder, data)
+
+
+def test_pairs_reader_with_each_edge_value_in_each_field(pairs_folder):
+    for data in every_edge(PAIRS):
+        _check_pairs(pairs_folder, data)
+
+
+# -- generate.json and the folder's marker (a generate rerun) ------------------------------------------
+
+SETTINGS = {"prompts": ["a handwritten digit 3"], "per_prompt": 2, "seed": 3, "batch_size": 4, "family": "toy",
+            "sampler": {"num_inference_steps": 2, "guidance_scale": 1.25}, "lora": None}
+
+
+MARKED = {"kind": "generate", "settings": SETTINGS}
+
+
+@FUZZ
+@given(settings_file=file_bytes([SETTINGS]), marker=file_bytes([MARKED]))
+def test_a_generate_rerun_reads_any_settings_file_and_marker(tmp_path_factory, settings_file, marker):
+    _check_generate_rerun(tmp_path_factory.mktemp("gen"), settings_file, marker)
+
+
+def test_a_generate_rerun_with_each_edge_value_in_its_settings(tmp_path):
+    for data in every_edge([SETTINGS]):
+        _check_generate_rerun(tmp_path, data, b"")  # legacy: generate.json alone
+        _check_generate_rerun(tmp_path, b"", b'{"kind": "generate", "settings": ' + data.strip() + b"}")
+
+
+def _check_generate_rerun(folder: Path, settings_file: bytes, marker: bytes) -> None:
+    (folder / "batches").mkdir(exist_ok=True)
+    (folder / "batches" / "batch-000000.safetensors").write_bytes(b"")  # a batch is there: settings bind
+    (folder / SETTINGS_FILE).write_bytes(settings_file)
+    (folder / MARKER).write_bytes(marker)
+    assert folder_kind(folder) in ("generate", *([read_marker(folder)["kind"]] if read_marker(folder) else []))
+    try:
+        generate_settings(folder, SETTINGS)
+    except SdpoError as error:
+        _one_line_naming(error, folder)
+
+
+# -- the online config (YAML) -----------------------------------------------------------------------------
+
+def _online(folder: Path) -> dict[str, Any]:
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a handwritten digit 3\n")
+    return {"family": "toy", "pretrained": str(folder / "base"), "prompts": str(prompts),
+            "eval_prompts": str(prompts), "reward": "digits", "out": str(folder / "online"), "rounds": 1,
+            "per_prompt": 2, "steps": 1, "guidance_scale": 1.25, "train": {"learning_rate": 1e-3, "lora_rank": 2},
+            "reward_options": {}}
+
+
+def _check_online(path: Path, data: bytes) -> None:
+    import yaml
+
+    try:
+        yaml_text = data.decode("utf-8")
+        if yaml_text.lstrip().startswith("{"):  # a JSON row: write it as YAML too, NaN as .nan
+            yaml_text = yaml.safe_dump(json.loads(yaml_text))
+        path.write_text(yaml_text, encoding="utf-8")
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError):
+        path.write_bytes(data)
+    try:
+        config = OnlineConfig.from_file(path)
+    except SdpoError as error:
+        _one_line_naming(error, path)
+        return
+    assert isinstance(config.rounds, int) and config.rounds >= 1 and isinstance(config.train, dict)
+    _finite(vars(config))
+
+
+@FUZZ
+@given(data=file_bytes([{}]) | one_field([{"x": 0}]))
+def test_online_config_reader_returns_a_checked_config_or_one_line(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("online")
+    valid = _online(folder)
+    if data.startswith(b"{") and data.rstrip().endswith(b"}"):
+        with contextlib.suppress(ValueError):  # the mutation applied to a valid config
+            data = _dumps({**valid, **json.loads(data)}).encode("utf-8")
+    _check_online(folder / "online.yaml", data)
+
+
+def test_online_config_with_each_edge_value_in_each_field(tmp_path):
+    valid = _online(tmp_path)
+    for data in every_edge([valid]):
+        _check_online(tmp_path / "online.yaml", data)
+    assert OnlineConfig.from_file(_write_yaml(tmp_path / "ok.yaml", valid)).train == valid["train"]
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
