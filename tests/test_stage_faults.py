@@ -11,15 +11,19 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sdpo.cli import main
 from sdpo.data import read_pairs
 from sdpo.errors import SdpoError
+from sdpo.files import disk_budget
 from sdpo.folders import MARKER, folder_kind, read_marker
 from sdpo.stages._io import CANDIDATES_FILE, read_records
 from sdpo.stages.generate import SETTINGS_FILE, generate_settings
@@ -303,3 +307,159 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
 
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+# == a full disk, midway through every stage ==============================================================
+# Each stage runs three times on the tiny digits world: once whole (its writes through sdpo.files
+# measured), once with half that space free (exit 2, one line naming the path, nothing torn or temporary
+# left), then the same command again with space: the result equals the whole run's.
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by relative path, with the folder's own path written as
+    ``<out>`` in text files (a run records its output_dir), safetensors by metadata and tensors (its
+    header's key order is not fixed from one run to the next) and a cache manifest without its time."""
+    import hashlib
+
+    def digest(path: Path) -> str:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                parts = [json.dumps(handle.metadata(), sort_keys=True).encode()]
+                parts += [key.encode() + handle.get_tensor(key).numpy().tobytes() for key in sorted(handle.keys())]
+            return hashlib.sha256(b"\0".join(parts)).hexdigest()
+        data = path.read_bytes()
+        if path.suffix in (".json", ".jsonl", ".md", ".txt"):
+            data = data.replace(str(folder).encode(), b"<out>")
+        if path.name == "manifest.json":  # a cache's: when it was made, and its shards' byte hashes
+            data = json.dumps(_without(json.loads(data), {"created", "sha256"}), sort_keys=True).encode()
+        return hashlib.sha256(data).hexdigest()
+
+    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _without(value: Any, keys: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {key: _without(item, keys) for key, item in value.items() if key not in keys}
+    return [_without(item, keys) for item in value] if isinstance(value, list) else value
+
+
+def _parses(path: Path) -> None:
+    """``path`` reads whole in its own format (nothing torn is left behind)."""
+    if path.suffix == ".json":
+        json.loads(path.read_text())
+    elif path.suffix == ".jsonl":
+        for line in path.read_text().splitlines():
+            json.loads(line)
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            for key in list(handle.keys()):
+                handle.get_tensor(key)
+    elif path.suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()
+
+
+def _stage(args: list[str]) -> int:
+    return main(["--quiet", *args])
+
+
+def _disk_full_then_again(capsys, command, ref: Path, cut: Path, named: str | None = None) -> None:
+    """``command(out)`` (the CLI arguments writing ``out``) run whole into ``ref``, then into ``cut`` on a
+    disk that fills halfway, then again into ``cut``: the files of ``cut`` then equal those of ``ref``."""
+    with disk_budget(1 << 40) as whole:
+        assert _stage(command(ref)) == 0
+    assert whole.spent > 0, "the stage writes nothing through sdpo.files"
+    capsys.readouterr()
+    with disk_budget(whole.spent // 2):
+        assert _stage(command(cut)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("sdpo: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "No space left" in lines[0] and (named or str(cut)) in lines[0], lines[0]
+    for path in cut.parent.rglob("*"):
+        assert ".tmp" not in path.name, f"left behind: {path}"
+        if path.is_file():
+            _parses(path)
+    assert _stage(command(cut)) == 0
+    assert _contents(cut) == _contents(ref)
+
+
+@pytest.fixture(scope="module")
+def stages(world, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A generate folder (unscored, scored, with pairs) and a trained run with checkpoints, made once."""
+    base, _ = world
+    root = tmp_path_factory.mktemp("faults")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a handwritten digit 3\na handwritten digit 7\n")
+    made = {"base": base, "prompts": prompts, "raw": root / "raw", "scored": root / "scored", "run": root / "run"}
+    assert _stage(_generate(made, made["raw"])) == 0
+    shutil.copytree(made["raw"], made["scored"])
+    assert _stage(["score", str(made["scored"]), "--reward", "digits"]) == 0
+    assert _stage(["pairs", str(made["scored"])]) == 0
+    config = root / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "family": "toy", "pretrained": str(base), "cache_dir": str(world[1]), "output_dir": str(made["run"]),
+        "lora_rank": 2, "learning_rate": 1e-3, "max_steps": 2, "train_batch_size": 2, "checkpoint_every": 1,
+        "report_to": "none"}))
+    assert _stage(["train", str(config)]) == 0
+    return made
+
+
+def _generate(made: dict[str, Path], out: Path) -> list[str]:
+    return ["generate", "--family", "toy", "--pretrained", str(made["base"]), "--prompts", str(made["prompts"]),
+            "--per-prompt", "2", "--steps", "2", "--seed", "3", "--batch-size", "2", "--out", str(out)]
+
+
+def _copied(made: dict[str, Path], name: str, tmp_path: Path):
+    """A command maker that first copies ``made[name]`` to the folder it is given (once)."""
+    def prepare(out: Path) -> Path:
+        if not out.exists():
+            shutil.copytree(made[name], out)
+        return out
+    return prepare
+
+
+def test_generate_on_a_full_disk(stages, tmp_path, capsys):
+    _disk_full_then_again(capsys, lambda out: _generate(stages, out), tmp_path / "ref" / "gen",
+                          tmp_path / "cut" / "gen")
+
+
+def test_score_on_a_full_disk(stages, tmp_path, capsys):
+    copy = _copied(stages, "raw", tmp_path)
+    _disk_full_then_again(capsys, lambda out: ["score", str(copy(out)), "--reward", "digits"],
+                          tmp_path / "ref" / "gen", tmp_path / "cut" / "gen")
+
+
+def test_pairs_on_a_full_disk(stages, tmp_path, capsys):
+    copy = _copied(stages, "scored", tmp_path)
+    _disk_full_then_again(capsys, lambda out: ["pairs", str(copy(out)), "--margin", "0.01"],
+                          tmp_path / "ref" / "gen", tmp_path / "cut" / "gen")
+
+
+def test_precompute_on_a_full_disk(stages, tmp_path, capsys):
+    def command(out: Path) -> list[str]:
+        return ["precompute", "--family", "toy", "--pretrained", str(stages["base"]), "--pairs",
+                str(stages["scored"] / "pairs.jsonl"), "--out", str(out)]
+    cut = tmp_path / "cut" / "cache"
+    _disk_full_then_again(capsys, command, tmp_path / "ref" / "cache", cut, named=f"{cut.parent}/.cache.tmp-")
+
+
+def test_evaluate_on_a_full_disk(stages, tmp_path, capsys):
+    def command(out: Path) -> list[str]:
+        return ["evaluate", "--family", "toy", "--pretrained", str(stages["base"]), "--prompts",
+                str(stages["prompts"]), "--run", f"tuned={stages['run']}", "--reward", "digits", "--steps", "2",
+                "--out", str(out)]
+    cut = tmp_path / "cut" / "eval"
+    _disk_full_then_again(capsys, command, tmp_path / "ref" / "eval", cut, named=f"{cut.parent}/.eval.tmp-")
+
+
+def test_export_on_a_full_disk(stages, tmp_path, capsys):
+    copy = _copied(stages, "run", tmp_path)
+    _disk_full_then_again(capsys, lambda out: ["export", str(copy(out))], tmp_path / "ref" / "run",
+                          tmp_path / "cut" / "run")

@@ -15,17 +15,31 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-_budget: list[int] = []
-"""Bytes left while a :func:`disk_budget` is active (innermost last)."""
+
+class DiskBudget:
+    """The space a :func:`disk_budget` block has left, and what its writes have used of it."""
+
+    def __init__(self, free_bytes: int) -> None:
+        self.free_bytes, self.left = free_bytes, free_bytes
+
+    @property
+    def spent(self) -> int:
+        """Bytes written through this module within the block (those that fit)."""
+        return self.free_bytes - self.left
+
+
+_budget: list[DiskBudget] = []
+"""The active :func:`disk_budget` blocks (innermost last)."""
 
 
 @contextlib.contextmanager
-def disk_budget(free_bytes: int) -> Iterator[None]:
+def disk_budget(free_bytes: int) -> Iterator[DiskBudget]:
     """Within the block, writes through this module fail with ENOSPC (naming their path) once more than
-    ``free_bytes`` would have been written: a full disk, for tests, without mounting one."""
-    _budget.append(free_bytes)
+    ``free_bytes`` would have been written: a full disk, for tests, without mounting one. With a large
+    budget, the yielded :class:`DiskBudget` measures what a stage writes (``spent``)."""
+    _budget.append(DiskBudget(free_bytes))
     try:
-        yield
+        yield _budget[-1]
     finally:
         _budget.pop()
 
@@ -33,10 +47,10 @@ def disk_budget(free_bytes: int) -> Iterator[None]:
 def _spend(path: Path, size: int) -> None:
     if not _budget:
         return
-    if size > _budget[-1]:
-        _budget[-1] = 0
+    if size > _budget[-1].left:
+        _budget[-1].left = 0
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    _budget[-1] -= size
+    _budget[-1].left -= size
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
