@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from sdpo.cli import main
 from sdpo.data import read_pairs
 from sdpo.errors import SdpoError
-from sdpo.files import disk_budget
+from sdpo.files import atomic_output, disk_budget, write_atomic
 from sdpo.folders import MARKER, folder_kind, read_marker
 from sdpo.stages._io import CANDIDATES_FILE, read_records
 from sdpo.stages.generate import SETTINGS_FILE, generate_settings
@@ -336,7 +336,8 @@ def _contents(folder: Path) -> dict[str, str]:
             data = json.dumps(_without(json.loads(data), {"created", "sha256"}), sort_keys=True).encode()
         return hashlib.sha256(data).hexdigest()
 
-    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".verified.json"}  # a cache's memo of its shards' file stats
 
 
 def _without(value: Any, keys: set[str]) -> Any:
@@ -363,6 +364,16 @@ def _parses(path: Path) -> None:
 
         with Image.open(path) as image:
             image.load()
+
+
+def test_atomic_writes_make_files_as_open_does(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    write_atomic(tmp_path / "atomic.txt", "x")
+    with atomic_output(tmp_path / "output.txt") as temporary:
+        temporary.write_text("x")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes["atomic.txt"] == modes["output.txt"] == modes["plain.txt"], modes  # not 0o600
 
 
 def _stage(args: list[str]) -> int:
@@ -463,3 +474,16 @@ def test_export_on_a_full_disk(stages, tmp_path, capsys):
     copy = _copied(stages, "run", tmp_path)
     _disk_full_then_again(capsys, lambda out: ["export", str(copy(out))], tmp_path / "ref" / "run",
                           tmp_path / "cut" / "run")
+
+
+def test_online_on_a_full_disk(stages, tmp_path, capsys):
+    def command(out: Path) -> list[str]:
+        config = out.parent / "online.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump({
+            "family": "toy", "pretrained": str(stages["base"]), "prompts": str(stages["prompts"]),
+            "eval_prompts": str(stages["prompts"]), "reward": "digits", "out": str(out), "rounds": 1,
+            "per_prompt": 2, "steps": 1, "num_inference_steps": 2, "evaluate_rounds": False,
+            "train": {"train_batch_size": 2, "lora_rank": 2, "learning_rate": 1e-3, "report_to": "none"}}))
+        return ["online", str(config)]
+    _disk_full_then_again(capsys, command, tmp_path / "ref" / "online", tmp_path / "cut" / "online")

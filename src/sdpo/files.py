@@ -61,6 +61,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, _plain_mode())
         with os.fdopen(descriptor, "wb") as handle:
             _spend(path, len(raw))
             handle.write(raw)
@@ -84,6 +85,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(descriptor)
     temporary = Path(name)
     try:
+        os.chmod(temporary, _plain_mode())
         yield temporary
         _spend(path, temporary.stat().st_size)
         os.replace(temporary, path)
@@ -91,6 +93,14 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _plain_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file (0o666 less the umask): a temporary file is made
+    private (0o600), which would leave every output unreadable to the user's group."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
