@@ -254,6 +254,49 @@ def _check_generate_rerun(folder: Path, settings_file: bytes, marker: bytes) -> 
         _one_line_naming(error, folder)
 
 
+@pytest.fixture(scope="module")
+def batch_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The bytes of a valid generate batch file: pixels, and the candidates' records in its metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("batch") / "batch.safetensors"
+    save_file({"pixels": torch.zeros(2, 1, 4, 4)}, str(path), metadata={"records": json.dumps(CANDIDATES[:2])})
+    return path.read_bytes()
+
+
+@st.composite
+def damaged_batch(draw: st.DrawFn, valid: bytes) -> bytes:
+    """A batch file cut short, with a flipped byte, or with other records in its metadata."""
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(valid) - 1))
+        return valid[:at] if draw(st.booleans()) else valid[:at] + bytes([valid[at] ^ draw(st.integers(1, 255))]) \
+            + valid[at + 1:]
+    import torch
+    from safetensors.torch import save
+
+    records = draw(file_bytes(CANDIDATES[:2])).decode("utf-8", "replace").replace("\n", ",")
+    return save({"pixels": torch.zeros(1)}, metadata={"records": f"[{records.rstrip(',')}]"})
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_generate_rerun_reads_any_batch_file(tmp_path_factory, batch_file, data):
+    from sdpo.stages.generate import collect_records
+
+    folder = tmp_path_factory.mktemp("gen")
+    (folder / "batches").mkdir()
+    path = folder / "batches" / "batch-000000.safetensors"
+    path.write_bytes(data.draw(damaged_batch(batch_file)))
+    try:
+        records = collect_records(folder, 1)
+    except SdpoError as error:
+        _one_line_naming(error, path)
+        return
+    assert isinstance(records, list) and all(isinstance(record, dict) for record in records)
+    _finite(records)
+
+
 # -- the online config (YAML) -----------------------------------------------------------------------------
 
 def _online(folder: Path) -> dict[str, Any]:
