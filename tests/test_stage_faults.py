@@ -423,7 +423,7 @@ def _stage(args: list[str]) -> int:
     return main(["--quiet", *args])
 
 
-def _disk_full_then_again(capsys, command, ref: Path, cut: Path, named: str | None = None) -> None:
+def _disk_full_then_again(capsys, command, ref: Path, cut: Path) -> None:
     """``command(out)`` (the CLI arguments writing ``out``) run whole into ``ref``, then into ``cut`` on a
     disk that fills halfway, then again into ``cut``: the files of ``cut`` then equal those of ``ref``."""
     with disk_budget(1 << 40) as whole:
@@ -435,7 +435,7 @@ def _disk_full_then_again(capsys, command, ref: Path, cut: Path, named: str | No
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("sdpo: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert "No space left" in lines[0] and (named or str(cut)) in lines[0], lines[0]
+    assert "No space left" in lines[0] and f" {cut}" in lines[0] and ".tmp" not in lines[0], lines[0]
     for path in cut.parent.rglob("*"):
         assert ".tmp" not in path.name, f"left behind: {path}"
         if path.is_file():
@@ -500,8 +500,7 @@ def test_precompute_on_a_full_disk(stages, tmp_path, capsys):
     def command(out: Path) -> list[str]:
         return ["precompute", "--family", "toy", "--pretrained", str(stages["base"]), "--pairs",
                 str(stages["scored"] / "pairs.jsonl"), "--out", str(out)]
-    cut = tmp_path / "cut" / "cache"
-    _disk_full_then_again(capsys, command, tmp_path / "ref" / "cache", cut, named=f"{cut.parent}/.cache.tmp-")
+    _disk_full_then_again(capsys, command, tmp_path / "ref" / "cache", tmp_path / "cut" / "cache")
 
 
 def test_evaluate_on_a_full_disk(stages, tmp_path, capsys):
@@ -509,8 +508,7 @@ def test_evaluate_on_a_full_disk(stages, tmp_path, capsys):
         return ["evaluate", "--family", "toy", "--pretrained", str(stages["base"]), "--prompts",
                 str(stages["prompts"]), "--run", f"tuned={stages['run']}", "--reward", "digits", "--steps", "2",
                 "--out", str(out)]
-    cut = tmp_path / "cut" / "eval"
-    _disk_full_then_again(capsys, command, tmp_path / "ref" / "eval", cut, named=f"{cut.parent}/.eval.tmp-")
+    _disk_full_then_again(capsys, command, tmp_path / "ref" / "eval", tmp_path / "cut" / "eval")
 
 
 def test_export_on_a_full_disk(stages, tmp_path, capsys):

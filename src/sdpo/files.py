@@ -95,6 +95,17 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def named_for(error: OSError, staging: str | os.PathLike[str], final: str | os.PathLike[str]) -> OSError:
+    """``error`` with a path inside the ``staging`` folder named as the file it was to become in
+    ``final``: a stage that writes into a temporary folder reports (say) a full disk at the path the
+    user asked for, not at a temporary one that is gone by the time the message is read."""
+    staging, final = Path(staging), Path(final)
+    name = error.filename
+    if name is None or not Path(name).is_relative_to(staging):
+        return error
+    return OSError(error.errno, error.strerror, str(final / Path(name).relative_to(staging)))
+
+
 def _plain_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file (0o666 less the umask): a temporary file is made
     private (0o600), which would leave every output unreadable to the user's group."""

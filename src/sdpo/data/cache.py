@@ -64,7 +64,7 @@ from sdpo.data.pairs import (
     media_kind,
 )
 from sdpo.errors import InputError
-from sdpo.files import atomic_output, fsync_dir, write_atomic
+from sdpo.files import atomic_output, fsync_dir, named_for, write_atomic
 from sdpo.folders import check_replaceable
 from sdpo.models.base import MediaFormat
 
@@ -217,6 +217,9 @@ def precompute(
         manifest = _manifest(spec, writer, pairs, extra, with_std, buckets)
         write_atomic(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
         _swap_into_place(staging, out_dir, overwrite)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise named_for(error, staging, out_dir) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
