@@ -15,17 +15,31 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-_budget: list[int] = []
-"""Bytes left while a :func:`disk_budget` is active (innermost last)."""
+
+class DiskBudget:
+    """The space a :func:`disk_budget` block has left, and what its writes have used of it."""
+
+    def __init__(self, free_bytes: int) -> None:
+        self.free_bytes, self.left = free_bytes, free_bytes
+
+    @property
+    def spent(self) -> int:
+        """Bytes written through this module within the block (those that fit)."""
+        return self.free_bytes - self.left
+
+
+_budget: list[DiskBudget] = []
+"""The active :func:`disk_budget` blocks (innermost last)."""
 
 
 @contextlib.contextmanager
-def disk_budget(free_bytes: int) -> Iterator[None]:
+def disk_budget(free_bytes: int) -> Iterator[DiskBudget]:
     """Within the block, writes through this module fail with ENOSPC (naming their path) once more than
-    ``free_bytes`` would have been written: a full disk, for tests, without mounting one."""
-    _budget.append(free_bytes)
+    ``free_bytes`` would have been written: a full disk, for tests, without mounting one. With a large
+    budget, the yielded :class:`DiskBudget` measures what a stage writes (``spent``)."""
+    _budget.append(DiskBudget(free_bytes))
     try:
-        yield
+        yield _budget[-1]
     finally:
         _budget.pop()
 
@@ -33,10 +47,10 @@ def disk_budget(free_bytes: int) -> Iterator[None]:
 def _spend(path: Path, size: int) -> None:
     if not _budget:
         return
-    if size > _budget[-1]:
-        _budget[-1] = 0
+    if size > _budget[-1].left:
+        _budget[-1].left = 0
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    _budget[-1] -= size
+    _budget[-1].left -= size
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
@@ -47,6 +61,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, _plain_mode())
         with os.fdopen(descriptor, "wb") as handle:
             _spend(path, len(raw))
             handle.write(raw)
@@ -70,6 +85,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(descriptor)
     temporary = Path(name)
     try:
+        os.chmod(temporary, _plain_mode())
         yield temporary
         _spend(path, temporary.stat().st_size)
         os.replace(temporary, path)
@@ -77,6 +93,25 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def named_for(error: OSError, staging: str | os.PathLike[str], final: str | os.PathLike[str]) -> OSError:
+    """``error`` with a path inside the ``staging`` folder named as the file it was to become in
+    ``final``: a stage that writes into a temporary folder reports (say) a full disk at the path the
+    user asked for, not at a temporary one that is gone by the time the message is read."""
+    staging, final = Path(staging), Path(final)
+    name = error.filename
+    if name is None or not Path(name).is_relative_to(staging):
+        return error
+    return OSError(error.errno, error.strerror, str(final / Path(name).relative_to(staging)))
+
+
+def _plain_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file (0o666 less the umask): a temporary file is made
+    private (0o600), which would leave every output unreadable to the user's group."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:

@@ -227,7 +227,8 @@ def first_difference(field: str, old: Any, new: Any) -> tuple[str, str, str] | N
     """(dotted field, old value, new value) of the first place where ``old`` and ``new`` differ, or None."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
-            found = first_difference(f"{field}.{key}", old.get(key, _ABSENT), new.get(key, _ABSENT))
+            name = key if isinstance(key, str) and key.isprintable() else json.dumps(key)  # one line
+            found = first_difference(f"{field}.{name}", old.get(key, _ABSENT), new.get(key, _ABSENT))
             if found is not None:
                 return found
         return None

@@ -64,7 +64,7 @@ from sdpo.data.pairs import (
     media_kind,
 )
 from sdpo.errors import InputError
-from sdpo.files import fsync_dir, write_atomic
+from sdpo.files import atomic_output, fsync_dir, named_for, write_atomic
 from sdpo.folders import check_replaceable
 from sdpo.models.base import MediaFormat
 
@@ -215,8 +215,11 @@ def precompute(
         if not writer.shards:
             raise BadPairsError(pairs.problems, "no pair could be encoded")
         manifest = _manifest(spec, writer, pairs, extra, with_std, buckets)
-        _write_synced(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_atomic(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
         _swap_into_place(staging, out_dir, overwrite)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise named_for(error, staging, out_dir) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -544,11 +547,11 @@ class _ShardWriter:
 
         name = f"shard-{len(self.shards):05d}.safetensors"
         path = self.folder / name
-        save_file(
-            tensors, str(path), metadata={"format": CACHE_FORMAT, "version": str(CACHE_VERSION), "num_pairs": str(count)}
-        )
-        with path.open("rb+") as handle:
-            os.fsync(handle.fileno())
+        with atomic_output(path) as temporary:  # a full disk leaves no torn shard (sdpo.files)
+            save_file(tensors, str(temporary),
+                      metadata={"format": CACHE_FORMAT, "version": str(CACHE_VERSION), "num_pairs": str(count)})
+            with temporary.open("rb+") as handle:
+                os.fsync(handle.fileno())
         self.shards.append({"file": name, "num_pairs": count, "bytes": path.stat().st_size, "sha256": _sha256(path)})
         if self.bucket is not None:
             self.shards[-1]["bucket"] = self.bucket
@@ -1013,13 +1016,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _pretrained_of(spec: Any) -> str | None:

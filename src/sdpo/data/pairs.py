@@ -296,6 +296,7 @@ class _LineProblem(Exception):
     """One manifest line that cannot be used (internal: becomes a PairProblem)."""
 
     def __init__(self, kind: str, reason: str) -> None:
+        reason = reason.replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a line break: one line
         super().__init__(reason)
         self.kind, self.reason = kind, reason
 

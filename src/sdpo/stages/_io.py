@@ -40,10 +40,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is valid JSON, but parses to infinity
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def parse_json_line(where: str, line: str) -> Any:
-    """One JSON value, strictly (NaN and Infinity are not JSON): a torn or invalid line names ``where``."""
+    """One JSON value, strictly (NaN and Infinity are not JSON, and a number too large for a float is
+    refused rather than read as infinity): a torn or invalid line names ``where``."""
     try:
-        return json.loads(line, parse_constant=_no_constant)
+        return json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as error:
         raise InputError(f"{where}: invalid JSON ({error.msg} at column {error.colno}): is the line cut short?") from None
     except (ValueError, RecursionError) as error:
@@ -60,6 +68,16 @@ def read_json_file(path: str | os.PathLike[str], what: str = "file") -> dict[str
     return data
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A number (not a bool) that is a finite float: an integer of 400 digits is none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _check_record(where: str, record: Any, folder: Path, root: Path | None) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object per line")
@@ -69,13 +87,13 @@ def _check_record(where: str, record: Any, folder: Path, root: Path | None) -> d
             raise InputError(f"{where}: {key!r} must be {'a string' if kind is str else 'an integer'}, "
                              f"got {value!r:.80}")
     total = record.get("total")
-    if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total)):
+    if total is not None and not _is_finite_number(total):
         raise InputError(f"{where}: 'total' must be a finite number (or absent), got {total!r:.80}")
     scores = record.get("scores", {})
     if not isinstance(scores, dict):
         raise InputError(f"{where}: 'scores' must be an object of reward -> number, got {scores!r:.80}")
     for name, value in scores.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _is_finite_number(value):
             raise InputError(f"{where}: score {name!r} must be a finite number, got {value!r:.80}")
     for key in _MEDIA_KEYS:
         if record.get(key) is not None:

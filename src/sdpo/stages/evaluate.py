@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sdpo.errors import InputError
 from sdpo.evaluate import Comparison, compare
-from sdpo.files import atomic_output, write_atomic
+from sdpo.files import atomic_output, named_for, write_atomic
 from sdpo.models.base import unwrap
 from sdpo.models.lora_check import load_lora_checked
 from sdpo.rewards.base import Reward
@@ -218,6 +218,9 @@ def _write_outputs(result: EvaluationResult, samples: dict[str, Tensor], noise: 
         _write_files(out, result, samples, noise, prompts, seed, sampler, runs)
         write_marker(out, "evaluation", settings)
         _swap(out, final)
+    except OSError as error:
+        shutil.rmtree(out, ignore_errors=True)
+        raise named_for(error, out, final) from None
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

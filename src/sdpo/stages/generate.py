@@ -37,7 +37,7 @@ from sdpo.errors import FolderError, InputError
 from sdpo.files import atomic_output, write_atomic
 from sdpo.models._common import derive_seed
 from sdpo.models.lora_check import load_lora_checked
-from sdpo.stages._io import CANDIDATES_FILE, write_records
+from sdpo.stages._io import CANDIDATES_FILE, parse_json_line, write_records
 
 FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"
 """Test hook: raise after this many batches were written by this process (simulates a killed run)."""
@@ -284,8 +284,24 @@ def collect_records(out: Path, expected: int | None = None) -> list[dict[str, An
         raise FolderError(f"{out}: {len(files)} of {expected} batches are finished; run generate again")
     records = []
     for file in files:
+        records.extend(_batch_records(file))
+    return records
+
+
+def _batch_records(file: Path) -> list[dict[str, Any]]:
+    """The records a batch file carries in its metadata; a damaged file is one line naming it."""
+    from safetensors import SafetensorError
+
+    try:
         with safe_open(str(file), "pt") as handle:
-            records.extend(json.loads(handle.metadata()["records"]))
+            text = (handle.metadata() or {}).get("records")
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{file}: not a readable batch file ({' '.join(str(error).split())[:120]}); move it "
+                         "away and run generate again to remake it") from None
+    records = parse_json_line(str(file), text) if isinstance(text, str) else None
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise InputError(f"{file}: its metadata holds no candidate records; move it away and run generate "
+                         "again to remake it")
     return records
 
 

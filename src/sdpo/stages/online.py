@@ -14,12 +14,13 @@ so far or of its own round only.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdpo.errors import ConfigError, InputError, MissingFileError
+from sdpo.errors import ConfigError, InputError, MissingFileError, SdpoError
 from sdpo.files import write_atomic
 
 DONE = ".done"
@@ -93,24 +94,49 @@ class OnlineConfig:
             raise InputError(f"per_prompt must be at least 2 (a pair needs two candidates), got {self.per_prompt!r}")
         for name in ("prompts", "eval_prompts") + (("train_config",) if self.train_config else ()):
             if not Path(getattr(self, name)).is_file():
-                raise MissingFileError(f"{name}: no such file {getattr(self, name)}")
+                raise MissingFileError(f"{name}: no such file {_shown(getattr(self, name))}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> OnlineConfig:
-        """The config of a YAML file; unknown keys are one clear error."""
+        """The config of a YAML file; an unknown, missing or bad field is one line naming the file."""
         import dataclasses
 
         from sdpo.train.config import read_config_file
 
         data = read_config_file(path)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        names = [key for key in data if not isinstance(key, str)]
+        if names:
+            raise ConfigError(f"{path}: field names must be strings, got {names[0]!r:.40}")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown:
             raise InputError(f"{path}: unknown online config field(s) {', '.join(unknown)}")
+        missing = [f.name for f in fields if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{path}: missing online config field(s) {', '.join(missing)}")
+        _check_finite_values(path, data)
         try:
             return cls(**data)
-        except ConfigError as error:  # name the file the bad value came from
-            raise ConfigError(f"{path}: {str(error).removeprefix('online config: ')}") from None
+        except SdpoError as error:  # name the file the bad value came from
+            raise type(error)(f"{path}: {str(error).removeprefix('online config: ')}") from None
+
+
+def _shown(path: str) -> str:
+    """A path for a one-line message: as typed, or quoted when it holds a line break or another control."""
+    return path if path.isprintable() else repr(path)
+
+
+def _check_finite_values(path: str | Path, value: Any, field: str = "") -> None:
+    """No NaN or inf anywhere in the config, nested ``train`` and ``reward_options`` mappings included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: {field} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite_values(path, item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite_values(path, item, f"{field}[{index}]")
 
 
 def _train_config(config: OnlineConfig, cache_dir: Path, output_dir: Path, previous: Path | None = None) -> Any:

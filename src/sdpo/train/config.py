@@ -257,6 +257,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise InputError(f"config file {path} is not valid YAML: {_one_line(error)}") from error
     except RecursionError as error:
         raise InputError(f"config file {path} is nested too deeply") from error
+    except ValueError as error:  # e.g. an integer of more than 4,300 digits
+        raise InputError(f"config file {path} holds a value that cannot be read: {_one_line(error)[:120]}") from error
     if not isinstance(data, dict):
         raise InputError(f"config file {path} must hold a mapping of settings, got {_show(data)}")
     return data

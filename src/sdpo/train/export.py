@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sdpo.errors import FolderError, InputError
-from sdpo.files import fsync_dir
+from sdpo.files import fsync_dir, write_atomic
 from sdpo.train.checkpoint import (
     CHECKPOINT_PREFIX,
     STATE_NAME,
@@ -86,10 +86,10 @@ def _write_export(run: TrainingRun, state_dict: dict[str, Tensor], staging: Path
     save(staging, final, state_dict)
     if run.ema is not None:  # the moving average, in the same format, in its own folder
         save(staging / EMA_FOLDER, final, averaged_state_dict(run.ema, final, state_dict))
-    (staging / "train_config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
+    write_atomic(staging / "train_config.json", json.dumps(run.config.to_dict(), indent=2))
     info = {**_run_info(run.accelerator), "final_step": run.config.max_steps, "bad_steps": run.bad_steps,
             "config_changes": run.config_changes}
-    (staging / "run_info.json").write_text(json.dumps(info, indent=2))
+    write_atomic(staging / "run_info.json", json.dumps(info, indent=2))
     export_card(staging, run.config, run.spec.media_kind, run.output_dir)
     _move_into_place(staging, run.output_dir)
 
