@@ -34,7 +34,8 @@ from sdpo.data import (
     verify_cache,
     write_pairs_jsonl,
 )
-from sdpo.data import cache as cache_module
+from sdpo.data.cache import file_sha256
+from sdpo.data.cache import verify as cache_verify
 from sdpo.models.base import MediaFormat
 
 IMAGE_FORMAT = MediaFormat(channels=3, height=8, width=8)
@@ -115,7 +116,7 @@ def rewrite_shard(cache: Path, name: str, change) -> None:
     manifest = json.loads((cache / "manifest.json").read_text())
     for shard in manifest["shards"]:
         if shard["file"] == name:
-            shard["bytes"], shard["sha256"] = path.stat().st_size, cache_module._sha256(path)
+            shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
     (cache / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -143,8 +144,8 @@ def test_precompute_refuses_non_finite_encoder_output(tmp_path):
 
 def test_a_verified_shard_is_not_hashed_again_until_it_changes(small_cache, monkeypatch):
     hashed = []
-    real = cache_module._sha256
-    monkeypatch.setattr(cache_module, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    real = cache_verify.file_sha256
+    monkeypatch.setattr(cache_verify, "file_sha256", lambda path: hashed.append(path.name) or real(path))
     CachedPairs(small_cache)
     assert sorted(hashed) == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
     assert (small_cache / ".verified.json").is_file()
@@ -164,8 +165,8 @@ def test_a_verified_shard_is_not_hashed_again_until_it_changes(small_cache, monk
 def test_processes_opening_one_cache_at_once_hash_it_once(small_cache, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    real = cache_module._sha256
-    monkeypatch.setattr(cache_module, "_sha256", lambda path: time.sleep(0.05) or real(path))
+    real = cache_verify.file_sha256
+    monkeypatch.setattr(cache_verify, "file_sha256", lambda path: time.sleep(0.05) or real(path))
     with ThreadPoolExecutor(2) as pool:  # flock excludes separate opens within one process as between processes
         counts = list(pool.map(lambda _: verify_cache(small_cache), range(2)))
     assert sorted(counts) == [0, 3]

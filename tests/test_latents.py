@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from sdpo.cli import main
 from sdpo.data import CachedPairs, PreferencePair, load_media, precompute, read_pairs, write_pairs_jsonl
 from sdpo.data.batch import Pair, PairBatch
+from sdpo.data.cache import file_sha256
 from sdpo.models import tiny
 from sdpo.models.base import MediaFormat
 from sdpo.models.registry import load_spec
@@ -123,9 +124,8 @@ def _old_cache(cache: Path, out: Path) -> Path:
         from safetensors.torch import save_file
 
         save_file(tensors, str(out / shard["file"]))
-        from sdpo.data.cache import _sha256
 
-        shard.update(bytes=(out / shard["file"]).stat().st_size, sha256=_sha256(out / shard["file"]))
+        shard.update(bytes=(out / shard["file"]).stat().st_size, sha256=file_sha256(out / shard["file"]))
     manifest["tensors"] = {k: v for k, v in manifest["tensors"].items() if not k.endswith("_std")}
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / ".verified.json").unlink(missing_ok=True)

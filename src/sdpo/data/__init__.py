@@ -1,33 +1,35 @@
-"""Preference-pair data: reading and writing pair sets, loading media, and the precompute cache."""
+"""Preference-pair data: reading and writing pair sets, loading media, and the precompute cache.
 
+Modules: ``pairs`` (pair sets: JSONL, Pick-a-Pic parquet), ``decode`` (media to pixel tensors),
+``checks`` (a pair set's media checked before encoding), ``buckets`` (aspect-ratio buckets),
+``batch`` (Pair, PairBatch), ``cache`` (the precompute cache package).
+"""
+
+from sdpo.data.buckets import bucket_for, check_buckets, format_buckets, parse_bucket
 from sdpo.data.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
     CachedPairs,
     CacheError,
     CacheExistsError,
+    Manifest,
     MediaEncoder,
     check_cache_matches,
     check_out_dir,
     collate_pairs,
+    load_manifest,
     precompute,
     read_manifest,
     verify_cache,
 )
-from sdpo.data.media import (
-    bucket_for,
-    check_buckets,
-    check_media,
-    check_pairs,
+from sdpo.data.checks import check_media, check_pairs, read_checked_pairs
+from sdpo.data.decode import (
     count_video_frames,
-    format_buckets,
     image_to_tensor,
     load_image,
     load_media,
     load_video,
     media_size,
-    parse_bucket,
-    read_checked_pairs,
     resize_center_crop,
     sample_frame_indices,
 )
@@ -60,6 +62,7 @@ __all__ = [
     "CacheError",
     "CacheExistsError",
     "CachedPairs",
+    "Manifest",
     "MediaEncoder",
     "MediaRef",
     "MissingMediaError",
@@ -81,6 +84,7 @@ __all__ = [
     "frame_files",
     "image_to_tensor",
     "load_image",
+    "load_manifest",
     "load_media",
     "load_video",
     "media_kind",

@@ -1,5 +1,7 @@
 """Code shared by the diffusers-backed specs (SD, SDXL, CogVideoX, Wan).
 
+``derive_seed`` lives in :mod:`sdpo.seeding`; it is imported here for the modules that still look for it here.
+
 Nothing here imports diffusers or transformers at module level, so importing a spec module (and the
 registry) stays cheap; the heavy libraries are imported when a model is actually loaded.
 """
@@ -7,7 +9,6 @@ registry) stays cheap; the heavy libraries are imported when a model is actually
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import inspect
 import json
@@ -30,6 +31,7 @@ from sdpo.models.base import (
     unwrap,
 )
 from sdpo.schedules import NoiseSchedule
+from sdpo.seeding import derive_seed
 
 
 def load_component(
@@ -83,15 +85,6 @@ def diffusers_dtype_keyword() -> str:
 def _version(text: str) -> tuple[int, int]:
     major, minor = (text.split(".") + ["0"])[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed determined by ``parts`` alone (e.g. (run seed, prompt, candidate)).
-
-    Hashed rather than added, so (seed 0, sample 1) and (seed 1, sample 0) do not share noise.
-    """
-    text = ",".join(str(int(part)) for part in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
 def load_scheduler(folder: str, subfolder: str = "scheduler") -> Any:

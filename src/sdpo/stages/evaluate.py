@@ -128,7 +128,7 @@ def evaluate(
     ``overwrite``, which replaces it whole once the new one is written; another stage's folder is
     always refused. ``reward_options`` (reward name -> its factory's options) are recorded with the settings.
     """
-    from sdpo.models._common import derive_seed
+    from sdpo.seeding import derive_seed
 
     sampler = sampler or SamplerSettings()
     settings = evaluation_settings(prompts, runs, [reward.name for reward in rewards], seed, sampler,

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from sdpo.errors import FolderError, InputError
 from sdpo.files import atomic_output, write_atomic
-from sdpo.models._common import derive_seed
 from sdpo.models.lora_check import load_lora_checked
+from sdpo.seeding import derive_seed
 from sdpo.stages._io import CANDIDATES_FILE, parse_json_line, write_records
 
 FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"

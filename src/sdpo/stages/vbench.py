@@ -24,7 +24,7 @@ from typing import Any
 
 from sdpo.errors import InputError
 from sdpo.files import write_atomic
-from sdpo.models._common import derive_seed
+from sdpo.seeding import derive_seed
 from sdpo.stages.generate import SamplerSettings, collect_records, generate, load_pixels, write_media
 
 WORK_DIR = ".sdpo-vbench"

@@ -266,7 +266,7 @@ class ToySpec:
     def initial_latents(self, count: int, seed: int) -> Tensor:
         """float32 CPU noise (count, *latent_shape()); sample i is drawn from its own generator seeded
         ``derive_seed(seed, i)``, so batching and process count never change it."""
-        from sdpo.models._common import derive_seed
+        from sdpo.seeding import derive_seed
 
         shape = self.latent_shape()
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, i)))

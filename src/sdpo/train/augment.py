@@ -20,8 +20,8 @@ from torch import Tensor
 
 from sdpo.data.batch import PairBatch
 from sdpo.errors import InputError
+from sdpo.seeding import mix_seed
 from sdpo.train.config import FLIPS, LATENT_SAMPLING
-from sdpo.train.step import _mix
 
 __all__ = ["FLIPS", "LATENT_SAMPLING", "augment_batch", "flip_coins", "has_latent_std", "keyed_generator",
            "posterior_noise", "samples_latents"]
@@ -33,8 +33,8 @@ _FLIP_STREAM = 2
 def keyed_generator(seed: int, step: int, index: int, stream: int) -> torch.Generator:
     """A CPU generator determined by (seed, step, global index) and a stream number (>= 1), so that each
     kind of draw is independent of the others and of draw_for_pairs, which seeds with
-    ``_mix(seed, step, index)`` itself."""
-    return torch.Generator().manual_seed(_mix(_mix(seed, step, index), stream, 0))
+    ``mix_seed(seed, step, index)`` itself."""
+    return torch.Generator().manual_seed(mix_seed(mix_seed(seed, step, index), stream, 0))
 
 
 def samples_latents(setting: str, dataset: Any) -> bool:

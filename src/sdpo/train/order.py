@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from sdpo.errors import InputError
+from sdpo.seeding import epoch_seed
 from sdpo.train.config import TrainConfig
 from sdpo.train.log import warn
 
@@ -58,7 +59,7 @@ class GlobalBatchOrder:
         """(dataset indices of this process's pairs, their positions in the global batch)."""
         epoch, position = divmod(micro_step, self.batches_per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._epoch, self._order = epoch, self._by_bucket(torch.randperm(self.num_pairs, generator=generator))
         start = position * self.global_batch + self.rank * self.per_process
         rows = torch.arange(start, start + self.per_process)

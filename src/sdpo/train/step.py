@@ -15,6 +15,7 @@ from sdpo.errors import InputError
 from sdpo.importance import log_importance_weight, log_relative_weight
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.objectives import MethodConfig, PreferenceOutput, preference_loss, safeguard_scale
+from sdpo.seeding import mix_seed
 
 
 @dataclass
@@ -62,7 +63,7 @@ def draw_for_pairs(
     t_max = num_timesteps - 1 if t_max is None else t_max
     timesteps, noises, weight_noises = [], [], []
     for index in global_indices.tolist():
-        generator = torch.Generator().manual_seed(_mix(seed, step, index))
+        generator = torch.Generator().manual_seed(mix_seed(seed, step, index))
         timesteps.append(torch.randint(t_min, t_max + 1, (1,), generator=generator))
         noises.append(torch.randn(latent_shape, generator=generator))
         if with_weight_noise:
@@ -72,14 +73,6 @@ def draw_for_pairs(
         noise=torch.stack(noises),
         weight_noise=torch.stack(weight_noises) if with_weight_noise else None,
     )
-
-
-def _mix(seed: int, step: int, index: int) -> int:
-    """A 63-bit seed from three integers (splitmix-style), so nearby (step, index) do not collide."""
-    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
-    value ^= value >> 31
-    value = (value * 0xD6E8FEB86659FD93) & (2**64 - 1)
-    return value & (2**63 - 1)
 
 
 @contextlib.contextmanager

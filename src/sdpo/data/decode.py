@@ -14,8 +14,6 @@ import math
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,21 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from sdpo.data.pairs import (
-    SKIP_HINT,
-    BadPairsError,
-    MediaRef,
-    OnBadPair,
-    PairList,
-    PairProblem,
-    ParquetImage,
-    PreferencePair,
-    check_policy,
-    frame_files,
-    media_kind,
-    raise_problems,
-    read_pairs,
-)
+from sdpo.data.pairs import MediaRef, ParquetImage, frame_files, media_kind
 from sdpo.errors import InputError, MissingFileError
 from sdpo.models.base import MediaFormat
 
@@ -82,7 +66,7 @@ def image_to_tensor(image: Image.Image, channels: int = 3) -> Tensor:
 def open_image(ref: MediaRef) -> Image.Image:
     """Open an image file, a Pick-a-Pic parquet cell or encoded bytes, applying EXIF orientation."""
     if isinstance(ref, ParquetImage):
-        source: Any = io.BytesIO(_parquet_bytes(ref))
+        source: Any = io.BytesIO(parquet_bytes(ref))
     elif isinstance(ref, (bytes, bytearray)):
         source = io.BytesIO(ref)
     else:
@@ -94,7 +78,7 @@ def open_image(ref: MediaRef) -> Image.Image:
         image.load()
         image = ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for a broken file
-        raise InputError(f"cannot read image {_describe(ref)}: {_one_line(error)}") from None
+        raise InputError(f"cannot read image {describe_ref(ref)}: {one_line_reason(error)}") from None
     if image.mode.startswith("I;16") or image.mode == "I":
         # Pillow's 16/32-bit to 8-bit conversion clips instead of scaling: 16-bit PNGs would turn white.
         array = np.asarray(image, dtype=np.float64)
@@ -146,7 +130,7 @@ def load_video(
     ``ref`` is a video file (mp4, webm, gif; read with imageio) or a folder of frame images.
     """
     if media_format.frames is None:
-        raise InputError(f"{_describe(ref)} is a video but the model takes images (media_format.frames is None)")
+        raise InputError(f"{describe_ref(ref)} is a video but the model takes images (media_format.frames is None)")
     height, width = size or (media_format.height, media_format.width)
     channels = media_format.channels
     path = Path(ref)
@@ -164,15 +148,15 @@ def load_video(
     try:
         total = _count_frames(path)
     except Exception as error:  # noqa: BLE001 - imageio/ffmpeg raise OSError, RuntimeError, ...
-        raise InputError(f"cannot read video {path}: {_one_line(error)}") from None
-    indices = _video_indices(path, total, media_format.frames, pad_frames)
+        raise InputError(f"cannot read video {path}: {one_line_reason(error)}") from None
+    indices = video_indices(path, total, media_format.frames, pad_frames)
     decoded, seen = _decode_frames(path, set(indices), height, width, channels)
     if len(decoded) < len(set(indices)):
         # The counted and the decoded frame counts disagree (a damaged stream): sample again from
         # the frames that really decode rather than return a clip with holes.
         if seen == 0:
             raise InputError(f"cannot decode video {path}: no frames")
-        indices = _video_indices(path, seen, media_format.frames, pad_frames)
+        indices = video_indices(path, seen, media_format.frames, pad_frames)
         decoded, _ = _decode_frames(path, set(indices), height, width, channels)
     return torch.stack([decoded[i] for i in indices])
 
@@ -192,7 +176,8 @@ def _count_frames(path: Path) -> int:
     return int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
 
 
-def _video_indices(path: Path, total: int, frames: int, pad_frames: bool) -> list[int]:
+def video_indices(path: Path, total: int, frames: int, pad_frames: bool) -> list[int]:
+    """:func:`sample_frame_indices` for the clip at ``path``, its error naming the clip."""
     try:
         return sample_frame_indices(total, frames, pad_frames=pad_frames)
     except ValueError as error:
@@ -215,7 +200,7 @@ def _decode_frames(
                 if len(decoded) == len(wanted):
                     break  # closing the iterator stops ffmpeg without decoding the rest
     except Exception as error:  # noqa: BLE001
-        raise InputError(f"cannot decode video {path}: {_one_line(error)}") from None
+        raise InputError(f"cannot decode video {path}: {one_line_reason(error)}") from None
     return decoded, seen
 
 
@@ -229,10 +214,10 @@ def load_media(
     kind = media_kind(ref)
     if media_format.frames is None:
         if kind != "image":
-            raise InputError(f"{_describe(ref)} is a video but the model takes images")
+            raise InputError(f"{describe_ref(ref)} is a video but the model takes images")
         return load_image(ref, media_format, size=size)
     if kind != "video":
-        raise InputError(f"{_describe(ref)} is an image but the model takes {media_format.frames}-frame clips")
+        raise InputError(f"{describe_ref(ref)} is an image but the model takes {media_format.frames}-frame clips")
     return load_video(ref, media_format, size=size, pad_frames=pad_frames)
 
 
@@ -241,7 +226,7 @@ def media_size(ref: MediaRef) -> tuple[int, int]:
     if media_kind(ref) == "image":
         # Image.open reads the header only; the pixels are decoded on load().
         if isinstance(ref, ParquetImage):
-            source: Any = io.BytesIO(_parquet_bytes(ref))
+            source: Any = io.BytesIO(parquet_bytes(ref))
         elif isinstance(ref, (bytes, bytearray)):
             source = io.BytesIO(ref)
         else:
@@ -265,149 +250,6 @@ def media_size(ref: MediaRef) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------- checks
 
 
-def check_media(ref: MediaRef, frames: int | None = None, *, pad_frames: bool = False) -> None:
-    """Raise ValueError (FileNotFoundError for a missing file), one line, when ``ref`` cannot be read.
-
-    Cheap, so a whole data set can be checked before hours of encoding: an image's header is read
-    and its data checked (PNG: every chunk's checksum, without inflating; JPEG: decoded at 1/8 scale;
-    other formats: decoded); a video file is demuxed without decoding to count its frames (one
-    ffmpeg run, ~20 ms); a frame folder's sampled frames are checked as images. ``frames`` (a video
-    model's clip length) also checks that a clip is long enough, unless ``pad_frames``.
-    """
-    if media_kind(ref) == "image":
-        _check_image(ref)
-        return
-    path = Path(ref)
-    if path.is_dir():
-        files = frame_files(path)
-        indices = _video_indices(path, len(files), frames, pad_frames) if frames else [0, len(files) - 1]
-        for index in sorted(set(indices)):
-            _check_image(files[index])
-        return
-    if not path.is_file():
-        raise MissingFileError(f"video not found: {path}")
-    total = count_video_frames(path)
-    if frames:
-        _video_indices(path, total, frames, pad_frames)
-
-
-def check_pairs(
-    pairs: Iterable[PreferencePair],
-    media_format: MediaFormat,
-    *,
-    pad_frames: bool = False,
-    on_bad_pair: OnBadPair = "fail",
-    num_workers: int = 4,
-    model: str = "the model",
-    progress: bool = False,
-    fail_on_skipped: bool = False,
-) -> PairList:
-    """Check every pair's media before any encoding: the right kind for ``media_format``, decodable
-    (see :func:`check_media`) and, for clips, long enough.
-
-    All pairs are checked before anything is raised. ``on_bad_pair="fail"``: raise BadPairsError
-    listing every bad pair (file and line); ``"skip"``: return the good ones, with each skipped pair
-    and why added to ``problems`` (a PairList's own problems, such as ties, are kept). ``model``
-    names the model in messages. ``num_workers`` threads check files in parallel; ``progress`` shows a bar.
-    ``fail_on_skipped``: the "fail" policy also refuses the bad lines a reader skipped (listed with the rest).
-    """
-    from tqdm.auto import tqdm
-
-    check_policy(on_bad_pair)
-    pairs = pairs if isinstance(pairs, PairList) else PairList(pairs)
-
-    def one(item: tuple[int, PreferencePair]) -> PairProblem | None:
-        return _pair_problem(*item, media_format, pad_frames, model)
-
-    with tqdm(total=len(pairs), desc="check media", unit="pair", disable=not progress) as bar:
-        if num_workers > 0 and len(pairs) > 1:
-            with ThreadPoolExecutor(max_workers=num_workers) as pool:
-                results = [bar.update(1) or found for found in pool.map(one, enumerate(pairs))]
-        else:
-            results = [bar.update(1) or one(item) for item in enumerate(pairs)]
-    problems = [problem for problem in results if problem is not None]
-    if on_bad_pair == "fail":
-        # Bad lines a reader skipped (read_checked_pairs) are reported with these, all in one error.
-        everything = sorted([*(p for p in pairs.problems if p.bad and fail_on_skipped), *problems],
-                            key=lambda p: (p.source or "", p.line if p.line is not None else -1))  # fmt: skip
-        hint = SKIP_HINT
-        if any(problem.kind == "too few frames" for problem in problems):
-            hint += "; --pad-frames repeats a short clip's last frame"
-        raise_problems(everything, hint)
-    checked = PairList([pair for pair, problem in zip(pairs, results, strict=True) if problem is None],
-                       skipped=pairs.skipped,
-                       problems=pairs.problems)  # fmt: skip
-    for problem in problems:
-        checked.skip(problem)
-    if not checked:
-        raise BadPairsError(problems, "no usable pair is left")
-    return checked
-
-
-def read_checked_pairs(
-    source: str | os.PathLike[str],
-    media_format: MediaFormat,
-    *,
-    on_bad_pair: OnBadPair = "fail",
-    pad_frames: bool = False,
-    skip_ties: bool = True,
-    skip_empty_prompts: bool = False,
-    num_workers: int = 4,
-    model: str = "the model",
-    progress: bool = False,
-) -> PairList:
-    """:func:`read_pairs` then :func:`check_pairs`, reporting the bad lines of the source and the
-    undecodable media of the rest together: one error lists every problem (``on_bad_pair="fail"``)."""
-    check_policy(on_bad_pair)
-    try:
-        pairs = read_pairs(source, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts, on_bad_pair="skip")
-    except ValueError:
-        if on_bad_pair == "fail":  # nothing usable: the failing read lists every bad line, if there are any
-            read_pairs(source, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts, on_bad_pair="fail")
-        raise
-    return check_pairs(pairs, media_format, pad_frames=pad_frames, on_bad_pair=on_bad_pair,
-                       num_workers=num_workers, model=model, progress=progress, fail_on_skipped=True)  # fmt: skip
-
-
-def _pair_problem(
-    number: int, pair: PreferencePair, media_format: MediaFormat, pad_frames: bool, model: str
-) -> PairProblem | None:
-    wanted = "image" if media_format.frames is None else "video"
-    line = pair.line if pair.source is not None else number  # a pair made in code is named by its position
-    for side in ("chosen", "rejected"):
-        ref = getattr(pair, side)
-        try:
-            kind = media_kind(ref)
-            if kind != wanted:
-                return PairProblem(pair.source, line, "wrong media", f"{side} is {kind} but {model} takes {wanted}s")
-            check_media(ref, media_format.frames, pad_frames=pad_frames)
-        except FileNotFoundError as error:
-            return PairProblem(pair.source, line, "missing file", f"{side}: {error}")
-        except (OSError, ValueError) as error:
-            kind = "too few frames" if "frames are needed" in str(error) else "unreadable media"
-            return PairProblem(pair.source, line, kind, f"{side}: {error}")
-    return None
-
-
-def _check_image(ref: MediaRef) -> None:
-    if isinstance(ref, (Path, str)) and not Path(ref).is_file():
-        raise MissingFileError(f"image not found: {ref}")
-    try:
-        source: Any = io.BytesIO(_parquet_bytes(ref)) if isinstance(ref, ParquetImage) else (
-            io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else Path(ref))  # fmt: skip
-        with Image.open(source) as image:
-            if image.format == "PNG":
-                image.verify()
-            else:
-                if image.format == "JPEG":
-                    image.draft("RGB", (1, 1))  # let libjpeg decode at its smallest scale
-                image.load()
-    except ValueError:
-        raise
-    except Exception as error:  # noqa: BLE001 - Pillow raises many types for a broken file
-        raise InputError(f"cannot read image {_describe(ref)}: {_one_line(error)}") from None
-
-
 def count_video_frames(path: str | os.PathLike[str]) -> int:
     """The frames of a video file, counted without decoding (ffmpeg demuxes its packets; GIFs are read).
 
@@ -420,7 +262,7 @@ def count_video_frames(path: str | os.PathLike[str]) -> int:
         try:
             return int(iio.improps(path).shape[0])
         except Exception as error:  # noqa: BLE001
-            raise InputError(f"cannot read video {path}: {_one_line(error)}") from None
+            raise InputError(f"cannot read video {path}: {one_line_reason(error)}") from None
     import imageio_ffmpeg
 
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
@@ -448,82 +290,12 @@ def ffmpeg_reason(text: str) -> str:
     return "ffmpeg could not read it"
 
 
-def _one_line(error: BaseException) -> str:
+def one_line_reason(error: BaseException) -> str:
+    """An exception's message on one line (ffmpeg's banner stripped), for a user-facing error."""
     text = str(error)
     if "ffmpeg" in text.lower():
         return ffmpeg_reason(text)  # imageio puts ffmpeg's whole banner in its messages
     return " ".join(text.split())[:300] or type(error).__name__
-
-
-# --------------------------------------------------------------------------------------------- buckets
-
-
-def format_buckets(media_format: MediaFormat) -> list[tuple[int, int]]:
-    """The default bucket list for a model: its own resolution only."""
-    return [(media_format.height, media_format.width)]
-
-
-_BUCKET = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-
-
-def parse_bucket(text: str) -> tuple[int, int]:
-    """``(height, width)`` of a bucket written ``HEIGHTxWIDTH`` ("448x576": 448 high, 576 wide)."""
-    found = _BUCKET.match(str(text))
-    if found is None:
-        raise InputError(f"bucket {text!r} is not HEIGHTxWIDTH in pixels (such as 448x576)")
-    return int(found.group(1)), int(found.group(2))
-
-
-def check_buckets(buckets: Sequence[tuple[int, int]], multiple: int | None = None) -> list[tuple[int, int]]:
-    """The buckets as ``(height, width)`` int pairs; ValueError naming the first bad one.
-
-    Each side must be a positive integer and, when ``multiple`` is given (the model's spatial factor:
-    its VAE's downsampling times the denoiser's patch size), a multiple of it, so every bucket's
-    latents have whole-numbered sides; a bucket may not appear twice, and the list may not be empty.
-    """
-    if not buckets:
-        raise InputError("buckets must list at least one HEIGHTxWIDTH size")
-    checked: list[tuple[int, int]] = []
-    for bucket in buckets:
-        if isinstance(bucket, str):
-            bucket = parse_bucket(bucket)
-        if len(bucket) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) for side in bucket):
-            raise InputError(f"bucket {bucket!r} must be two integers (height, width)")
-        height, width = bucket
-        name = f"{height}x{width}"
-        if height <= 0 or width <= 0:
-            raise InputError(f"bucket {name}: height and width must be positive")
-        if multiple and (height % multiple or width % multiple):
-            raise InputError(f"bucket {name}: height and width must be multiples of {multiple} (the model's "
-                             f"spatial factor)")
-        if (height, width) in checked:
-            raise InputError(f"bucket {name} is listed twice")
-        checked.append((height, width))
-    return checked
-
-
-def bucket_for(size: tuple[int, int], buckets: Sequence[tuple[int, int]] | MediaFormat) -> tuple[int, int]:
-    """The bucket ``(height, width)`` whose aspect ratio is closest to ``size`` = ``(height, width)``.
-
-    Ratios are compared in log space, so 2:1 and 1:2 are equally far from 1:1; on a tie the earlier
-    bucket wins. ``buckets`` may be a MediaFormat, meaning its single resolution.
-    """
-    if isinstance(buckets, MediaFormat):
-        buckets = format_buckets(buckets)
-    if not buckets:
-        raise InputError("no buckets to choose from")
-    height, width = size
-    if height <= 0 or width <= 0:
-        raise InputError(f"size must be positive, got {height}x{width}")
-    target = math.log(height / width)
-    best = None
-    for bucket in buckets:
-        if bucket[0] <= 0 or bucket[1] <= 0:
-            raise InputError(f"bucket sizes must be positive, got {bucket[0]}x{bucket[1]}")
-        distance = abs(math.log(bucket[0] / bucket[1]) - target)
-        if best is None or distance < best[0]:
-            best = (distance, (int(bucket[0]), int(bucket[1])))
-    return best[1]
 
 
 # --------------------------------------------------------------------------------------------- parquet
@@ -538,7 +310,8 @@ def _parquet_column(path: Path, modified_ns: int, row_group: int, column: str) -
     return pq.ParquetFile(path).read_row_group(row_group, columns=[column]).column(0)
 
 
-def _parquet_bytes(ref: ParquetImage) -> bytes:
+def parquet_bytes(ref: ParquetImage) -> bytes:
+    """The encoded image bytes a Pick-a-Pic parquet cell holds; ValueError, one line, when there are none."""
     try:
         # The modification time is part of the key so a rewritten file is never served from the cache.
         modified = ref.path.stat().st_mtime_ns
@@ -552,7 +325,8 @@ def _parquet_bytes(ref: ParquetImage) -> bytes:
     return bytes(value)
 
 
-def _describe(ref: MediaRef) -> str:
+def describe_ref(ref: MediaRef) -> str:
+    """How a message names a media reference (raw bytes by their length)."""
     if isinstance(ref, (bytes, bytearray)):
         return f"<{len(ref)} image bytes>"
     return str(ref)
