@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from stand_ins import WORDS, build_tiny_clip, build_tiny_qwen2vl, save_image_processor, save_tokenizer
 
 from sdpo.rewards import as_reward, known_rewards, load_reward
-from sdpo.rewards._loading import ClipPreprocess, RewardWeightsNotFoundError, pooled
 from sdpo.rewards.combine import CombinedReward, combine_scores, zscore_by_group
 from sdpo.rewards.hps import clip_from_openclip, map_openclip_state_dict
+from sdpo.rewards.loading import ClipPreprocess, RewardWeightsNotFoundError, pooled
 from sdpo.rewards.video import FramesReward, frame_indices
 
 transformers = pytest.importorskip("transformers")

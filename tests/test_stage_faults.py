@@ -25,9 +25,9 @@ from sdpo.data import read_pairs
 from sdpo.errors import SdpoError
 from sdpo.files import atomic_output, disk_budget, write_atomic
 from sdpo.folders import MARKER, folder_kind, read_marker
-from sdpo.stages._io import read_records
 from sdpo.stages.generate import CANDIDATES_FILE, SETTINGS_FILE, generate_settings
 from sdpo.stages.online import OnlineConfig
+from sdpo.stages.records import read_records
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -177,8 +177,8 @@ def test_a_rerun_with_other_settings_is_refused(models: dict[str, Path], prompts
 
 
 def test_pairs_can_point_at_lossless_frame_folders(tmp_path: Path) -> None:
-    from sdpo.stages._io import write_records
     from sdpo.stages.pairs import build_pairs
+    from sdpo.stages.records import write_records
 
     records = [{"prompt": "a", "prompt_index": 0, "candidate_index": k, "path": f"media/p00000-c{k:03d}.mp4",
                 "frames": f"media/p00000-c{k:03d}", "total": float(k)} for k in range(3)]

@@ -14,7 +14,7 @@ from sdpo.cli_helpers import DTYPES
 def _weights(args: argparse.Namespace) -> None:
     from sdpo.analysis.analyze import analyze_weights
     from sdpo.cli_helpers import load_spec_from, media_format_from
-    from sdpo.stages._io import read_prompts
+    from sdpo.stages.records import read_prompts
 
     prompts = read_prompts(args.prompts) if args.prompts else None
     result = analyze_weights(load_spec_from(args, media_format_from(args)), args.out, cache=args.cache,

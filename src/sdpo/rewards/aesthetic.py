@@ -10,11 +10,13 @@ Linear(64, 16), Linear(16, 1). The prompt is ignored.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from sdpo.rewards._loading import (
+from sdpo.rewards.clip import CLIP_SCORE_MODEL
+from sdpo.rewards.loading import (
     ClipPreprocess,
     check_images,
     in_batches,
@@ -23,7 +25,9 @@ from sdpo.rewards._loading import (
     parse_dtype,
     pooled,
 )
-from sdpo.rewards.clip import CLIP_SCORE_MODEL
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel
 
 HEAD_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
             "sac%2Blogos%2Bava1-l14-linearMSE.pth")
@@ -50,7 +54,7 @@ class AestheticReward:
     name = "aesthetic"
     media = "image"
 
-    def __init__(self, clip: nn.Module, head: AestheticHead, preprocess: ClipPreprocess, *, device: str = "cpu",
+    def __init__(self, clip: CLIPModel, head: AestheticHead, preprocess: ClipPreprocess, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 16) -> None:
         self.clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
         # The head is tiny: it stays float32 so bf16 only touches the CLIP tower.

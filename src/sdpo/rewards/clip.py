@@ -14,12 +14,12 @@ ops on the [-1, 1] media, read from the processor folder's ``preprocessor_config
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sdpo.rewards._loading import (
+from sdpo.rewards.loading import (
     ClipPreprocess,
     check_images,
     in_batches,
@@ -29,6 +29,9 @@ from sdpo.rewards._loading import (
     parse_dtype,
     pooled,
 )
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, PreTrainedTokenizerBase
 
 ScoreKind = Literal["logit", "clip-score", "cosine"]
 
@@ -42,7 +45,7 @@ class ClipReward:
 
     media = "image"
 
-    def __init__(self, name: str, model: nn.Module, tokenizer: object, preprocess: ClipPreprocess, *,
+    def __init__(self, name: str, model: CLIPModel, tokenizer: PreTrainedTokenizerBase, preprocess: ClipPreprocess, *,
                  kind: ScoreKind, scale: float = 1.0, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  batch_size: int = 16) -> None:
         self.name, self.kind, self.scale = name, kind, float(scale)
@@ -84,7 +87,8 @@ class ClipReward:
 
 
 def load_clip_parts(reward: str, model: str | os.PathLike[str], processor: str | os.PathLike[str] | None,
-                    *, model_hub: str, processor_hub: str) -> tuple[nn.Module, object, ClipPreprocess]:
+                    *, model_hub: str, processor_hub: str) -> tuple[CLIPModel, PreTrainedTokenizerBase,
+                                                                    ClipPreprocess]:
     """A transformers CLIPModel, its tokenizer and preprocessing, each from a local folder or the cache."""
     from transformers import CLIPModel
 

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from sdpo.errors import InputError, MissingFileError
-from sdpo.rewards._loading import ClipPreprocess, load_tokenizer, locate, parse_dtype
 from sdpo.rewards.clip import PICKSCORE_PROCESSOR, ClipReward
+from sdpo.rewards.loading import ClipPreprocess, load_tokenizer, locate, parse_dtype
 
 HPS_HUB = "xswu/HPSv2"
 HPS_FILE = "HPS_v2.1_compressed.pt"

@@ -84,4 +84,4 @@ def as_reward(value: Reward | Callable[[Tensor, list[str]], Tensor], name: str |
         return value
     if not callable(value):
         raise InputError(f"a reward must have a score(media, prompts) method or be callable, got {type(value).__name__}")
-    return CallableReward(value, name or getattr(value, "__name__", "reward"), media)
+    return CallableReward(value, name or str(getattr(value, "__name__", "reward")), media)

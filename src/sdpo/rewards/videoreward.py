@@ -26,13 +26,14 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
-from sdpo.rewards._loading import (
+from sdpo.rewards.loading import (
     RewardWeightsNotFoundError,
     in_batches,
     load_tokenizer,
@@ -41,6 +42,9 @@ from sdpo.rewards._loading import (
     parse_dtype,
 )
 from sdpo.rewards.video import frame_indices
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 VIDEOREWARD_HUB = "KwaiVGI/VideoReward"
 BASE_HUB = "Qwen/Qwen2-VL-2B-Instruct"
@@ -115,7 +119,7 @@ class VideoReward:
     name = "videoreward"
     media = "video"
 
-    def __init__(self, model: nn.Module, head: nn.Linear, tokenizer: object, *, frames: int = 8,
+    def __init__(self, model: PreTrainedModel, head: nn.Linear, tokenizer: PreTrainedTokenizerBase, *, frames: int = 8,
                  max_pixels: int = 200704, min_pixels: int = 3136, mean: tuple[float, ...] = CLIP_MEAN,
                  std: tuple[float, ...] = CLIP_STD, norm: dict[str, tuple[float, float]] | None = None,
                  template: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -135,7 +139,8 @@ class VideoReward:
     def prepare_frames(self, clip: Tensor) -> Tensor:
         """One clip (F, 3, H, W) in [-1, 1] -> chosen, resized, normalised frames (T, 3, h, w)."""
         x = (clip[frame_indices(len(clip), self.frames)].float().clamp(-1, 1) + 1) / 2
-        size = fit_size(*x.shape[-2:], self.patch * self.merge, self.max_pixels, self.min_pixels)
+        height, width = x.shape[-2:]
+        size = fit_size(height, width, self.patch * self.merge, self.max_pixels, self.min_pixels)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)

@@ -40,8 +40,8 @@ def _sampler(args: argparse.Namespace) -> Any:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from sdpo.stages._io import read_prompts
     from sdpo.stages.generate import generate
+    from sdpo.stages.records import read_prompts
 
     if not args.out and not args.vbench:
         raise InputError("generate needs --out (or --vbench DIR)")
@@ -145,8 +145,8 @@ def _pairs(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from sdpo.stages._io import read_prompts
     from sdpo.stages.evaluate import evaluate
+    from sdpo.stages.records import read_prompts
 
     _check_model_flags(args, args.out, args.per_prompt)
     runs = {}

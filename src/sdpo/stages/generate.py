@@ -37,7 +37,7 @@ from sdpo.errors import FolderError, InputError
 from sdpo.files import atomic_output, write_atomic
 from sdpo.models.lora_check import load_lora_checked
 from sdpo.seeding import derive_seed
-from sdpo.stages._io import CANDIDATES_FILE, parse_json_line, write_records
+from sdpo.stages.records import CANDIDATES_FILE, parse_json_line, write_records
 
 FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"
 """Test hook: raise after this many batches were written by this process (simulates a killed run)."""

@@ -255,7 +255,7 @@ def run_online(config: OnlineConfig, restart: bool = False) -> list[Path]:
     only round 0's candidates when what they depend on (GENERATE_FIELDS) is unchanged (they are scored again).
     """
     from sdpo.rewards.registry import load_reward
-    from sdpo.stages._io import read_prompts
+    from sdpo.stages.records import read_prompts
 
     out = Path(config.out)
     checked = _train_config(config, out / "cache", out / "run")  # every training setting, before any work

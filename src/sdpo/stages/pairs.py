@@ -18,8 +18,8 @@ from typing import Any
 from sdpo.data.pairs import PreferencePair, write_pairs_jsonl
 from sdpo.errors import InputError
 from sdpo.folders import check_owned_file
-from sdpo.stages._io import read_records
 from sdpo.stages.checks import check_finite
+from sdpo.stages.records import read_records
 
 STRATEGIES = ("best-worst", "margin")
 

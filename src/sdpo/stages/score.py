@@ -18,9 +18,9 @@ import torch
 from sdpo.errors import FolderError, InputError
 from sdpo.rewards.base import Reward
 from sdpo.rewards.combine import combine_scores
-from sdpo.stages._io import read_records, write_records
 from sdpo.stages.checks import check_finite, check_positive
 from sdpo.stages.generate import load_pixels
+from sdpo.stages.records import read_records, write_records
 
 SAVE_EVERY_S = 10.0
 """Seconds between rewrites of candidates.jsonl while scoring: rewriting it after every batch would

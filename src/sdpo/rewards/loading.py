@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from torch import Tensor
 
 from sdpo.errors import InputError
 from sdpo.models.base import ModelNotFoundError, resolve_pretrained
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 EXTRA_HINT = 'pip install -e ".[rewards]"'
 """The optional extra every learned reward needs (named in every missing-weights message)."""
@@ -125,12 +129,13 @@ class ClipPreprocess:
         path = Path(folder) / "preprocessor_config.json"
         if not path.is_file():
             return cls()
-        config = json.loads(path.read_text())
-        size = config.get("size", 224)
-        size = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else size
+        config: dict[str, Any] = json.loads(path.read_text())
+        size_field = config.get("size", 224)
+        size: Any = (size_field.get("shortest_edge", size_field.get("height", 224)) if isinstance(size_field, dict)
+                else size_field)
         crop = config.get("crop_size", size)
-        crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
-        return cls(int(size), (int(crop[0]), int(crop[1])), tuple(config.get("image_mean", cls.mean)),
+        crop_size = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        return cls(int(size), (int(crop_size[0]), int(crop_size[1])), tuple(config.get("image_mean", cls.mean)),
                    tuple(config.get("image_std", cls.std)))
 
     def __call__(self, media: Tensor) -> Tensor:
@@ -157,7 +162,7 @@ def pooled(output: object) -> Tensor:
     return output.pooler_output  # type: ignore[attr-defined]
 
 
-def load_tokenizer(folder: Path, reward: str):  # noqa: ANN201 - a transformers tokenizer
+def load_tokenizer(folder: Path, reward: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved in ``folder`` (any transformers tokenizer class), or one clear line."""
     from transformers import AutoTokenizer
 
