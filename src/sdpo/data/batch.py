@@ -72,7 +72,7 @@ class PairBatch:
             chosen=torch.stack([item.chosen for item in items]),
             rejected=torch.stack([item.rejected for item in items]),
             conditions={key: torch.stack([item.conditions[key] for item in items]) for key in items[0].conditions},
-            gaps=torch.stack([item.gap.double().reshape(()) for item in items]) if with_gaps else None,
+            gaps=torch.stack([item.gap.double().reshape(()) for item in items if item.gap is not None]) if with_gaps else None,
             chosen_std=torch.stack([item.chosen_std for item in items]) if with_std[0] else None,  # type: ignore[misc]
             rejected_std=torch.stack([item.rejected_std for item in items]) if with_std[0] else None,  # type: ignore[misc]
         )

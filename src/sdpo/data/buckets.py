@@ -26,7 +26,7 @@ def parse_bucket(text: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def check_buckets(buckets: Sequence[tuple[int, int]], multiple: int | None = None) -> list[tuple[int, int]]:
+def check_buckets(buckets: Sequence[tuple[int, int] | str], multiple: int | None = None) -> list[tuple[int, int]]:
     """The buckets as ``(height, width)`` int pairs; ValueError naming the first bad one.
 
     Each side must be a positive integer and, when ``multiple`` is given (the model's spatial factor:
@@ -68,11 +68,12 @@ def bucket_for(size: tuple[int, int], buckets: Sequence[tuple[int, int]] | Media
     if height <= 0 or width <= 0:
         raise InputError(f"size must be positive, got {height}x{width}")
     target = math.log(height / width)
-    best = None
+    best: tuple[float, tuple[int, int]] | None = None
     for bucket in buckets:
         if bucket[0] <= 0 or bucket[1] <= 0:
             raise InputError(f"bucket sizes must be positive, got {bucket[0]}x{bucket[1]}")
         distance = abs(math.log(bucket[0] / bucket[1]) - target)
         if best is None or distance < best[0]:
             best = (distance, (int(bucket[0]), int(bucket[1])))
+    assert best is not None  # buckets is non-empty here
     return best[1]

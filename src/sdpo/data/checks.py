@@ -26,6 +26,7 @@ from sdpo.data.pairs import (
     ParquetImage,
     PreferencePair,
     check_policy,
+    file_path,
     frame_files,
     media_kind,
     raise_problems,
@@ -47,7 +48,7 @@ def check_media(ref: MediaRef, frames: int | None = None, *, pad_frames: bool = 
     if media_kind(ref) == "image":
         _check_image(ref)
         return
-    path = Path(ref)
+    path = file_path(ref)
     if path.is_dir():
         files = frame_files(path)
         indices = video_indices(path, len(files), frames, pad_frames) if frames else [0, len(files) - 1]
@@ -154,8 +155,8 @@ def _pair_problem(
         except FileNotFoundError as error:
             return PairProblem(pair.source, line, "missing file", f"{side}: {error}")
         except (OSError, ValueError) as error:
-            kind = "too few frames" if "frames are needed" in str(error) else "unreadable media"
-            return PairProblem(pair.source, line, kind, f"{side}: {error}")
+            problem = "too few frames" if "frames are needed" in str(error) else "unreadable media"
+            return PairProblem(pair.source, line, problem, f"{side}: {error}")
     return None
 
 

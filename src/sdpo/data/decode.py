@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from sdpo.data.pairs import MediaRef, ParquetImage, frame_files, media_kind
+from sdpo.data.pairs import MediaRef, ParquetImage, file_path, frame_files, media_kind
 from sdpo.errors import InputError, MissingFileError
 from sdpo.models.base import MediaFormat
 
@@ -74,7 +74,7 @@ def open_image(ref: MediaRef) -> Image.Image:
         if not source.is_file():
             raise MissingFileError(f"image not found: {source}")
     try:
-        image = Image.open(source)
+        image: Image.Image = Image.open(source)
         image.load()
         image = ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for a broken file
@@ -133,7 +133,7 @@ def load_video(
         raise InputError(f"{describe_ref(ref)} is a video but the model takes images (media_format.frames is None)")
     height, width = size or (media_format.height, media_format.width)
     channels = media_format.channels
-    path = Path(ref)
+    path = file_path(ref)
     if path.is_dir():
         files = frame_files(path)
         try:
@@ -237,7 +237,7 @@ def media_size(ref: MediaRef) -> tuple[int, int]:
             if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 width, height = height, width
         return height, width
-    path = Path(ref)
+    path = file_path(ref)
     if path.is_dir():
         with Image.open(frame_files(path)[0]) as image:
             return image.size[1], image.size[0]

@@ -212,6 +212,13 @@ def frame_files(folder: Path) -> list[Path]:
     return sorted(frames, key=lambda p: natural_key(p.name))
 
 
+def file_path(ref: MediaRef) -> Path:
+    """The file or frame folder behind ``ref``: only images come from parquet cells or bytes."""
+    if isinstance(ref, (ParquetImage, bytes)):
+        raise InputError("an in-memory image (parquet cell or bytes) was given where a video file is needed")
+    return Path(ref)
+
+
 def media_kind(ref: MediaRef) -> MediaKind:
     """``"image"`` or ``"video"`` for a media reference, from its suffix (folders are frame clips).
 
@@ -334,8 +341,8 @@ def read_jsonl_pairs(
                 pairs.append(pair)
     if on_bad_pair == "fail":
         raise_problems(problems, SKIP_HINT)
-    for problem in problems:
-        pairs.skip(problem)
+    for skipped in problems:
+        pairs.skip(skipped)
     if not pairs:
         detail = ", ".join(f"{count} {kind}" for kind, count in sorted(pairs.skipped.items()))
         raise InputError(f"{path}: no pairs at all" + (f" (skipped {detail})" if detail else ""))
@@ -446,7 +453,7 @@ def read_pickapic_pairs(
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise InputError(f"{path}: no *.parquet files")
-    pairs, problems = PairList(), []
+    pairs, problems = PairList(), list[PairProblem]()
     for file in files:
         _read_pickapic_file(file, pairs, problems, skip_ties=skip_ties, skip_empty_prompts=skip_empty_prompts)
     if on_bad_pair == "fail":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from sdpo.cli_helpers import DTYPES
@@ -149,7 +150,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from sdpo.stages.records import read_prompts
 
     _check_model_flags(args, args.out, args.per_prompt)
-    runs = {}
+    runs: dict[str, str | Path] = {}
     for text in args.run:
         name, sep, folder = text.partition("=")
         if not sep or not name or not folder:

@@ -149,7 +149,7 @@ def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fp
             str(temporary), format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
             ffmpeg_log_level="error") as writer:
         for frame in frames:
-            writer.append_data(frame)
+            writer.append_data(frame)  # type: ignore[attr-defined]  # typed as the v3 base; the v2 writer has it
 
 
 def sample_with_seeds(spec: Any, prompts: list[str], latents: Tensor, seeds: list[int], sampler: SamplerSettings,

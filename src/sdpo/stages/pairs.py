@@ -69,7 +69,8 @@ def build_pairs(
     groups: dict[int, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(record["prompt_index"], []).append(record)
-    pairs, skipped = [], {}
+    pairs: list[PreferencePair] = []
+    skipped: dict[str, int] = {}
     for index in sorted(groups):
         if len(groups[index]) < 2:
             continue
@@ -111,7 +112,8 @@ def build_cross_pairs(
         sources.append((folder, groups))
     (chosen_folder, chosen_groups), (rejected_folder, rejected_groups) = sources
     key = "frames" if frames else "path"
-    pairs, skipped = [], {}
+    pairs: list[PreferencePair] = []
+    skipped: dict[str, int] = {}
     for index in sorted(set(chosen_groups) & set(rejected_groups)):
         chosen = _candidate_pairs(chosen_groups[index], "best-worst")[0][0]
         rejected = _candidate_pairs(rejected_groups[index], "best-worst")[0][1]

@@ -260,7 +260,7 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
             or not isinstance(shard.get("sha256"), str)
         ):
             raise bad(f"malformed shard entry {shard!r:.120}")
-    tensors = manifest.get("tensors")
+    tensors: Any = manifest.get("tensors")
     _check_tensors(tensors, bad)
     if manifest["version"] >= 2:
         _check_buckets(manifest, bad)
