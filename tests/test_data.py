@@ -1,4 +1,7 @@
-"""The data layer: pair formats, media loading, and the precompute cache, on real files in tmp_path."""
+"""The data layer: pair formats, media loading, and the precompute cache, on real files in tmp_path.
+
+Over 600 lines: the three share fixtures (the pair files and media written here), so they stay together.
+"""
 
 from __future__ import annotations
 

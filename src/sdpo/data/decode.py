@@ -13,7 +13,6 @@ import io
 import math
 import os
 import re
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from sdpo.data import video
 from sdpo.data.pairs import MediaRef, ParquetImage, file_path, frame_files, media_kind
 from sdpo.errors import InputError, MissingFileError
 from sdpo.models.base import MediaFormat
@@ -127,7 +127,8 @@ def load_video(
 ) -> Tensor:
     """One clip as float32 ``(F, C, H, W)`` in [-1, 1]: ``media_format.frames`` frames, each resized and cropped.
 
-    ``ref`` is a video file (mp4, webm, gif; read with imageio) or a folder of frame images.
+    ``ref`` is a video file (mp4 or webm, decoded in process with PyAV; gif, with imageio) or a folder of
+    frame images.
     """
     if media_format.frames is None:
         raise InputError(f"{describe_ref(ref)} is a video but the model takes images (media_format.frames is None)")
@@ -147,7 +148,9 @@ def load_video(
         raise MissingFileError(f"video not found: {path}")
     try:
         total = _count_frames(path)
-    except Exception as error:  # noqa: BLE001 - imageio/ffmpeg raise OSError, RuntimeError, ...
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - imageio raises OSError, RuntimeError, ... for a GIF
         raise InputError(f"cannot read video {path}: {one_line_reason(error)}") from None
     indices = video_indices(path, total, media_format.frames, pad_frames)
     decoded, seen = _decode_frames(path, set(indices), height, width, channels)
@@ -170,10 +173,7 @@ def _count_frames(path: Path) -> int:
 
     if path.suffix.lower() == ".gif":
         return int(iio.improps(path).shape[0])
-    import imageio_ffmpeg
-
-    # Container metadata often lacks a frame count (imageio reports inf), so ffmpeg counts by decoding.
-    return int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
+    return video.count_frames(path)
 
 
 def video_indices(path: Path, total: int, frames: int, pad_frames: bool) -> list[int]:
@@ -193,12 +193,15 @@ def _decode_frames(
     decoded: dict[int, Tensor] = {}
     seen = 0
     try:
-        for number, frame in enumerate(iio.imiter(path)):
+        frames = iio.imiter(path) if path.suffix.lower() == ".gif" else video.iter_frames(path)
+        for number, frame in enumerate(frames):
             seen = number + 1
             if number in wanted:
                 decoded[number] = _frame_tensor(Image.fromarray(np.asarray(frame)), height, width, channels)
                 if len(decoded) == len(wanted):
-                    break  # closing the iterator stops ffmpeg without decoding the rest
+                    break  # closing the iterator stops decoding the rest
+    except InputError:
+        raise
     except Exception as error:  # noqa: BLE001
         raise InputError(f"cannot decode video {path}: {one_line_reason(error)}") from None
     return decoded, seen
@@ -241,6 +244,8 @@ def media_size(ref: MediaRef) -> tuple[int, int]:
     if path.is_dir():
         with Image.open(frame_files(path)[0]) as image:
             return image.size[1], image.size[0]
+    if path.suffix.lower() != ".gif":
+        return video.frame_size(path)
     import imageio.v3 as iio
 
     shape = iio.improps(path).shape
@@ -251,9 +256,9 @@ def media_size(ref: MediaRef) -> tuple[int, int]:
 
 
 def count_video_frames(path: str | os.PathLike[str]) -> int:
-    """The frames of a video file, counted without decoding (ffmpeg demuxes its packets; GIFs are read).
+    """The frames of a video file, counted without decoding (its packets are demuxed; GIFs are read).
 
-    A file that cannot be opened raises ValueError with ffmpeg's reason on one line.
+    A file that cannot be opened raises InputError with FFmpeg's reason on one line.
     """
     path = Path(path)
     if path.suffix.lower() == ".gif":
@@ -263,17 +268,7 @@ def count_video_frames(path: str | os.PathLike[str]) -> int:
             return int(iio.improps(path).shape[0])
         except Exception as error:  # noqa: BLE001
             raise InputError(f"cannot read video {path}: {one_line_reason(error)}") from None
-    import imageio_ffmpeg
-
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
-               "-c", "copy", "-f", "null", "-", "-progress", "pipe:1"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, check=False)
-    if result.returncode != 0:
-        raise InputError(f"cannot read video {path}: {ffmpeg_reason(result.stderr.decode(errors='replace'))}")
-    counts = [line for line in result.stdout.decode(errors="replace").splitlines() if line.startswith("frame=")]
-    if not counts or not counts[-1].removeprefix("frame=").strip().isdigit():
-        raise InputError(f"cannot read video {path}: ffmpeg reported no frame count")
-    return int(counts[-1].removeprefix("frame=").strip())
+    return video.count_frames(path)
 
 
 _FFMPEG_BANNER = ("ffmpeg version", "built with", "configuration:", "lib", "input #", "metadata", "duration",

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sdpo.data.video import write_mp4
 from sdpo.errors import FolderError, InputError
 from sdpo.files import atomic_output, write_atomic
 from sdpo.models.lora_check import load_lora_checked
@@ -137,19 +138,14 @@ def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fp
         with atomic_output(path) as temporary:
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
         return
-    import imageio.v2 as imageio
-
     frames = array.permute(0, 2, 3, 1).numpy()
     if frame_folder is not None:
         frame_folder.mkdir(parents=True, exist_ok=True)
         for index, frame in enumerate(frames):  # grey clips (one channel) as 8-bit grey PNGs
             with atomic_output(frame_folder / f"{index:04d}.png") as temporary:
                 Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(temporary, format="PNG")
-    with atomic_output(path) as temporary, imageio.get_writer(
-            str(temporary), format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
-            ffmpeg_log_level="error") as writer:
-        for frame in frames:
-            writer.append_data(frame)  # type: ignore[attr-defined]  # typed as the v3 base; the v2 writer has it
+    with atomic_output(path) as temporary:
+        write_mp4(frames, temporary, fps)
 
 
 def sample_with_seeds(spec: Any, prompts: list[str], latents: Tensor, seeds: list[int], sampler: SamplerSettings,
