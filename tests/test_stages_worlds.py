@@ -123,3 +123,29 @@ def test_score_totals_are_raw_weighted_sums_or_per_prompt_zscores(tmp_path: Path
         totals = torch.tensor([r["total"] for r in group], dtype=torch.float64)
         torch.testing.assert_close(totals, expected, rtol=1e-5, atol=1e-5)
         assert abs(totals.sum().item()) < 1e-4  # z-scores centre each prompt's candidates
+
+
+def test_video_candidates_without_mp4s_keep_frame_folders_that_score_and_pair(tmp_path: Path, capsys) -> None:
+    family, config, reward, prompt_list = WORLDS["moving-wan"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(prompt_list) + "\n")
+    gen = tmp_path / "gen"
+    # refused before any model loads (the base does not even exist yet)
+    assert main(["--quiet", "generate", "--family", family, "--pretrained", str(tmp_path / "none"), "--prompts",
+                 str(prompts), "--out", str(gen), "--no-mp4"]) == 2
+    assert "--no-mp4 needs --frame-folders" in capsys.readouterr().err and not gen.exists()
+
+    base = str(pretrain_base(config, cache_root=tmp_path / "cache", progress=False))
+    _sdpo("generate", "--family", family, "--pretrained", base, "--prompts", str(prompts), "--per-prompt", "2",
+          "--steps", "2", "--out", str(gen), "--frame-folders", "--no-mp4")
+    assert not list(gen.rglob("*.mp4"))
+    candidates = [json.loads(line) for line in (gen / "candidates.jsonl").read_text().splitlines()]
+    assert all(c["path"] == c["frames"] and (gen / c["frames"]).is_dir() for c in candidates)
+    _sdpo("score", str(gen), "--reward", reward)
+    _sdpo("pairs", str(gen), "--out", str(tmp_path / "pairs.jsonl"))
+    made = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert len(made) == 2 and all((tmp_path / p["chosen"]).is_dir() for p in made)  # the lossless frames
+    # the same folder with MP4s is another setting: refused, nothing rewritten
+    assert main(["--quiet", "generate", "--family", family, "--pretrained", base, "--prompts", str(prompts),
+                 "--per-prompt", "2", "--steps", "2", "--out", str(gen), "--frame-folders"]) == 2
+    assert "mp4" in capsys.readouterr().err

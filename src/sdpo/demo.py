@@ -167,12 +167,12 @@ def _run_stages(config: DemoConfig, world: World, staging: Path) -> None:
     sampler = SamplerSettings(config.num_inference_steps, world.guidance_scale)
     video = spec.media_kind == "video"
     candidates = staging / "candidates"
-    # Clips also as PNG frame folders, and the pairs point at those: exact 8-bit pixels, where the
-    # MP4 codec would blur the grey digits before precompute encodes them.
+    # Clips as PNG frame folders only, and the pairs point at those: exact 8-bit pixels, where the
+    # MP4 codec would blur the grey digits before precompute encodes them; nobody watches them.
     _timed(timings, "generate", lambda: generate(
         spec, world.prompts(config.pairs_per_digit), candidates, per_prompt=config.samples_per_prompt,
         seed=config.seed, sampler=sampler, batch_size=GENERATE_BATCH, progress=config.progress,
-        frame_folders=video))
+        frame_folders=video, mp4=not video))
     _timed(timings, "score", lambda: score(candidates, [reward], batch_size=GENERATE_BATCH,
                                            progress=config.progress))
     pairs = _timed(timings, "pairs", lambda: build_pairs(candidates, "best-worst", frames=video,

@@ -70,7 +70,8 @@ def condition_cache(
     for role in dict.fromkeys(CONDITIONS[condition]):
         out = folder / f"candidates-{role}"
         generate(load_spec(world.family, generators[role]), prompts, out, per_prompt=per_prompt, seed=seed,
-                 sampler=sampler, batch_size=batch_size, progress=progress, frame_folders=video)
+                 sampler=sampler, batch_size=batch_size, progress=progress, frame_folders=video,
+                 mp4=not video)
         score(out, [world.reward()], batch_size=batch_size, progress=progress)
         candidates[role] = out
     winners, losers = CONDITIONS[condition]

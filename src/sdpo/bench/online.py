@@ -106,7 +106,7 @@ def _offline_cache(context: Any, config: OnlineBenchConfig, seed: int, folder: P
         generate(load_spec(world.family, base), world.prompts(config.pairs_per_digit), out,
                  per_prompt=config.samples_per_prompt, seed=_data_seed(seed) + r,
                  sampler=SamplerSettings(config.num_inference_steps, world.guidance_scale), batch_size=512,
-                 progress=config.progress, frame_folders=video)
+                 progress=config.progress, frame_folders=video, mp4=not video)
         score(out, [world.reward()], batch_size=512, progress=config.progress)
         built = build_pairs(out, "best-worst", frames=video, out=folder / f"pairs-{r:02d}.jsonl")
         pairs += read_pairs(built.out)

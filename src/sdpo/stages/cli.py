@@ -46,6 +46,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     if not args.out and not args.vbench:
         raise InputError("generate needs --out (or --vbench DIR)")
+    if args.no_mp4 and not args.frame_folders:
+        raise InputError("--no-mp4 needs --frame-folders: without either a clip would leave no viewable file")
     _check_model_flags(args, args.vbench or args.out, args.per_prompt)
     if args.lora:
         checks.check_lora_folder(args.lora, args.family)
@@ -56,7 +58,7 @@ def _generate(args: argparse.Namespace) -> None:
     _check_generate_rerun(args, prompts, per_prompt)
     result = generate(_load(args), prompts, args.out, per_prompt=per_prompt, seed=args.seed,
                       sampler=_sampler(args), lora=args.lora, batch_size=args.batch_size,
-                      progress=not args.quiet, frame_folders=args.frame_folders)
+                      progress=not args.quiet, frame_folders=args.frame_folders, mp4=not args.no_mp4)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one line is enough
         print(f"candidates: {result.out_dir}/candidates.jsonl ({result.candidates}, {result.generated} new)")
 
@@ -70,7 +72,8 @@ def _check_generate_rerun(args: argparse.Namespace, prompts: list[str], per_prom
 
     generate_settings(Path(args.out), {
         "prompts": prompts, "per_prompt": per_prompt, "seed": args.seed, "sampler": asdict(_sampler(args)),
-        "batch_size": args.batch_size, "family": args.family, "lora": args.lora, "frame_folders": args.frame_folders})
+        "batch_size": args.batch_size, "family": args.family, "lora": args.lora, "frame_folders": args.frame_folders,
+        "mp4": not args.no_mp4})
 
 
 def _generate_vbench(args: argparse.Namespace, prompts: list[str]) -> None:
@@ -218,6 +221,8 @@ def add_stage_commands(commands: Any) -> None:
                      help="write clips as VBench reads them, DIR/{prompt}-{index}.mp4, and print the vbench commands")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--frame-folders", action="store_true", help="videos: also write a folder of PNG frames")
+    gen.add_argument("--no-mp4", action="store_true",
+                     help="videos with --frame-folders: no MP4 per clip (for candidates nobody watches)")
     gen.set_defaults(func=_generate)
 
     sc = commands.add_parser("score", help="score a generate folder's candidates with one or more rewards")

@@ -3,7 +3,7 @@
 Layout of the output folder:
 
 * ``media/p{prompt:05d}-c{candidate:03d}.png`` (images) or ``.mp4`` (videos; with
-  ``frame_folders=True`` also a folder of PNG frames of the same stem);
+  ``frame_folders=True`` also a folder of PNG frames of the same stem; with ``mp4=False`` only that folder);
 * ``batches/batch-{n:06d}.safetensors``: the exact float pixels of one batch (tensor ``pixels``,
   (n, ...) in [-1, 1]) and, in its metadata ``records``, the candidate records of that batch;
   a batch file is renamed into place only after its media, so its presence marks the batch done;
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -41,6 +42,8 @@ from sdpo.seeding import derive_seed
 from sdpo.stages.records import CANDIDATES_FILE, parse_json_line, write_records
 
 FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"
+SETTINGS_BEFORE_RECORDED = {"mp4": True}
+"""Settings a folder made before they were recorded was made with (so that such a folder resumes)."""
 """Test hook: raise after this many batches were written by this process (simulates a killed run)."""
 
 
@@ -140,12 +143,24 @@ def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fp
         return
     frames = array.permute(0, 2, 3, 1).numpy()
     if frame_folder is not None:
-        frame_folder.mkdir(parents=True, exist_ok=True)
-        for index, frame in enumerate(frames):  # grey clips (one channel) as 8-bit grey PNGs
-            with atomic_output(frame_folder / f"{index:04d}.png") as temporary:
-                Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(temporary, format="PNG")
+        _write_frame_pngs(frames, frame_folder)
     with atomic_output(path) as temporary:
         write_mp4(frames, temporary, fps)
+
+
+def write_frames(pixels: Tensor, frame_folder: Path) -> None:
+    """A clip (F, C, H, W) in [-1, 1] as a folder of PNG frames (lossless, unlike the MP4)."""
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    _write_frame_pngs(array.permute(0, 2, 3, 1).numpy(), frame_folder)
+
+
+def _write_frame_pngs(frames: np.ndarray, frame_folder: Path) -> None:
+    from PIL import Image
+
+    frame_folder.mkdir(parents=True, exist_ok=True)
+    for index, frame in enumerate(frames):  # grey clips (one channel) as 8-bit grey PNGs
+        with atomic_output(frame_folder / f"{index:04d}.png") as temporary:
+            Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(temporary, format="PNG")
 
 
 def sample_with_seeds(spec: Any, prompts: list[str], latents: Tensor, seeds: list[int], sampler: SamplerSettings,
@@ -173,6 +188,8 @@ def generate_settings(out: Path, settings: dict[str, Any]) -> None:
     if not any((out / "batches").glob("batch-*.safetensors")):
         return
     saved = saved_settings(out, "generate", legacy=SETTINGS_FILE)
+    if saved is not None:
+        saved = {**SETTINGS_BEFORE_RECORDED, **saved}
     check_reuse(out, "generate", settings, saved=saved)
 
 
@@ -202,10 +219,13 @@ def generate(
     progress: bool = True,
     frame_folders: bool = False,
     fps: int = 8,
+    mp4: bool = True,
 ) -> GenerateResult:
     """Sample ``per_prompt`` candidates for each prompt with ``spec`` into ``out_dir`` (see the module doc).
 
     ``lora``: a training run folder loaded onto the spec first. Resumable: finished batches are kept.
+    ``mp4=False`` (videos with ``frame_folders``): no MP4 per clip, the record's ``path`` is its frame
+    folder; for folders nobody watches (a demo's or a benchmark's candidates, scored from ``batches/``).
     """
     from tqdm.auto import tqdm
 
@@ -214,13 +234,15 @@ def generate(
         raise InputError(f"per_prompt and batch_size must be positive, got {per_prompt} and {batch_size}")
     if not prompts:
         raise InputError("no prompts to generate for")
+    if not mp4 and spec.media_format.frames is not None and not frame_folders:
+        raise InputError("mp4=False keeps no viewable clip unless frame_folders=True")
     out = Path(out_dir)
     rank, world = _dist()
     settings = {"prompts": list(prompts), "per_prompt": per_prompt, "seed": seed, "sampler": asdict(sampler),
                 "batch_size": batch_size, "family": spec.family,
                 "model": getattr(spec, "pretrained", None) and str(spec.pretrained),
                 "media_format": asdict(spec.media_format), "lora": None if lora is None else str(lora),
-                "frame_folders": frame_folders, "fps": fps}
+                "frame_folders": frame_folders, "fps": fps, "mp4": mp4}
     generate_settings(out, settings)
     if lora is not None:
         load_lora_checked(spec, lora)
@@ -234,7 +256,7 @@ def generate(
     for count, n in enumerate(todo):
         if fail_after and count >= fail_after:
             raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after {count} batches (test hook)")
-        _generate_batch(spec, prompts, batches[n], n, out, seed, sampler, lora, frame_folders, fps,
+        _generate_batch(spec, prompts, batches[n], n, out, seed, sampler, lora, frame_folders, fps, mp4,
                         record=None if count else lambda: _record_settings(out, settings))
         done += len(batches[n])
         bar.update(len(batches[n]))
@@ -249,7 +271,7 @@ def generate(
 
 def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]], n: int, out: Path, seed: int,
                     sampler: SamplerSettings, lora: str | Path | None, frame_folders: bool, fps: int,
-                    record: Callable[[], None] | None = None) -> None:
+                    mp4: bool = True, record: Callable[[], None] | None = None) -> None:
     (out / "media").mkdir(parents=True, exist_ok=True)
     (out / "batches").mkdir(parents=True, exist_ok=True)
     seeds = [derive_seed(seed, p, k) for p, k in items]
@@ -261,7 +283,11 @@ def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]],
         stem = f"p{p:05d}-c{k:03d}"
         path = f"media/{stem}.{'png' if pixels.ndim == 4 else 'mp4'}"
         frames = f"media/{stem}" if frame_folders and pixels.ndim == 5 else None
-        write_media(pixels[row], out / path, out / frames if frames else None, fps)
+        if frames is not None and not mp4:
+            path = frames
+            write_frames(pixels[row], out / frames)
+        else:
+            write_media(pixels[row], out / path, out / frames if frames else None, fps)
         records.append(asdict(Candidate(
             prompt=prompts[p], prompt_index=p, candidate_index=k, path=path, seed=candidate_seed,
             sampler=asdict(sampler), model=getattr(spec, "pretrained", None) and str(spec.pretrained),

@@ -80,7 +80,7 @@ def _check_reward_settings(folder: Path, records: list[dict[str, Any]], names: l
 
 
 def _media_kind(record: dict[str, Any]) -> str:
-    return "video" if str(record["path"]).endswith(".mp4") else "image"
+    return "video" if str(record["path"]).endswith(".mp4") or record.get("frames") else "image"
 
 
 def score(
