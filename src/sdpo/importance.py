@@ -35,7 +35,7 @@ def _check_pair(x0: Tensor, x0_hat: Tensor, t: Tensor, s: Tensor) -> None:
         raise ValueError("x0 must have a leading batch dimension and at least one data dimension")
     if t.shape != (x0.shape[0],) or s.shape != t.shape:
         raise ValueError(f"t and s must hold one timestep per sample, shape ({x0.shape[0]},)")
-    if bool((s > t).any()):
+    if t.device.type != "meta" and bool((s > t).any()):  # meta: a shape-only run, no values to compare
         raise ValueError("the previous point s must not be noisier than t")
 
 
