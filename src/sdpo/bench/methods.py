@@ -5,7 +5,7 @@ once per arm (a method at a beta, a published baseline, or a variant) on the sam
 batches, timesteps and noise (one TrainConfig seed), then all arms and the base are sampled from the
 same held-out noise and scored by the world's reward and by a second scorer that never built pairs
 or trained anything. A long-training arm continues the core methods to several times the step
-budget, evaluated along the way. Statistics are over seeds (``sdpo.bench.stats``); the report is
+budget, evaluated along the way. Statistics are over seeds (``sdpo.stats``); the report is
 ``sdpo.bench.report``.
 
 A killed sweep resumes: every (condition, seed) cell whose evaluation is written is kept.

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from sdpo.bench.stats import SeedInterval, paired_test, seed_interval
+from sdpo.stats import paired_test, seed_interval
 
 SPIKE_FACTOR = 3.0
 """A loss spike: a step whose loss exceeds this multiple of the median of the 20 steps before it."""
@@ -234,4 +234,4 @@ def write_report(out: Path, config: Any, cells: list[dict[str, Any]], long: list
     write_atomic(out / "table.md", table)
 
 
-__all__ = ["SeedInterval", "markdown_table", "summarize", "write_report"]
+__all__ = ["markdown_table", "summarize", "write_report"]
