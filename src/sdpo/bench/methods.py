@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
+from sdpo.bench.report import write_report
 from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
 from sdpo.objectives import METHODS, MethodConfig
@@ -286,15 +287,14 @@ def _run_long(context: SweepContext, seed: int) -> dict[str, Any]:
 
 def run_bench(config: BenchConfig) -> Path:
     """Run (or resume) the sweep and write results.json, table.md and the plots; returns the folder."""
-    from sdpo.bench.report import write_report
-
     out = Path(config.out)
-    claim_folder(out, config_dict(config))
+    settings = config_dict(config)
+    claim_folder(out, settings)
     context = sweep_context(config)
     cells = [_run_cell(context, condition, seed) for condition in config.conditions for seed in range(config.seeds)]
     long = [_run_long(context, seed) for seed in range(config.long_seeds)] if config.long_steps else []
     # The cells' own times: a resumed sweep reports the work of every run, not the last one's.
-    write_report(out, config, cells, long, wall_s=sum(part.get("wall_s", 0.0) for part in cells + long))
+    write_report(out, settings, cells, long, wall_s=sum(part.get("wall_s", 0.0) for part in cells + long))
     return out
 
 

@@ -211,15 +211,15 @@ def plot_long(long: dict[str, Any], path: Path, title: str) -> Path:
     return path
 
 
-def write_report(out: Path, config: Any, cells: list[dict[str, Any]], long: list[dict[str, Any]],
+def write_report(out: Path, config: dict[str, Any], cells: list[dict[str, Any]], long: list[dict[str, Any]],
                  wall_s: float) -> None:
-    """results.json, table.md, reward_vs_beta.png and (with a long arm) reward_over_steps.png in ``out``."""
+    """results.json, table.md, reward_vs_beta.png and (with a long arm) reward_over_steps.png in ``out``;
+    ``config`` is the sweep's settings as JSON-ready data (``sdpo.bench.methods.config_dict``)."""
     import torch
 
-    from sdpo.bench.methods import config_dict
     from sdpo.files import write_atomic
 
-    settings = {**config_dict(config), "threads": torch.get_num_threads()}
+    settings = {**config, "threads": torch.get_num_threads()}
     summary = summarize(settings, cells)
     curves = summarize_long(settings, long)
     table = markdown_table(settings, summary, curves, wall_s)
