@@ -14,16 +14,9 @@ from hypothesis import strategies as st
 
 from sdpo.cli import main
 from sdpo.objectives import METHODS, MethodConfig
-from sdpo.train.config import (
-    SAFE_RESUME_FIELDS,
-    ConfigChange,
-    ConfigMismatchError,
-    TrainConfig,
-    apply_overrides,
-    check_resume,
-    parse_override,
-    resolve_lora_targets,
-)
+from sdpo.train.config import TrainConfig, apply_overrides, parse_override
+from sdpo.train.lora_targets import resolve_lora_targets
+from sdpo.train.resume_policy import SAFE_RESUME_FIELDS, ConfigChange, ConfigMismatchError, check_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))

@@ -52,7 +52,7 @@ class ResumePoint:
     state: dict[str, Any] = field(default_factory=dict)
     """The checkpoint's ``trainer_state.json`` (empty for a fresh start)."""
     changes: list[Any] = field(default_factory=list)
-    """The config fields changed since the checkpoint (``sdpo.train.config.check_resume``'s records)."""
+    """The config fields changed since the checkpoint (``sdpo.train.resume_policy.check_resume``'s records)."""
 
 
 @dataclass

@@ -31,12 +31,14 @@ from sdpo.train.checkpoint import (
     register_trainable_hooks,
     remove_checkpoint,
 )
-from sdpo.train.config import TrainConfig, check_resume, resolve_lora_targets
+from sdpo.train.config import TrainConfig
 from sdpo.train.ema import EMA_FOLDER, build_ema, check_ema_supported, load_ema
 from sdpo.train.log import note, warn
+from sdpo.train.lora_targets import resolve_lora_targets
 from sdpo.train.metrics import BAD_STEPS_NAME
 from sdpo.train.order import batch_order
 from sdpo.train.pair_weights import PairWeights
+from sdpo.train.resume_policy import check_resume
 from sdpo.train.run import PairDataset, ResumePoint, TrainingRun
 from sdpo.train.sharding import (
     enable_gradient_checkpointing,
