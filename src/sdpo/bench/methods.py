@@ -24,7 +24,7 @@ from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
 from sdpo.bench.report import write_report
 from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
-from sdpo.objectives import METHODS, MethodConfig
+from sdpo.objectives import METHODS, MethodConfig, MethodName
 from sdpo.toy.settings import WorldRunSettings
 
 BASELINES: dict[str, str] = {
@@ -84,7 +84,7 @@ class BenchConfig(WorldRunSettings):
 
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     """Data conditions (sdpo.bench.conditions.CONDITIONS)."""
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[MethodName, ...] = METHODS
     """Methods trained at every beta of ``betas``."""
     betas: tuple[float, ...] = (200.0, 2000.0, 20000.0)
     """The beta grid of the methods (the robustness picture; one value gives no picture)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.errors import InputError
-from sdpo.objectives import METHODS
+from sdpo.objectives import METHODS, MethodName
 from sdpo.toy.settings import WorldRunSettings
 
 SOURCES = ("offline", "online")
@@ -41,7 +41,7 @@ class OnlineBenchConfig(WorldRunSettings):
     world, data sizes (``samples_per_prompt`` is K per round), LoRA recipe and evaluation are
     ``WorldRunSettings``."""
 
-    methods: tuple[str, ...] = ("diffusion-dpo", "sdpo")
+    methods: tuple[MethodName, ...] = ("diffusion-dpo", "sdpo")
     """Methods trained from each source (MethodConfig presets)."""
     beta: float = 2000.0
     """Objective temperature of every arm."""

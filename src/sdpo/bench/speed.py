@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -43,7 +43,8 @@ ARMS = ("sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo")
 SFT_ARMS = frozenset({"sft", "sft-pairs"})
 """The supervised arms: on the B winners, and on both members (2B samples)."""
 
-MODELS = ("sd-tiny", "toy", "toy-video")
+SpeedModel = Literal["sd-tiny", "toy", "toy-video"]
+MODELS: tuple[SpeedModel, ...] = get_args(SpeedModel)
 """Models the CPU benchmark can build offline: a small random Stable Diffusion pipeline (64x64
 pixels, the test suite's architecture) and the two embedded worlds' base-model architectures."""
 
@@ -59,7 +60,7 @@ RATIOS: dict[tuple[str, str], float | None] = {
 class SpeedConfig:
     """Settings of `sdpo bench speed`."""
 
-    models: tuple[str, ...] = MODELS
+    models: tuple[SpeedModel, ...] = MODELS
     """Models to time (MODELS)."""
     batch_size: int = 4
     """Pairs per step (SFT takes the B winners)."""

@@ -17,19 +17,26 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sdpo.errors import ConfigError, InputError, MissingFileError
 from sdpo.objectives import MethodConfig
 from sdpo.train.coercion import check_choice, check_keys, coerce, field_names, one_line, show, type_hints
 from sdpo.train.lora_targets import check_lora_targets
 
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-TRACKERS = ("tensorboard", "wandb", "all", "none")
-PAIR_WEIGHTINGS = ("none", "gap")
-LATENT_SAMPLING = ("auto", "mean", "sample")
-FLIPS = ("none", "pair", "independent")
+# The settings that name one of a few choices: each field's type is its Literal, the tuples are derived.
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Tracker = Literal["tensorboard", "wandb", "all", "none"]
+PairWeighting = Literal["none", "gap"]
+LatentSampling = Literal["auto", "mean", "sample"]
+Flip = Literal["none", "pair", "independent"]
+LR_SCHEDULES: tuple[LrSchedule, ...] = get_args(LrSchedule)
+MIXED_PRECISION: tuple[MixedPrecision, ...] = get_args(MixedPrecision)
+TRACKERS: tuple[Tracker, ...] = get_args(Tracker)
+PAIR_WEIGHTINGS: tuple[PairWeighting, ...] = get_args(PairWeighting)
+LATENT_SAMPLING: tuple[LatentSampling, ...] = get_args(LatentSampling)
+FLIPS: tuple[Flip, ...] = get_args(Flip)
 
 
 @dataclass
@@ -79,7 +86,7 @@ class TrainConfig:
     """AdamW decoupled weight decay."""
     use_8bit_adam: bool = False
     """Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a GPU)."""
-    lr_schedule: str = "constant_with_warmup"
+    lr_schedule: LrSchedule = "constant_with_warmup"
     """One of constant, constant_with_warmup, linear, cosine."""
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warm-up."""
@@ -98,7 +105,7 @@ class TrainConfig:
     ema_power: float = 2 / 3
     """Exponent of the power warm-up (``ema_warmup`` only); diffusers suggests 2/3 for a million steps, 3/4
     for shorter runs (0.999 after 10k steps)."""
-    pair_weighting: str = "none"
+    pair_weighting: PairWeighting = "none"
     """Per-pair multiplier on the preference loss: "none", or "gap": each pair weighs its score gap (the
     ``gap`` that `sdpo pairs` writes and precompute stores) divided by the mean gap over the cache, so the
     loss keeps its scale and clearly ranked pairs count more (as VideoDPO weights pairs by their score gap)."""
@@ -109,7 +116,7 @@ class TrainConfig:
     """Pairs per process per forward pass."""
     gradient_accumulation_steps: int = 1
     """Forward passes per optimizer step. Global batch = train_batch_size x processes x this."""
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     """"no", "fp16" or "bf16"; frozen weights are cast to it, trainable ones stay float32."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the denoiser."""
@@ -120,14 +127,14 @@ class TrainConfig:
     seed: int = 0
     """Seeds initialisation, data order, timesteps and noise (each pair's draw depends only on the
     seed, the step and its global index, so runs are identical across process counts and resumes)."""
-    latent_sampling: str = "auto"
+    latent_sampling: LatentSampling = "auto"
     """Which latent of each cached image or clip a step trains on: "mean" (the VAE posterior's mean,
     the same every step), "sample" (a fresh ``mean + std * eps`` each step, as diffusers' Diffusion-DPO
     scripts get from ``vae.encode(x).latent_dist.sample()``; needs a cache that stores the std) or
     "auto" (sample when the cache stores the std, else the mean). Caches made by ``sdpo precompute`` for
     the VAE families store it; older caches, and the toy worlds (whose encoder is deterministic), do not,
     so "auto" trains on the mean there, as before. eps is drawn per (seed, step, pair, member)."""
-    flip: str = "none"
+    flip: Flip = "none"
     """Horizontal-flip augmentation of the latents, drawn per (seed, step, pair): "none"; "pair" mirrors
     winner and loser together (one coin per pair: the comparison stays between two images of the
     same composition, so the preference signal is about content, not orientation; diffusers' SDXL
@@ -153,7 +160,7 @@ class TrainConfig:
     """Sampler steps of the validation pipeline."""
     validation_guidance_scale: float | None = None
     """Classifier-free guidance of validation samples (None: the pipeline's or embedded world's default)."""
-    report_to: str = "tensorboard"
+    report_to: Tracker = "tensorboard"
     """Experiment tracker: tensorboard, wandb, all or none (metrics.jsonl is always written)."""
     max_bad_steps: int = 10
     """Consecutive optimizer steps with a non-finite loss or gradient norm after which the run stops
@@ -189,16 +196,16 @@ class TrainConfig:
         for name in ("max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        check_choice("report_to", self.report_to, TRACKERS)
-        check_choice("pair_weighting", self.pair_weighting, PAIR_WEIGHTINGS)
+        check_choice("lr_schedule", self.lr_schedule, LrSchedule)
+        check_choice("mixed_precision", self.mixed_precision, MixedPrecision)
+        check_choice("report_to", self.report_to, Tracker)
+        check_choice("pair_weighting", self.pair_weighting, PairWeighting)
         if not 0 <= self.ema_decay < 1:
             raise InputError(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if not self.ema_power > 0:
             raise InputError(f"ema_power must be a positive number, got {self.ema_power}")
-        check_choice("latent_sampling", self.latent_sampling, LATENT_SAMPLING)
-        check_choice("flip", self.flip, FLIPS)
+        check_choice("latent_sampling", self.latent_sampling, LatentSampling)
+        check_choice("flip", self.flip, Flip)
         if not 0 <= self.lora_dropout < 1:
             raise InputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.validation_guidance_scale is not None and not 0 <= self.validation_guidance_scale < math.inf:
