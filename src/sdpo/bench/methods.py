@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
 from sdpo.bench.report import write_report
@@ -26,6 +27,13 @@ from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
 from sdpo.objectives import METHODS, MethodConfig, MethodName
 from sdpo.toy.settings import WorldRunSettings
+from sdpo.toy.world import PretrainedWorld, World
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from sdpo.rewards.base import Reward
+    from sdpo.train.config import TrainConfig
 
 BASELINES: dict[str, str] = {
     "dpo+sft": "Diffusion-DPO plus an SFT term on the winners, sft_weight = beta/4 (as in Reg-DPO)",
@@ -157,7 +165,7 @@ class BenchConfig(WorldRunSettings):
 
 
 def _train_config(config: BenchConfig, arm: Arm, seed: int, steps: int, cache: Path, out: Path,
-                  keep_checkpoint: bool = False) -> Any:
+                  keep_checkpoint: bool = False) -> TrainConfig:
     from sdpo.train.config import TrainConfig
 
     return TrainConfig(
@@ -174,10 +182,10 @@ class SweepContext:
 
     config: Any
     """The sweep's settings: a BenchConfig, or any WorldRunSettings with an ``out`` (`sdpo bench online`)."""
-    world: Any
+    world: World
     generators: dict[str, Path]
-    rewards: list[Any]
-    real: Any
+    rewards: list[Reward]
+    real: Tensor
     out: Path
 
 
@@ -191,6 +199,8 @@ def sweep_context(config: Any, weak: bool = True) -> SweepContext:
 
     transformers_logging.disable_progress_bar()  # one bar per loaded model, hundreds per sweep
     world = get_world(config.world, config.toy_overrides)
+    if not isinstance(world, PretrainedWorld):  # both embedded worlds are: the weak generator needs its config
+        raise TypeError(f"world {config.world!r} has no pretraining config")
     base = world.pretrain(config.cache_root, config.progress)
     generators = {"base": base}
     if weak:
@@ -210,7 +220,7 @@ def _cell_data(context: SweepContext, condition: str, seed: int) -> Path:
         num_inference_steps=config.num_inference_steps, batch_size=512, progress=config.progress)
 
 
-def evaluate_cell(context: SweepContext, runs: dict[str, Path], seed: int, out: Path) -> dict[str, Any]:
+def evaluate_cell(context: SweepContext, runs: Mapping[str, str | Path], seed: int, out: Path) -> dict[str, Any]:
     """One cell's runs against the base on the sweep's rewards and quality guard (also ``sdpo bench online``'s)."""
     from sdpo.models.registry import load_spec
     from sdpo.stages.evaluate import evaluate
@@ -218,7 +228,7 @@ def evaluate_cell(context: SweepContext, runs: dict[str, Path], seed: int, out: 
 
     config, world = context.config, context.world
     result = evaluate(
-        load_spec(world.family, context.generators["base"]), world.prompts(config.eval_per_digit), runs,
+        load_spec(world.family, context.generators["base"]), world.prompts(config.eval_per_digit), dict(runs),
         context.rewards, out, seed=10_000 + seed, sampler=SamplerSettings(config.num_inference_steps,
                                                                           world.guidance_scale),
         batch_size=512, quality=lambda media: world.quality(media, context.real), progress=config.progress)

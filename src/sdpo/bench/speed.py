@@ -31,12 +31,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
 from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
+
+if TYPE_CHECKING:
+    from sdpo.data.batch import PairBatch
+    from sdpo.models.base import ModelSpec
 
 ARMS = ("sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo")
 """Step kinds, in table order; the last three are MethodConfig presets."""
@@ -107,12 +111,12 @@ def _model_folder(name: str, work: Path) -> tuple[str, Path]:
     return world.family, world.pretrain(work / "toy-models", progress=False)
 
 
-def _batch(spec: Any, pairs: int, device: torch.device) -> Any:
+def _batch(spec: ModelSpec, pairs: int, device: torch.device) -> PairBatch:
     """A batch as training sees it: encoded random pixels for both members and encoded prompts."""
     from sdpo.data.batch import PairBatch
 
     media = spec.media_format
-    shape = (media.channels, media.height, media.width)
+    shape: tuple[int, ...] = (media.channels, media.height, media.width)
     shape = (media.frames, *shape) if media.frames else shape
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand((2 * pairs, *shape), generator=generator) * 2 - 1
