@@ -23,8 +23,8 @@ import yaml
 
 from sdpo.data import CachedPairs
 from sdpo.demo import EVAL_SAMPLES_FILE, DemoConfig, load_eval_samples
-from sdpo.evaluate import compare
 from sdpo.models.registry import load_spec
+from sdpo.stats import compare
 from sdpo.toy.world import get_world
 from sdpo.train.trainer import train
 

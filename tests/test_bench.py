@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_models import TINY_DIGITS_FLAGS
 
-from sdpo.bench.stats import paired_test, seed_interval, t_quantile, t_two_sided_p
 from sdpo.cli import main
+from sdpo.stats import paired_test, seed_interval, t_quantile, t_two_sided_p
 
 
 # ------------------------------------------------------------------ statistics (closed forms)
@@ -23,6 +23,16 @@ def test_the_t_test_p_value_matches_the_closed_forms_for_one_and_two_degrees_of_
 def test_t_quantiles_match_the_tables():
     assert t_quantile(0.975, 4) == pytest.approx(2.7764451, abs=1e-6)
     assert t_quantile(0.975, 1) == pytest.approx(12.7062047, abs=1e-5)
+
+
+def test_the_t_distribution_agrees_with_scipy():
+    """sdpo.stats computes Student's t itself (see its docstring); scipy, installed with scikit-learn,
+    is the reference it must agree with to within floating-point noise."""
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 4, 5, 9, 30, 200):
+        assert t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-12)
+        for t in (0.0, 0.3, 1.7, 4.2, -12.0):
+            assert t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9, abs=1e-15)
 
 
 def test_seed_intervals_and_the_paired_test():

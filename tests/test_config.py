@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import shlex
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,16 +15,9 @@ from hypothesis import strategies as st
 
 from sdpo.cli import main
 from sdpo.objectives import METHODS, MethodConfig
-from sdpo.train.config import (
-    SAFE_RESUME_FIELDS,
-    ConfigChange,
-    ConfigMismatchError,
-    TrainConfig,
-    apply_overrides,
-    check_resume,
-    parse_override,
-    resolve_lora_targets,
-)
+from sdpo.train.config import TrainConfig, apply_overrides, parse_override
+from sdpo.train.lora_targets import resolve_lora_targets
+from sdpo.train.resume_policy import SAFE_RESUME_FIELDS, ConfigChange, ConfigMismatchError, check_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -191,6 +185,26 @@ def test_wrong_values_are_one_line_naming_the_field(data, message):
     with pytest.raises(ValueError) as caught:
         TrainConfig.from_dict(data)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _choice_fields() -> list[tuple[str, tuple[str, ...]]]:
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f.name, typing.get_args(hints[f.name])) for f in dataclasses.fields(TrainConfig)
+            if typing.get_origin(hints[f.name]) is typing.Literal]
+
+
+def test_every_choice_setting_takes_its_literal_values_and_refuses_others_in_one_line():
+    fields = _choice_fields()
+    assert {name for name, _ in fields} >= {"lr_schedule", "mixed_precision", "report_to", "pair_weighting",
+                                            "latent_sampling", "flip"}
+    for name, choices in fields:
+        for choice in choices:  # as `--set NAME=VALUE` gives them: YAML strings
+            assert getattr(TrainConfig.from_dict(apply_overrides({}, [parse_override(f"{name}={choice}")])),
+                           name) == choice
+        with pytest.raises(ValueError) as caught:
+            TrainConfig.from_dict({name: "bogus"})
+        assert str(caught.value) == f"{name} must be one of {', '.join(choices)}, got 'bogus'"
+
 
 
 @pytest.mark.parametrize(

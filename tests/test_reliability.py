@@ -21,8 +21,9 @@ from sdpo.objectives import MethodConfig
 from sdpo.toy import ToySpec
 from sdpo.train import optimize as optimize_module
 from sdpo.train.checkpoint import RunLock, RunLockedError, latest_checkpoint
-from sdpo.train.config import ConfigMismatchError, TrainConfig
+from sdpo.train.config import TrainConfig
 from sdpo.train.preemption import StopRequests
+from sdpo.train.resume_policy import ConfigMismatchError
 from sdpo.train.trainer import ExportError, NonFiniteWeightsError, TrainingDivergedError, export_run, train
 
 

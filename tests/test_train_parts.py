@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sdpo.evaluate import compare, mean_interval, wilson_interval
+from sdpo.stats import compare, mean_interval, wilson_interval
 from sdpo.train.config import TrainConfig
 from sdpo.train.step import draw_for_pairs
 from sdpo.train.trainer import GlobalBatchOrder

@@ -16,12 +16,16 @@ Weights are diagnostics and multipliers, never paths for gradient: everything he
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
 from sdpo.schedules import NoiseSchedule
 
-ESTIMATORS: tuple[str, ...] = ("expected", "sampled", "relative")
+Estimator = Literal["expected", "sampled", "relative"]
+"""The importance-weight estimators (``MethodConfig.estimator``)."""
+ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
 
 
 def _per_sample_mean(x: Tensor) -> Tensor:

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdpo.importance import ESTIMATORS
+from sdpo.importance import ESTIMATORS, Estimator
 
-METHODS: tuple[str, ...] = ("diffusion-dpo", "dpo-cm", "sdpo")
+MethodName = Literal["diffusion-dpo", "dpo-cm", "sdpo"]
+"""The method presets (``MethodConfig.name``)."""
+METHODS: tuple[MethodName, ...] = get_args(MethodName)
 
 
 # --------------------------------------------------------------------- weight transforms
@@ -49,7 +51,7 @@ def normalize_weights(weights: Tensor) -> Tensor:
 class MethodConfig:
     """How the pair-member weights W are built, and the objective's temperature."""
 
-    name: str = "sdpo"
+    name: MethodName = "sdpo"
     """Preset this configuration started from: "diffusion-dpo", "dpo-cm" or "sdpo"."""
 
     beta: float = 1000.0
@@ -57,7 +59,7 @@ class MethodConfig:
     (diffusers' SD1.5 example omits the 1/2: its beta_dpo = b is beta = 2b here). Errors are
     per-element means, so beta scales with 1 / (typical error gap)."""
 
-    estimator: str = "expected"
+    estimator: Estimator = "expected"
     """Importance-weight estimator: "expected" (closed form, w <= 1), "sampled" (one draw of x_s,
     unbiased) or "relative" (p_theta / p_ref at x_s ~ q, exactly 1 at the start of training)."""
 

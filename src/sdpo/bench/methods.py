@@ -5,7 +5,7 @@ once per arm (a method at a beta, a published baseline, or a variant) on the sam
 batches, timesteps and noise (one TrainConfig seed), then all arms and the base are sampled from the
 same held-out noise and scored by the world's reward and by a second scorer that never built pairs
 or trained anything. A long-training arm continues the core methods to several times the step
-budget, evaluated along the way. Statistics are over seeds (``sdpo.bench.stats``); the report is
+budget, evaluated along the way. Statistics are over seeds (``sdpo.stats``); the report is
 ``sdpo.bench.report``.
 
 A killed sweep resumes: every (condition, seed) cell whose evaluation is written is kept.
@@ -16,15 +16,24 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
+from sdpo.bench.report import write_report
 from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
-from sdpo.objectives import METHODS, MethodConfig
+from sdpo.objectives import METHODS, MethodConfig, MethodName
 from sdpo.toy.settings import WorldRunSettings
+from sdpo.toy.world import PretrainedWorld, World
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from sdpo.rewards.base import Reward
+    from sdpo.train.config import TrainConfig
 
 BASELINES: dict[str, str] = {
     "dpo+sft": "Diffusion-DPO plus an SFT term on the winners, sft_weight = beta/4 (as in Reg-DPO)",
@@ -83,7 +92,7 @@ class BenchConfig(WorldRunSettings):
 
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     """Data conditions (sdpo.bench.conditions.CONDITIONS)."""
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[MethodName, ...] = METHODS
     """Methods trained at every beta of ``betas``."""
     betas: tuple[float, ...] = (200.0, 2000.0, 20000.0)
     """The beta grid of the methods (the robustness picture; one value gives no picture)."""
@@ -156,7 +165,7 @@ class BenchConfig(WorldRunSettings):
 
 
 def _train_config(config: BenchConfig, arm: Arm, seed: int, steps: int, cache: Path, out: Path,
-                  keep_checkpoint: bool = False) -> Any:
+                  keep_checkpoint: bool = False) -> TrainConfig:
     from sdpo.train.config import TrainConfig
 
     return TrainConfig(
@@ -173,10 +182,10 @@ class SweepContext:
 
     config: Any
     """The sweep's settings: a BenchConfig, or any WorldRunSettings with an ``out`` (`sdpo bench online`)."""
-    world: Any
+    world: World
     generators: dict[str, Path]
-    rewards: list[Any]
-    real: Any
+    rewards: list[Reward]
+    real: Tensor
     out: Path
 
 
@@ -190,6 +199,8 @@ def sweep_context(config: Any, weak: bool = True) -> SweepContext:
 
     transformers_logging.disable_progress_bar()  # one bar per loaded model, hundreds per sweep
     world = get_world(config.world, config.toy_overrides)
+    if not isinstance(world, PretrainedWorld):  # both embedded worlds are: the weak generator needs its config
+        raise TypeError(f"world {config.world!r} has no pretraining config")
     base = world.pretrain(config.cache_root, config.progress)
     generators = {"base": base}
     if weak:
@@ -209,7 +220,7 @@ def _cell_data(context: SweepContext, condition: str, seed: int) -> Path:
         num_inference_steps=config.num_inference_steps, batch_size=512, progress=config.progress)
 
 
-def evaluate_cell(context: SweepContext, runs: dict[str, Path], seed: int, out: Path) -> dict[str, Any]:
+def evaluate_cell(context: SweepContext, runs: Mapping[str, str | Path], seed: int, out: Path) -> dict[str, Any]:
     """One cell's runs against the base on the sweep's rewards and quality guard (also ``sdpo bench online``'s)."""
     from sdpo.models.registry import load_spec
     from sdpo.stages.evaluate import evaluate
@@ -217,7 +228,7 @@ def evaluate_cell(context: SweepContext, runs: dict[str, Path], seed: int, out: 
 
     config, world = context.config, context.world
     result = evaluate(
-        load_spec(world.family, context.generators["base"]), world.prompts(config.eval_per_digit), runs,
+        load_spec(world.family, context.generators["base"]), world.prompts(config.eval_per_digit), dict(runs),
         context.rewards, out, seed=10_000 + seed, sampler=SamplerSettings(config.num_inference_steps,
                                                                           world.guidance_scale),
         batch_size=512, quality=lambda media: world.quality(media, context.real), progress=config.progress)
@@ -286,15 +297,14 @@ def _run_long(context: SweepContext, seed: int) -> dict[str, Any]:
 
 def run_bench(config: BenchConfig) -> Path:
     """Run (or resume) the sweep and write results.json, table.md and the plots; returns the folder."""
-    from sdpo.bench.report import write_report
-
     out = Path(config.out)
-    claim_folder(out, config_dict(config))
+    settings = config_dict(config)
+    claim_folder(out, settings)
     context = sweep_context(config)
     cells = [_run_cell(context, condition, seed) for condition in config.conditions for seed in range(config.seeds)]
     long = [_run_long(context, seed) for seed in range(config.long_seeds)] if config.long_steps else []
     # The cells' own times: a resumed sweep reports the work of every run, not the last one's.
-    write_report(out, config, cells, long, wall_s=sum(part.get("wall_s", 0.0) for part in cells + long))
+    write_report(out, settings, cells, long, wall_s=sum(part.get("wall_s", 0.0) for part in cells + long))
     return out
 
 

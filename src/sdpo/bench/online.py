@@ -25,11 +25,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdpo.errors import InputError
-from sdpo.objectives import METHODS
+from sdpo.objectives import METHODS, MethodName
 from sdpo.toy.settings import WorldRunSettings
+
+if TYPE_CHECKING:
+    from sdpo.bench.methods import SweepContext
+    from sdpo.data.pairs import PreferencePair
 
 SOURCES = ("offline", "online")
 """Where an arm's pairs come from: the base model only, or each round's current policy."""
@@ -41,7 +45,7 @@ class OnlineBenchConfig(WorldRunSettings):
     world, data sizes (``samples_per_prompt`` is K per round), LoRA recipe and evaluation are
     ``WorldRunSettings``."""
 
-    methods: tuple[str, ...] = ("diffusion-dpo", "sdpo")
+    methods: tuple[MethodName, ...] = ("diffusion-dpo", "sdpo")
     """Methods trained from each source (MethodConfig presets)."""
     beta: float = 2000.0
     """Objective temperature of every arm."""
@@ -59,9 +63,9 @@ class OnlineBenchConfig(WorldRunSettings):
         self.methods = tuple(self.methods)
         if not self.methods:
             raise InputError("methods must name at least one method")
-        for name in self.methods:
-            if name not in METHODS:
-                raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        for method in self.methods:
+            if method not in METHODS:
+                raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         for name in ("seeds", "rounds", "steps_per_round"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -90,7 +94,7 @@ class OnlineBenchConfig(WorldRunSettings):
                 "checkpoint_every": 0}
 
 
-def _offline_cache(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) -> Path:
+def _offline_cache(context: SweepContext, config: OnlineBenchConfig, seed: int, folder: Path) -> Path:
     """R groups of K base candidates per prompt, best vs worst of each, in one precompute cache."""
     from sdpo.data import precompute, read_pairs
     from sdpo.models.registry import load_spec
@@ -100,7 +104,7 @@ def _offline_cache(context: Any, config: OnlineBenchConfig, seed: int, folder: P
 
     world, base = context.world, context.generators["base"]
     video = world.family == "toy-video"
-    pairs = []
+    pairs: list[PreferencePair] = []
     for r in range(config.rounds):
         out = folder / f"candidates-{r:02d}"
         generate(load_spec(world.family, base), world.prompts(config.pairs_per_digit), out,
@@ -119,7 +123,7 @@ def _data_seed(seed: int) -> int:
     return 1000 * seed
 
 
-def _offline(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) -> tuple[dict[str, Path], dict]:
+def _offline(context: SweepContext, config: OnlineBenchConfig, seed: int, folder: Path) -> tuple[dict[str, Path], dict]:
     from sdpo.data import CachedPairs
     from sdpo.models.registry import load_spec
     from sdpo.train.config import TrainConfig
@@ -141,7 +145,7 @@ def _offline(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) -
     return runs, seconds
 
 
-def _online(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) -> tuple[dict[str, Path], dict]:
+def _online(context: SweepContext, config: OnlineBenchConfig, seed: int, folder: Path) -> tuple[dict[str, Path], dict]:
     from sdpo.stages.online import OnlineConfig, run_online
 
     world = context.world
@@ -163,7 +167,7 @@ def _online(context: Any, config: OnlineBenchConfig, seed: int, folder: Path) ->
     return runs, seconds
 
 
-def _run_seed(context: Any, config: OnlineBenchConfig, seed: int) -> dict[str, Any]:
+def _run_seed(context: SweepContext, config: OnlineBenchConfig, seed: int) -> dict[str, Any]:
     """Every arm of one seed, evaluated together; cached as seed.json."""
     from sdpo.bench.methods import evaluate_cell
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.bench.report import format_interval, format_p_value, seed_summary
-from sdpo.bench.stats import paired_test
+from sdpo.stats import paired_test
 
 BASELINE = "offline:diffusion-dpo"
 """The arm every other is paired with (offline Diffusion-DPO is what users run today)."""

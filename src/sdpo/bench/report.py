@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from sdpo.bench.stats import SeedInterval, paired_test, seed_interval
+from sdpo.stats import paired_test, seed_interval
 
 SPIKE_FACTOR = 3.0
 """A loss spike: a step whose loss exceeds this multiple of the median of the 20 steps before it."""
@@ -211,15 +211,15 @@ def plot_long(long: dict[str, Any], path: Path, title: str) -> Path:
     return path
 
 
-def write_report(out: Path, config: Any, cells: list[dict[str, Any]], long: list[dict[str, Any]],
+def write_report(out: Path, config: dict[str, Any], cells: list[dict[str, Any]], long: list[dict[str, Any]],
                  wall_s: float) -> None:
-    """results.json, table.md, reward_vs_beta.png and (with a long arm) reward_over_steps.png in ``out``."""
+    """results.json, table.md, reward_vs_beta.png and (with a long arm) reward_over_steps.png in ``out``;
+    ``config`` is the sweep's settings as JSON-ready data (``sdpo.bench.methods.config_dict``)."""
     import torch
 
-    from sdpo.bench.methods import config_dict
     from sdpo.files import write_atomic
 
-    settings = {**config_dict(config), "threads": torch.get_num_threads()}
+    settings = {**config, "threads": torch.get_num_threads()}
     summary = summarize(settings, cells)
     curves = summarize_long(settings, long)
     table = markdown_table(settings, summary, curves, wall_s)
@@ -234,4 +234,4 @@ def write_report(out: Path, config: Any, cells: list[dict[str, Any]], long: list
     write_atomic(out / "table.md", table)
 
 
-__all__ = ["SeedInterval", "markdown_table", "summarize", "write_report"]
+__all__ = ["markdown_table", "summarize", "write_report"]

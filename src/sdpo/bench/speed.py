@@ -31,19 +31,24 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
 from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
 
+if TYPE_CHECKING:
+    from sdpo.data.batch import PairBatch
+    from sdpo.models.base import ModelSpec
+
 ARMS = ("sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo")
 """Step kinds, in table order; the last three are MethodConfig presets."""
 SFT_ARMS = frozenset({"sft", "sft-pairs"})
 """The supervised arms: on the B winners, and on both members (2B samples)."""
 
-MODELS = ("sd-tiny", "toy", "toy-video")
+SpeedModel = Literal["sd-tiny", "toy", "toy-video"]
+MODELS: tuple[SpeedModel, ...] = get_args(SpeedModel)
 """Models the CPU benchmark can build offline: a small random Stable Diffusion pipeline (64x64
 pixels, the test suite's architecture) and the two embedded worlds' base-model architectures."""
 
@@ -59,7 +64,7 @@ RATIOS: dict[tuple[str, str], float | None] = {
 class SpeedConfig:
     """Settings of `sdpo bench speed`."""
 
-    models: tuple[str, ...] = MODELS
+    models: tuple[SpeedModel, ...] = MODELS
     """Models to time (MODELS)."""
     batch_size: int = 4
     """Pairs per step (SFT takes the B winners)."""
@@ -106,12 +111,12 @@ def _model_folder(name: str, work: Path) -> tuple[str, Path]:
     return world.family, world.pretrain(work / "toy-models", progress=False)
 
 
-def _batch(spec: Any, pairs: int, device: torch.device) -> Any:
+def _batch(spec: ModelSpec, pairs: int, device: torch.device) -> PairBatch:
     """A batch as training sees it: encoded random pixels for both members and encoded prompts."""
     from sdpo.data.batch import PairBatch
 
     media = spec.media_format
-    shape = (media.channels, media.height, media.width)
+    shape: tuple[int, ...] = (media.channels, media.height, media.width)
     shape = (media.frames, *shape) if media.frames else shape
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand((2 * pairs, *shape), generator=generator) * 2 - 1

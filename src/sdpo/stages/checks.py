@@ -127,6 +127,8 @@ def check_config_types(config: Any, where: str = "config") -> None:
 
 def _is_instance(value: Any, hint: Any) -> bool:
     origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:  # the type of its values; which value is the config's own check
+        return _is_instance(value, type(arguments[0]))
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return any(_is_instance(value, argument) for argument in arguments)
     if hint is type(None):
@@ -146,6 +148,8 @@ def _is_instance(value: Any, hint: Any) -> bool:
 
 def _type_name(hint: Any) -> str:
     arguments = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return _type_name(type(arguments[0]))
     if arguments and typing.get_origin(hint) is not dict:
         return " or ".join(_type_name(argument) for argument in arguments)
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}

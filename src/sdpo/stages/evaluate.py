@@ -28,12 +28,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sdpo.errors import InputError
-from sdpo.evaluate import Comparison, compare
 from sdpo.files import atomic_output, named_for, write_atomic
 from sdpo.models.base import unwrap
 from sdpo.models.lora_check import load_lora_checked
 from sdpo.rewards.base import Reward
 from sdpo.stages.generate import SamplerSettings, sample_with_seeds, write_media
+from sdpo.stats import Comparison, compare
 from sdpo.train.model_card import record_evaluation
 
 EVAL_SAMPLES_FILE = "eval_samples.safetensors"

@@ -18,10 +18,13 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sdpo.errors import ConfigError, InputError, MissingFileError, SdpoError
 from sdpo.files import write_atomic
+
+Reference = Literal["base", "previous"]
+"""What an online run's reference model can be (``OnlineConfig.reference``)."""
 
 DONE = ".done"
 """Marker written (atomically) after a stage whose output folder has no completion mark of its own."""
@@ -49,7 +52,7 @@ class OnlineConfig:
     """Candidates K per prompt per round."""
     steps: int = 100
     """Optimizer steps N per round."""
-    reference: str = "base"
+    reference: Reference = "base"
     """Reference model: "base" (the only one implemented; "previous" needs the trainer to start from a LoRA)."""
     keep_pairs: bool = True
     """Train each round on the pairs of all rounds so far (true) or of its own round only (false)."""
@@ -81,8 +84,9 @@ class OnlineConfig:
         from sdpo.stages.checks import check_config_types
 
         check_config_types(self, "online config")  # strictly: the string "false" is not a bool
-        if self.reference not in ("base", "previous"):
-            raise InputError(f"reference must be 'base' or 'previous', got {self.reference!r}")
+        if self.reference not in get_args(Reference):
+            choices = " or ".join(repr(choice) for choice in get_args(Reference))
+            raise InputError(f"reference must be {choices}, got {self.reference!r}")
         if self.reference == "previous":
             raise InputError("reference: previous is not implemented yet (the reference is the base; "
                          "warm_start: true continues the policy from round to round)")

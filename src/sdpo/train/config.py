@@ -1,8 +1,8 @@
 """The training configuration: one dataclass, one docstring per field, validated in one place.
 
-Values are coerced by each field's type annotation (`_coerce`), so numbers work in the forms people
-write them: PyYAML reads ``1e-4`` as a string, and ``--set learning_rate=1e-4`` does too. Every bad
-value ends in a one-line ValueError naming the field.
+Values are coerced by each field's type annotation (``sdpo.train.coercion``), so numbers work in the
+forms people write them: PyYAML reads ``1e-4`` as a string, and ``--set learning_rate=1e-4`` does too.
+Every bad value ends in a one-line InputError naming the field.
 
 Overrides (``sdpo train --set``) apply to the mapping the user wrote, before the method preset is
 expanded (`apply_overrides`): ``--set method.name=diffusion-dpo`` gives Diffusion-DPO's defaults plus
@@ -13,25 +13,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import functools
 import math
-import re
-import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
 
 from sdpo.errors import ConfigError, InputError, MissingFileError
 from sdpo.objectives import MethodConfig
+from sdpo.train.coercion import check_choice, check_keys, coerce, field_names, one_line, show, type_hints
+from sdpo.train.lora_targets import check_lora_targets
 
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-TRACKERS = ("tensorboard", "wandb", "all", "none")
-PAIR_WEIGHTINGS = ("none", "gap")
-LATENT_SAMPLING = ("auto", "mean", "sample")
-FLIPS = ("none", "pair", "independent")
+# The settings that name one of a few choices: each field's type is its Literal, the tuples are derived.
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Tracker = Literal["tensorboard", "wandb", "all", "none"]
+PairWeighting = Literal["none", "gap"]
+LatentSampling = Literal["auto", "mean", "sample"]
+Flip = Literal["none", "pair", "independent"]
+LR_SCHEDULES: tuple[LrSchedule, ...] = get_args(LrSchedule)
+MIXED_PRECISION: tuple[MixedPrecision, ...] = get_args(MixedPrecision)
+TRACKERS: tuple[Tracker, ...] = get_args(Tracker)
+PAIR_WEIGHTINGS: tuple[PairWeighting, ...] = get_args(PairWeighting)
+LATENT_SAMPLING: tuple[LatentSampling, ...] = get_args(LatentSampling)
+FLIPS: tuple[Flip, ...] = get_args(Flip)
 
 
 @dataclass
@@ -81,7 +86,7 @@ class TrainConfig:
     """AdamW decoupled weight decay."""
     use_8bit_adam: bool = False
     """Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a GPU)."""
-    lr_schedule: str = "constant_with_warmup"
+    lr_schedule: LrSchedule = "constant_with_warmup"
     """One of constant, constant_with_warmup, linear, cosine."""
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warm-up."""
@@ -100,7 +105,7 @@ class TrainConfig:
     ema_power: float = 2 / 3
     """Exponent of the power warm-up (``ema_warmup`` only); diffusers suggests 2/3 for a million steps, 3/4
     for shorter runs (0.999 after 10k steps)."""
-    pair_weighting: str = "none"
+    pair_weighting: PairWeighting = "none"
     """Per-pair multiplier on the preference loss: "none", or "gap": each pair weighs its score gap (the
     ``gap`` that `sdpo pairs` writes and precompute stores) divided by the mean gap over the cache, so the
     loss keeps its scale and clearly ranked pairs count more (as VideoDPO weights pairs by their score gap)."""
@@ -111,7 +116,7 @@ class TrainConfig:
     """Pairs per process per forward pass."""
     gradient_accumulation_steps: int = 1
     """Forward passes per optimizer step. Global batch = train_batch_size x processes x this."""
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     """"no", "fp16" or "bf16"; frozen weights are cast to it, trainable ones stay float32."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the denoiser."""
@@ -122,14 +127,14 @@ class TrainConfig:
     seed: int = 0
     """Seeds initialisation, data order, timesteps and noise (each pair's draw depends only on the
     seed, the step and its global index, so runs are identical across process counts and resumes)."""
-    latent_sampling: str = "auto"
+    latent_sampling: LatentSampling = "auto"
     """Which latent of each cached image or clip a step trains on: "mean" (the VAE posterior's mean,
     the same every step), "sample" (a fresh ``mean + std * eps`` each step, as diffusers' Diffusion-DPO
     scripts get from ``vae.encode(x).latent_dist.sample()``; needs a cache that stores the std) or
     "auto" (sample when the cache stores the std, else the mean). Caches made by ``sdpo precompute`` for
     the VAE families store it; older caches, and the toy worlds (whose encoder is deterministic), do not,
     so "auto" trains on the mean there, as before. eps is drawn per (seed, step, pair, member)."""
-    flip: str = "none"
+    flip: Flip = "none"
     """Horizontal-flip augmentation of the latents, drawn per (seed, step, pair): "none"; "pair" mirrors
     winner and loser together (one coin per pair: the comparison stays between two images of the
     same composition, so the preference signal is about content, not orientation; diffusers' SDXL
@@ -155,7 +160,7 @@ class TrainConfig:
     """Sampler steps of the validation pipeline."""
     validation_guidance_scale: float | None = None
     """Classifier-free guidance of validation samples (None: the pipeline's or embedded world's default)."""
-    report_to: str = "tensorboard"
+    report_to: Tracker = "tensorboard"
     """Experiment tracker: tensorboard, wandb, all or none (metrics.jsonl is always written)."""
     max_bad_steps: int = 10
     """Consecutive optimizer steps with a non-finite loss or gradient norm after which the run stops
@@ -169,10 +174,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML reads an unquoted `no` (accelerate's spelling) as false
             self.mixed_precision = "no"
-        hints = _type_hints(type(self))
+        hints = type_hints(type(self))
         for item in fields(self):
             if item.name != "method":
-                setattr(self, item.name, _coerce(item.name, hints[item.name], getattr(self, item.name)))
+                setattr(self, item.name, coerce(item.name, hints[item.name], getattr(self, item.name)))
         self.method = method_from_dict(self.method)
         self.validate()
 
@@ -191,16 +196,16 @@ class TrainConfig:
         for name in ("max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _check_choice("report_to", self.report_to, TRACKERS)
-        _check_choice("pair_weighting", self.pair_weighting, PAIR_WEIGHTINGS)
+        check_choice("lr_schedule", self.lr_schedule, LrSchedule)
+        check_choice("mixed_precision", self.mixed_precision, MixedPrecision)
+        check_choice("report_to", self.report_to, Tracker)
+        check_choice("pair_weighting", self.pair_weighting, PairWeighting)
         if not 0 <= self.ema_decay < 1:
             raise InputError(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if not self.ema_power > 0:
             raise InputError(f"ema_power must be a positive number, got {self.ema_power}")
-        _check_choice("latent_sampling", self.latent_sampling, LATENT_SAMPLING)
-        _check_choice("flip", self.flip, FLIPS)
+        check_choice("latent_sampling", self.latent_sampling, LatentSampling)
+        check_choice("flip", self.flip, Flip)
         if not 0 <= self.lora_dropout < 1:
             raise InputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.validation_guidance_scale is not None and not 0 <= self.validation_guidance_scale < math.inf:
@@ -208,7 +213,7 @@ class TrainConfig:
                              f"got {self.validation_guidance_scale}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise InputError(f"lora_alpha must be a positive number (or null for alpha = rank), got {self.lora_alpha}")
-        _check_lora_targets(self.lora_target_modules)
+        check_lora_targets(self.lora_target_modules)
         if self.init_lora is not None and self.lora_rank == 0:
             raise InputError("init_lora needs LoRA training (lora_rank > 0): full fine-tuning has no adapter to start")
         if self.t_max is not None and self.t_max < self.t_min:
@@ -226,8 +231,8 @@ class TrainConfig:
         ``TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config`` for every config.
         """
         if not isinstance(data, Mapping):
-            raise InputError(f"a config must be a mapping of settings, got {_show(data)}")
-        _check_keys(data, _field_names(cls), "config key")
+            raise InputError(f"a config must be a mapping of settings, got {show(data)}")
+        check_keys(data, field_names(cls), "config key")
         return cls(**data)
 
     @classmethod
@@ -254,13 +259,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise InputError(f"config file {path} is not UTF-8 text (byte {error.start})") from error
     except yaml.YAMLError as error:
-        raise InputError(f"config file {path} is not valid YAML: {_one_line(error)}") from error
+        raise InputError(f"config file {path} is not valid YAML: {one_line(error)}") from error
     except RecursionError as error:
         raise InputError(f"config file {path} is nested too deeply") from error
     except ValueError as error:  # e.g. an integer of more than 4,300 digits
-        raise InputError(f"config file {path} holds a value that cannot be read: {_one_line(error)[:120]}") from error
+        raise InputError(f"config file {path} holds a value that cannot be read: {one_line(error)[:120]}") from error
     if not isinstance(data, dict):
-        raise InputError(f"config file {path} must hold a mapping of settings, got {_show(data)}")
+        raise InputError(f"config file {path} must hold a mapping of settings, got {show(data)}")
     return data
 
 
@@ -274,7 +279,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as error:
-        raise InputError(f"--set {text!r}: the value is not valid YAML: {_one_line(error)}") from error
+        raise InputError(f"--set {text!r}: the value is not valid YAML: {one_line(error)}") from error
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -290,13 +295,13 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]
         if not all(parts):
             raise InputError(f"override {key!r}: expected a setting name such as max_steps or method.beta")
         top = parts[0]
-        _check_keys({top: None}, _field_names(TrainConfig), "config key")
+        check_keys({top: None}, field_names(TrainConfig), "config key")
         if len(parts) == 1:
             result[top] = value
             continue
         if top != "method":
             raise InputError(f"override {key!r}: {top} is a single setting, not a group (set {top}=VALUE)")
-        _check_keys({parts[1]: None}, _field_names(MethodConfig), "method setting")
+        check_keys({parts[1]: None}, field_names(MethodConfig), "method setting")
         if len(parts) > 2:
             whole = f"method.{parts[1]}"
             raise InputError(f"override {key!r}: {whole} is a single setting, not a group (set {whole}=VALUE)")
@@ -304,7 +309,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]
         if isinstance(method, MethodConfig):
             raise InputError(f"override {key!r}: the method is already built; override a mapping instead")
         if not isinstance(method, dict):
-            raise InputError(f"override {key!r}: method in the config is not a mapping (got {_show(method)})")
+            raise InputError(f"override {key!r}: method in the config is not a mapping (got {show(method)})")
         result["method"] = {**method, parts[1]: value}
     return result
 
@@ -315,232 +320,14 @@ def method_from_dict(data: Mapping[str, Any] | MethodConfig) -> MethodConfig:
     if isinstance(data, MethodConfig):
         return data
     if not isinstance(data, Mapping):
-        raise InputError(f"method must be a mapping such as {{name: sdpo, beta: 1000.0}}, got {_show(data)}")
-    _check_keys(data, _field_names(MethodConfig), "method setting")
-    hints = _type_hints(MethodConfig)
-    values = {key: _coerce(f"method.{key}", hints[key], value) for key, value in data.items()}
+        raise InputError(f"method must be a mapping such as {{name: sdpo, beta: 1000.0}}, got {show(data)}")
+    check_keys(data, field_names(MethodConfig), "method setting")
+    hints = type_hints(MethodConfig)
+    values = {key: coerce(f"method.{key}", hints[key], value) for key, value in data.items()}
     try:
         return MethodConfig.preset(values.pop("name", "sdpo"), **values)
     except ValueError as error:  # the math layer raises built-ins only
         raise ConfigError(f"method: {error}") from None
-
-
-# --------------------------------------------------------------------- resume check
-SAFE_RESUME_FIELDS = frozenset({
-    "max_steps", "log_every", "checkpoint_every", "checkpoints_total_limit", "report_to", "output_dir",
-    "max_bad_steps",
-    # Memory-only switches: they change where or when values are computed, not what is trained.
-    "gradient_checkpointing", "offload_reference",
-})
-"""Settings a resumed run may change (plus every ``validation_*``); any other change is refused."""
-
-
-@dataclass(frozen=True)
-class ConfigChange:
-    """A setting that differs between a checkpoint's config and the resuming one (a dotted name for method keys)."""
-
-    field: str
-    old: Any
-    new: Any
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.old!r} -> {self.new!r}"
-
-
-class ConfigMismatchError(ConfigError):
-    """Resuming with a changed setting that would corrupt the run (one line: the field, both values)."""
-
-
-def is_resume_safe(name: str) -> bool:
-    """Whether setting ``name`` (dotted for method keys) may change between a checkpoint and its resume."""
-    return name in SAFE_RESUME_FIELDS or name.startswith("validation_")
-
-
-def check_resume(saved: TrainConfig, current: TrainConfig) -> list[ConfigChange]:
-    """The safe changes from ``saved`` (the checkpoint's config) to ``current``, in field order.
-
-    Raises ConfigMismatchError naming the first unsafe change (model, cache, method, LoRA, optimizer,
-    schedule, batch geometry, precision, timesteps, seed, ...) with both values.
-    """
-    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
-    changes = []
-    for name in [*new, *(key for key in old if key not in new)]:
-        before, after = old.get(name), new.get(name)
-        if before == after and (name in old) == (name in new):
-            continue
-        if not is_resume_safe(name):
-            raise ConfigMismatchError(
-                f"cannot resume: {name} was {before!r} in the checkpoint and is {after!r} now; set it back "
-                f"to {before!r}, or start a new run in another output_dir"
-            )
-        changes.append(ConfigChange(name, before, after))
-    return changes
-
-
-def _flatten(data: dict[str, Any]) -> dict[str, Any]:
-    flat = {}
-    for key, value in data.items():
-        if key == "method":
-            flat.update({f"method.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-# --------------------------------------------------------------------- LoRA targets
-def resolve_lora_targets(requested: list[str] | str | None, default: list[str] | str, model: Any) -> list[str] | str:
-    """peft's ``target_modules`` for ``model``: ``requested`` (checked to match a Linear / Conv /
-    Embedding layer of ``model``) or, when None, the family ``default``."""
-    if requested is None:
-        return default
-    import torch.nn as nn
-
-    adaptable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-    names = [name for name, module in model.named_modules() if name and isinstance(module, adaptable)]
-    if isinstance(requested, str):
-        pattern = re.compile(requested)
-        missing = [] if any(pattern.fullmatch(name) for name in names) else [requested]
-    else:
-        missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        what = "no layer's full name matches" if isinstance(requested, str) else "no adaptable layer is named"
-        raise InputError(f"lora_target_modules: {what} {', '.join(map(repr, missing))}; the denoiser's "
-                         f"Linear/Conv layers are named: {', '.join(_short_names(names))}")
-    return list(requested) if not isinstance(requested, str) else requested
-
-
-def _short_names(names: list[str]) -> list[str]:
-    """Distinct trailing names ("to_k", "to_out.0": an index keeps its parent) of module paths."""
-    short = set()
-    for name in names:
-        parts = name.split(".")
-        short.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
-    return sorted(short)
-
-
-def _check_lora_targets(targets: list[str] | str | None) -> None:
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as error:
-            raise InputError(f"lora_target_modules is not a valid regular expression: {error}") from error
-        if not targets:
-            raise InputError("lora_target_modules must not be empty (null: the family default)")
-    elif targets is not None and (not targets or not all(targets)):
-        raise InputError(f"lora_target_modules must be non-empty module names (null: the family default), "
-                         f"got {targets!r}")
-
-
-# --------------------------------------------------------------------- coercion by annotation
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
-def _field_names(cls: type) -> list[str]:
-    return [item.name for item in fields(cls)]
-
-
-def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    """``value`` as the type ``annotation`` names, or a one-line ValueError naming field ``name``."""
-    try:
-        return _convert(annotation, value)
-    except (ValueError, TypeError, OverflowError):
-        raise InputError(f"{name} must be {_expected(annotation)}, got {_show(value)}") from None
-
-
-def _convert(annotation: Any, value: Any) -> Any:
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(option, value)
-            except (ValueError, TypeError, OverflowError):
-                continue
-        raise ValueError
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError
-        if origin is tuple and Ellipsis not in args:
-            if len(value) != len(args):
-                raise ValueError
-            return tuple(_convert(a, v) for a, v in zip(args, value, strict=True))
-        return origin(_convert(args[0], v) for v in value)
-    if annotation is bool:
-        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[value.strip().lower()]
-        if not isinstance(value, bool):
-            raise ValueError
-        return value
-    if isinstance(value, bool):  # YAML's yes/no/true/false are never numbers or names
-        raise ValueError
-    if annotation is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
-        number = float(value) if isinstance(value, (float, str)) else math.nan  # "1e3" is 1000
-        if not (math.isfinite(number) and number.is_integer()):
-            raise ValueError
-        return int(number)
-    if annotation is float:
-        if not isinstance(value, (int, float, str)):
-            raise ValueError
-        number = float(value)
-        if not math.isfinite(number):
-            raise ValueError
-        return number
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    return value
-
-
-def _expected(annotation: Any) -> str:
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin in (Union, types.UnionType):
-        parts = [_expected(a) for a in args if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if origin is tuple and Ellipsis not in args:
-        return f"a list of {len(args)} {_expected(args[0]).split(' ', 1)[1]}s"
-    if origin in (list, tuple):
-        return f"a list of {_expected(args[0]).split(' ', 1)[1]}s"
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(
-        annotation, str(annotation))
-
-
-# --------------------------------------------------------------------- small helpers
-def _check_keys(data: Mapping[Any, Any], known: list[str], what: str) -> None:
-    # repr for anything but a plain name, so a key holding a newline or spaces still reads on one line
-    unknown = sorted(key if isinstance(key, str) and key.isidentifier() else repr(key)
-                     for key in data if key not in known)
-    if unknown:
-        hints = [m for key in unknown for m in difflib.get_close_matches(key, known, n=1)]
-        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-        raise InputError(f"unknown {what}(s): {', '.join(unknown)}{hint}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _show(value: Any) -> str:
-    """A short one-line rendering of a user's value (YAML spelling for None and booleans)."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def _plain(value: Any) -> Any:

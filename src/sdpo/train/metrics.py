@@ -22,7 +22,10 @@ from sdpo.train.run import StepOutcome, TrainingRun
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["BAD_STEPS_NAME", "LOSS_BOUND", "MetricsLog", "read_history"]
+__all__ = ["BAD_STEPS_NAME", "LOSS_BOUND", "LoggedRow", "MetricsLog", "read_history"]
+
+LoggedRow = dict[str, float | None]
+"""One logged step of metrics.jsonl: name -> value (None: not reported, e.g. a skipped step's gradient norm)."""
 
 TIMESTEP_BUCKETS = 10
 
@@ -38,6 +41,10 @@ class _IntervalMeter:
     """Sums metrics between logging steps, then reduces them over processes."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new interval."""
         self.sums: dict[str, float] = {}
         self.minimum = math.inf
         self.count = 0
@@ -73,7 +80,7 @@ class _IntervalMeter:
         for b in range(TIMESTEP_BUCKETS):
             if counts[b] > 0:
                 result[f"w_by_t/{b * width:04d}-{(b + 1) * width - 1:04d}"] = (sums[b] / counts[b]).item()
-        self.__init__()
+        self.reset()
         return result
 
 
@@ -108,16 +115,16 @@ class MetricsLog:
         self.bar.update(1)
         if not (done % config.log_every == 0 or done == config.max_steps):
             return
-        logged = self.meter.flush(run.accelerator, num_timesteps)
+        logged: LoggedRow = {**self.meter.flush(run.accelerator, num_timesteps)}
         # A skipped step's NaN / inf norm, or DeepSpeed's unreported one, is written as null (strict JSON).
         norm = outcome.grad_norm if math.isfinite(outcome.grad_norm) else None
-        logged.update(grad_norm=norm, lr=run.lr_scheduler.get_last_lr()[0], bad_steps=run.bad_steps,
+        logged.update(grad_norm=norm, lr=float(run.lr_scheduler.get_last_lr()[0]), bad_steps=run.bad_steps,
                       step=done)
         if run.main:
             self._write(logged, done)
 
-    def _write(self, logged: dict[str, float], done: int) -> None:
-        if logged.get("masked_fraction", 0.0) >= 1.0 and not self.warned_masked:
+    def _write(self, logged: LoggedRow, done: int) -> None:
+        if (logged.get("masked_fraction") or 0.0) >= 1.0 and not self.warned_masked:
             self.warned_masked = True
             warn(
                 f"every pair member was masked up to step {done} (w below method.mask_threshold="
@@ -158,7 +165,7 @@ def _announcement(spec: ModelSpec, config: TrainConfig, accelerator: Accelerator
             f"{num_pairs} cached pairs")
 
 
-def read_history(path: Path, up_to_step: int, rewrite: bool = False) -> list[dict[str, float]]:
+def read_history(path: Path, up_to_step: int, rewrite: bool = False) -> list[LoggedRow]:
     """The logged rows up to ``up_to_step``; ``rewrite`` cuts the file there too (atomically), so a
     resumed run does not log a step twice and a fresh one does not append to an old run's rows."""
     rows = []

@@ -81,7 +81,8 @@ def _subcommand(command: str | None) -> str | None:
 def training_facts(config: Any, media_kind: str, command: str | None = None) -> TrainingFacts:
     """The facts of a ``TrainConfig``; the pair count and source come from its cache's manifest."""
     manifest = _read_json(Path(config.cache_dir) / "manifest.json") if config.cache_dir else {}
-    extra = manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {}
+    found = manifest.get("extra")
+    extra: dict[str, Any] = found if isinstance(found, dict) else {}
     pairs = manifest.get("num_pairs")
     return TrainingFacts(
         family=config.family, base_model=str(config.pretrained), media_kind=media_kind,

@@ -39,14 +39,16 @@ class TrainingDivergedError(InputError):
 def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
     """Forward and backward every micro-batch of one step, then update, unless a loss or the gradient
     norm is non-finite on any process: then the update is skipped (the guard)."""
-    config, accelerator = run.config, run.accelerator
+    config, accelerator, order, dataset = run.config, run.accelerator, run.order, run.dataset
+    if order is None or dataset is None:
+        raise RuntimeError("an optimizer step needs the run's pairs; this run was built without a dataset")
     metrics, rows_seen, timesteps_seen = [], [], []
     finite, max_loss, grad_norm, skipped = True, 0.0, None, None
     for micro in range(config.gradient_accumulation_steps):
         micro_step = step * config.gradient_accumulation_steps + micro
-        rows, positions = run.order.indices(micro_step)
+        rows, positions = order.indices(micro_step)
         # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
-        batch = collate_pairs([run.dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
+        batch = collate_pairs([dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
         pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
         batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
         # The batch's own shape: a bucketed cache's batches differ in size from one micro-step to the next.
@@ -87,7 +89,7 @@ def skip_reason(accelerator: Accelerator, finite_loss: bool, grad_norm: Tensor |
     if not finite_loss:
         return "non-finite loss"
     if not finite_norm:
-        return f"non-finite gradient norm ({float(grad_norm)})"
+        return f"non-finite gradient norm ({math.nan if grad_norm is None else float(grad_norm)})"
     return None
 
 

@@ -24,6 +24,7 @@ from sdpo.models.base import ModelSpec, unwrap
 from sdpo.train.config import TrainConfig
 from sdpo.train.order import GlobalBatchOrder
 from sdpo.train.pair_weights import PairWeights
+from sdpo.train.resume_policy import ConfigChange
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -51,8 +52,8 @@ class ResumePoint:
     """Optimizer steps already done (the checkpoint's step)."""
     state: dict[str, Any] = field(default_factory=dict)
     """The checkpoint's ``trainer_state.json`` (empty for a fresh start)."""
-    changes: list[Any] = field(default_factory=list)
-    """The config fields changed since the checkpoint (``sdpo.train.config.check_resume``'s records)."""
+    changes: list[ConfigChange] = field(default_factory=list)
+    """The config fields changed since the checkpoint (``sdpo.train.resume_policy.check_resume``'s records)."""
 
 
 @dataclass

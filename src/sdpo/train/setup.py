@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -31,12 +31,14 @@ from sdpo.train.checkpoint import (
     register_trainable_hooks,
     remove_checkpoint,
 )
-from sdpo.train.config import TrainConfig, check_resume, resolve_lora_targets
+from sdpo.train.config import TrainConfig
 from sdpo.train.ema import EMA_FOLDER, build_ema, check_ema_supported, load_ema
 from sdpo.train.log import note, warn
+from sdpo.train.lora_targets import resolve_lora_targets
 from sdpo.train.metrics import BAD_STEPS_NAME
 from sdpo.train.order import batch_order
 from sdpo.train.pair_weights import PairWeights
+from sdpo.train.resume_policy import check_resume
 from sdpo.train.run import PairDataset, ResumePoint, TrainingRun
 from sdpo.train.sharding import (
     enable_gradient_checkpointing,
@@ -200,7 +202,7 @@ def build_run(config: TrainConfig, spec: ModelSpec | None, dataset: PairDataset 
     if spec is None:
         from sdpo.models.registry import load_spec
 
-        media_format = dataset.media_format if dataset is not None else None
+        media_format = getattr(dataset, "media_format", None)  # a CachedPairs knows it; a plain sequence does not
         spec = load_spec(config.family, config.pretrained, load_vae=False, load_text_encoder=False,
                          media_format=media_format)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -308,14 +310,22 @@ def add_lora(model: nn.Module, config: TrainConfig, spec: ModelSpec) -> None:
     targets = resolve_lora_targets(config.lora_target_modules, spec.lora_target_modules(), model)
     lora = LoraConfig(
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+        # peft annotates an int; it only divides by the rank, so a float alpha is as good
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
         init_lora_weights="gaussian",
         target_modules=targets,
     )
-    model.add_adapter(lora)
+    cast(_PeftModel, model).add_adapter(lora)
     if config.init_lora is not None:
         _start_from_lora(model, Path(config.init_lora), spec.denoiser_subfolder)
+
+
+class _PeftModel(Protocol):
+    """A denoiser as LoRA sees it: every family's is a diffusers model, with peft's ``add_adapter``
+    (ModelSpec types it as a plain torch module)."""
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None: ...
 
 
 def _start_from_lora(model: nn.Module, folder: Path, prefix: str) -> None:
@@ -347,8 +357,8 @@ def _start_from_lora(model: nn.Module, folder: Path, prefix: str) -> None:
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    kwargs = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_epsilon,
-                  weight_decay=config.weight_decay)
+    kwargs: dict[str, Any] = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_epsilon,
+                                  weight_decay=config.weight_decay)
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb

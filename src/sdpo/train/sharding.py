@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,12 +38,19 @@ def parameters_are_sharded(accelerator: Any) -> bool:
     )
 
 
+class _Checkpointable(Protocol):
+    """A denoiser with diffusers' switch (every family's is a diffusers model; ModelSpec types it as a
+    plain torch module)."""
+
+    def enable_gradient_checkpointing(self) -> None: ...
+
+
 def enable_gradient_checkpointing(accelerator: Any, model: nn.Module) -> None:
     """Checkpoint activations: FSDP's way under FSDP (set before ``prepare``), the model's otherwise."""
     if uses_fsdp(accelerator):
         accelerator.state.fsdp_plugin.activation_checkpointing = True
     else:
-        model.enable_gradient_checkpointing()
+        cast(_Checkpointable, model).enable_gradient_checkpointing()
 
 
 def shard_like_policy(accelerator: Any, reference: nn.Module) -> nn.Module:

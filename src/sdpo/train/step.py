@@ -6,6 +6,7 @@ import contextlib
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,9 @@ from sdpo.importance import log_importance_weight, log_relative_weight
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.objectives import MethodConfig, PreferenceOutput, preference_loss, safeguard_scale
 from sdpo.seeding import mix_seed
+
+if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 
 @dataclass
@@ -99,7 +103,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.enable_adapters(True)
 
 
-_TUNER_LAYERS: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
+_TUNER_LAYERS: weakref.WeakKeyDictionary[nn.Module, list[BaseTunerLayer]] = weakref.WeakKeyDictionary()
 """Each LoRA model's adapted layers (adapters are added once, before training starts)."""
 
 

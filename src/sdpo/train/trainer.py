@@ -36,7 +36,7 @@ from sdpo.train.after_step import after_step
 from sdpo.train.checkpoint import CONFIG_NAME, NonFiniteWeightsError, RunLock, latest_checkpoint, read_state
 from sdpo.train.config import TrainConfig
 from sdpo.train.export import ExportError, finish_run, refuse_older_export
-from sdpo.train.metrics import MetricsLog, read_history
+from sdpo.train.metrics import LoggedRow, MetricsLog, read_history
 from sdpo.train.optimize import TrainingDivergedError, account_for, optimizer_step
 from sdpo.train.order import GlobalBatchOrder
 from sdpo.train.preemption import StopRequests
@@ -61,7 +61,7 @@ class TrainResult:
 
     output_dir: Path
     """The run folder (LoRA or model, metrics.jsonl, logs/, checkpoints)."""
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[LoggedRow] = field(default_factory=list)
     """Logged metrics, one dict per logging step (what metrics.jsonl holds)."""
     model: nn.Module | None = None
     """The trained denoiser (unwrapped), still in memory for evaluation."""
@@ -156,6 +156,9 @@ def export_run(run_dir: str | os.PathLike[str], progress: bool = True, allow_old
     saved = json.loads((checkpoint / CONFIG_NAME).read_text()) if (checkpoint / CONFIG_NAME).is_file() else None
     if saved is None:
         raise MissingFileError(f"{checkpoint} holds no {CONFIG_NAME}: train again with --resume latest instead")
-    step = int(read_state(checkpoint)["step"])
+    state = read_state(checkpoint)
+    if state is None:  # latest_checkpoint passes only checkpoints whose state reads; a race could still tear it
+        raise MissingFileError(f"{checkpoint} holds no readable trainer state: train again with --resume latest instead")
+    step = int(state["step"])
     saved.update(output_dir=str(run_dir), max_steps=step, validation_prompts=[])
     return train(TrainConfig.from_dict(saved), resume=str(checkpoint), progress=progress)

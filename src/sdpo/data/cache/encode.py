@@ -40,7 +40,9 @@ class MediaEncoder(Protocol):
     Optionally also ``encode_media_moments(pixels) -> (mean, std)`` (the VAE families): see ``precompute``.
     """
 
-    family: str
+    @property
+    def family(self) -> str: ...  # read-only: a spec's family is a class attribute
+
     media_format: MediaFormat
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]: ...
