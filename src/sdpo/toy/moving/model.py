@@ -8,7 +8,8 @@ writes a diffusers-style folder (``transformer/``, ``text_encoder/``, ``tokenize
 and the marker ``sdpo_toy.json``) that ``ToySpec.from_pretrained`` loads. Pixels are the latents
 (no VAE), in each family's own layout: CogVideoX (B, F, C, H, W), Wan (B, C, F, H, W).
 
-Caching, crash safety and corruption checks are the shared ones of ``sdpo.toy.pretraining``.
+Caching, crash safety and corruption checks are the shared ones of ``sdpo.toy.pretraining`` and
+``sdpo.toy.model_folder``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from torch import Tensor, nn
 
 from sdpo.errors import InputError
 from sdpo.models.base import unwrap
+from sdpo.toy.base_models import BaseModels
 from sdpo.toy.digits.data import load_split
+from sdpo.toy.digits.tokenizer import build_tokenizer
 from sdpo.toy.moving.data import (
     DEFAULT_CANVAS,
     DEFAULT_FRAMES,
@@ -31,15 +34,9 @@ from sdpo.toy.moving.data import (
     render_clips,
     video_prompts_for,
 )
-from sdpo.toy.pretraining import (
-    BETA_SCHEDULES,
-    BaseModels,
-    PretrainSettings,
-    build_text_encoder,
-    build_tokenizer,
-    pretrain,
-    tokenize,
-)
+from sdpo.toy.pretrain_loop import pretrain
+from sdpo.toy.pretrain_settings import BETA_SCHEDULES, PretrainSettings
+from sdpo.toy.text_encoder import build_text_encoder, tokenize
 
 VIDEO_FORMAT_VERSION = 1
 """Bumped whenever the folder layout or the training recipe changes, so old caches are not reused."""
