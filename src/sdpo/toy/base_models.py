@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # diffusers and transformers load only when a model is built
+    from diffusers.models import ModelMixin
+    from transformers import PreTrainedModel
 
 
 @dataclass
 class BaseModels:
     """A world's freshly built (or trained) networks, and what ``save`` writes."""
 
-    denoiser: nn.Module
+    denoiser: ModelMixin
     denoiser_subfolder: str
     """"unet" or "transformer": the denoiser's folder (and diffusers pipeline argument)."""
-    text_encoder: nn.Module
+    text_encoder: PreTrainedModel
     tokenizer: Any
     scheduler: Any
     history: list[float] = field(default_factory=list)

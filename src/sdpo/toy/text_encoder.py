@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from sdpo.toy.pretrain_settings import PretrainSettings
 
+if TYPE_CHECKING:  # transformers loads only when an encoder is built
+    from transformers import PreTrainedModel
 
-def build_text_encoder(settings: PretrainSettings, tokenizer: Any) -> nn.Module:
+
+def build_text_encoder(settings: PretrainSettings, tokenizer: Any) -> PreTrainedModel:
     """A fresh CLIP text encoder sized by ``settings`` for ``tokenizer`` (seed the RNG before calling)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -8,7 +8,7 @@ run by ``sdpo.demo`` exactly as for a real model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -22,11 +22,12 @@ WORLDS = ("image", "video")
 class World(Protocol):
     """An embedded offline world."""
 
-    name: str
+    # Class-level constants of each world (its dataclass fields are the config alone).
+    name: ClassVar[str]
     """The demo's name of the world: "image" or "video"."""
-    family: str
+    family: ClassVar[str]
     """Model family of its base model in the spec registry ("toy" or "toy-video")."""
-    guidance_scale: float
+    guidance_scale: ClassVar[float]
     """Classifier-free guidance its base model samples best with."""
 
     def pretrain(self, cache_root: str | Path | None = None, progress: bool = True) -> Path:

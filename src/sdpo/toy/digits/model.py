@@ -78,7 +78,8 @@ class ToyModelConfig(PretrainSettings):
 # ------------------------------------------------------------------------------------------ building
 def build_models(config: ToyModelConfig) -> BaseModels:
     """Freshly initialised UNet, text encoder, tokenizer and scheduler for ``config`` (seeded)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
+    from diffusers.models import UNet2DConditionModel
 
     tokenizer = build_tokenizer(config.max_prompt_tokens)
     levels = len(config.block_out_channels)

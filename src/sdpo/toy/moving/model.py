@@ -15,7 +15,7 @@ Caching, crash safety and corruption checks are the shared ones of ``sdpo.toy.pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,9 @@ from sdpo.toy.moving.data import (
 from sdpo.toy.pretrain_loop import pretrain
 from sdpo.toy.pretrain_settings import BETA_SCHEDULES, PretrainSettings
 from sdpo.toy.text_encoder import build_text_encoder, tokenize
+
+if TYPE_CHECKING:  # diffusers loads only when a model is built
+    from diffusers.models import ModelMixin
 
 VIDEO_FORMAT_VERSION = 1
 """Bumped whenever the folder layout or the training recipe changes, so old caches are not reused."""
@@ -154,11 +157,11 @@ def build_scheduler(config: VideoToyConfig) -> Any:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift)
 
 
-def build_transformer(config: VideoToyConfig) -> nn.Module:
+def build_transformer(config: VideoToyConfig) -> ModelMixin:
     """A freshly initialised transformer of the arch (uses the global RNG; see ``build_video_models``)."""
     width = config.num_attention_heads * config.attention_head_dim
     if config.arch == "cogvideox":
-        from diffusers import CogVideoXTransformer3DModel
+        from diffusers.models import CogVideoXTransformer3DModel
 
         return CogVideoXTransformer3DModel(
             num_attention_heads=config.num_attention_heads,
@@ -177,7 +180,7 @@ def build_transformer(config: VideoToyConfig) -> nn.Module:
             temporal_compression_ratio=1,
             max_text_seq_length=config.max_prompt_tokens,
         )
-    from diffusers import WanTransformer3DModel
+    from diffusers.models import WanTransformer3DModel
 
     return WanTransformer3DModel(
         patch_size=(1, config.patch_size, config.patch_size),
@@ -216,6 +219,13 @@ def frame_positions(latents: Tensor) -> Tensor:
     return ramp.view(1, 1, frames, 1, 1).expand(batch, 1, frames, height, width)
 
 
+def transformer_config(model: nn.Module) -> Any:
+    """The diffusers config of a transformer, possibly wrapped (DDP, torch.compile): a FrozenDict whose
+    entries read as attributes, which ``nn.Module``'s attribute typing cannot express."""
+    config: Any = unwrap(model).config
+    return config
+
+
 def check_transformer_inputs(model: nn.Module, arch: str, latents: Tensor, hidden: Tensor) -> None:
     """Refuse inputs a CogVideoX transformer would mishandle: its sinusoidal position table covers the
     joint [text; video] sequence, so the latents must have the frames and size it was built for and
@@ -223,7 +233,7 @@ def check_transformer_inputs(model: nn.Module, arch: str, latents: Tensor, hidde
     shape mismatch (or a silently rebuilt table) inside diffusers. Wan's rotary positions take any size."""
     if arch != "cogvideox":
         return
-    config = unwrap(model).config
+    config = transformer_config(model)
     if hidden.ndim != 3 or hidden.shape[1] != config.max_text_seq_length:
         raise InputError(f"CogVideoX needs exactly max_text_seq_length={config.max_text_seq_length} text "
                          f"tokens, got encoder_hidden_states of shape {tuple(hidden.shape)}")
@@ -242,7 +252,7 @@ def run_transformer(model: nn.Module, arch: str, latents: Tensor, timesteps: Ten
     timesteps = timesteps.to(device=latents.device, dtype=torch.float32)
     if arch == "cogvideox":
         return model(hidden_states=latents, encoder_hidden_states=hidden, timestep=timesteps, return_dict=False)[0]
-    if unwrap(model).config.in_channels == latents.shape[1] + 1:
+    if transformer_config(model).in_channels == latents.shape[1] + 1:
         latents = torch.cat([latents, frame_positions(latents)], dim=1)
     return model(hidden_states=latents, timestep=timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
 
