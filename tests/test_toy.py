@@ -24,7 +24,8 @@ from sdpo.toy.digits.data import (
 from sdpo.toy.digits.model import ToyModelConfig
 from sdpo.toy.digits.reward import digit_reward, feature_distance, thickness_score
 from sdpo.toy.grids import media_grid
-from sdpo.toy.pretraining import ToyCacheError, base_folder, pretrain_base
+from sdpo.toy.model_folder import ToyCacheError, base_folder
+from sdpo.toy.pretraining import pretrain_base
 from sdpo.toy.spec import ToySpec
 
 TINY = TINY_IMAGE  # small enough that building, 20 steps of training and saving take about a second
@@ -421,14 +422,14 @@ def test_the_pretraining_average_is_diffusers_emamodel_and_matches_the_old_hand_
     for the default digits model (1000 steps, measured)."""
     from diffusers.training_utils import EMAModel
 
-    from sdpo.toy.pretraining import _moving_average
+    from sdpo.toy.pretrain_loop import moving_average
 
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(64, generator=generator)), torch.nn.Parameter(torch.randn(3, 5))]
     decay = 0.995
     old = [p.detach().clone() for p in params]
-    new = _moving_average(params, decay)
-    assert isinstance(new, EMAModel) and _moving_average(params, 0.0) is None
+    new = moving_average(params, decay)
+    assert isinstance(new, EMAModel) and moving_average(params, 0.0) is None
     gaps = []
     for step in range(300):
         with torch.no_grad():

@@ -23,6 +23,7 @@ from sdpo.stages.pairs import build_pairs
 from sdpo.stages.score import score
 from sdpo.toy.digits.data import IMAGE_SIZE, load_split
 from sdpo.toy.grids import media_grid
+from sdpo.toy.model_folder import MARKER_FILE, ToyCacheError, base_folder
 from sdpo.toy.moving import model as video_model
 from sdpo.toy.moving.data import (
     DIRECTIONS,
@@ -43,7 +44,7 @@ from sdpo.toy.moving.reward import (
     video_feature_distance,
     video_metrics,
 )
-from sdpo.toy.pretraining import MARKER_FILE, ToyCacheError, base_folder, pretrain_base
+from sdpo.toy.pretraining import pretrain_base
 from sdpo.toy.spec import ToySpec
 
 ARCHS = ("cogvideox", "wan")

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -184,8 +185,8 @@ def _run_stages(config: DemoConfig, world: World, staging: Path) -> None:
     histories = {}
     for method in config.methods:
         fresh = load_spec(world.family, base_folder)  # a fresh base network per method
-        run = _timed(timings, f"train {method}", lambda m=method, s=fresh: train(
-            config.train_config(m, staging / m), spec=s, dataset=dataset, progress=config.progress))
+        run = _timed(timings, f"train {method}", partial(
+            train, config.train_config(method, staging / method), spec=fresh, dataset=dataset, progress=config.progress))
         histories[method] = run.history
 
     real = world.real("held_out")

@@ -11,10 +11,15 @@ small classifier plus a style term fitted to the real digits at first use.
                          num_inference_steps=25, guidance_scale=1.25)
     scores = digit_reward().score(digits, prompts)
 
-Layout: ``world`` (the ``World`` protocol the demo runs on), ``pretraining`` (what both base models
-share: settings, tokenizer, training loop, cache folders), ``spec`` (the one ModelSpec of both
-worlds, with their sampler), ``grids`` and ``report`` (the demo's figures), and one folder per world
-with what differs: ``digits/`` and ``moving/``, each ``data``, ``model``, ``reward`` and ``world``.
+Layout, from the bottom up: what both base models share, one job a module: ``base_models`` (the
+networks and how they are saved), ``pretrain_settings`` (the shared config fields and cache key),
+``text_encoder``, ``pretrain_loop`` and ``model_folder`` (a cached folder's place, contents and
+checks); one folder per world with what differs: ``digits/`` (``data``, ``tokenizer``, the digit
+prompts' tokenizer both worlds use, ``model``, ``reward``, ``world``) and ``moving/`` (``data``,
+``model``, ``reward``, ``world``); between them ``pretraining`` (the cached pretraining of a config,
+and ``PretrainedWorld``, the base of both worlds); above them ``world`` (the ``World`` protocol the
+demo runs on and the lookup by name), ``spec`` (the one ModelSpec of both worlds, with their
+sampler), ``grids`` and ``report`` (the demo's figures).
 Heavy imports (torch, diffusers, transformers) happen when a name is first used.
 """
 
@@ -33,7 +38,7 @@ _EXPORTS = {
     "parse_digits": "sdpo.toy.digits.data",
     "ToyModelConfig": "sdpo.toy.digits.model",
     "pretrain_base": "sdpo.toy.pretraining",
-    "base_folder": "sdpo.toy.pretraining",
+    "base_folder": "sdpo.toy.model_folder",
     "digit_reward": "sdpo.toy.digits.reward",
     "digit_classifier": "sdpo.toy.digits.reward",
     "feature_distance": "sdpo.toy.digits.reward",
@@ -41,8 +46,8 @@ _EXPORTS = {
     "load_video_clips": "sdpo.toy.moving.data",
     "VideoToyConfig": "sdpo.toy.moving.model",
     "moving_digit_reward": "sdpo.toy.moving.reward",
-    "ToyCacheError": "sdpo.toy.pretraining",
-    "default_cache_root": "sdpo.toy.pretraining",
+    "ToyCacheError": "sdpo.toy.model_folder",
+    "default_cache_root": "sdpo.toy.model_folder",
     "ToySpec": "sdpo.toy.spec",
     "media_grid": "sdpo.toy.grids",
     "World": "sdpo.toy.world",

@@ -37,14 +37,9 @@ from sdpo.models._common import (
 )
 from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, save_denoiser, unwrap
 from sdpo.schedules import NoiseSchedule
-from sdpo.toy.pretraining import (
-    MARKER_FILE,
-    PretrainSettings,
-    check_folder,
-    corrupt_folder_error,
-    read_marker,
-    tokenize,
-)
+from sdpo.toy.model_folder import MARKER_FILE, check_folder, corrupt_folder_error, read_marker
+from sdpo.toy.pretrain_settings import PretrainSettings
+from sdpo.toy.text_encoder import tokenize
 
 WORLD_CONFIGS = {
     None: ("toy", "sdpo.toy.digits.model:ToyModelConfig"),

@@ -1,4 +1,4 @@
-"""What an embedded world is to the demo: one typed protocol, and the two worlds behind it.
+"""What an embedded world is to the demo: one typed protocol, and the lookup of the two worlds by name.
 
 A world supplies its model family and base model, its prompts, its reward, real data and a quality
 guard, and nothing else: sampling, pairs, training and evaluation are the library's own stages,
@@ -7,15 +7,13 @@ run by ``sdpo.demo`` exactly as for a real model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
 
 from sdpo.errors import InputError
 from sdpo.rewards.base import Reward
-from sdpo.toy.pretraining import PretrainSettings, pretrain_base
 
 WORLDS = ("image", "video")
 
@@ -24,11 +22,12 @@ WORLDS = ("image", "video")
 class World(Protocol):
     """An embedded offline world."""
 
-    name: str
+    # Class-level constants of each world (its dataclass fields are the config alone).
+    name: ClassVar[str]
     """The demo's name of the world: "image" or "video"."""
-    family: str
+    family: ClassVar[str]
     """Model family of its base model in the spec registry ("toy" or "toy-video")."""
-    guidance_scale: float
+    guidance_scale: ClassVar[float]
     """Classifier-free guidance its base model samples best with."""
 
     def pretrain(self, cache_root: str | Path | None = None, progress: bool = True) -> Path:
@@ -50,17 +49,6 @@ class World(Protocol):
     def quality(self, samples: Tensor, real: Tensor) -> float:
         """The quality guard: Fréchet distance of the samples to real media in classifier features (lower is closer)."""
         ...
-
-
-@dataclass(frozen=True)
-class PretrainedWorld:
-    """What both worlds do alike: their base model is the cached pretraining of their config."""
-
-    config: PretrainSettings
-    """The base model's size and pretraining recipe."""
-
-    def pretrain(self, cache_root: str | Path | None = None, progress: bool = True) -> Path:
-        return pretrain_base(self.config, cache_root, progress)
 
 
 def get_world(name: str, overrides: dict[str, Any] | None = None) -> World:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ PROMPT_TEMPLATE = "a handwritten digit {digit}"
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 20240917
+
+Name = TypeVar("Name", int, str)
+"""What ``the_one`` shows of a found index in its error: the digit itself, or a direction's word."""
 
 _WORD_TO_DIGIT = {word: digit for digit, word in enumerate(DIGIT_WORDS)}
 _TOKEN = re.compile(r"[a-z]+|\d+")
@@ -115,7 +119,7 @@ def parse_digits(prompts: Sequence[str]) -> Tensor:
     return parse_each(parse_digit, prompts)
 
 
-def the_one(found: set[int], prompt: str, noun: str, name: Callable[[int], object], expected: str) -> int:
+def the_one(found: set[int], prompt: str, noun: str, name: Callable[[int], Name], expected: str) -> int:
     """The one index in ``found``, what ``prompt`` names; ValueError when it names none or several."""
     if len(found) != 1:
         what = f"no {noun}" if not found else f"several {noun}s {sorted(name(i) for i in found)}"

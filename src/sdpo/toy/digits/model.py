@@ -1,9 +1,9 @@
 """The digits world's base model: a small text-conditioned UNet pretrained on the 8x8 digits.
 
 ``pretrain_base`` trains a diffusers ``UNet2DConditionModel`` and a tiny ``CLIPTextModel`` together,
-from scratch, on prompts such as "a handwritten digit 7", and caches the folder
-(``sdpo.toy.pretraining``) that ``ToySpec.from_pretrained`` loads, like any Stable Diffusion folder
-without a VAE (the 8x8 pixels are the latents).
+from scratch, on prompts such as "a handwritten digit 7", and caches the folder (``sdpo.toy.pretraining``,
+``sdpo.toy.model_folder``) that ``ToySpec.from_pretrained`` loads, like any Stable Diffusion folder without
+a VAE (the 8x8 pixels are the latents).
 """
 
 from __future__ import annotations
@@ -15,16 +15,12 @@ import torch
 from torch import Tensor
 
 from sdpo.errors import InputError
+from sdpo.toy.base_models import BaseModels
 from sdpo.toy.digits.data import IMAGE_SIZE, load_split, prompts_for
-from sdpo.toy.pretraining import (
-    BETA_SCHEDULES,
-    BaseModels,
-    PretrainSettings,
-    build_text_encoder,
-    build_tokenizer,
-    pretrain,
-    tokenize,
-)
+from sdpo.toy.digits.tokenizer import build_tokenizer
+from sdpo.toy.pretrain_loop import pretrain
+from sdpo.toy.pretrain_settings import BETA_SCHEDULES, PretrainSettings
+from sdpo.toy.text_encoder import build_text_encoder, tokenize
 
 FORMAT_VERSION = 2
 """Bumped whenever the folder layout or the training recipe changes, so old caches are not reused."""
@@ -82,7 +78,8 @@ class ToyModelConfig(PretrainSettings):
 # ------------------------------------------------------------------------------------------ building
 def build_models(config: ToyModelConfig) -> BaseModels:
     """Freshly initialised UNet, text encoder, tokenizer and scheduler for ``config`` (seeded)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
+    from diffusers.models import UNet2DConditionModel
 
     tokenizer = build_tokenizer(config.max_prompt_tokens)
     levels = len(config.block_out_channels)

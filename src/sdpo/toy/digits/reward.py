@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
+from sdpo.rewards.base import MediaKind
 from sdpo.toy.digits.data import IMAGE_SIZE, NUM_CLASSES, load_split, parse_digits
 
 REWARD_KINDS = ("default", "log_odds", "log_prob", "probability", "thickness")
@@ -188,7 +189,7 @@ def soft_cap(values: Tensor, cap: float) -> Tensor:
 class DigitReward:
     """A reward for digits (see ``digit_reward``); calling it is ``score``."""
 
-    media = "image"
+    media: MediaKind = "image"
 
     def __init__(self, kind: str, classifier_weight: float, style_weight: float, log_odds_cap: float,
                  style_cap: float, seed: int, split: str = "train", hidden: int = 64) -> None:

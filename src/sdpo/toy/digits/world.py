@@ -10,7 +10,7 @@ from torch import Tensor
 from sdpo.toy.digits.data import NUM_CLASSES, load_split, prompts_for
 from sdpo.toy.digits.model import ToyModelConfig
 from sdpo.toy.digits.reward import DigitReward, digit_reward, feature_distance
-from sdpo.toy.world import PretrainedWorld
+from sdpo.toy.pretraining import PretrainedWorld
 
 
 @dataclass(frozen=True)

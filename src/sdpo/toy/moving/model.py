@@ -8,20 +8,23 @@ writes a diffusers-style folder (``transformer/``, ``text_encoder/``, ``tokenize
 and the marker ``sdpo_toy.json``) that ``ToySpec.from_pretrained`` loads. Pixels are the latents
 (no VAE), in each family's own layout: CogVideoX (B, F, C, H, W), Wan (B, C, F, H, W).
 
-Caching, crash safety and corruption checks are the shared ones of ``sdpo.toy.pretraining``.
+Caching, crash safety and corruption checks are the shared ones of ``sdpo.toy.pretraining`` and
+``sdpo.toy.model_folder``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
 from sdpo.models.base import unwrap
+from sdpo.toy.base_models import BaseModels
 from sdpo.toy.digits.data import load_split
+from sdpo.toy.digits.tokenizer import build_tokenizer
 from sdpo.toy.moving.data import (
     DEFAULT_CANVAS,
     DEFAULT_FRAMES,
@@ -31,15 +34,12 @@ from sdpo.toy.moving.data import (
     render_clips,
     video_prompts_for,
 )
-from sdpo.toy.pretraining import (
-    BETA_SCHEDULES,
-    BaseModels,
-    PretrainSettings,
-    build_text_encoder,
-    build_tokenizer,
-    pretrain,
-    tokenize,
-)
+from sdpo.toy.pretrain_loop import pretrain
+from sdpo.toy.pretrain_settings import BETA_SCHEDULES, PretrainSettings
+from sdpo.toy.text_encoder import build_text_encoder, tokenize
+
+if TYPE_CHECKING:  # diffusers loads only when a model is built
+    from diffusers.models import ModelMixin
 
 VIDEO_FORMAT_VERSION = 1
 """Bumped whenever the folder layout or the training recipe changes, so old caches are not reused."""
@@ -157,11 +157,11 @@ def build_scheduler(config: VideoToyConfig) -> Any:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift)
 
 
-def build_transformer(config: VideoToyConfig) -> nn.Module:
+def build_transformer(config: VideoToyConfig) -> ModelMixin:
     """A freshly initialised transformer of the arch (uses the global RNG; see ``build_video_models``)."""
     width = config.num_attention_heads * config.attention_head_dim
     if config.arch == "cogvideox":
-        from diffusers import CogVideoXTransformer3DModel
+        from diffusers.models import CogVideoXTransformer3DModel
 
         return CogVideoXTransformer3DModel(
             num_attention_heads=config.num_attention_heads,
@@ -180,7 +180,7 @@ def build_transformer(config: VideoToyConfig) -> nn.Module:
             temporal_compression_ratio=1,
             max_text_seq_length=config.max_prompt_tokens,
         )
-    from diffusers import WanTransformer3DModel
+    from diffusers.models import WanTransformer3DModel
 
     return WanTransformer3DModel(
         patch_size=(1, config.patch_size, config.patch_size),
@@ -219,6 +219,13 @@ def frame_positions(latents: Tensor) -> Tensor:
     return ramp.view(1, 1, frames, 1, 1).expand(batch, 1, frames, height, width)
 
 
+def transformer_config(model: nn.Module) -> Any:
+    """The diffusers config of a transformer, possibly wrapped (DDP, torch.compile): a FrozenDict whose
+    entries read as attributes, which ``nn.Module``'s attribute typing cannot express."""
+    config: Any = unwrap(model).config
+    return config
+
+
 def check_transformer_inputs(model: nn.Module, arch: str, latents: Tensor, hidden: Tensor) -> None:
     """Refuse inputs a CogVideoX transformer would mishandle: its sinusoidal position table covers the
     joint [text; video] sequence, so the latents must have the frames and size it was built for and
@@ -226,7 +233,7 @@ def check_transformer_inputs(model: nn.Module, arch: str, latents: Tensor, hidde
     shape mismatch (or a silently rebuilt table) inside diffusers. Wan's rotary positions take any size."""
     if arch != "cogvideox":
         return
-    config = unwrap(model).config
+    config = transformer_config(model)
     if hidden.ndim != 3 or hidden.shape[1] != config.max_text_seq_length:
         raise InputError(f"CogVideoX needs exactly max_text_seq_length={config.max_text_seq_length} text "
                          f"tokens, got encoder_hidden_states of shape {tuple(hidden.shape)}")
@@ -245,7 +252,7 @@ def run_transformer(model: nn.Module, arch: str, latents: Tensor, timesteps: Ten
     timesteps = timesteps.to(device=latents.device, dtype=torch.float32)
     if arch == "cogvideox":
         return model(hidden_states=latents, encoder_hidden_states=hidden, timestep=timesteps, return_dict=False)[0]
-    if unwrap(model).config.in_channels == latents.shape[1] + 1:
+    if transformer_config(model).in_channels == latents.shape[1] + 1:
         latents = torch.cat([latents, frame_positions(latents)], dim=1)
     return model(hidden_states=latents, timestep=timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
 

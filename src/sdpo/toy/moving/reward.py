@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sdpo.errors import InputError
+from sdpo.rewards.base import MediaKind
 from sdpo.toy.digits.data import IMAGE_SIZE, load_split, parse_digits
 from sdpo.toy.digits.reward import digit_classifier, digit_reward, feature_distance
 from sdpo.toy.moving.data import DEFAULT_SPEED, DIRECTION_VECTORS, parse_directions
@@ -110,7 +111,7 @@ def moved_direction(samples: Tensor) -> Tensor:
 class MovingDigitReward:
     """A reward for moving-digit clips (see ``moving_digit_reward``); calling it is ``score``."""
 
-    media = "video"
+    media: MediaKind = "video"
 
     def __init__(self, kind: str, motion_weight: float, speed: float, frame_reward: str, seed: int,
                  split: str = "train", hidden: int = 64) -> None:

@@ -11,7 +11,7 @@ from sdpo.toy.digits.data import NUM_CLASSES
 from sdpo.toy.moving.data import DIRECTIONS, load_video_clips, video_prompts_for
 from sdpo.toy.moving.model import VideoToyConfig
 from sdpo.toy.moving.reward import MovingDigitReward, moving_digit_reward, video_feature_distance
-from sdpo.toy.world import PretrainedWorld
+from sdpo.toy.pretraining import PretrainedWorld
 
 
 @dataclass(frozen=True)
