@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from sdpo.models._common import derive_seed
 from sdpo.models.base import MediaFormat
 from sdpo.models.registry import load_spec
+from sdpo.seeding import derive_seed
 from sdpo.stages.generate import SamplerSettings, generate
 
 

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from sdpo.errors import InputError, MissingFileError
 from sdpo.schedules import NoiseSchedule
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""What a hub id looks like ("name" or "owner/name"); ``fullmatch`` it. A string that is neither this nor a
+folder cannot be a model, so callers can refuse it before anything loads."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> str:
     text = str(name_or_path)
     if os.path.isdir(text):
         return text
-    if not _HUB_ID.fullmatch(text):
+    if not HUB_ID.fullmatch(text):
         raise ModelNotFoundError(f"model folder not found: {text} (check the path)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     from huggingface_hub import snapshot_download

@@ -14,20 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
-from sdpo.models._common import (
-    Component,
-    DiffusersSpec,
-    model_timesteps,
-    module_device,
-    module_dtype,
-)
 from sdpo.models.base import MediaFormat, unwrap
+from sdpo.models.diffusers_spec import Component, DiffusersSpec
+from sdpo.models.modules import model_timesteps, module_device, module_dtype
 
 # Self-attention over the joint text+video sequence, and the feed-forward of each block.
 _COGVIDEOX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
-def _centered_fit(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+def centered_fit(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """Where a (h, w) grid lands when scaled to fit inside a (base_h, base_w) grid, centred.
 
     Returns ((top, left), (bottom, right)) in base-grid coordinates. CogVideoX 1.0 spreads the
@@ -59,10 +54,10 @@ def rotary_embedding(
     grid = (latent_height // patch, latent_width // patch)
     base = (config.sample_height // patch, config.sample_width // patch)
     if config.patch_size_t is None:
-        # CogVideoX 1.0: positions interpolated over the training grid (see _centered_fit).
+        # CogVideoX 1.0: positions interpolated over the training grid (see centered_fit).
         return get_3d_rotary_pos_embed(
             embed_dim=config.attention_head_dim,
-            crops_coords=_centered_fit(grid, base),
+            crops_coords=centered_fit(grid, base),
             grid_size=grid,
             temporal_size=latent_frames,
             device=device,

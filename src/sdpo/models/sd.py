@@ -14,14 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
-from sdpo.models._common import (
-    Component,
-    DiffusersSpec,
-    model_timesteps,
-    module_device,
-    module_dtype,
-)
 from sdpo.models.base import MediaFormat
+from sdpo.models.diffusers_spec import Component, DiffusersSpec
+from sdpo.models.modules import model_timesteps, module_device, module_dtype
 
 # Attention projections (self and cross) and the GEGLU feed-forward of every transformer block.
 _UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")

@@ -103,7 +103,8 @@ def _clip_text_config(vocab_size: int, hidden_size: int, projection_dim: int | N
 
 
 # ---------------------------------------------------------------------- SD / SDXL
-def _tiny_unet(cross_attention_dim: int, **extra: Any) -> Any:
+def tiny_unet(cross_attention_dim: int, **extra: Any) -> Any:
+    """A randomly initialised two-level UNet2DConditionModel of SD's layout (``extra``: SDXL's added conditioning)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -157,7 +158,7 @@ def build_tiny_sd(folder: str | Path, *, prediction_type: str = "epsilon") -> Pa
         vae=_seeded(_tiny_vae_2d, 1),
         text_encoder=_seeded(lambda: CLIPTextModel(_clip_text_config(len(tokenizer), 32)), 2),
         tokenizer=tokenizer,
-        unet=_seeded(lambda: _tiny_unet(32), 3),
+        unet=_seeded(lambda: tiny_unet(32), 3),
         scheduler=DDIMScheduler(
             **_ddpm_kwargs(),
             clip_sample=False,
@@ -192,7 +193,7 @@ def build_tiny_sdxl(folder: str | Path) -> Path:
         tokenizer=tokenizer,
         tokenizer_2=tiny_clip_tokenizer(),
         unet=_seeded(
-            lambda: _tiny_unet(
+            lambda: tiny_unet(
                 32,  # the two encoders' hidden states, concatenated (16 + 16)
                 addition_embed_type="text_time",
                 addition_time_embed_dim=time_embed_dim,

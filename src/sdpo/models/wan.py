@@ -16,15 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
-from sdpo.models._common import (
-    Component,
-    DiffusersSpec,
-    load_scheduler,
-    model_timesteps,
-    module_device,
-    module_dtype,
-)
 from sdpo.models.base import MediaFormat
+from sdpo.models.diffusers_spec import Component, DiffusersSpec
+from sdpo.models.loading import load_scheduler
+from sdpo.models.modules import model_timesteps, module_device, module_dtype
 from sdpo.schedules import NoiseSchedule
 
 # Self- and cross-attention projections and the feed-forward of each block. ``add_k_proj`` /

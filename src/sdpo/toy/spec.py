@@ -28,14 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError, MissingFileError
-from sdpo.models._common import (
-    diffusers_dtype_keyword,
-    existing_suffixes,
-    load_scheduler,
-    lora_adapter_metadata,
-    module_device,
-)
 from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, save_denoiser, unwrap
+from sdpo.models.loading import diffusers_dtype_keyword, load_scheduler
+from sdpo.models.lora import existing_suffixes, lora_adapter_metadata
+from sdpo.models.modules import module_device
 from sdpo.schedules import NoiseSchedule
 from sdpo.toy.pretraining import (
     MARKER_FILE,

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdpo.models._common import diffusers_dtype_keyword
 from sdpo.models.base import unwrap
+from sdpo.models.loading import diffusers_dtype_keyword
 
 
 def write_validation_samples(
@@ -33,7 +33,7 @@ def write_validation_samples(
     ``write=False`` samples without saving: the other processes of a sharded model, whose forward
     passes the main process needs. ``guidance_scale`` None: the pipeline's (or embedded world's) default.
     """
-    from sdpo.models._common import DiffusersSpec
+    from sdpo.models.diffusers_spec import DiffusersSpec
 
     if not isinstance(spec, DiffusersSpec):  # the embedded worlds sample with their own sampler
         return _write_spec_samples(spec, model, prompts, Path(folder), num_inference_steps, seed, write,

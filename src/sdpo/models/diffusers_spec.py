@@ -1,6 +1,4 @@
-"""Code shared by the diffusers-backed specs (SD, SDXL, CogVideoX, Wan).
-
-``derive_seed`` lives in :mod:`sdpo.seeding`; it is imported here for the modules that still look for it here.
+"""DiffusersSpec: the base of the diffusers-backed specs (SD, SDXL, CogVideoX, Wan).
 
 Nothing here imports diffusers or transformers at module level, so importing a spec module (and the
 registry) stays cheap; the heavy libraries are imported when a model is actually loaded.
@@ -11,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,137 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError, MissingFileError
-from sdpo.models.base import (
-    MediaFormat,
-    ModelNotFoundError,
-    peft_lora_state_dict,
-    resolve_pretrained,
-    save_denoiser,
-    unwrap,
-)
+from sdpo.models.base import MediaFormat, peft_lora_state_dict, resolve_pretrained, save_denoiser, unwrap
+from sdpo.models.loading import load_component, load_scheduler
+from sdpo.models.lora import existing_suffixes, lora_adapter_metadata
+from sdpo.models.modules import module_device, module_dtype
 from sdpo.schedules import NoiseSchedule
 from sdpo.seeding import derive_seed
-
-
-def load_component(
-    loader: Any,
-    folder: str,
-    subfolder: str,
-    *,
-    enabled: bool = True,
-    torch_dtype: torch.dtype | None = None,
-    frozen: bool = False,
-) -> Any:
-    """``loader.from_pretrained(folder, subfolder=...)``, or None when ``enabled`` is false.
-
-    ``torch_dtype`` is left out for tokenizers (pass None). ``frozen`` puts a network in eval mode
-    with gradients off (encoders are never trained). A missing subfolder is reported as a
-    ``ModelNotFoundError`` naming it, rather than diffusers' generic "no file named config.json".
-    """
-    if not enabled:
-        return None
-    if not os.path.isdir(os.path.join(folder, subfolder)):
-        raise ModelNotFoundError(
-            f"model folder {folder} has no {subfolder}/ component (is it a diffusers pipeline folder?)"
-        )
-    kwargs: dict[str, Any] = {"subfolder": subfolder}
-    if torch_dtype is not None:
-        kwargs[_dtype_keyword(loader)] = torch_dtype
-    component = loader.from_pretrained(folder, **kwargs)
-    if frozen and isinstance(component, nn.Module):
-        component.requires_grad_(False).eval()
-    return component
-
-
-def _dtype_keyword(loader: Any) -> str:
-    """The ``from_pretrained`` keyword for the dtype: ``dtype`` where ``torch_dtype`` is deprecated
-    (transformers >= 5, diffusers >= 0.42), else ``torch_dtype``."""
-    module = getattr(loader, "__module__", "")
-    if module.startswith("transformers"):
-        import transformers
-
-        return "dtype" if _version(transformers.__version__) >= (5, 0) else "torch_dtype"
-    return diffusers_dtype_keyword()
-
-
-def diffusers_dtype_keyword() -> str:
-    """``dtype`` for diffusers >= 0.42 (which deprecates ``torch_dtype``), else ``torch_dtype``."""
-    import diffusers
-
-    return "dtype" if _version(diffusers.__version__) >= (0, 42) else "torch_dtype"
-
-
-def _version(text: str) -> tuple[int, int]:
-    major, minor = (text.split(".") + ["0"])[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
-def load_scheduler(folder: str, subfolder: str = "scheduler") -> Any:
-    """The pipeline's scheduler, of the class named in its ``scheduler_config.json``."""
-    import diffusers
-
-    config_path = os.path.join(folder, subfolder, "scheduler_config.json")
-    if not os.path.isfile(config_path):
-        raise ModelNotFoundError(f"model folder {folder} has no {subfolder}/scheduler_config.json")
-    with open(config_path, encoding="utf-8") as handle:
-        class_name = json.load(handle)["_class_name"]
-    scheduler_class = getattr(diffusers, class_name, None)
-    if scheduler_class is None:
-        raise InputError(f"{config_path} names {class_name!r}, which this diffusers version does not provide")
-    return scheduler_class.from_pretrained(folder, subfolder=subfolder)
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter (CPU for a parameterless module)."""
-    for parameter in module.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's first floating-point parameter (float32 if it has none)."""
-    for parameter in module.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
-
-
-def model_timesteps(timesteps: Tensor, device: torch.device) -> Tensor:
-    """Timesteps as the networks want them: float32, one per sample, on the latents' device.
-
-    The schedule hands out float64 values (t for DDPM, sigma * 1000 for flow). float64 is not
-    supported everywhere (MPS), and bf16/fp16 cannot represent them (999 rounds to 1000 in bf16),
-    so float32 is the one safe dtype: every family's sinusoidal embedding upcasts to float32 anyway.
-    """
-    timesteps = torch.as_tensor(timesteps)
-    if timesteps.ndim == 0:
-        timesteps = timesteps[None]
-    return timesteps.to(device=device, dtype=torch.float32)
-
-
-def existing_suffixes(model: nn.Module, candidates: tuple[str, ...]) -> list[str]:
-    """The entries of ``candidates`` that name at least one Linear layer of ``model`` (as peft matches them).
-
-    peft matches a string target ``s`` against module names equal to ``s`` or ending in ``"." + s``.
-    """
-    names = [name for name, module in unwrap(model).named_modules() if isinstance(module, nn.Linear)]
-    found = [s for s in candidates if any(name == s or name.endswith("." + s) for name in names)]
-    if not found:
-        raise InputError(f"none of the LoRA targets {candidates} exist in {type(unwrap(model)).__name__}")
-    return found
-
-
-def lora_adapter_metadata(model: nn.Module) -> dict[str, Any] | None:
-    """The LoraConfig of the adapter being saved, as a dict diffusers stores beside the weights.
-
-    With it, ``load_lora_weights`` rebuilds the exact config (``lora_alpha`` included) instead of
-    guessing ``alpha = rank`` from the tensor shapes.
-    """
-    configs = getattr(unwrap(model), "peft_config", None)
-    if not configs:
-        return None
-    config = configs.get("default") or next(iter(configs.values()))
-    return config.to_dict()
 
 
 @dataclass(frozen=True)
