@@ -54,7 +54,7 @@ def _header(weights: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
 
 
 def _adapter_configs(metadata: dict[str, str], weights: Path) -> list[dict[str, Any]]:
-    configs = []
+    configs: list[Any] = []
     for key, text in metadata.items():
         if not key.endswith(METADATA_KEY):
             continue

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+from sdpo.models.base import unwrap
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -32,3 +36,9 @@ def model_timesteps(timesteps: Tensor, device: torch.device) -> Tensor:
     if timesteps.ndim == 0:
         timesteps = timesteps[None]
     return timesteps.to(device=device, dtype=torch.float32)
+
+
+def diffusers_config(model: nn.Module) -> Any:
+    """The config of a diffusers model (through DDP / compile wrappers): a FrozenDict read by attribute,
+    whose fields no static type describes."""
+    return unwrap(model).config
