@@ -92,7 +92,7 @@ def _precompute(args: argparse.Namespace) -> None:
         resolve_pretrained(args.pretrained)  # neither a folder nor a hub id: fails with one line, loading nothing
     from sdpo.models.registry import spec_class
 
-    expected = media_format or getattr(spec_class(args.family), "default_media_format", None)
+    expected = media_format or spec_class(args.family).default_media_format
     if expected is None:  # the family sizes media from its model folder: precompute checks them after loading
         pairs = read_pairs(args.pairs, on_bad_pair=args.on_bad_pair)
     else:  # bad lines and undecodable media, all in one report

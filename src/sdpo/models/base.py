@@ -143,7 +143,7 @@ class ModelSpec(Protocol):
         stochastic scheduler adds (a deterministic sampler ignores them)."""
         ...
 
-    def load_lora(self, folder: str | Path) -> None:
+    def load_lora(self, folder: str | os.PathLike[str]) -> None:
         """Load a LoRA written by ``save_lora`` (a training run folder) onto ``self.denoiser``."""
         ...
 

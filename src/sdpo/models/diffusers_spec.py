@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,7 @@ class DiffusersSpec(SpecBase):
         media = output.images if hasattr(output, "images") else output.frames
         return (media.float().cpu() * 2 - 1).clamp_(-1, 1)
 
-    def load_lora(self, folder: str | Path, adapter_name: str | None = None) -> None:
+    def load_lora(self, folder: str | os.PathLike[str], adapter_name: str | None = None) -> None:
         """Load a LoRA written by ``save_lora`` (a run folder) onto ``self.denoiser``, through the pipeline's
         own ``load_lora_weights``. ``adapter_name`` names the adapter (diffusers picks one when None)."""
         path = checked_lora_folder(folder)

@@ -3,6 +3,7 @@ the checks of a run folder before loading from it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def lora_adapter_metadata(model: nn.Module) -> dict[str, Any] | None:
     return config.to_dict()
 
 
-def checked_lora_folder(folder: str | Path) -> Path:
+def checked_lora_folder(folder: str | os.PathLike[str]) -> Path:
     """``folder`` as a Path, once it exists and (a folder) holds safetensors weights; else MissingFileError."""
     path = Path(folder)
     if not path.exists():
