@@ -1,4 +1,4 @@
-"""Facts about torch modules the specs ask for: where a module lives, its dtype, timesteps as networks take them."""
+"""Facts about torch modules the specs ask for: device, dtype, a diffusers model's config, timesteps as networks take them."""
 
 from __future__ import annotations
 
