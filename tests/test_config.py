@@ -382,9 +382,9 @@ def test_the_resume_check_survives_the_json_the_checkpoint_stores():
 
 # --------------------------------------------------------------------- LoRA targets
 def _tiny_unet():
-    from sdpo.models.tiny import _tiny_unet
+    from sdpo.models.tiny import tiny_unet
 
-    return _tiny_unet(cross_attention_dim=16)
+    return tiny_unet(cross_attention_dim=16)
 
 
 def test_lora_targets_default_names_and_regex():
@@ -406,7 +406,7 @@ def test_lora_targets_that_match_nothing_list_what_exists(requested):
 
 
 def test_the_trainer_adapts_only_the_configured_layers():
-    from sdpo.models._common import existing_suffixes
+    from sdpo.models.lora import existing_suffixes
     from sdpo.models.sd import StableDiffusionSpec
     from sdpo.train.setup import add_lora
 

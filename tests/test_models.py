@@ -356,7 +356,7 @@ def test_cogvideox_rotary_matches_the_pipeline(folders: dict[str, Path]) -> None
     """The spec's rotary tables equal those the CogVideoX pipeline builds for sampling."""
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-    from sdpo.models.cogvideox import _centered_fit, rotary_embedding
+    from sdpo.models.cogvideox import centered_fit, rotary_embedding
 
     for grid, base in [
         ((4, 4), (4, 4)),
@@ -365,7 +365,7 @@ def test_cogvideox_rotary_matches_the_pipeline(folders: dict[str, Path]) -> None
         ((33, 17), (30, 45)),
         ((7, 3), (5, 9)),
     ]:
-        assert _centered_fit(grid, base) == get_resize_crop_region_for_grid(grid, base[1], base[0])
+        assert centered_fit(grid, base) == get_resize_crop_region_for_grid(grid, base[1], base[0])
 
     spec = _spec(
         CASES["cogvideox-rotary"], folders["cogvideox-rotary"], load_vae=False, load_text_encoder=False

@@ -96,3 +96,34 @@ def test_validation_without_writing_samples_but_saves_nothing(tmp_path):
     assert not folder.exists()
     written = write_validation_samples(spec, spec.denoiser, ["a prompt"], folder, 2)
     assert [p.name for p in written] == ["00.png"] and (folder / "prompts.txt").is_file()
+
+
+def test_validation_of_a_spec_without_encoders_loads_them_once_around_the_training_denoiser(tmp_path, monkeypatch):
+    """Training from a cache loads no VAE or text encoder: validation loads them on its first call only,
+    with the training denoiser in place of the folder's, and samples videos into GIFs."""
+    from PIL import Image
+
+    from sdpo.models import tiny
+    from sdpo.models.base import MediaFormat
+    from sdpo.models.registry import load_spec
+    from sdpo.models.wan import WanSpec
+    from sdpo.train.validation import write_validation_samples
+
+    model = tiny.build_tiny_wan(tmp_path / "model")
+    spec = load_spec("wan", model, load_vae=False, load_text_encoder=False,
+                     media_format=MediaFormat(height=32, width=32, frames=5))
+    assert not spec.can_sample
+    loads = []
+    load = WanSpec.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(kwargs)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(WanSpec, "from_pretrained", classmethod(counted))
+    for step in (1, 2):
+        written = write_validation_samples(spec, spec.denoiser, ["a", "b"], tmp_path / f"step-{step}", 2)
+        assert [p.name for p in written] == ["00.gif", "01.gif"]
+        assert Image.open(written[0]).n_frames == 5
+    assert len(loads) == 1 and loads[0]["denoiser"] is spec.denoiser
+    assert spec.vae is None and spec.text_encoder is None  # the training spec itself is left as it was

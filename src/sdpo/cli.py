@@ -75,7 +75,7 @@ def _precompute(args: argparse.Namespace) -> None:
         read_manifest,
         read_pairs,
     )
-    from sdpo.models.base import _HUB_ID, resolve_pretrained
+    from sdpo.models.base import HUB_ID, resolve_pretrained
 
     media_format = media_format_from(args)
     if args.batch_size < 1:
@@ -88,11 +88,11 @@ def _precompute(args: argparse.Namespace) -> None:
             raise InputError(f"--buckets: {error}") from None
     # Every check that needs no model comes before the model loads: a mistake costs seconds, not minutes.
     check_out_dir(args.out, args.overwrite)
-    if not os.path.isdir(args.pretrained) and not _HUB_ID.fullmatch(args.pretrained):
+    if not os.path.isdir(args.pretrained) and not HUB_ID.fullmatch(args.pretrained):
         resolve_pretrained(args.pretrained)  # neither a folder nor a hub id: fails with one line, loading nothing
     from sdpo.models.registry import spec_class
 
-    expected = media_format or getattr(spec_class(args.family), "default_media_format", None)
+    expected = media_format or spec_class(args.family).default_media_format
     if expected is None:  # the family sizes media from its model folder: precompute checks them after loading
         pairs = read_pairs(args.pairs, on_bad_pair=args.on_bad_pair)
     else:  # bad lines and undecodable media, all in one report

@@ -28,7 +28,7 @@ def check_frames_flag(family: str, frames: int | None) -> None:
     ("chosen is image but sd takes videos") or sample a video model as if it made images."""
     from sdpo.models.registry import spec_class
 
-    default = getattr(spec_class(family), "default_media_format", None)
+    default = spec_class(family).default_media_format
     if default is None:  # an embedded world checks the size against its own folder
         return
     if frames and default.frames is None:
@@ -55,7 +55,7 @@ def load_spec_from(args: argparse.Namespace, media_format: Any, *, encoders_only
     if not encoders_only:
         spec.denoiser.to(device)
     if args.vae_tiling:
-        if not hasattr(getattr(spec, "vae", None), "enable_tiling"):
+        if spec.vae is None:
             raise InputError(f"the {args.family} model has no VAE with tiling; drop --vae-tiling")
         spec.vae.enable_tiling()
     return spec

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -26,7 +27,9 @@ from torch import Tensor, nn
 from sdpo.errors import InputError, MissingFileError
 from sdpo.schedules import NoiseSchedule
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""What a hub id looks like ("name" or "owner/name"); ``fullmatch`` it. A string that is neither this nor a
+folder cannot be a model, so callers can refuse it before anything loads."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,56 @@ class ModelSpec(Protocol):
     pretrained: str | None
     """The folder or hub id ``from_pretrained`` loaded (None for a spec built in code)."""
 
-    pipeline_class: type
-    """The family's diffusers pipeline class (``save_lora_weights`` / ``load_lora_weights`` / sampling)."""
+    default_media_format: ClassVar[MediaFormat | None]
+    """The format a spec of this class is loaded at when none is asked for; None where the model folder
+    fixes it (the embedded worlds). Read on the class, before any model loads."""
+
+    vae: Any
+    """The family's autoencoder (a diffusers ``AutoencoderKL*``, which has ``enable_tiling``), or None: the
+    embedded worlds have none, and a spec loaded with ``load_vae=False`` holds none. Typed Any as diffusers'
+    models are read: their config and outputs by attribute."""
 
     denoiser_subfolder: str
     """Pipeline subfolder and argument name of the denoiser: "unet" or "transformer"."""
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | Path,
+        *,
+        load_vae: bool = True,
+        load_text_encoder: bool = True,
+        media_format: MediaFormat | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        denoiser: nn.Module | None = None,
+    ) -> ModelSpec:
+        """Load a spec from a model folder (or a cached hub id); ``load_vae`` / ``load_text_encoder`` false
+        skip those components, ``denoiser`` is used in place of the folder's, which is then not loaded."""
+        ...
+
+    @property
+    def pipeline_class(self) -> type:
+        """The family's diffusers pipeline class (``save_lora_weights`` / ``load_lora_weights`` / sampling)."""
+        ...
+
     @property
     def media_kind(self) -> str:
         """"video" when ``media_format.frames`` is set, else "image"."""
+        ...
+
+    @property
+    def can_sample(self) -> bool:
+        """True when the spec holds every component ``sample`` needs (a spec loaded for training from a
+        precompute cache, without its VAE and text encoder, does not)."""
+        ...
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The classifier-free guidance ``sample`` is given when the user names none (validation samples)."""
+        ...
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's latents at ``media_format``, in the family's layout (may need the VAE)."""
         ...
 
     def initial_latents(self, count: int, seed: int) -> Tensor:
@@ -91,13 +135,15 @@ class ModelSpec(Protocol):
         guidance_scale: float,
         model: nn.Module | None = None,
         progress: bool = False,
+        seeds: Sequence[int] | None = None,
     ) -> Tensor:
         """Pixels in [-1, 1], float32 on the CPU (images (B, C, H, W), videos (B, F, C, H, W)), sampled
         from the initial noise ``latents`` by the family's own sampler (diffusers pipeline) with ``model``
-        (default: ``self.denoiser``, adapters as they are)."""
+        (default: ``self.denoiser``, adapters as they are). ``seeds``: one per sample, for the noise a
+        stochastic scheduler adds (a deterministic sampler ignores them)."""
         ...
 
-    def load_lora(self, folder: str | Path) -> None:
+    def load_lora(self, folder: str | os.PathLike[str]) -> None:
         """Load a LoRA written by ``save_lora`` (a training run folder) onto ``self.denoiser``."""
         ...
 
@@ -120,10 +166,7 @@ class ModelSpec(Protocol):
     def encode_media(self, pixels: Tensor) -> Tensor:
         """Normalised latents for pixels in [-1, 1] (needs the VAE).
 
-        A family whose encoder is a posterior (the VAE families) also has ``encode_media_moments(pixels)
-        -> (mean, std)``, both normalised as these latents are; precompute then stores the std too, so
-        training can draw a fresh latent each step (``TrainConfig.latent_sampling``). It is not part of
-        this protocol: a deterministic encoder (the toy worlds) has none.
+        A family whose encoder is a posterior (the VAE families) is also a :class:`PosteriorEncoder`.
         """
         ...
 
@@ -140,6 +183,19 @@ class ModelSpec(Protocol):
         ...
 
 
+@runtime_checkable
+class PosteriorEncoder(Protocol):
+    """A spec whose encoder is a posterior (the VAE families); a deterministic encoder (the embedded worlds) is not one.
+
+    Precompute then stores the posterior's std too, so training can draw a fresh latent each step
+    (``TrainConfig.latent_sampling``).
+    """
+
+    def encode_media_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior's mean and std for pixels in [-1, 1], both normalised as ``encode_media``'s latents are."""
+        ...
+
+
 class ModelNotFoundError(MissingFileError):
     """A model folder or hub id that cannot be loaded; the message says which and how to fix it."""
 
@@ -153,7 +209,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> str:
     text = str(name_or_path)
     if os.path.isdir(text):
         return text
-    if not _HUB_ID.fullmatch(text):
+    if not HUB_ID.fullmatch(text):
         raise ModelNotFoundError(f"model folder not found: {text} (check the path)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     from huggingface_hub import snapshot_download
@@ -220,7 +276,7 @@ def save_denoiser(model: nn.Module, folder: str | Path, state_dict: dict[str, Te
     diffusers' ``save_pretrained`` always reads the model's own parameters, which after sharded
     training hold only this process's shard; the gathered ``state_dict`` is written instead.
     """
-    inner = unwrap(model)
+    inner: Any = unwrap(model)  # a diffusers ModelMixin: nn.Module declares neither save_pretrained nor save_config
     if state_dict is None:
         inner.save_pretrained(str(folder))
         return
@@ -236,12 +292,11 @@ def save_denoiser(model: nn.Module, folder: str | Path, state_dict: dict[str, Te
     )
 
 
-def move_encoders(spec: Any, device: torch.device | str) -> None:
+def move_encoders(spec: ModelSpec, device: torch.device | str) -> None:
     """Move every network of ``spec`` except its denoiser (VAE, text encoders) to ``device``.
 
     Precompute runs only the encoders, so the denoiser stays where it was loaded.
     """
-    denoiser = getattr(spec, "denoiser", None)
     for value in vars(spec).values():
-        if isinstance(value, nn.Module) and value is not denoiser:
+        if isinstance(value, nn.Module) and value is not spec.denoiser:
             value.to(device)

@@ -14,20 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
-from sdpo.models._common import (
-    Component,
-    DiffusersSpec,
-    model_timesteps,
-    module_device,
-    module_dtype,
-)
-from sdpo.models.base import MediaFormat, unwrap
+from sdpo.models.base import MediaFormat
+from sdpo.models.diffusers_spec import Component, DiffusersSpec
+from sdpo.models.modules import diffusers_config, model_timesteps, module_device, module_dtype
 
 # Self-attention over the joint text+video sequence, and the feed-forward of each block.
 _COGVIDEOX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
-def _centered_fit(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+def centered_fit(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """Where a (h, w) grid lands when scaled to fit inside a (base_h, base_w) grid, centred.
 
     Returns ((top, left), (bottom, right)) in base-grid coordinates. CogVideoX 1.0 spreads the
@@ -59,17 +54,18 @@ def rotary_embedding(
     grid = (latent_height // patch, latent_width // patch)
     base = (config.sample_height // patch, config.sample_width // patch)
     if config.patch_size_t is None:
-        # CogVideoX 1.0: positions interpolated over the training grid (see _centered_fit).
-        return get_3d_rotary_pos_embed(
+        # CogVideoX 1.0: positions interpolated over the training grid (see centered_fit).
+        cos, sin = get_3d_rotary_pos_embed(
             embed_dim=config.attention_head_dim,
-            crops_coords=_centered_fit(grid, base),
+            crops_coords=centered_fit(grid, base),
             grid_size=grid,
             temporal_size=latent_frames,
             device=device,
-        )
+        )  # (cos, sin): use_real defaults to true
+        return cos, sin
     # CogVideoX 1.5: integer positions ("slice" of a table sized for the training grid), one per
     # temporal patch.
-    return get_3d_rotary_pos_embed(
+    cos, sin = get_3d_rotary_pos_embed(
         embed_dim=config.attention_head_dim,
         crops_coords=None,
         grid_size=grid,
@@ -78,6 +74,7 @@ def rotary_embedding(
         max_size=base,
         device=device,
     )
+    return cos, sin
 
 
 class CogVideoXSpec(DiffusersSpec):
@@ -89,9 +86,9 @@ class CogVideoXSpec(DiffusersSpec):
     """
 
     family: ClassVar[str] = "cogvideox"
-    denoiser_subfolder: ClassVar[str] = "transformer"
-    lora_candidates: ClassVar[tuple[str, ...]] = _COGVIDEOX_LORA_TARGETS
-    default_media_format: ClassVar[MediaFormat] = MediaFormat(height=480, width=720, frames=49)
+    denoiser_subfolder = "transformer"
+    lora_candidates = _COGVIDEOX_LORA_TARGETS
+    default_media_format: ClassVar[MediaFormat | None] = MediaFormat(height=480, width=720, frames=49)
 
     components: ClassVar[tuple[Component, ...]] = (
         Component("denoiser", "transformer", "diffusers", "CogVideoXTransformer3DModel", "denoiser"),
@@ -108,7 +105,7 @@ class CogVideoXSpec(DiffusersSpec):
         """(F', C, H/8, W/8), F' = (F-1)/4+1 latent frames, padded to a multiple of ``patch_size_t``
         (CogVideoX 1.5) as the pipeline pads them."""
         vae_config = self._require_vae().config
-        config = unwrap(self.denoiser).config
+        config = diffusers_config(self.denoiser)
         scale = 2 ** (len(vae_config.block_out_channels) - 1)
         fmt = self.media_format
         frames = (int(fmt.frames or 1) - 1) // int(vae_config.temporal_compression_ratio) + 1
@@ -130,7 +127,7 @@ class CogVideoXSpec(DiffusersSpec):
         at the front with copies of the first frame and the padding is cut from the prediction, as
         the pipeline puts its extra frames first and drops them.
         """
-        config = unwrap(model).config
+        config = diffusers_config(model)
         frames = noisy_latents.shape[1]
         pad = 0
         if config.patch_size_t is not None and frames % config.patch_size_t:
@@ -155,7 +152,7 @@ class CogVideoXSpec(DiffusersSpec):
     @property
     def max_sequence_length(self) -> int:
         """Text tokens per prompt: the transformer's ``max_text_seq_length``."""
-        return int(self.denoiser.config.max_text_seq_length)
+        return int(diffusers_config(self.denoiser).max_text_seq_length)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """``{"encoder_hidden_states": (B, max_text_seq_length, D)}`` from the T5 encoder."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.errors import InputError
+from sdpo.models.base import ModelSpec
 
 DENOISER_PREFIX = {"sd": "unet", "sdxl": "unet", "cogvideox": "transformer", "wan": "transformer"}
 """The key prefix of a diffusers family's LoRA weights (the denoiser's subfolder)."""
@@ -54,7 +55,7 @@ def _header(weights: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
 
 
 def _adapter_configs(metadata: dict[str, str], weights: Path) -> list[dict[str, Any]]:
-    configs = []
+    configs: list[Any] = []
     for key, text in metadata.items():
         if not key.endswith(METADATA_KEY):
             continue
@@ -93,7 +94,7 @@ def check_lora_fits(folder: str | os.PathLike[str], family: str, label: str | No
                              f"{', '.join(map(str, sorted(ranks)))}: the folder is torn or mixed; retrain or re-export it")
 
 
-def load_lora_checked(spec: Any, folder: str | os.PathLike[str]) -> None:
+def load_lora_checked(spec: ModelSpec, folder: str | os.PathLike[str]) -> None:
     """``spec.load_lora(folder)``; a LoRA whose shapes do not fit the loaded model is one line naming both."""
     try:
         spec.load_lora(folder)
@@ -103,7 +104,7 @@ def load_lora_checked(spec: Any, folder: str | os.PathLike[str]) -> None:
         text = " ".join(str(error).split())
         if not any(word in text for word in ("size mismatch", "shape", "Target modules", "not found", "rank")):
             raise
-        raise InputError(f"the LoRA {folder} does not fit the {spec.family} model {getattr(spec, 'pretrained', '')}"
+        raise InputError(f"the LoRA {folder} does not fit the {spec.family} model {spec.pretrained}"
                          f" (another base model, rank or targets?): {text[:200]}") from error
 
 

@@ -14,7 +14,7 @@ from sdpo.models.cogvideox import CogVideoXSpec
 from sdpo.models.sd import StableDiffusionSpec, StableDiffusionXLSpec
 from sdpo.models.wan import WanSpec
 
-SPECS: dict[str, type] = {
+SPECS: dict[str, type[ModelSpec]] = {
     "sd": StableDiffusionSpec,
     "sdxl": StableDiffusionXLSpec,
     "cogvideox": CogVideoXSpec,
@@ -36,14 +36,14 @@ def known_families() -> list[str]:
     return sorted({*SPECS, *LAZY_SPECS})
 
 
-def spec_class(family: str) -> type:
+def spec_class(family: str) -> type[ModelSpec]:
     """The spec class of ``family``, importing it if it is registered lazily."""
     if family in SPECS:
         return SPECS[family]
     if family not in LAZY_SPECS:
         raise InputError(f"unknown model family {family!r}; known families: {', '.join(known_families())}")
     module_name, _, class_name = LAZY_SPECS[family].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls: type[ModelSpec] = getattr(importlib.import_module(module_name), class_name)
     SPECS[family] = cls
     return cls
 

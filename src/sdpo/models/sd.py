@@ -14,14 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
-from sdpo.models._common import (
-    Component,
-    DiffusersSpec,
-    model_timesteps,
-    module_device,
-    module_dtype,
-)
 from sdpo.models.base import MediaFormat
+from sdpo.models.diffusers_spec import Component, DiffusersSpec
+from sdpo.models.modules import diffusers_config, model_timesteps, module_device, module_dtype
 
 # Attention projections (self and cross) and the GEGLU feed-forward of every transformer block.
 _UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -51,9 +46,9 @@ class StableDiffusionSpec(DiffusersSpec):
     """
 
     family: ClassVar[str] = "sd"
-    denoiser_subfolder: ClassVar[str] = "unet"
-    lora_candidates: ClassVar[tuple[str, ...]] = _UNET_LORA_TARGETS
-    default_media_format: ClassVar[MediaFormat] = MediaFormat(height=512, width=512)
+    denoiser_subfolder = "unet"
+    lora_candidates = _UNET_LORA_TARGETS
+    default_media_format: ClassVar[MediaFormat | None] = MediaFormat(height=512, width=512)
 
     components: ClassVar[tuple[Component, ...]] = (
         Component("denoiser", "unet", "diffusers", "UNet2DConditionModel", "denoiser"),
@@ -70,7 +65,7 @@ class StableDiffusionSpec(DiffusersSpec):
         """(C, H/s, W/s) with the VAE's downsampling s (8 for the real models), as the pipeline draws noise."""
         scale = 2 ** (len(self._require_vae().config.block_out_channels) - 1)
         fmt = self.media_format
-        return (int(self.denoiser.config.in_channels), fmt.height // scale, fmt.width // scale)
+        return (int(diffusers_config(self.denoiser).in_channels), fmt.height // scale, fmt.width // scale)
 
     @classmethod
     def component_dtype(cls, folder: str, component: Component, torch_dtype: torch.dtype) -> torch.dtype:
@@ -154,7 +149,11 @@ class StableDiffusionXLSpec(StableDiffusionSpec):
     """
 
     family: ClassVar[str] = "sdxl"
-    default_media_format: ClassVar[MediaFormat] = MediaFormat(height=1024, width=1024)
+    default_media_format: ClassVar[MediaFormat | None] = MediaFormat(height=1024, width=1024)
+    text_encoder_2: Any
+    """The second CLIP text encoder (with projection), None when loaded with ``load_text_encoder=False``."""
+    tokenizer_2: Any
+    """The second tokenizer, None when loaded with ``load_text_encoder=False``."""
 
     components: ClassVar[tuple[Component, ...]] = (
         *StableDiffusionSpec.components,

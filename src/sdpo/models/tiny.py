@@ -28,6 +28,13 @@ def _seeded(build: Callable[[], Any], offset: int) -> Any:
         return build()
 
 
+def _saved(pipe: Any, folder: str | Path) -> Path:
+    """``pipe.save_pretrained(folder)``; ``pipe`` is Any because mypy cannot see DiffusionPipeline's
+    ``save_pretrained`` through the family pipelines' mixin bases."""
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
 # ---------------------------------------------------------------------- tokenizers
 def _byte_alphabet() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for raw bytes, in a fixed order."""
@@ -81,7 +88,8 @@ def _t5_config(vocab_size: int, umt5: bool = False) -> Any:
         feed_forward_proj="gated-gelu",
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
+        # A PreTrainedConfig keyword (kept in config.json) that transformers' typed T5Config signature leaves out.
+        decoder_start_token_id=0,  # type: ignore[call-arg]
     )
 
 
@@ -103,7 +111,8 @@ def _clip_text_config(vocab_size: int, hidden_size: int, projection_dim: int | N
 
 
 # ---------------------------------------------------------------------- SD / SDXL
-def _tiny_unet(cross_attention_dim: int, **extra: Any) -> Any:
+def tiny_unet(cross_attention_dim: int, **extra: Any) -> Any:
+    """A randomly initialised two-level UNet2DConditionModel of SD's layout (``extra``: SDXL's added conditioning)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -157,7 +166,7 @@ def build_tiny_sd(folder: str | Path, *, prediction_type: str = "epsilon") -> Pa
         vae=_seeded(_tiny_vae_2d, 1),
         text_encoder=_seeded(lambda: CLIPTextModel(_clip_text_config(len(tokenizer), 32)), 2),
         tokenizer=tokenizer,
-        unet=_seeded(lambda: _tiny_unet(32), 3),
+        unet=_seeded(lambda: tiny_unet(32), 3),
         scheduler=DDIMScheduler(
             **_ddpm_kwargs(),
             clip_sample=False,
@@ -169,8 +178,7 @@ def build_tiny_sd(folder: str | Path, *, prediction_type: str = "epsilon") -> Pa
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(str(folder))
-    return Path(folder)
+    return _saved(pipe, folder)
 
 
 def build_tiny_sdxl(folder: str | Path) -> Path:
@@ -192,7 +200,7 @@ def build_tiny_sdxl(folder: str | Path) -> Path:
         tokenizer=tokenizer,
         tokenizer_2=tiny_clip_tokenizer(),
         unet=_seeded(
-            lambda: _tiny_unet(
+            lambda: tiny_unet(
                 32,  # the two encoders' hidden states, concatenated (16 + 16)
                 addition_embed_type="text_time",
                 addition_time_embed_dim=time_embed_dim,
@@ -202,8 +210,7 @@ def build_tiny_sdxl(folder: str | Path) -> Path:
         ),
         scheduler=EulerDiscreteScheduler(**_ddpm_kwargs(), steps_offset=1, timestep_spacing="leading"),
     )
-    pipe.save_pretrained(str(folder))
-    return Path(folder)
+    return _saved(pipe, folder)
 
 
 # ---------------------------------------------------------------------- CogVideoX
@@ -269,8 +276,7 @@ def build_tiny_cogvideox(folder: str | Path, rotary: bool = False) -> Path:
             snr_shift_scale=1.0 if rotary else 3.0,
         ),
     )
-    pipe.save_pretrained(str(folder))
-    return Path(folder)
+    return _saved(pipe, folder)
 
 
 # ---------------------------------------------------------------------- Wan
@@ -319,5 +325,4 @@ def build_tiny_wan(folder: str | Path) -> Path:
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
         ),
     )
-    pipe.save_pretrained(str(folder))
-    return Path(folder)
+    return _saved(pipe, folder)

@@ -16,15 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
-from sdpo.models._common import (
-    Component,
-    DiffusersSpec,
-    load_scheduler,
-    model_timesteps,
-    module_device,
-    module_dtype,
-)
 from sdpo.models.base import MediaFormat
+from sdpo.models.diffusers_spec import Component, DiffusersSpec
+from sdpo.models.loading import load_scheduler
+from sdpo.models.modules import diffusers_config, model_timesteps, module_device, module_dtype
 from sdpo.schedules import NoiseSchedule
 
 # Self- and cross-attention projections and the feed-forward of each block. ``add_k_proj`` /
@@ -80,9 +75,9 @@ class WanSpec(DiffusersSpec):
     """
 
     family: ClassVar[str] = "wan"
-    denoiser_subfolder: ClassVar[str] = "transformer"
-    lora_candidates: ClassVar[tuple[str, ...]] = _WAN_LORA_TARGETS
-    default_media_format: ClassVar[MediaFormat] = MediaFormat(height=480, width=832, frames=81)
+    denoiser_subfolder = "transformer"
+    lora_candidates = _WAN_LORA_TARGETS
+    default_media_format: ClassVar[MediaFormat | None] = MediaFormat(height=480, width=832, frames=81)
     max_sequence_length: int = 512
     """Text tokens per prompt (the pipeline's default; an instance may change it)."""
 
@@ -112,7 +107,7 @@ class WanSpec(DiffusersSpec):
         fmt = self.media_format
         frames = (int(fmt.frames or 1) - 1) // int(vae_config.scale_factor_temporal) + 1
         spatial = int(vae_config.scale_factor_spatial)
-        return (int(self.denoiser.config.in_channels), frames, fmt.height // spatial, fmt.width // spatial)
+        return (int(diffusers_config(self.denoiser).in_channels), frames, fmt.height // spatial, fmt.width // spatial)
 
     def sample_kwargs(self) -> dict[str, Any]:
         """Size, frames and the prompt length."""
@@ -171,7 +166,7 @@ class WanSpec(DiffusersSpec):
         # Wan was trained with the padded positions zeroed, not with the encoder's states there.
         return {"encoder_hidden_states": hidden * mask.unsqueeze(-1).to(hidden.dtype)}
 
-    def _latent_stats(self, vae: nn.Module, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _latent_stats(self, vae: Any, device: torch.device) -> tuple[Tensor, Tensor]:
         """Per-channel mean and std from the VAE config, shaped (1, C, 1, 1, 1), float32."""
         shape = (1, -1, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=device).view(shape)

@@ -134,7 +134,7 @@ def evaluate(
     settings = evaluation_settings(prompts, runs, [reward.name for reward in rewards], seed, sampler,
                                    samples_per_prompt, reward_options)
     settings.update(family=spec.family, media_format=asdict(spec.media_format),
-                    model=getattr(spec, "pretrained", None) and str(spec.pretrained))
+                    model=spec.pretrained and str(spec.pretrained))
     check_evaluation_out(Path(out), settings, overwrite)
     if not runs:
         raise InputError("evaluate needs at least one run (NAME=LORA_DIR) to compare with the base")

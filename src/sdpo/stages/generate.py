@@ -240,7 +240,7 @@ def generate(
     rank, world = _dist()
     settings = {"prompts": list(prompts), "per_prompt": per_prompt, "seed": seed, "sampler": asdict(sampler),
                 "batch_size": batch_size, "family": spec.family,
-                "model": getattr(spec, "pretrained", None) and str(spec.pretrained),
+                "model": spec.pretrained and str(spec.pretrained),
                 "media_format": asdict(spec.media_format), "lora": None if lora is None else str(lora),
                 "frame_folders": frame_folders, "fps": fps, "mp4": mp4}
     generate_settings(out, settings)
@@ -290,7 +290,7 @@ def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]],
             write_media(pixels[row], out / path, out / frames if frames else None, fps)
         records.append(asdict(Candidate(
             prompt=prompts[p], prompt_index=p, candidate_index=k, path=path, seed=candidate_seed,
-            sampler=asdict(sampler), model=getattr(spec, "pretrained", None) and str(spec.pretrained),
+            sampler=asdict(sampler), model=spec.pretrained and str(spec.pretrained),
             family=spec.family, lora=str(lora) if lora is not None else None, pixels=batch_name,
             pixels_index=row, frames=frames)))
     with atomic_output(out / batch_name) as temporary:  # the batch counts as done only once renamed into place

@@ -99,7 +99,7 @@ def generate_vbench(spec: Any, prompts: list[str], out_dir: str | Path, *, per_p
     (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
     _check_settings(out, {"seed": seed, "per_prompt": per_prompt, "lora": None if lora is None else str(lora),
                           "sampler": asdict(sampler or SamplerSettings()), "family": spec.family,
-                          "model": getattr(spec, "pretrained", None) and str(spec.pretrained), "fps": fps})
+                          "model": spec.pretrained and str(spec.pretrained), "fps": fps})
     if lora is not None:  # once: the per-prompt generate calls below sample with the loaded LoRA
         spec.load_lora(lora)
     generated = 0

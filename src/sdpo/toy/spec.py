@@ -27,15 +27,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sdpo.errors import InputError, MissingFileError
-from sdpo.models._common import (
-    diffusers_dtype_keyword,
-    existing_suffixes,
-    load_scheduler,
-    lora_adapter_metadata,
-    module_device,
-)
-from sdpo.models.base import MediaFormat, ModelNotFoundError, peft_lora_state_dict, save_denoiser, unwrap
+from sdpo.errors import InputError
+from sdpo.models.base import MediaFormat, ModelNotFoundError, unwrap
+from sdpo.models.loading import diffusers_dtype_keyword, load_scheduler
+from sdpo.models.lora import checked_lora_folder
+from sdpo.models.modules import module_device
+from sdpo.models.spec_base import SpecBase
 from sdpo.schedules import NoiseSchedule
 from sdpo.toy.model_folder import MARKER_FILE, check_folder, corrupt_folder_error, read_marker
 from sdpo.toy.pretrain_settings import PretrainSettings
@@ -55,12 +52,23 @@ _SAMPLE_BATCH = {"unet": 1024, "cogvideox": 256, "wan": 256}
 
 def toy_media_format(config: PretrainSettings) -> MediaFormat:
     """The media format of a base-model config: 1 x 8 x 8 digits, or ``frames`` frames of ``canvas`` squared."""
-    frames = getattr(config, "frames", None)
-    if frames is None:
+    # A world's config extends PretrainSettings; the moving world's adds the clip's frames and canvas.
+    frames, canvas = getattr(config, "frames", None), getattr(config, "canvas", None)
+    if frames is None or canvas is None:
         from sdpo.toy.digits.data import IMAGE_SIZE
 
         return MediaFormat(channels=1, height=IMAGE_SIZE, width=IMAGE_SIZE)
-    return MediaFormat(channels=1, height=config.canvas, width=config.canvas, frames=frames)
+    return MediaFormat(channels=1, height=canvas, width=canvas, frames=frames)
+
+
+def _lora_candidates(arch: str) -> tuple[str, ...]:
+    """The LoRA targets of the real family whose denoiser ``arch`` is."""
+    if arch == "unet":
+        return _UNET_LORA_CANDIDATES
+    from sdpo.models.cogvideox import CogVideoXSpec
+    from sdpo.models.wan import WanSpec
+
+    return CogVideoXSpec.lora_candidates if arch == "cogvideox" else WanSpec.lora_candidates
 
 
 def _config_class(folder: Path, world: Any) -> tuple[str, type[PretrainSettings]]:
@@ -71,7 +79,7 @@ def _config_class(folder: Path, world: Any) -> tuple[str, type[PretrainSettings]
     return family, getattr(importlib.import_module(module), name)
 
 
-class ToySpec:
+class ToySpec(SpecBase):
     """A toy base model (denoiser + tiny CLIP text encoder) as a ModelSpec of family "toy" or "toy-video".
 
     Conditions: ``{"encoder_hidden_states": (B, max_prompt_tokens, D)}``, the text encoder's last layer
@@ -92,10 +100,14 @@ class ToySpec:
     """
 
     family: ClassVar[str] = "toy"
+    default_media_format: ClassVar[MediaFormat | None] = None
+    """None: the format is the folder's own (``toy_media_format`` of its config)."""
+    vae: Any = None
+    """None: the pixels are the latents."""
 
     def __init__(self, pretrained: str | Path, family: str, config: PretrainSettings, denoiser: nn.Module,
                  text_encoder: nn.Module | None, tokenizer: Any, scheduler: Any) -> None:
-        self.pretrained = str(pretrained)
+        self.pretrained: str | None = str(pretrained)
         self.family = family  # type: ignore[misc]  # one class, two families: set per folder
         self.config = config
         self.arch: str = getattr(config, "arch", "unet")
@@ -106,6 +118,7 @@ class ToySpec:
         self.scheduler = scheduler
         self.schedule = NoiseSchedule.from_scheduler(scheduler)
         self.media_format = toy_media_format(config)
+        self.lora_candidates = _lora_candidates(self.arch)
 
     @property
     def unet(self) -> nn.Module:
@@ -123,11 +136,6 @@ class ToySpec:
         return self.config.max_prompt_tokens
 
     @property
-    def media_kind(self) -> str:
-        """"video" for the moving world, "image" for the digits."""
-        return "video" if self.media_format.frames else "image"
-
-    @property
     def default_guidance_scale(self) -> float:
         """The guidance its world samples best with (validation samples use it unless told otherwise)."""
         from sdpo.toy.world import get_world
@@ -135,11 +143,13 @@ class ToySpec:
         return get_world(self.media_kind).guidance_scale  # worlds are named by their media kind
 
     @property
-    def pipeline_class(self) -> type:
-        """The real family's pipeline, whose ``save_lora_weights`` / ``load_lora_weights`` the adapters use."""
-        import diffusers
+    def can_sample(self) -> bool:
+        """True when the text encoder is loaded (the toys' sampler needs nothing else)."""
+        return self.text_encoder is not None
 
-        return getattr(diffusers, _PIPELINES[self.arch])
+    def pipeline_name(self) -> str:
+        """The real family's pipeline, whose ``save_lora_weights`` / ``load_lora_weights`` the adapters use."""
+        return _PIPELINES[self.arch]
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -151,11 +161,13 @@ class ToySpec:
         load_text_encoder: bool = True,
         media_format: MediaFormat | None = None,
         torch_dtype: torch.dtype = torch.float32,
+        denoiser: nn.Module | None = None,
     ) -> ToySpec:
         """Load a folder written by ``sdpo.toy.pretraining.pretrain_base`` (either world).
 
         ``load_vae`` is accepted for the common signature and ignored: the toys have no VAE.
-        ``media_format`` may only repeat the folder's own format.
+        ``media_format`` may only repeat the folder's own format. ``denoiser``: a network to use in place
+        of the folder's, which is then not loaded (and left in the mode it is in).
         """
         del load_vae  # pixels are the latents
         folder = Path(pretrained).expanduser()
@@ -172,16 +184,19 @@ class ToySpec:
 
         subfolder = config_class.denoiser_subfolder
         try:
-            class_name = json.loads((folder / subfolder / "config.json").read_text())["_class_name"]
-            denoiser = getattr(diffusers, class_name).from_pretrained(
-                folder / subfolder, **{diffusers_dtype_keyword(): torch_dtype})
+            loaded = denoiser is None
+            if denoiser is None:
+                class_name = json.loads((folder / subfolder / "config.json").read_text())["_class_name"]
+                denoiser = getattr(diffusers, class_name).from_pretrained(
+                    folder / subfolder, **{diffusers_dtype_keyword(): torch_dtype})
             text_encoder = (CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype)
                             if load_text_encoder else None)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer")
             scheduler = load_scheduler(str(folder))
         except Exception as error:  # noqa: BLE001 - any load failure of a marked folder is damage
             raise corrupt_folder_error(folder, f"cannot load it ({type(error).__name__}: {error})") from error
-        denoiser.eval()
+        if loaded:
+            denoiser.eval()
         if text_encoder is not None:
             text_encoder.eval().requires_grad_(False)
         return cls(folder, family, config, denoiser, text_encoder, tokenizer, scheduler)
@@ -246,28 +261,7 @@ class ToySpec:
             timesteps = timesteps.expand(noisy_latents.shape[0])
         return run_transformer(model, self.arch, noisy_latents, timesteps, hidden)
 
-    def lora_target_modules(self) -> list[str]:
-        """Attention q/k/v/out and feed-forward projections, named as in the real family's spec."""
-        if self.arch == "unet":
-            candidates = _UNET_LORA_CANDIDATES
-        else:
-            from sdpo.models.cogvideox import CogVideoXSpec
-            from sdpo.models.wan import WanSpec
-
-            candidates = CogVideoXSpec.lora_candidates if self.arch == "cogvideox" else WanSpec.lora_candidates
-        return existing_suffixes(self.denoiser, candidates)
-
     # ---------------------------------------------------------------- sampling
-    def initial_latents(self, count: int, seed: int) -> Tensor:
-        """float32 CPU noise (count, *latent_shape()); sample i is drawn from its own generator seeded
-        ``derive_seed(seed, i)``, so batching and process count never change it."""
-        from sdpo.seeding import derive_seed
-
-        shape = self.latent_shape()
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, i)))
-                 for i in range(count)]
-        return torch.stack(noise) if noise else torch.zeros((0, *shape))
-
     def sampling_scheduler(self) -> Any:
         """A fresh sampling scheduler on the model's own training schedule.
 
@@ -277,10 +271,11 @@ class ToySpec:
         """
         if self.arch == "wan":
             return type(self.scheduler).from_config(self.scheduler.config)
+        scheduler_class: Any = type(self.scheduler)
         if self.arch == "unet":
-            from diffusers import DDIMScheduler as scheduler_class
-        else:
-            scheduler_class = type(self.scheduler)
+            from diffusers import DDIMScheduler
+
+            scheduler_class = DDIMScheduler
         return scheduler_class.from_config(self.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
 
     @torch.no_grad()
@@ -360,13 +355,7 @@ class ToySpec:
         """
         if not getattr(unwrap(model), "peft_config", None):
             raise InputError("the model has no LoRA adapters to save; use save_full for a fully tuned denoiser")
-        name = self.denoiser_subfolder
-        os.makedirs(output_dir, exist_ok=True)
-        self.pipeline_class.save_lora_weights(
-            str(output_dir),
-            **{f"{name}_lora_layers": peft_lora_state_dict(model, state_dict),
-               f"{name}_lora_adapter_metadata": lora_adapter_metadata(model)},
-        )
+        super().save_lora(output_dir, model, state_dict)
 
     def save_full(
         self, output_dir: str | os.PathLike[str], model: nn.Module, state_dict: dict[str, Tensor] | None = None
@@ -374,7 +363,7 @@ class ToySpec:
         """Write the fully fine-tuned denoiser to ``output_dir/<unet|transformer>`` (a ``from_pretrained`` folder)."""
         if getattr(unwrap(model), "peft_config", None):
             raise InputError("the model carries LoRA adapters: save them with save_lora (or fuse them first)")
-        save_denoiser(model, Path(output_dir) / self.denoiser_subfolder, state_dict)
+        super().save_full(output_dir, model, state_dict)
 
     def load_lora(self, folder: str | os.PathLike[str], model: nn.Module | None = None) -> None:
         """Load adapters written by ``save_lora`` (a run folder) into ``model`` (default: the denoiser).
@@ -382,11 +371,7 @@ class ToySpec:
         Goes through the family pipeline's ``lora_state_dict`` / ``load_lora_into_*``, the path
         ``load_lora_weights`` takes on a real pipeline.
         """
-        path = Path(folder)
-        if not path.exists():
-            raise MissingFileError(f"LoRA folder not found: {path}")
-        if path.is_dir() and not any(path.glob("*.safetensors")):
-            raise MissingFileError(f"no LoRA weights (*.safetensors) in {path}: is it a finished training run?")
+        path = checked_lora_folder(folder)
         target = unwrap(self.denoiser if model is None else model)
         pipeline = self.pipeline_class
         if self.arch == "unet":

@@ -42,7 +42,7 @@ from sdpo.data.pairs import (
 from sdpo.errors import InputError
 from sdpo.files import fsync_dir, named_for, write_atomic
 from sdpo.folders import check_replaceable
-from sdpo.models.base import MediaFormat
+from sdpo.models.base import MediaFormat, PosteriorEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def precompute(
         writer = ShardWriter(staging, shard_size)
         # Every shard must hold the same tensors, so the gaps are stored only when no pair lacks one.
         with_gaps = all(pair_gap(pair) is not None for pair in pairs)
-        with_std = latent_std and callable(getattr(spec, "encode_media_moments", None))
+        with_std = latent_std and isinstance(spec, PosteriorEncoder)
         settings = EncodeSettings(batch_size, progress, pad_frames, num_workers, on_bad_pair, with_gaps, with_std)
         if buckets is None:
             encode_all(pairs, spec, writer, settings)

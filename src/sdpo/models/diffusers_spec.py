@@ -1,6 +1,4 @@
-"""Code shared by the diffusers-backed specs (SD, SDXL, CogVideoX, Wan).
-
-``derive_seed`` lives in :mod:`sdpo.seeding`; it is imported here for the modules that still look for it here.
+"""DiffusersSpec: the base of the diffusers-backed specs (SD, SDXL, CogVideoX, Wan).
 
 Nothing here imports diffusers or transformers at module level, so importing a spec module (and the
 registry) stays cheap; the heavy libraries are imported when a model is actually loaded.
@@ -11,148 +9,24 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from sdpo.errors import InputError, MissingFileError
-from sdpo.models.base import (
-    MediaFormat,
-    ModelNotFoundError,
-    peft_lora_state_dict,
-    resolve_pretrained,
-    save_denoiser,
-    unwrap,
-)
+from sdpo.errors import InputError
+from sdpo.models.base import MediaFormat, resolve_pretrained, unwrap
+from sdpo.models.loading import load_component, load_scheduler
+from sdpo.models.lora import checked_lora_folder
+from sdpo.models.modules import module_device, module_dtype
+from sdpo.models.spec_base import SpecBase
 from sdpo.schedules import NoiseSchedule
-from sdpo.seeding import derive_seed
 
-
-def load_component(
-    loader: Any,
-    folder: str,
-    subfolder: str,
-    *,
-    enabled: bool = True,
-    torch_dtype: torch.dtype | None = None,
-    frozen: bool = False,
-) -> Any:
-    """``loader.from_pretrained(folder, subfolder=...)``, or None when ``enabled`` is false.
-
-    ``torch_dtype`` is left out for tokenizers (pass None). ``frozen`` puts a network in eval mode
-    with gradients off (encoders are never trained). A missing subfolder is reported as a
-    ``ModelNotFoundError`` naming it, rather than diffusers' generic "no file named config.json".
-    """
-    if not enabled:
-        return None
-    if not os.path.isdir(os.path.join(folder, subfolder)):
-        raise ModelNotFoundError(
-            f"model folder {folder} has no {subfolder}/ component (is it a diffusers pipeline folder?)"
-        )
-    kwargs: dict[str, Any] = {"subfolder": subfolder}
-    if torch_dtype is not None:
-        kwargs[_dtype_keyword(loader)] = torch_dtype
-    component = loader.from_pretrained(folder, **kwargs)
-    if frozen and isinstance(component, nn.Module):
-        component.requires_grad_(False).eval()
-    return component
-
-
-def _dtype_keyword(loader: Any) -> str:
-    """The ``from_pretrained`` keyword for the dtype: ``dtype`` where ``torch_dtype`` is deprecated
-    (transformers >= 5, diffusers >= 0.42), else ``torch_dtype``."""
-    module = getattr(loader, "__module__", "")
-    if module.startswith("transformers"):
-        import transformers
-
-        return "dtype" if _version(transformers.__version__) >= (5, 0) else "torch_dtype"
-    return diffusers_dtype_keyword()
-
-
-def diffusers_dtype_keyword() -> str:
-    """``dtype`` for diffusers >= 0.42 (which deprecates ``torch_dtype``), else ``torch_dtype``."""
-    import diffusers
-
-    return "dtype" if _version(diffusers.__version__) >= (0, 42) else "torch_dtype"
-
-
-def _version(text: str) -> tuple[int, int]:
-    major, minor = (text.split(".") + ["0"])[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
-def load_scheduler(folder: str, subfolder: str = "scheduler") -> Any:
-    """The pipeline's scheduler, of the class named in its ``scheduler_config.json``."""
-    import diffusers
-
-    config_path = os.path.join(folder, subfolder, "scheduler_config.json")
-    if not os.path.isfile(config_path):
-        raise ModelNotFoundError(f"model folder {folder} has no {subfolder}/scheduler_config.json")
-    with open(config_path, encoding="utf-8") as handle:
-        class_name = json.load(handle)["_class_name"]
-    scheduler_class = getattr(diffusers, class_name, None)
-    if scheduler_class is None:
-        raise InputError(f"{config_path} names {class_name!r}, which this diffusers version does not provide")
-    return scheduler_class.from_pretrained(folder, subfolder=subfolder)
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter (CPU for a parameterless module)."""
-    for parameter in module.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's first floating-point parameter (float32 if it has none)."""
-    for parameter in module.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
-
-
-def model_timesteps(timesteps: Tensor, device: torch.device) -> Tensor:
-    """Timesteps as the networks want them: float32, one per sample, on the latents' device.
-
-    The schedule hands out float64 values (t for DDPM, sigma * 1000 for flow). float64 is not
-    supported everywhere (MPS), and bf16/fp16 cannot represent them (999 rounds to 1000 in bf16),
-    so float32 is the one safe dtype: every family's sinusoidal embedding upcasts to float32 anyway.
-    """
-    timesteps = torch.as_tensor(timesteps)
-    if timesteps.ndim == 0:
-        timesteps = timesteps[None]
-    return timesteps.to(device=device, dtype=torch.float32)
-
-
-def existing_suffixes(model: nn.Module, candidates: tuple[str, ...]) -> list[str]:
-    """The entries of ``candidates`` that name at least one Linear layer of ``model`` (as peft matches them).
-
-    peft matches a string target ``s`` against module names equal to ``s`` or ending in ``"." + s``.
-    """
-    names = [name for name, module in unwrap(model).named_modules() if isinstance(module, nn.Linear)]
-    found = [s for s in candidates if any(name == s or name.endswith("." + s) for name in names)]
-    if not found:
-        raise InputError(f"none of the LoRA targets {candidates} exist in {type(unwrap(model)).__name__}")
-    return found
-
-
-def lora_adapter_metadata(model: nn.Module) -> dict[str, Any] | None:
-    """The LoraConfig of the adapter being saved, as a dict diffusers stores beside the weights.
-
-    With it, ``load_lora_weights`` rebuilds the exact config (``lora_alpha`` included) instead of
-    guessing ``alpha = rank`` from the tensor shapes.
-    """
-    configs = getattr(unwrap(model), "peft_config", None)
-    if not configs:
-        return None
-    config = configs.get("default") or next(iter(configs.values()))
-    return config.to_dict()
+_Spec = TypeVar("_Spec", bound="DiffusersSpec")
 
 
 @dataclass(frozen=True)
@@ -171,21 +45,25 @@ class Component:
     """"denoiser", "vae" (skipped with ``load_vae=False``) or "text" (skipped with ``load_text_encoder=False``)."""
 
 
-class DiffusersSpec:
+class DiffusersSpec(SpecBase):
     """Base of the diffusers-backed specs: attributes, sampling and the save / LoRA plumbing they share.
 
-    Subclasses set the class attributes and implement ``predict``, ``encode_prompts`` and
-    ``encode_media``. Sampling (``initial_latents`` / ``sample``) and ``load_lora`` go through the
+    Subclasses set the class attributes and implement ``predict``, ``encode_prompts``,
+    ``encode_media`` and ``latent_shape``. Sampling (``sample``) and ``load_lora`` go through the
     family's own diffusers pipeline, assembled from the components this spec loaded (nothing is read
     from disk again), with the pipeline's own scheduler from the model folder.
     """
 
     family: ClassVar[str] = ""
-    denoiser_subfolder: ClassVar[str] = "transformer"
-    """Pipeline subfolder (and pipeline argument name) of the denoiser: "unet" or "transformer"."""
-    lora_candidates: ClassVar[tuple[str, ...]] = ()
-    """Module-name suffixes LoRA should adapt, filtered by ``lora_target_modules`` to those present."""
-    default_media_format: ClassVar[MediaFormat] = MediaFormat()
+    default_media_format: ClassVar[MediaFormat | None] = MediaFormat()
+    """The format a spec is loaded at when none is asked for (every family sets its own)."""
+
+    vae: Any
+    """The autoencoder (a diffusers ``AutoencoderKL*``), None when loaded with ``load_vae=False``."""
+    text_encoder: Any
+    """The (first) text encoder, None when loaded with ``load_text_encoder=False``."""
+    tokenizer: Any
+    """The (first) tokenizer, None when loaded with ``load_text_encoder=False``."""
 
     components: ClassVar[tuple[Component, ...]] = ()
     """What ``from_pretrained`` loads from the pipeline folder, besides the scheduler."""
@@ -212,8 +90,11 @@ class DiffusersSpec:
             raise TypeError(f"{type(self).__name__} has no component(s) {', '.join(sorted(unknown))}")
         self.schedule = schedule
         self.denoiser = denoiser
-        self.media_format = media_format or self.default_media_format
-        self.pretrained = pretrained
+        chosen = media_format or self.default_media_format
+        if chosen is None:
+            raise TypeError(f"{type(self).__name__} sets no default_media_format: pass a media_format")
+        self.media_format: MediaFormat = chosen
+        self.pretrained: str | None = pretrained
         self.scheduler = scheduler
         self.vae = components.get("vae")
         for name in names:
@@ -222,22 +103,24 @@ class DiffusersSpec:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[_Spec],
         pretrained: str | Path,
         *,
         load_vae: bool = True,
         load_text_encoder: bool = True,
         media_format: MediaFormat | None = None,
         torch_dtype: torch.dtype = torch.float32,
-    ) -> Any:
+        denoiser: nn.Module | None = None,
+    ) -> _Spec:
         """Load the spec from a diffusers pipeline folder or a cached hub id.
 
         ``load_vae`` / ``load_text_encoder`` false skip those components (training from a precompute
-        cache needs neither); encoders are frozen and in eval mode.
+        cache needs neither); encoders are frozen and in eval mode. ``denoiser``: a network to use in
+        place of the folder's, which is then not loaded (validation samples with the one in training).
         """
         folder = resolve_pretrained(pretrained)
-        enabled = {"denoiser": True, "vae": load_vae, "text": load_text_encoder}
-        loaded = {}
+        enabled = {"denoiser": denoiser is None, "vae": load_vae, "text": load_text_encoder}
+        loaded: dict[str, Any] = {}
         for component in cls.components:
             loader = getattr(importlib.import_module(component.library), component.class_name)
             is_network = not component.class_name.endswith("Tokenizer")
@@ -249,6 +132,8 @@ class DiffusersSpec:
                 torch_dtype=cls.component_dtype(folder, component, torch_dtype) if is_network else None,
                 frozen=component.role != "denoiser",
             )
+        if denoiser is not None:
+            loaded["denoiser"] = denoiser
         return cls(
             cls.schedule_from_folder(folder),
             media_format=media_format,
@@ -268,22 +153,15 @@ class DiffusersSpec:
         return torch_dtype
 
     # ------------------------------------------------------------------ pipeline class
-    @classmethod
-    def pipeline_name(cls) -> str:
-        """Name of the diffusers pipeline class of this family."""
-        raise NotImplementedError
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance the family's pipeline samples with when given none (its ``__call__`` default)."""
+        return float(inspect.signature(self.pipeline_class.__call__).parameters["guidance_scale"].default)
 
     @property
-    def pipeline_class(self) -> type:
-        """The diffusers pipeline class (imported on first use: it pulls in transformers)."""
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_name())
-
-    @property
-    def media_kind(self) -> str:
-        """"video" when ``media_format`` has frames, else "image"."""
-        return "video" if self.media_format.frames else "image"
+    def can_sample(self) -> bool:
+        """True when every component ``sample`` needs is loaded (VAE, text encoders and tokenizers)."""
+        return all(getattr(self, c.name) is not None for c in self.components if c.role != "denoiser")
 
     # ------------------------------------------------------------------ sampling
     def pipeline(self, model: nn.Module | None = None, *, progress: bool = False) -> Any:
@@ -303,18 +181,6 @@ class DiffusersSpec:
         pipe = self.pipeline_class(**parts)
         pipe.set_progress_bar_config(disable=not progress)
         return pipe
-
-    def latent_shape(self) -> tuple[int, ...]:
-        """The shape of one sample's initial noise at ``media_format``, as the pipeline lays it out."""
-        raise NotImplementedError
-
-    def initial_latents(self, count: int, seed: int) -> Tensor:
-        """float32 CPU noise (count, *latent_shape()); sample i is drawn from its own generator seeded
-        ``derive_seed(seed, i)``, so batching and process count never change it."""
-        shape = self.latent_shape()
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, i)))
-                 for i in range(count)]
-        return torch.stack(noise) if noise else torch.zeros((0, *shape))
 
     def sample_kwargs(self) -> dict[str, Any]:
         """Pipeline call arguments fixed by the spec: the size (and frames) of ``media_format``."""
@@ -351,7 +217,7 @@ class DiffusersSpec:
             raise InputError(f"latents {tuple(latents.shape)} do not fit {len(prompts)} prompt(s) of latent shape "
                              f"{self.latent_shape()} (media format {self.media_format})")
         self._require_vae()
-        self._require(getattr(self, "text_encoder", None), "text encoder", "load_text_encoder")
+        self._require(self.text_encoder, "text encoder", "load_text_encoder")
         denoiser = unwrap(model if model is not None else self.denoiser)
         pipe = self.pipeline(denoiser, progress=progress)
         seeds = list(seeds) if seeds is not None else [0] * len(prompts)
@@ -373,14 +239,10 @@ class DiffusersSpec:
         media = output.images if hasattr(output, "images") else output.frames
         return (media.float().cpu() * 2 - 1).clamp_(-1, 1)
 
-    def load_lora(self, folder: str | Path, adapter_name: str | None = None) -> None:
+    def load_lora(self, folder: str | os.PathLike[str], adapter_name: str | None = None) -> None:
         """Load a LoRA written by ``save_lora`` (a run folder) onto ``self.denoiser``, through the pipeline's
         own ``load_lora_weights``. ``adapter_name`` names the adapter (diffusers picks one when None)."""
-        path = Path(folder)
-        if not path.exists():
-            raise MissingFileError(f"LoRA folder not found: {path}")
-        if path.is_dir() and not any(path.glob("*.safetensors")):
-            raise MissingFileError(f"no LoRA weights (*.safetensors) in {path}: is it a finished training run?")
+        path = checked_lora_folder(folder)
         pipe = self.pipeline(self.denoiser) if self.scheduler is not None else None
         if pipe is None:
             raise RuntimeError(f"the {self.family} spec has no pipeline to load a LoRA with: load it with from_pretrained")
@@ -395,27 +257,5 @@ class DiffusersSpec:
             )
         return component
 
-    def _require_vae(self) -> nn.Module:
+    def _require_vae(self) -> Any:
         return self._require(self.vae, "VAE", "load_vae")
-
-    # ------------------------------------------------------------------ LoRA and saving
-    def lora_target_modules(self) -> list[str]:
-        """Attention q/k/v/out and feed-forward projections present in this denoiser."""
-        return existing_suffixes(self.denoiser, self.lora_candidates)
-
-    def save_lora(self, output_dir: str | Path, model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> None:
-        """Write ``model``'s adapters where the family pipeline's ``load_lora_weights`` finds them.
-
-        ``state_dict``: the full state gathered from sharded training; None reads ``model``.
-        """
-        name = self.denoiser_subfolder
-        kwargs: dict[str, Any] = {f"{name}_lora_layers": peft_lora_state_dict(model, state_dict)}
-        metadata = lora_adapter_metadata(model)
-        if metadata is not None:
-            kwargs[f"{name}_lora_adapter_metadata"] = metadata
-        os.makedirs(output_dir, exist_ok=True)
-        self.pipeline_class.save_lora_weights(str(output_dir), **kwargs)
-
-    def save_full(self, output_dir: str | Path, model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> None:
-        """Save the fine-tuned denoiser to ``output_dir/<unet|transformer>`` (a ``from_pretrained`` folder)."""
-        save_denoiser(model, os.path.join(str(output_dir), self.denoiser_subfolder), state_dict)
