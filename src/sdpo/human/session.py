@@ -41,6 +41,8 @@ class Session:
     """What ending the session does and returns (``rate``: the reveal and the written results)."""
 
     def __post_init__(self) -> None:
+        self.ended = False
+        """Set by :meth:`end` in blind mode: the names were shown, so no answer is blind any more."""
         self.media = MediaIndex(self.folder)
         self.by_id = {item.id: item for item in self.items}
         for item in self.items:
@@ -93,6 +95,8 @@ class Session:
         """Save ``{"rater", "item", "choice"}`` and return the new state."""
         _keys(body, {"rater", "item", "choice"})
         self.check_rater(body)
+        if self.ended:
+            raise Refused(409, "this session is ended (the names were shown): start the page again to go on")
         item = self.by_id.get(body["item"]) if isinstance(body["item"], str) else None
         if item is None:
             raise Refused(404, f"unknown item {body['item']!r:.60}")
@@ -117,6 +121,7 @@ class Session:
         self.check_rater(body)
         if self.on_end is None:
             raise Refused(404, "this page has no end step: close the tab, every answer is saved")
+        self.ended = self.mode == "blind"
         return self.on_end(self)
 
 
