@@ -211,7 +211,7 @@ def summary_lines(found: dict[str, Any]) -> list[str]:
         agrees = ", ".join(f"{r} agrees on {v['agreement']:.0%}" for r, v in entry["reward_agreement"].items()
                            if v["agreement"] is not None)
         lines.append(f"{name}: people prefer {name.split(' vs ')[0]} in {_interval(entry['win_rate'])} of "
-                     f"{entry['n']} answers ({entry['ties']} ties, {entry['skips']} skips)"
+                     f"{entry['n']} answers (ties: {entry['ties']}, skips: {entry['skips']})"
                      + (f"; {agrees}" if agrees else ""))
     return lines
 

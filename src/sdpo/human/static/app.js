@@ -165,6 +165,8 @@ async function end() {
 
 function showReveal(result) {
   const section = $("reveal");
+  $("buttons").replaceChildren();  // the names are shown: no more answers in this session
+  $("prompt").textContent = "Session ended: every answer is saved, and the results are in the evaluation folder.";
   section.hidden = false;
   section.replaceChildren();
   const heading = document.createElement("h2");
@@ -177,10 +179,11 @@ function showReveal(result) {
     section.appendChild(p);
   }
   const table = document.createElement("table");
-  table.innerHTML = "<tr><th>prompt</th><th>left</th><th>right</th><th>your choice</th></tr>";
+  table.innerHTML = "<tr><th>prompt</th><th>left</th><th>right</th><th>you chose</th></tr>";
   for (const row of result.reveal || []) {
     const tr = document.createElement("tr");
-    for (const value of [row.prompt, row.left, row.right, row.choice]) {
+    const chosen = row.choice === "left" ? row.left : row.choice === "right" ? row.right : row.choice;
+    for (const value of [row.prompt, row.left, row.right, chosen]) {
       const td = document.createElement("td");
       td.textContent = value;
       tr.appendChild(td);
