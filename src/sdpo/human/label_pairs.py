@@ -109,19 +109,11 @@ def pairs_from_labels(gen: str | os.PathLike[str], out: str | os.PathLike[str] |
         counts["skip answers"] += ballots["skip"]
         if ballots[first] and ballots[second]:
             counts["contradictions"] += 1
-        options = {key: ballots[key] for key in (first, second, "tie") if ballots[key]}
-        if not options:
-            counts["skipped"] += 1
+        winner = decide(ballots, first, second)
+        if winner not in (first, second):
+            counts[winner] += 1
             continue
-        best = max(options.values())
-        winners = [key for key, count in options.items() if count == best]
-        if len(winners) > 1:
-            counts["no majority"] += 1
-            continue
-        if winners[0] == "tie":
-            counts["tie"] += 1
-            continue
-        chosen, rejected = (first, second) if winners[0] == first else (second, first)
+        chosen, rejected = (first, second) if winner == first else (second, first)
         if ballots[first] and ballots[second]:
             counts["contradictions resolved"] += 1
         total = ballots[first] + ballots[second] + ballots["tie"]
@@ -142,6 +134,17 @@ def pairs_from_labels(gen: str | os.PathLike[str], out: str | os.PathLike[str] |
     return summary
 
 
+def decide(ballots: Counter[str], first: str, second: str) -> str:
+    """The plurality of one pair's votes: ``first`` or ``second`` (the winning candidate), else why there
+    is no pair: "tie", "no majority" or "skipped" (see the module docstring)."""
+    options = {key: ballots[key] for key in (first, second, "tie") if ballots[key]}
+    if not options:
+        return "skipped"
+    best = max(options.values())
+    winners = [key for key, count in options.items() if count == best]
+    return winners[0] if len(winners) == 1 else "no majority"
+
+
 def _category(choice: str, chosen: str, sides: list[str]) -> str:
     """A vote as one of "first", "second" (by candidate index) or "tie", for the agreement figures."""
     if choice == "tie":
@@ -154,4 +157,4 @@ def summary_path(out: Path) -> Path:
     return out.with_name(out.stem + ".summary.json")
 
 
-__all__ = ["LabelPairsSummary", "pairs_from_labels", "read_votes", "summary_path"]
+__all__ = ["LabelPairsSummary", "decide", "pairs_from_labels", "read_votes", "summary_path"]

@@ -39,7 +39,7 @@ def _starlette() -> Any:
 
 
 def _static(name: str) -> bytes:
-    return resources.files("sdpo.human").joinpath("static", name).read_bytes()
+    return resources.files("sdpo.human").joinpath("static").joinpath(name).read_bytes()
 
 
 def make_app(session: Session) -> Any:
