@@ -251,3 +251,17 @@ def test_pairs_from_labels_on_a_folder_without_answers(world, capsys) -> None:
     sdpo("score", str(gen), "--reward", "digits")
     sdpo("pairs", str(gen))  # scored pairs are as they were
     assert (gen / "pairs.jsonl").is_file()
+
+
+def test_label_as_a_user_types_it(world, monkeypatch, capsys) -> None:
+    gen = world.fresh_gen("typed")
+    served = []
+    monkeypatch.setattr("sdpo.human.server.serve", lambda session, host, port: served.append((session, host, port)))
+    assert main(["label", str(gen), "--rater", "ana", "--pairs-per-prompt", "1", "--port", "7900"]) == 0
+    session, host, port = served[0]
+    assert (host, port, session.mode, len(session.items)) == ("127.0.0.1", 7900, "paired", 4)
+    out = capsys.readouterr().out
+    assert "label: 4 items for rater ana (0 answered)" in out and "http://127.0.0.1:7900/" in out
+    assert main(["label", str(gen), "--rater", "bo", "--unpaired", "--host", "0.0.0.0"]) == 0
+    assert served[1][0].mode == "unpaired" and served[1][1] == "0.0.0.0"
+    assert (gen / "labels" / "ana.jsonl").is_file() and (gen / "labels" / "bo.jsonl").is_file()

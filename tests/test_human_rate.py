@@ -79,3 +79,17 @@ def test_rate_refuses_what_is_not_an_evaluation(folder, capsys) -> None:
     assert main(["rate", str(world.gen)]) == 2
     assert "sdpo evaluate" in capsys.readouterr().err
     assert main(["rate", str(world.root / "nowhere"), "--report"]) == 2
+
+
+def test_rate_as_a_user_types_it(folder, monkeypatch, capsys) -> None:
+    _, eval_dir = folder
+    served = []
+    monkeypatch.setattr("sdpo.human.server.serve", lambda session, host, port: served.append((session, host, port)))
+    assert main(["rate", str(eval_dir), "--rater", "dee", "--compare", "tuned:base", "--seed", "2"]) == 0
+    session, host, port = served[0]
+    assert (host, port, session.mode, len(session.items)) == ("127.0.0.1", 7861, "blind", 8)
+    assert "rate: 8 blind comparisons for rater dee" in capsys.readouterr().out
+    assert main(["rate", str(eval_dir), "--rater", "dee", "--compare", "tuned:nobody"]) == 2
+    assert "--compare expects A:B" in capsys.readouterr().err
+    assert main(["rate", str(eval_dir), "--rater", "dee", "--seed", "3"]) == 2  # dee's queue was seed 2
+    assert "other settings" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def _rate(args: argparse.Namespace) -> None:
         print("\n".join(result["summary"]))
         return
     _check_port(args.port)
-    session = open_rate_session(args.dir, args.rater, seed=args.seed)
+    session = open_rate_session(args.dir, args.rater, seed=args.seed, compare=args.compare)
     print(f"rate: {len(session.items)} blind comparisons for rater {session.rater} ({session.state()['done']} "
           f"answered); answers in {session.answers.path}")
     print(f"open http://{args.host}:{args.port}/ (end the session on the page to see the names and write the "
@@ -102,6 +102,9 @@ def add_human_commands(commands: Any) -> None:
     rate = commands.add_parser("rate", help="a blind A/B page over an `sdpo evaluate` folder: win rates from people")
     rate.add_argument("dir", help="evaluation folder (`sdpo evaluate --out`)")
     _server_flags(rate, 7861)
+    rate.add_argument("--compare", action="append", metavar="A:B", default=None,
+                      help="compare model A against model B (repeatable; run against run, e.g. sdpo:dpo); "
+                           "default: every run against the base")
     rate.add_argument("--report", action="store_true",
                       help="serve nothing: write the people's results of every rater's answers into report.md and "
                            "results.json")

@@ -55,10 +55,21 @@ def _results(folder: Path) -> dict[str, Any]:
     return results
 
 
-def comparisons(results: dict[str, Any]) -> list[tuple[str, str]]:
-    """(run, base) for every run: the run first, as the side whose win rate is reported."""
-    base, *runs = results["models"]
-    return [(run, base) for run in runs]
+def comparisons(results: dict[str, Any], requested: list[str] | None = None) -> list[tuple[str, str]]:
+    """(A, B) pairs of models to compare, A being the side whose win rate is reported: ``requested``
+    ("A:B" each, e.g. "sdpo:dpo" for run against run), by default every run against the base."""
+    models = list(results["models"])
+    if not requested:
+        return [(run, models[0]) for run in models[1:]]
+    found = []
+    for text in requested:
+        first, sep, second = text.partition(":")
+        if not sep or first not in models or second not in models or first == second:
+            raise InputError(f"--compare expects A:B, two different models of this evaluation ({', '.join(models)}), "
+                             f"got {text!r:.80}")
+        if (first, second) not in found:
+            found.append((first, second))
+    return found
 
 
 def render_media(folder: Path) -> tuple[list[str], dict[tuple[str, int], str]]:
@@ -81,12 +92,13 @@ def render_media(folder: Path) -> tuple[list[str], dict[tuple[str, int], str]]:
     return prompts, files
 
 
-def open_rate_session(eval_dir: str | os.PathLike[str], rater: str, seed: int = 0) -> Session:
-    """The blind session of ``rater`` on the evaluation folder ``eval_dir``."""
+def open_rate_session(eval_dir: str | os.PathLike[str], rater: str, seed: int = 0,
+                      compare: list[str] | None = None) -> Session:
+    """The blind session of ``rater`` on the evaluation folder ``eval_dir`` (``compare``: see :func:`comparisons`)."""
     folder = Path(eval_dir)
     check_rater(rater)
     results = _results(folder)
-    pairs = comparisons(results)
+    pairs = comparisons(results, compare)
     prompts, files = render_media(folder)
     missing = [model for model in results["models"] if (model, 0) not in files]
     if missing:
@@ -129,15 +141,17 @@ def human_results(eval_dir: str | os.PathLike[str]) -> dict[str, Any]:
     folder = Path(eval_dir)
     results = _results(folder)
     by_rater: dict[str, list[Answer]] = {}
+    pairs: list[tuple[str, str]] = []
     for path in answers_files(folder / RATINGS_DIR):
         header, records = read_answers(path)
         if header.get("mode") == "blind":
             by_rater[str(header["rater"])] = list(effective_answers(records).values())
+            pairs += [(a, b) for a, b in header.get("settings", {}).get("comparisons", [])
+                      if (a, b) not in pairs and (b, a) not in pairs]
     scores = results.get("sample_scores", {})
     found: dict[str, Any] = {"raters": sorted(by_rater), "comparisons": {}}
-    for k, (first, second) in enumerate(comparisons(results)):
-        mine = {rater: [a for a in answers if a.item.endswith(f"-k{k}") and set(a.shown) == {first, second}]
-                for rater, answers in by_rater.items()}
+    for first, second in pairs or comparisons(results):
+        mine = {rater: [a for a in answers if set(a.shown) == {first, second}] for rater, answers in by_rater.items()}
         pooled = [a for answers in mine.values() for a in answers]
         outcomes = [o for a in pooled if (o := _outcome(a, first)) is not None]
         per_prompt: dict[str, list[float]] = defaultdict(list)
@@ -148,9 +162,20 @@ def human_results(eval_dir: str | os.PathLike[str]) -> dict[str, Any]:
                  "per_rater": {r: _rate([o for a in v if (o := _outcome(a, first)) is not None]) for r, v in mine.items()},
                  "per_prompt": {p: _rate(v) for p, v in per_prompt.items()},
                  "reward_agreement": _reward_agreement(pooled, first, second, scores),
-                 "reward_win_rate": {r: table[first]["win_rate"] for r, table in
-                                     results.get("versus_base", {}).items() if first in table}}
+                 "reward_win_rate": _reward_win_rate(results, first, second)}
         found["comparisons"][f"{first} vs {second}"] = entry
+    return found
+
+
+def _reward_win_rate(results: dict[str, Any], first: str, second: str) -> dict[str, Any]:
+    """reward -> the reward's own win rate of ``first`` over ``second`` (evaluate's versus_base or head_to_head)."""
+    found = {}
+    for reward, table in results.get("versus_base", {}).items():
+        if second == results["models"][0] and first in table:
+            found[reward] = table[first]["win_rate"]
+    for reward, table in results.get("head_to_head", {}).items():
+        if reward not in found and f"{first} vs {second}" in table:
+            found[reward] = table[f"{first} vs {second}"]["win_rate"]
     return found
 
 
