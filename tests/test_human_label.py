@@ -127,6 +127,16 @@ def test_refused_requests_write_nothing(world) -> None:
                             "multipart/form-data; boundary=boundary")
         assert code == 415 and "upload" in reply["error"]
         assert _get(f"{server.url}/api/answer")[0] == 405
+        # another site's page: its name pointed at 127.0.0.1 (DNS rebinding), or a cross-origin preflight
+        rebound = urllib.request.Request(f"{server.url}/api/state", headers={"Host": "evil.example:" + server.url.rsplit(":", 1)[1]})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=10)
+        assert refused.value.code == 400
+        preflight = urllib.request.Request(url, method="OPTIONS", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(preflight, timeout=10)
+        assert refused.value.code == 405 and "access-control-allow-origin" not in refused.value.headers
         assert answers.read_bytes() == before  # nothing written
         assert _post(url, {"rater": "ana", "item": item.id, "choice": "left"})[0] == 200
         code, reply = _post(url, {"rater": "ana", "item": item.id, "choice": "right"})

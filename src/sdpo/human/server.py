@@ -6,7 +6,9 @@ and JavaScript with no build step.
 
 Routes: ``GET /`` (the page), ``GET /static/{app.js,style.css}``, ``GET /api/state``, ``POST
 /api/answer``, ``POST /api/undo``, ``POST /api/end`` and ``GET /media/<token>``. Everything else is 404.
-A POST must be ``application/json`` of at most 4 KiB (anything else, a form or an upload, is refused
+On a loopback address, a request whose Host header names another machine is refused (400). A POST
+must be ``application/json`` (so another site's page cannot send one without a CORS preflight, which
+this app never grants) of at most 4 KiB (anything else, a form or an upload, is refused
 with 415 / 413); a refused request writes nothing and gets ``{"error": "..."}`` with a 4xx status.
 """
 
@@ -42,10 +44,14 @@ def _static(name: str) -> bytes:
     return resources.files("sdpo.human").joinpath("static").joinpath(name).read_bytes()
 
 
-def make_app(session: Session) -> Any:
-    """The Starlette app serving ``session``."""
+def make_app(session: Session, host: str = "127.0.0.1") -> Any:
+    """The Starlette app serving ``session`` on ``host``. On a loopback address only requests for that
+    name are answered (Host header 127.0.0.1, localhost or ::1), so a web site that points its own name
+    at 127.0.0.1 (DNS rebinding) cannot read the media or answer as the rater."""
     _starlette()
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
@@ -93,7 +99,9 @@ def make_app(session: Session) -> Any:
               Route("/api/undo", call(session.undo), methods=["POST"]),
               Route("/api/end", call(session.end), methods=["POST"]),
               Route("/media/{token}", media)]
-    return Starlette(routes=routes, exception_handlers={404: not_found})
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"])] \
+        if is_loopback(host) else []
+    return Starlette(routes=routes, exception_handlers={404: not_found}, middleware=middleware)
 
 
 _NO_CACHE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -140,7 +148,7 @@ def serve(session: Session, host: str = "127.0.0.1", port: int = 7860) -> None:
     import uvicorn
 
     warn_host(host)
-    uvicorn.run(make_app(session), host=host, port=port, log_level="warning")
+    uvicorn.run(make_app(session, host), host=host, port=port, log_level="warning")
 
 
 class BackgroundServer:
@@ -151,7 +159,7 @@ class BackgroundServer:
         import uvicorn
 
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(make_app(session), host=host, port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(make_app(session, host), host=host, port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> BackgroundServer:
