@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,16 +126,22 @@ def browser_flags(profile: str) -> list[str]:
             "--autoplay-policy=no-user-gesture-required", "--window-size=1000,700", f"--user-data-dir={profile}"]
 
 
+def skip_loudly(reason: str) -> None:
+    """Skip, and say why in the run's warnings summary too (pytest shows skip reasons only with -rs)."""
+    warnings.warn(f"browser tests skipped: {reason}", stacklevel=2)
+    pytest.skip(reason)
+
+
 def start_browser() -> Any:
-    """A headless Chromium, or pytest.skip with the reason when it cannot start here."""
+    """A headless Chromium, or a skip with the reason printed when it cannot start here."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.skip("selenium is not installed (pip install -e '.[dev]'): the browser tests do not run here")
+        skip_loudly("selenium is not installed (pip install -e '.[dev]'): the browser tests do not run here")
     for path in (CHROMIUM, CHROMEDRIVER):
         if not Path(path).is_file():
-            pytest.skip(f"{path} is missing (apt-get install chromium chromium-driver; `make test` does it as "
+            skip_loudly(f"{path} is missing (apt-get install chromium chromium-driver; `make test` does it as "
                         "root): the browser tests do not run here")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -146,7 +153,7 @@ def start_browser() -> Any:
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     except Exception as error:  # noqa: BLE001 - any failure to start is a reason to skip, printed
         shutil.rmtree(profile, ignore_errors=True)
-        pytest.skip(f"headless Chromium does not start here ({' '.join(str(error).split())[:200]})")
+        skip_loudly(f"headless Chromium does not start here ({' '.join(str(error).split())[:200]})")
     driver.sdpo_profile = profile
     return driver
 

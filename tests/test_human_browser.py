@@ -88,7 +88,7 @@ def _start_label(gen: Path, port: int) -> subprocess.Popen:
     raise AssertionError("sdpo label did not start")
 
 
-def test_ten_pairs_by_keyboard_with_the_server_killed_between_two_answers(world, driver, capsys) -> None:
+def test_ten_pairs_by_keyboard_with_the_server_killed_between_two_answers(driver, world, capsys) -> None:
     from selenium.webdriver.common.keys import Keys
 
     gen = world.fresh_gen("browser-label")
@@ -122,7 +122,7 @@ def test_ten_pairs_by_keyboard_with_the_server_killed_between_two_answers(world,
     assert made == expected and len(made) == 8  # the lower candidate index was chosen every time
 
 
-def test_a_clip_pair_plays_in_sync_and_steps_by_frame(world, driver) -> None:
+def test_a_clip_pair_plays_in_sync_and_steps_by_frame(driver, world) -> None:
     from sdpo.human.label import open_label_session
     from sdpo.human.server import BackgroundServer
 
@@ -141,7 +141,7 @@ def test_a_clip_pair_plays_in_sync_and_steps_by_frame(world, driver) -> None:
         assert first == pytest.approx(second)
 
 
-def test_the_blind_page_hides_the_names_until_the_end(world, driver) -> None:
+def test_the_blind_page_hides_the_names_until_the_end(driver, world) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
