@@ -18,6 +18,7 @@ from sdpo.human.agreement import agreement
 from sdpo.human.answers import effective_answers, read_answers
 from sdpo.human.label import open_label_session
 from sdpo.human.server import BackgroundServer, is_loopback, warn_host
+from sdpo.human.session import Refused
 
 pytest.importorskip("starlette", reason="the labelling pages need the human extra (pip install -e '.[human]')")
 
@@ -275,3 +276,23 @@ def test_label_as_a_user_types_it(world, monkeypatch, capsys) -> None:
     assert main(["label", str(gen), "--rater", "bo", "--unpaired", "--host", "0.0.0.0"]) == 0
     assert served[1][0].mode == "unpaired" and served[1][1] == "0.0.0.0"
     assert (gen / "labels" / "ana.jsonl").is_file() and (gen / "labels" / "bo.jsonl").is_file()
+
+
+def test_two_servers_on_one_raters_file_never_answer_an_item_twice(world, capsys) -> None:
+    gen = world.fresh_gen("two-servers")
+    first, second = open_label_session(gen, "ana"), open_label_session(gen, "ana")  # two terminals, one rater
+    item = first.current()
+    first.answer({"rater": "ana", "item": item.id, "choice": "left"})
+    with pytest.raises(Refused, match="answered already"):
+        second.answer({"rater": "ana", "item": item.id, "choice": "right"})
+    assert second.current().id != item.id  # it read what the other one wrote
+    second.undo({"rater": "ana"})  # takes back the other server's answer: the file is the one truth
+    assert first.current().id == item.id and first.answers.effective() == {}
+    _, records = read_answers(gen / "labels" / "ana.jsonl")
+    assert [(r.type, r.seq) for r in records] == [("answer", 1), ("undo", 2)]
+    # a hand-edited line of the wrong type is one line naming the file and line, not a traceback
+    with open(gen / "labels" / "ana.jsonl", "a") as handle:
+        handle.write(json.dumps({"type": "answer", "seq": 3, "item": item.id, "choice": 1, "prompt": "p",
+                                 "prompt_index": 0, "shown": ["a", "b"], "time": "t"}) + "\n")
+    assert main(["pairs", str(gen), "--from-labels"]) == 2
+    assert "ana.jsonl:4: 'choice' must be a string" in capsys.readouterr().err

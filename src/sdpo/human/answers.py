@@ -15,10 +15,12 @@ a damaged line anywhere else is an error naming the file and line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +28,11 @@ from typing import Any
 
 from sdpo.errors import FolderError, InputError
 from sdpo.files import fsync_dir, write_atomic
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: one server per rater's file
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "sdpo-answers"
 VERSION = 1
@@ -89,7 +96,9 @@ def now() -> str:
 class AnswersFile:
     """A rater's answers file: opened (created with its header, or checked against it), then appended to.
 
-    Thread-safe: the server may handle two requests at once; each append is one ``write`` of a whole line.
+    Safe with two requests at once (a thread lock) and with two servers on the same rater's file (each
+    append holds an exclusive ``flock`` on the file and first reads what another process appended since,
+    so an item is never answered twice); each append is one ``write`` of a whole line, then ``fsync``.
     """
 
     def __init__(self, path: str | os.PathLike[str], rater: str, mode: str, settings: dict[str, Any]) -> None:
@@ -97,13 +106,14 @@ class AnswersFile:
             raise InputError(f"unknown answers mode {mode!r}; one of {', '.join(MODES)}")
         self.path, self.rater, self.mode, self.settings = Path(path), check_rater(rater), mode, dict(settings)
         self.records: list[Answer | Undo] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         if self.path.exists():
             self._load()
         else:
             header = {"type": "header", "format": FORMAT, "version": VERSION, "rater": rater, "mode": mode,
                       "settings": self.settings, "created": now()}
             write_atomic(self.path, json.dumps(header, sort_keys=True) + "\n")
+        self._size = self.path.stat().st_size
 
     def _load(self) -> None:
         from sdpo.folders import first_difference
@@ -120,17 +130,37 @@ class AnswersFile:
                               "use the same settings to resume, or another --rater")
         self.records = records
 
-    def _append(self, record: Answer | Undo) -> None:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[int]:
+        """The file open for appending, locked against other processes, with :attr:`records` brought up to
+        date with what they appended."""
+        with self._lock:  # re-entrant: refresh() holds it too
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX)
+                if os.fstat(descriptor).st_size != self._size:  # another server wrote this rater's answers
+                    self._load()
+                    self._size = self.path.stat().st_size
+                yield descriptor
+            finally:
+                os.close(descriptor)  # releases the flock
+
+    def _append(self, descriptor: int, record: Answer | Undo) -> None:
         line = (json.dumps(asdict(record), ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            written = 0
-            while written < len(line):
-                written += os.write(descriptor, line[written:])
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        written = 0
+        while written < len(line):
+            written += os.write(descriptor, line[written:])
+        os.fsync(descriptor)
+        self._size += len(line)
         self.records.append(record)
+
+    def refresh(self) -> None:
+        """Read what another server appended to this file since (nothing to do when the size is unchanged)."""
+        with self._lock:
+            if self.path.stat().st_size != self._size:
+                with self._writing():
+                    pass
 
     def next_seq(self) -> int:
         return len(self.records) + 1
@@ -140,21 +170,21 @@ class AnswersFile:
         """Save one answer (durably, before returning); an item answered already is refused (InputError)."""
         if choice not in CHOICES[self.mode]:
             raise InputError(f"choice {choice!r:.40} is not one of {', '.join(CHOICES[self.mode])}")
-        with self._lock:
+        with self._writing() as descriptor:
             if item in self.effective():
                 raise InputError(f"item {item} is answered already; undo it first")
             record = Answer(self.next_seq(), item, choice, prompt, prompt_index, list(shown), now(), sample)
-            self._append(record)
+            self._append(descriptor, record)
         return record
 
     def undo(self) -> Answer | None:
         """Take back the latest answer that counts (None when there is none)."""
-        with self._lock:
+        with self._writing() as descriptor:
             answers = self.effective()
             if not answers:
                 return None
             last = max(answers.values(), key=lambda answer: answer.seq)
-            self._append(Undo(self.next_seq(), last.item, last.seq, now()))
+            self._append(descriptor, Undo(self.next_seq(), last.item, last.seq, now()))
         return last
 
     def effective(self) -> dict[str, Answer]:
@@ -222,8 +252,15 @@ def _record(where: str, data: Any) -> Answer | Undo:
         record = kind(**{key: value for key, value in data.items() if key in names})
     except TypeError as error:
         raise InputError(f"{where}: incomplete {data['type']} record ({error})") from None
-    if not isinstance(record.seq, int) or not isinstance(record.item, str):
-        raise InputError(f"{where}: 'seq' must be an integer and 'item' a string")
+    types = {"seq": int, "item": str, "time": str, "choice": str, "prompt": str, "prompt_index": int, "undoes": int}
+    for key, expected in types.items():
+        value = getattr(record, key, None)
+        if key in names and (not isinstance(value, expected) or isinstance(value, bool)):
+            what = "a string" if expected is str else "an integer"
+            raise InputError(f"{where}: {key!r} must be {what}, got {value!r:.60}")
+    if isinstance(record, Answer) and not (isinstance(record.shown, list) and all(isinstance(x, str) for x in record.shown)
+                                           and 1 <= len(record.shown) <= 2):
+        raise InputError(f"{where}: 'shown' must be a list of one or two strings")
     return record
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdpo.errors import InputError
 from sdpo.human.answers import CHOICES, AnswersFile
 from sdpo.human.media import MediaIndex
 from sdpo.human.queue import Item
@@ -59,6 +60,7 @@ class Session:
 
     def current(self) -> Item | None:
         """The first item of the queue this rater has not answered (None when all are)."""
+        self.answers.refresh()
         done = self.answers.effective()
         return next((item for item in self.items if item.id not in done), None)
 
@@ -104,7 +106,10 @@ class Session:
             raise Refused(422, f"choice must be one of {', '.join(CHOICES[self.mode])}, got {body['choice']!r:.40}")
         if item.id in self.answers.effective():
             raise Refused(409, f"item {item.id} is answered already (undo to change it)")
-        self.answers.answer(item.id, body["choice"], item.prompt, item.prompt_index, list(item.shown), item.sample)
+        try:  # answered meanwhile by another server on this rater's file
+            self.answers.answer(item.id, body["choice"], item.prompt, item.prompt_index, list(item.shown), item.sample)
+        except InputError as error:
+            raise Refused(409, str(error)) from None
         return self.state()
 
     def undo(self, body: dict[str, Any]) -> dict[str, Any]:
