@@ -296,3 +296,12 @@ def test_two_servers_on_one_raters_file_never_answer_an_item_twice(world, capsys
                                  "prompt_index": 0, "shown": ["a", "b"], "time": "t"}) + "\n")
     assert main(["pairs", str(gen), "--from-labels"]) == 2
     assert "ana.jsonl:4: 'choice' must be a string" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_one_line(world, capsys) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["label", str(world.fresh_gen("port")), "--rater", "probe", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

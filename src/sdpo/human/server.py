@@ -22,7 +22,7 @@ import time
 from importlib import resources
 from typing import Any
 
-from sdpo.errors import MissingPackageError
+from sdpo.errors import InputError, MissingPackageError
 from sdpo.human.session import Refused, Session
 
 MAX_BODY = 4096
@@ -147,8 +147,21 @@ def serve(session: Session, host: str = "127.0.0.1", port: int = 7860) -> None:
     _starlette()
     import uvicorn
 
+    check_port_free(host, port)
     warn_host(host)
     uvicorn.run(make_app(session, host), host=host, port=port, log_level="warning")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """InputError (one line) when ``host:port`` cannot be listened on (in use, or not an address here)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise InputError(f"cannot listen on {host}:{port} ({error.strerror or error}): choose another --port "
+                         "(or --host)") from None
 
 
 class BackgroundServer:
@@ -176,4 +189,4 @@ class BackgroundServer:
         self.thread.join(timeout=10)
 
 
-__all__ = ["BackgroundServer", "MAX_BODY", "is_loopback", "make_app", "serve", "warn_host"]
+__all__ = ["BackgroundServer", "MAX_BODY", "check_port_free", "is_loopback", "make_app", "serve", "warn_host"]
