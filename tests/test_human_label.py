@@ -205,17 +205,17 @@ def test_a_restart_with_other_settings_or_a_torn_line(world, capsys) -> None:
     assert len(resumed.answers.effective()) == 2 and path.read_bytes().endswith(b"\n")
     assert resumed.current().id == session.items[2].id
     # other settings for the same rater are refused in one line; another rater starts their own file
-    assert main(["label", str(gen), "--rater", "ana", "--seed", "4", "--pairs-per-prompt", "2"]) == 2
+    assert main(["label", str(gen), "--rater", "ana", "--seed", "4", "--pairs-per-prompt", "2", "--port", str(free_port())]) == 2
     assert "other settings (settings.seed: was 3, now 4)" in capsys.readouterr().err
-    assert main(["label", str(gen), "--rater", "../ana"]) == 2
+    assert main(["label", str(gen), "--rater", "../ana", "--port", str(free_port())]) == 2
     assert "rater name" in capsys.readouterr().err
     assert main(["label", str(gen), "--port", "0"]) == 2
-    assert main(["label", str(world.root / "nowhere")]) == 2
-    assert main(["label", str(world.root / "models")]) == 2
+    assert main(["label", str(world.root / "nowhere"), "--port", str(free_port())]) == 2
+    assert main(["label", str(world.root / "models"), "--port", str(free_port())]) == 2
     assert "generate" in capsys.readouterr().err
     with open(path, "ab") as handle:
         handle.write(b"not json\n{}\n")
-    assert main(["label", str(gen), "--rater", "ana", "--seed", "3", "--pairs-per-prompt", "2"]) == 2
+    assert main(["label", str(gen), "--rater", "ana", "--seed", "3", "--pairs-per-prompt", "2", "--port", str(free_port())]) == 2
     assert "ana.jsonl:4: invalid JSON" in capsys.readouterr().err
 
 
@@ -268,12 +268,13 @@ def test_label_as_a_user_types_it(world, monkeypatch, capsys) -> None:
     gen = world.fresh_gen("typed")
     served = []
     monkeypatch.setattr("sdpo.human.server.serve", lambda session, host, port: served.append((session, host, port)))
-    assert main(["label", str(gen), "--rater", "ana", "--pairs-per-prompt", "1", "--port", "7900"]) == 0
-    session, host, port = served[0]
-    assert (host, port, session.mode, len(session.items)) == ("127.0.0.1", 7900, "paired", 4)
+    port = free_port()
+    assert main(["label", str(gen), "--rater", "ana", "--pairs-per-prompt", "1", "--port", str(port)]) == 0
+    session, host, served_port = served[0]
+    assert (host, served_port, session.mode, len(session.items)) == ("127.0.0.1", port, "paired", 4)
     out = capsys.readouterr().out
-    assert "label: 4 items for rater ana (0 answered)" in out and "http://127.0.0.1:7900/" in out
-    assert main(["label", str(gen), "--rater", "bo", "--unpaired", "--host", "0.0.0.0"]) == 0
+    assert "label: 4 items for rater ana (0 answered)" in out and f"http://127.0.0.1:{port}/" in out
+    assert main(["label", str(gen), "--rater", "bo", "--unpaired", "--host", "0.0.0.0", "--port", str(port)]) == 0
     assert served[1][0].mode == "unpaired" and served[1][1] == "0.0.0.0"
     assert (gen / "labels" / "ana.jsonl").is_file() and (gen / "labels" / "bo.jsonl").is_file()
 
@@ -303,5 +304,7 @@ def test_a_port_in_use_is_one_line(world, capsys) -> None:
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        assert main(["label", str(world.fresh_gen("port")), "--rater", "probe", "--port", str(port)]) == 2
+        gen = world.fresh_gen("port")
+        assert main(["label", str(gen), "--rater", "probe", "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not (gen / "labels").exists()  # refused before anything was written

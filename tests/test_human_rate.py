@@ -9,7 +9,7 @@ import re
 import shutil
 
 import pytest
-from human_world import evaluation, human_world, sdpo
+from human_world import evaluation, free_port, human_world, sdpo
 
 from sdpo.cli import main
 from sdpo.human.rate import open_rate_session
@@ -76,7 +76,7 @@ def test_two_raters_results_per_rater_and_pooled(folder, capsys) -> None:
 
 def test_rate_refuses_what_is_not_an_evaluation(folder, capsys) -> None:
     world, _ = folder
-    assert main(["rate", str(world.gen)]) == 2
+    assert main(["rate", str(world.gen), "--port", str(free_port())]) == 2
     assert "sdpo evaluate" in capsys.readouterr().err
     assert main(["rate", str(world.root / "nowhere"), "--report"]) == 2
 
@@ -85,11 +85,13 @@ def test_rate_as_a_user_types_it(folder, monkeypatch, capsys) -> None:
     _, eval_dir = folder
     served = []
     monkeypatch.setattr("sdpo.human.server.serve", lambda session, host, port: served.append((session, host, port)))
-    assert main(["rate", str(eval_dir), "--rater", "dee", "--compare", "tuned:base", "--seed", "2"]) == 0
-    session, host, port = served[0]
-    assert (host, port, session.mode, len(session.items)) == ("127.0.0.1", 7861, "blind", 8)
+    port = free_port()
+    assert main(["rate", str(eval_dir), "--rater", "dee", "--compare", "tuned:base", "--seed", "2", "--port",
+                 str(port)]) == 0
+    session, host, served_port = served[0]
+    assert (host, served_port, session.mode, len(session.items)) == ("127.0.0.1", port, "blind", 8)
     assert "rate: 8 blind comparisons for rater dee" in capsys.readouterr().out
-    assert main(["rate", str(eval_dir), "--rater", "dee", "--compare", "tuned:nobody"]) == 2
+    assert main(["rate", str(eval_dir), "--rater", "dee", "--compare", "tuned:nobody", "--port", str(port)]) == 2
     assert "--compare expects A:B" in capsys.readouterr().err
-    assert main(["rate", str(eval_dir), "--rater", "dee", "--seed", "3"]) == 2  # dee's queue was seed 2
+    assert main(["rate", str(eval_dir), "--rater", "dee", "--seed", "3", "--port", str(port)]) == 2  # was seed 2
     assert "other settings" in capsys.readouterr().err

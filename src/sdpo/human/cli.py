@@ -24,16 +24,20 @@ def default_rater() -> str:
     return name if RATER_NAME.fullmatch(name) else "rater"
 
 
-def _check_port(port: int) -> None:
-    if not 0 < port < 65536:
-        raise InputError(f"--port must be between 1 and 65535, got {port}")
+def _check_port(args: argparse.Namespace) -> None:
+    """Before any file is written: a port that can be listened on."""
+    from sdpo.human.server import check_port_free
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be between 1 and 65535, got {args.port}")
+    check_port_free(args.host, args.port)
 
 
 def _label(args: argparse.Namespace) -> None:
     from sdpo.human.label import open_label_session
     from sdpo.human.server import serve
 
-    _check_port(args.port)
+    _check_port(args)
     session = open_label_session(args.dir, args.rater, unpaired=args.unpaired,
                                  pairs_per_prompt=args.pairs_per_prompt, seed=args.seed)
     print(f"label: {len(session.items)} items for rater {session.rater} ({session.state()['done']} answered); "
@@ -50,7 +54,7 @@ def _rate(args: argparse.Namespace) -> None:
         result = write_human_results(args.dir)
         print("\n".join(result["summary"]))
         return
-    _check_port(args.port)
+    _check_port(args)
     session = open_rate_session(args.dir, args.rater, seed=args.seed, compare=args.compare)
     print(f"rate: {len(session.items)} blind comparisons for rater {session.rater} ({session.state()['done']} "
           f"answered); answers in {session.answers.path}")
