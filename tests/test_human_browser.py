@@ -166,7 +166,8 @@ def test_the_blind_page_hides_the_names_until_the_end(driver, world) -> None:
         assert not names.search(driver.page_source)
         driver.find_element(By.XPATH, "//button[contains(., 'End session')]").click()
         _wait(driver, lambda d: _body(d).get_attribute("data-state") == "revealed", what="the reveal")
-        assert names.search(driver.find_element(By.ID, "reveal").text)
+        revealed = driver.find_element(By.ID, "reveal").text
+        assert names.search(revealed)
         _shot(driver, "rate-reveal.png")
     # the win rate on the page and in the folder equals the one counted by hand from the answers file
     _, records = read_answers(folder / "ratings" / "ana.jsonl")
@@ -184,4 +185,5 @@ def test_the_blind_page_hides_the_names_until_the_end(driver, world) -> None:
     assert pooled["per_rater"]["ana"]["n"] == 7 and "digits" in pooled["reward_agreement"]
     report = (folder / "report.md").read_text()
     assert "## digits" in report and "## People (blind A/B" in report and f"{by_hand:.3f}" in report
+    assert f"people prefer tuned in {by_hand:.3f}" in revealed  # the page says the same
     assert results["means"] and results["versus_base"]  # the reward's figures are still there, beside
