@@ -20,7 +20,7 @@ from human_world import evaluation, free_port, human_world, start_browser, stop_
 
 import sdpo
 from sdpo.cli import main
-from sdpo.human.answers import read_answers
+from sdpo.human.answers import effective_answers, read_answers
 
 pytest.importorskip("starlette", reason="the labelling pages need the human extra (pip install -e '.[human]')")
 
@@ -153,8 +153,8 @@ def test_the_blind_page_hides_the_names_until_the_end(driver, world) -> None:
     names = re.compile(r"\b(base|tuned)\b")
     with BackgroundServer(session, free_port()) as server:
         driver.get(server.url + "/")
-        keys = [Keys.ARROW_LEFT, Keys.ARROW_RIGHT, Keys.ARROW_LEFT, "t", Keys.ARROW_LEFT, "s", Keys.ARROW_RIGHT,
-                Keys.ARROW_LEFT]
+        keys = [Keys.ARROW_LEFT, Keys.ARROW_RIGHT, Keys.ARROW_LEFT, "u", Keys.ARROW_RIGHT,  # the third taken back
+                "t", Keys.ARROW_LEFT, "s", Keys.ARROW_RIGHT, Keys.ARROW_LEFT]
         for index, key in enumerate(keys):
             _ready(driver)
             state = urllib.request.urlopen(server.url + "/api/state").read().decode()
@@ -171,8 +171,11 @@ def test_the_blind_page_hides_the_names_until_the_end(driver, world) -> None:
         _shot(driver, "rate-reveal.png")
     # the win rate on the page and in the folder equals the one counted by hand from the answers file
     _, records = read_answers(folder / "ratings" / "ana.jsonl")
+    assert [r.type for r in records].count("undo") == 1
+    undone = next(r for r in records if r.type == "undo")
+    assert effective_answers(records)[undone.item].choice == "right"  # answered again after the undo
     outcomes = []
-    for record in records:
+    for record in effective_answers(records).values():
         if record.choice != "skip":
             chosen = {"left": record.shown[0], "right": record.shown[1]}.get(record.choice)
             outcomes.append(0.5 if record.choice == "tie" else float(chosen == "tuned"))
