@@ -8,11 +8,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data]"
 	touch $(STAMP)
 
-.PHONY: demo test docs typecheck lint bench
+.PHONY: demo test docs typecheck lint bench browser
 demo: $(STAMP)
 	.venv/bin/sdpo demo
 
-test: $(STAMP)
+# The browser tests (tests/test_human_*.py) drive Debian's headless Chromium with Selenium: installed here
+# when missing and when root (as in CI); otherwise those tests are skipped, with the reason printed.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "make: chromium and chromium-driver are missing and this is not root with apt-get:" \
+		"the browser tests will be skipped (install them: apt-get install chromium chromium-driver)"; fi
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 	.venv/bin/ruff check .
 	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet

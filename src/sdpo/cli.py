@@ -202,9 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_commands(commands)
     from sdpo.analysis.cli import add_analyze_commands
     from sdpo.bench.cli import add_bench_commands
+    from sdpo.human.cli import add_human_commands
 
     add_bench_commands(commands)
     add_analyze_commands(commands)
+    add_human_commands(commands)
     return parser
 
 

@@ -140,6 +140,12 @@ def _score(args: argparse.Namespace) -> None:
 def _pairs(args: argparse.Namespace) -> None:
     from sdpo.stages.pairs import build_pairs
 
+    if args.from_labels:
+        from sdpo.human.cli import pairs_from_labels_command
+
+        if args.out is not None:
+            checks.check_out_file(args.out)
+        return pairs_from_labels_command(args)
     checks.check_finite("--margin", args.margin)
     if args.out is not None:
         checks.check_out_file(args.out)
@@ -242,6 +248,8 @@ def add_stage_commands(commands: Any) -> None:
     pa.add_argument("--strategy", choices=["best-worst", "margin"], default="best-worst")
     pa.add_argument("--margin", type=float, default=0.0, help="skip pairs whose score gap is not above this")
     pa.add_argument("--out", default=None, help="manifest to write (default DIR/pairs.jsonl)")
+    pa.add_argument("--from-labels", action="store_true",
+                    help="pairs from the answers of `sdpo label DIR` (majority over raters) instead of scores")
     _media_root_flag(pa)
     pa.set_defaults(func=_pairs)
 

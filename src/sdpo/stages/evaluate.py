@@ -76,6 +76,9 @@ class EvaluationResult:
     """reward -> "A vs B" -> comparison (A as the tuned side) for every two models."""
     quality: dict[str, float] = field(default_factory=dict)
     """model -> quality guard value (when a guard was given)."""
+    sample_scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """reward -> model -> the score of each sample (results.json's ``sample_scores``; ``sdpo rate`` compares
+    people's choices with them)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"models": self.models, "means": self.means,
@@ -168,8 +171,9 @@ def evaluate(
         means={r: {m: v.mean().item() for m, v in s.items()} for r, s in scores.items()},
         versus_base={r: {m: compare(s["base"], s[m]) for m in runs} for r, s in scores.items()},
         head_to_head={r: head_to_head(s) for r, s in scores.items()},
-        quality={m: float(quality(x)) for m, x in samples.items()} if quality else {})
-    _write_outputs(result, samples, noise, all_prompts, seed, sampler, runs, settings)
+        quality={m: float(quality(x)) for m, x in samples.items()} if quality else {},
+        sample_scores={r: {m: v.tolist() for m, v in s.items()} for r, s in scores.items()})
+    _write_outputs(result, samples, noise, all_prompts, seed, sampler, runs, settings, keep_ratings=not overwrite)
     for name, folder in runs.items():  # only cards sdpo wrote; a LoRA from elsewhere is left as it is
         record_evaluation(folder, str(out), {r: c[name].as_dict() for r, c in result.versus_base.items()})
     return result
@@ -203,9 +207,12 @@ def check_evaluation_out(out: Path, settings: dict[str, Any], overwrite: bool = 
 
 
 def _write_outputs(result: EvaluationResult, samples: dict[str, Tensor], noise: Tensor, prompts: list[str],
-                   seed: int, sampler: SamplerSettings, runs: dict[str, str | Path], settings: dict[str, Any]) -> None:
+                   seed: int, sampler: SamplerSettings, runs: dict[str, str | Path], settings: dict[str, Any],
+                   keep_ratings: bool = True) -> None:
     """Write everything into a fresh sibling folder, then put it in the place of ``result.out``: no file of
-    an earlier evaluation (a grid of a run no longer evaluated) survives beside the new results."""
+    an earlier evaluation (a grid of a run no longer evaluated) survives beside the new results, except
+    people's answers (``ratings/``, of ``sdpo rate``) when the settings are the same (``keep_ratings``):
+    the same settings make the same samples, and an hour of a person's answers is not remade by a rerun."""
     import shutil
     import tempfile
 
@@ -216,6 +223,8 @@ def _write_outputs(result: EvaluationResult, samples: dict[str, Tensor], noise: 
     out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         _write_files(out, result, samples, noise, prompts, seed, sampler, runs)
+        if keep_ratings and (final / "ratings").is_dir():
+            shutil.copytree(final / "ratings", out / "ratings", symlinks=True)
         write_marker(out, "evaluation", settings)
         _swap(out, final)
     except OSError as error:
@@ -252,7 +261,7 @@ def _write_files(out: Path, result: EvaluationResult, samples: dict[str, Tensor]
                 write_media(media[index], out / f"{name}-{index:02d}.mp4")
     write_atomic(out / "results.json", json.dumps(
         {**result.as_dict(), "prompts": prompts, "seed": seed, "sampler": asdict(sampler),
-         "runs": {k: str(v) for k, v in runs.items()}}, indent=2))
+         "runs": {k: str(v) for k, v in runs.items()}, "sample_scores": result.sample_scores}, indent=2))
     write_atomic(out / "report.md", report_markdown(result, len(prompts)))
 
 
