@@ -24,13 +24,14 @@ browser:
 test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
 
 # The documentation site (mkdocs.yml, docs/) -> site/; --strict: a broken link or missing page fails.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
 
-# mypy on src/sdpo ([tool.mypy] in pyproject.toml); joins `make test` once the code is clean.
+# mypy on src/sdpo alone ([tool.mypy] in pyproject.toml); `make test` runs it too.
 typecheck: $(STAMP)
 	.venv/bin/mypy
 

@@ -26,8 +26,9 @@ from sdpo.bench.report import write_report
 from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
 from sdpo.objectives import METHODS, MethodConfig, MethodName
+from sdpo.toy.pretraining import PretrainedWorld
 from sdpo.toy.settings import WorldRunSettings
-from sdpo.toy.world import PretrainedWorld, World
+from sdpo.toy.world import World
 
 if TYPE_CHECKING:
     from torch import Tensor

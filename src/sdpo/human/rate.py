@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from sdpo.errors import FolderError, InputError, MissingFileError
-from sdpo.stats import wilson_interval
 from sdpo.files import write_atomic
 from sdpo.human.answers import (
     Answer,
@@ -35,6 +34,7 @@ from sdpo.human.answers import (
 )
 from sdpo.human.queue import rate_items
 from sdpo.human.session import Session
+from sdpo.stats import wilson_interval
 
 RATINGS_DIR = "ratings"
 MEDIA_DIR = "rate-media"

@@ -103,7 +103,7 @@ def _sample_all(spec: Any, prompts: list[str], noise: Tensor, seeds: list[int], 
 
 def _drop_new_adapters(model: Any, before: set[str]) -> None:
     """Delete the adapters ``load_lora`` added, so the next run starts from the base again."""
-    inner = unwrap(model)
+    inner: Any = unwrap(model)  # a diffusers model with peft's adapter methods
     new = [name for name in getattr(inner, "peft_config", {}) if name not in before]
     if new:
         inner.delete_adapters(new)

@@ -17,7 +17,7 @@ import torch
 
 from sdpo.errors import FolderError, InputError
 from sdpo.rewards.base import Reward
-from sdpo.rewards.combine import combine_scores
+from sdpo.rewards.combine import Normalize, combine_scores
 from sdpo.stages.checks import check_finite, check_positive
 from sdpo.stages.generate import load_pixels
 from sdpo.stages.records import read_records, write_records
@@ -89,7 +89,7 @@ def score(
     weights: list[float] | None = None,
     *,
     batch_size: int = 8,
-    normalize: str = "raw",
+    normalize: Normalize = "raw",
     progress: bool = True,
     reward_options: dict[str, dict[str, Any]] | None = None,
     rescore: bool = False,
