@@ -52,7 +52,7 @@ def test_online_rounds_run_and_resume_after_a_kill(tmp_path: Path, monkeypatch) 
               for r in (0, 1)]
     assert starts == [None, str(straight / "round-00" / "run")]
 
-    real = online._evaluate_round
+    real = online.evaluate_round
     calls = []
 
     def die_in_round_1(config, folder, *args):
@@ -61,11 +61,11 @@ def test_online_rounds_run_and_resume_after_a_kill(tmp_path: Path, monkeypatch) 
             raise KeyboardInterrupt("killed after round 1's training")
         real(config, folder, *args)
 
-    monkeypatch.setattr(online, "_evaluate_round", die_in_round_1)
+    monkeypatch.setattr(online, "evaluate_round", die_in_round_1)
     with pytest.raises(KeyboardInterrupt):
         online.run_online(online.OnlineConfig.from_file(_config(tmp_path, base, killed)))
     assert not (killed / "round-01" / "evaluation").exists()
-    monkeypatch.setattr(online, "_evaluate_round", real)
+    monkeypatch.setattr(online, "evaluate_round", real)
     assert main(["--quiet", "online", str(_config(tmp_path, base, killed))]) == 0
     for name in ("round-00/run", "round-01/run"):
         a, b = _lora(straight / name), _lora(killed / name)

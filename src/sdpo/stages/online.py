@@ -194,12 +194,13 @@ def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[
     train(_train_config(config, cache, run, previous), spec=load_spec(config.family, config.pretrained),
           resume="latest", progress=config.progress)
     if config.evaluate_rounds:
-        _evaluate_round(config, folder, run, eval_prompts, reward, sampler)
+        evaluate_round(config, folder, run, eval_prompts, reward, sampler)
     return run
 
 
-def _evaluate_round(config: OnlineConfig, folder: Path, run: Path, eval_prompts: list[str], reward: Any,
-                    sampler: Any) -> None:
+def evaluate_round(config: OnlineConfig, folder: Path, run: Path, eval_prompts: list[str], reward: Any,
+                   sampler: Any) -> None:
+    """One round's evaluation: the round's LoRA against the base on the held-out prompts, in ``folder``."""
     from sdpo.models.registry import load_spec
     from sdpo.stages.evaluate import evaluate
 
