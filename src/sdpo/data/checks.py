@@ -6,16 +6,14 @@ before hours of encoding and every bad pair is reported at once (see :func:`chec
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
-from sdpo.data.decode import count_video_frames, describe_ref, one_line_reason, parquet_bytes, video_indices
+from sdpo.data.decode import count_video_frames, describe_ref, image_source, one_line_reason, video_indices
 from sdpo.data.pairs import (
     SKIP_HINT,
     BadPairsError,
@@ -23,7 +21,6 @@ from sdpo.data.pairs import (
     OnBadPair,
     PairList,
     PairProblem,
-    ParquetImage,
     PreferencePair,
     check_policy,
     file_path,
@@ -164,9 +161,7 @@ def _check_image(ref: MediaRef) -> None:
     if isinstance(ref, (Path, str)) and not Path(ref).is_file():
         raise MissingFileError(f"image not found: {ref}")
     try:
-        source: Any = io.BytesIO(parquet_bytes(ref)) if isinstance(ref, ParquetImage) else (
-            io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else Path(ref))  # fmt: skip
-        with Image.open(source) as image:
+        with Image.open(image_source(ref)) as image:
             if image.format == "PNG":
                 image.verify()
             else:

@@ -63,16 +63,20 @@ def image_to_tensor(image: Image.Image, channels: int = 3) -> Tensor:
     return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
+def image_source(ref: MediaRef) -> Path | io.BytesIO:
+    """What ``Image.open`` reads for an image reference: its file, or its encoded bytes in memory."""
+    if isinstance(ref, ParquetImage):
+        return io.BytesIO(parquet_bytes(ref))
+    if isinstance(ref, (bytes, bytearray)):
+        return io.BytesIO(ref)
+    return Path(ref)
+
+
 def open_image(ref: MediaRef) -> Image.Image:
     """Open an image file, a Pick-a-Pic parquet cell or encoded bytes, applying EXIF orientation."""
-    if isinstance(ref, ParquetImage):
-        source: Any = io.BytesIO(parquet_bytes(ref))
-    elif isinstance(ref, (bytes, bytearray)):
-        source = io.BytesIO(ref)
-    else:
-        source = Path(ref)
-        if not source.is_file():
-            raise MissingFileError(f"image not found: {source}")
+    source = image_source(ref)
+    if isinstance(source, Path) and not source.is_file():
+        raise MissingFileError(f"image not found: {source}")
     try:
         image: Image.Image = Image.open(source)
         image.load()
@@ -228,13 +232,7 @@ def media_size(ref: MediaRef) -> tuple[int, int]:
     """``(height, width)`` of an image or a clip's frames, reading as little as possible (for bucketing)."""
     if media_kind(ref) == "image":
         # Image.open reads the header only; the pixels are decoded on load().
-        if isinstance(ref, ParquetImage):
-            source: Any = io.BytesIO(parquet_bytes(ref))
-        elif isinstance(ref, (bytes, bytearray)):
-            source = io.BytesIO(ref)
-        else:
-            source = Path(ref)
-        with Image.open(source) as image:
+        with Image.open(image_source(ref)) as image:
             width, height = image.size
             # EXIF orientations 5-8 are quarter turns: open_image transposes them, swapping the sides.
             if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):

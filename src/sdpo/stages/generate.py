@@ -37,6 +37,7 @@ from torch import Tensor
 from sdpo.data.video import write_mp4
 from sdpo.errors import FolderError, InputError
 from sdpo.files import atomic_output, write_atomic
+from sdpo.models.base import ModelSpec
 from sdpo.models.lora_check import load_lora_checked
 from sdpo.seeding import derive_seed
 from sdpo.stages.records import CANDIDATES_FILE, parse_json_line, write_records
@@ -133,45 +134,45 @@ def load_pixels(folder: str | Path, candidate: dict[str, Any]) -> Tensor:
 
 def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fps: int = 8) -> None:
     """PNG for an image (C, H, W), MP4 for a clip (F, C, H, W) (plus PNG frames in ``frame_folder``)."""
-    from PIL import Image
-
-    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = _channels_last_uint8(pixels)
     if pixels.ndim == 3:
-        image = array.permute(1, 2, 0).numpy()
-        with atomic_output(path) as temporary:
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
+        _write_png(array, path)
         return
-    frames = array.permute(0, 2, 3, 1).numpy()
     if frame_folder is not None:
-        _write_frame_pngs(frames, frame_folder)
+        _write_frame_pngs(array, frame_folder)
     with atomic_output(path) as temporary:
-        write_mp4(frames, temporary, fps)
+        write_mp4(array, temporary, fps)
 
 
 def write_frames(pixels: Tensor, frame_folder: Path) -> None:
     """A clip (F, C, H, W) in [-1, 1] as a folder of PNG frames (lossless, unlike the MP4)."""
+    _write_frame_pngs(_channels_last_uint8(pixels), frame_folder)
+
+
+def _channels_last_uint8(pixels: Tensor) -> np.ndarray:
+    """[-1, 1] floats, channels first -> 8-bit values, channels last (what PIL and the encoder take)."""
     array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    _write_frame_pngs(array.permute(0, 2, 3, 1).numpy(), frame_folder)
+    return array.movedim(-3, -1).numpy()
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    with atomic_output(path) as temporary:  # grey (one channel) as an 8-bit grey PNG
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
 
 
 def _write_frame_pngs(frames: np.ndarray, frame_folder: Path) -> None:
-    from PIL import Image
-
     frame_folder.mkdir(parents=True, exist_ok=True)
-    for index, frame in enumerate(frames):  # grey clips (one channel) as 8-bit grey PNGs
-        with atomic_output(frame_folder / f"{index:04d}.png") as temporary:
-            Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(temporary, format="PNG")
+    for index, frame in enumerate(frames):
+        _write_png(frame, frame_folder / f"{index:04d}.png")
 
 
-def sample_with_seeds(spec: Any, prompts: list[str], latents: Tensor, seeds: list[int], sampler: SamplerSettings,
-                      progress: bool = False) -> Tensor:
-    """``spec.sample``, handing per-sample ``seeds`` (for stochastic schedulers) to specs whose ``sample``
-    takes them (the diffusers families); the contract's ``sample`` has no such argument."""
-    import inspect
-
-    extra = {"seeds": seeds} if "seeds" in inspect.signature(spec.sample).parameters else {}
+def sample_with_seeds(spec: ModelSpec, prompts: list[str], latents: Tensor, seeds: list[int],
+                      sampler: SamplerSettings, progress: bool = False) -> Tensor:
+    """``spec.sample`` with the sampler's settings and per-sample ``seeds`` (for stochastic schedulers)."""
     return spec.sample(prompts, latents, num_inference_steps=sampler.num_inference_steps,
-                       guidance_scale=sampler.guidance_scale, progress=progress, **extra)
+                       guidance_scale=sampler.guidance_scale, progress=progress, seeds=seeds)
 
 
 SETTINGS_FILE = "generate.json"
