@@ -21,20 +21,19 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.architectures import ARCHS, add_lora, build_denoiser, make_batch, make_spec  # noqa: E402
+from sdpo.bench.flops import mfu, peak_tflops, preference_step_flops, tflops  # noqa: E402
 
 H200_STEP_S = {"sd15": 0.358, "sdxl": 1.256, "cogvideox-2b": 3.754, "cogvideox-5b": 9.929, "wan2.1-1.3b": 7.231}
 """Median seconds of a LoRA Diffusion-DPO step on one H200, gradient checkpointing on (gpu-step-h200.md)."""
-H200_PEAK_TFLOPS = 989.0
-"""NVIDIA's dense (no sparsity) bf16 tensor-core peak of the H200 SXM, as of the H100 SXM."""
+H200_PEAK_TFLOPS = peak_tflops("NVIDIA H200")
+"""NVIDIA's dense (no sparsity) bf16 tensor-core peak of the H200 SXM (sdpo.bench.flops)."""
 
 
 def step_flops(name: str, checkpointing: bool, rank: int = 64) -> int:
     """FLOPs of one preference step (one pair) of ``name`` at its paper size, counted on the meta device."""
     from sdpo.method_presets import method_preset
-    from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
 
     arch = ARCHS[name]
     meta = torch.device("meta")
@@ -46,14 +45,7 @@ def step_flops(name: str, checkpointing: bool, rank: int = 64) -> int:
         model.enable_gradient_checkpointing()
     model.train()
     batch = make_batch(arch, False, torch.device("cpu"), torch.float32, 0).to(meta)
-    draws = draw_for_pairs(torch.arange(1), 0, 0, tuple(batch.chosen.shape[1:]), spec.schedule.num_timesteps,
-                           with_weight_noise=False)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        result = preference_step(spec, model, batch, draws, method_preset("diffusion-dpo"),
-                                 lambda: adapters_disabled(model))
-        result.output.loss.backward()
-    return int(counter.get_total_flops())
+    return preference_step_flops(spec, model, batch, method_preset("diffusion-dpo"))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
@@ -66,10 +58,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     for name in args.models.split(","):
         model_flops, hardware_flops = step_flops(name, False), step_flops(name, True)
         seconds = H200_STEP_S.get(name)
-        achieved = model_flops / seconds / 1e12 if seconds else None
+        achieved = tflops(model_flops, seconds) if seconds else None
+        utilisation = mfu(model_flops, seconds, H200_PEAK_TFLOPS) if seconds else None
         rows.append({"model": name, "model_tflop": model_flops / 1e12, "hardware_tflop": hardware_flops / 1e12,
                      "h200_s": seconds or float("nan"), "tflops": achieved or float("nan"),
-                     "mfu": achieved / H200_PEAK_TFLOPS if achieved else float("nan")})
+                     "mfu": utilisation if utilisation is not None else float("nan")})
         row = rows[-1]
         print(f"| {name} | {row['model_tflop']:.1f} | {row['hardware_tflop']:.1f} | {row['h200_s']:.3f} | "
               f"{row['tflops']:.0f} | {row['mfu']:.0%} |", flush=True)
