@@ -172,6 +172,26 @@ def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, caps
     # even on the same 2B samples.
     assert row["ratios"]["diffusion-dpo/sft"] > row["ratios"]["diffusion-dpo/sft-pairs"] > 1.0
     assert set(row["meets_targets"]) == {"sdpo/diffusion-dpo", "diffusion-dpo/sft-pairs"}
+    # One step's FLOPs per arm, counted as it runs: both members are twice the winners' work exactly
+    # (every layer is per sample), and a preference step adds the reference's forward on top.
+    flops = row["flops"]
+    assert set(flops) == set(medians) and flops["sft-pairs"] == 2 * flops["sft"] > 0
+    assert flops["diffusion-dpo"] > flops["sft-pairs"] and flops["sdpo"] == flops["diffusion-dpo"]
+    for arm in medians:
+        assert row["tflops"][arm] == pytest.approx(flops[arm] / medians[arm] / 1e12)
+        assert row["mfu"][arm] is None  # a CPU has no peak in the table
+    assert results["peak_tflops"] is None
+    assert f"| sd-tiny | sdpo | {flops['sdpo'] / 1e9:.3f} | {row['tflops']['sdpo']:.4f} | - |" in printed
+
+
+def test_throughput_is_flops_over_the_median_and_mfu_against_the_peak():
+    from sdpo.bench.speed import throughput, throughput_table
+
+    figures = throughput({"sft": 2_000_000_000_000, "sdpo": 6_000_000_000_000}, {"sft": 0.5, "sdpo": 1.0}, 8.0)
+    assert figures == {"tflops": {"sft": 4.0, "sdpo": 6.0}, "mfu": {"sft": 0.5, "sdpo": 0.75}}
+    table = throughput_table({"peak_tflops": 8.0, "rows": [
+        {"model": "m", "flops": {"sft": 2_000_000_000_000, "sdpo": 6_000_000_000_000}, **figures}]})
+    assert "| m | sft | 2000.000 | 4.0000 | 50.0% |" in table and "peak of 8 TFLOP/s" in table
 
 
 def test_step_memory_is_measured_in_a_fresh_process(tmp_path):

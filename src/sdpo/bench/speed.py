@@ -9,6 +9,9 @@ AdamW update of the LoRA adapters. Peak memory is the steps' own: on a GPU the a
 above the memory held before the first step; on the CPU the peak of the resident set (sampled every
 0.5 ms) above what the loaded model and batch hold, in a fresh process per arm (freed heap is not
 always returned to the system, so arms measured one after another would hide each other's peaks).
+Each arm's first warm-up step runs under ``sdpo.bench.flops``'s counter: its FLOPs over the median
+step time give the achieved TFLOP/s, and on a GPU whose dense bf16 peak is known, the MFU (a second
+table; "-" on a CPU or an unknown GPU). Arms are the ``ARMS`` tuple: a new one needs a stepper only.
 
 Targets (issue 11): sdpo / diffusion-dpo <= 1.03 (the weights reuse predictions already made) and
 diffusion-dpo / sft-pairs <= 1.40 (on the same 2B samples, the one extra no-grad reference pass is the
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
+from sdpo.bench.flops import count_flops, device_peak_tflops, mfu, tflops
 from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
 
@@ -183,19 +187,31 @@ def _prepared(name: str, arm: str, config: SpeedConfig, work: Path) -> tuple[Cal
     return _stepper(spec, arm, batch, config), device
 
 
-def time_model(name: str, config: SpeedConfig, work: Path) -> dict[str, list[float]]:
-    """Seconds of each timed step per arm, the arms interleaved step by step."""
+def time_model(name: str, config: SpeedConfig, work: Path) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds of each timed step per arm, the arms interleaved step by step, and the FLOPs of one step
+    per arm, counted on its first warm-up step (``sdpo.bench.flops``; the counter's overhead is untimed)."""
     steppers = {arm: _prepared(name, arm, config, work) for arm in ARMS}
     seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    flops: dict[str, int] = {}
     for number in range(config.warmup + config.steps):
         for arm, (step, device) in steppers.items():
+            if number == 0:  # a warm-up step (warmup >= 1): counted, not timed
+                flops[arm] = count_flops(lambda: step(0))  # noqa: B023 - called at once
+                continue
             _sync(device)
             start = time.perf_counter()
             step(number)
             _sync(device)
             if number >= config.warmup:
                 seconds[arm].append(time.perf_counter() - start)
-    return seconds
+    return seconds, flops
+
+
+def throughput(flops: dict[str, int], medians: dict[str, float], peak: float | None) -> dict[str, dict[str, Any]]:
+    """Per arm: achieved TFLOP/s (one step's FLOPs over its median time) and MFU against ``peak`` (None:
+    no peak known for this device, as on a CPU)."""
+    return {"tflops": {arm: tflops(flops[arm], medians[arm]) for arm in flops},
+            "mfu": {arm: mfu(flops[arm], medians[arm], peak) for arm in flops}}
 
 
 def resident_bytes() -> int:
@@ -264,20 +280,24 @@ def run_speed(config: SpeedConfig) -> dict[str, Any]:
     """Time every model's four arms (and measure memory); returns the results as JSON-ready data."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    peak = device_peak_tflops(device)
     with tempfile.TemporaryDirectory(dir=config.work_dir) as scratch:
         work = Path(config.work_dir or scratch)
         rows = []
         for name in config.models:
-            seconds = time_model(name, config, work)
+            seconds, flops = time_model(name, config, work)
             medians = {arm: statistics.median(values) for arm, values in seconds.items()}
             memory = ({arm: (peak_in_fresh_process(name, arm, config, work) if config.device == "cpu"
                              else step_peak_mb(name, arm, config, work)) for arm in ARMS} if config.memory else {})
             ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in RATIOS}
-            rows.append({"model": name, "median_s": medians, "peak_mb": memory, "ratios": ratios,
+            rows.append({"model": name, "median_s": medians, "peak_mb": memory, "ratios": ratios, "flops": flops,
+                         **throughput(flops, medians, peak),
                          "meets_targets": {f"{a}/{b}": ratios[f"{a}/{b}"] <= bound
                                            for (a, b), bound in RATIOS.items() if bound is not None}})
-    machine = f"{platform.machine()} {config.device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    return {"config": asdict(config), "machine": machine, "rows": rows}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    machine = f"{platform.machine()} {config.device} ({name}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return {"config": asdict(config), "machine": machine, "device_name": name, "peak_tflops": peak, "rows": rows}
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -293,6 +313,21 @@ def markdown_table(results: dict[str, Any]) -> str:
         memory = " | ".join(f"{row['peak_mb'][arm]:.0f}" if row["peak_mb"] else "—" for arm in ARMS)
         ratios = " | ".join(f"{row['ratios'][f'{a}/{b}']:.3f}" for a, b in RATIOS)
         lines.append(f"| {row['model']} | {times} | {memory} | {ratios} |")
+    return "\n".join(lines) + "\n\n" + throughput_table(results)
+
+
+def throughput_table(results: dict[str, Any]) -> str:
+    """One row per model and arm: FLOPs of a step, achieved TFLOP/s and MFU ("-" without a known peak)."""
+    peak = results.get("peak_tflops")
+    lines = ["Model FLOPs per step (matrix products, convolutions, attention; forward and backward) over the median "
+             "step time; MFU against " + (f"a dense bf16 peak of {peak:g} TFLOP/s." if peak else
+                                          "no known peak on this device (-)."), "",
+             "| model | arm | GFLOP / step | TFLOP/s | MFU |", "|---|---|---|---|---|"]
+    for row in results["rows"]:
+        for arm in row.get("flops", {}):
+            utilisation = row["mfu"][arm]
+            lines.append(f"| {row['model']} | {arm} | {row['flops'][arm] / 1e9:.3f} | {row['tflops'][arm]:.4f} | "
+                         + (f"{utilisation:.1%}" if utilisation is not None else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
