@@ -295,9 +295,9 @@ def run_speed(config: SpeedConfig) -> dict[str, Any]:
                          **throughput(flops, medians, peak),
                          "meets_targets": {f"{a}/{b}": ratios[f"{a}/{b}"] <= bound
                                            for (a, b), bound in RATIOS.items() if bound is not None}})
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    machine = f"{platform.machine()} {config.device} ({name}), {torch.get_num_threads()} threads, torch {torch.__version__}"
-    return {"config": asdict(config), "machine": machine, "device_name": name, "peak_tflops": peak, "rows": rows}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    machine = f"{platform.machine()} {config.device} ({device_name}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return {"config": asdict(config), "machine": machine, "device_name": device_name, "peak_tflops": peak, "rows": rows}
 
 
 def markdown_table(results: dict[str, Any]) -> str:

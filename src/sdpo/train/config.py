@@ -118,8 +118,14 @@ class TrainConfig:
     """Forward passes per optimizer step. Global batch = train_batch_size x processes x this."""
     mixed_precision: MixedPrecision = "no"
     """"no", "fp16" or "bf16"; frozen weights are cast to it, trainable ones stay float32."""
-    gradient_checkpointing: bool = False
-    """Trade compute for memory in the denoiser."""
+    gradient_checkpointing: bool | Literal["auto"] = False
+    """Trade compute for memory in the denoiser: recompute each block's activations in the backward pass
+    instead of keeping them (about one more forward per step). true, false, or "auto": on one CUDA device,
+    one probe step without checkpointing measures the peak memory before training, and checkpointing
+    stays off only when that peak plus the optimizer state fits the free memory with 10% to spare (a
+    probe that runs out of memory turns it on); on under FSDP, DeepSpeed or several processes (no probe
+    there); off on a CPU (host memory has no peak counter, and the CPU-sized runs fit). The decision is
+    logged (``sdpo.train.checkpointing_choice``)."""
     t_min: int = 0
     """Smallest training timestep index drawn."""
     t_max: int | None = None
@@ -200,6 +206,8 @@ class TrainConfig:
         check_choice("mixed_precision", self.mixed_precision, MixedPrecision)
         check_choice("report_to", self.report_to, Tracker)
         check_choice("pair_weighting", self.pair_weighting, PairWeighting)
+        if self.gradient_checkpointing not in (True, False, "auto"):  # coerced: a bool or a string
+            raise InputError(f"gradient_checkpointing must be true, false or auto, got {show(self.gradient_checkpointing)}")
         if not 0 <= self.ema_decay < 1:
             raise InputError(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if not self.ema_power > 0:

@@ -31,6 +31,7 @@ from sdpo.train.checkpoint import (
     register_trainable_hooks,
     remove_checkpoint,
 )
+from sdpo.train.checkpointing_choice import checkpoint_before_prepare, settle_checkpointing
 from sdpo.train.config import TrainConfig
 from sdpo.train.ema import EMA_FOLDER, build_ema, check_ema_supported, load_ema
 from sdpo.train.log import note, warn
@@ -190,6 +191,7 @@ def prepare_run(config: TrainConfig, spec: ModelSpec | None, dataset: PairDatase
     run.pair_weights, run.sample_latents = pair_weights, sample_latents
     if dataset is not None:
         run.order = batch_order(dataset, config, accelerator)
+    settle_checkpointing(run)
     return run
 
 
@@ -262,7 +264,7 @@ def _policy_and_reference(
             reference_copy.to("cpu" if config.offload_reference else accelerator.device)
         model.requires_grad_(True)
         model.to(accelerator.device)
-    if config.gradient_checkpointing:
+    if checkpoint_before_prepare(config, accelerator):  # "auto" may be settled after prepare, by a probe
         enable_gradient_checkpointing(accelerator, model)
     model.train()
     return model, reference_copy
