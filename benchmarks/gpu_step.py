@@ -15,6 +15,12 @@ Methods are interleaved step by step, so clock drift does not favour one of them
     python -m benchmarks.gpu_step --models sd15,wan2.1-1.3b --steps 5
     python -m benchmarks.gpu_step --tiny --device cpu --steps 1        # tiny configs, seconds on CPU
     python -m benchmarks.gpu_step --count-only                          # parameter counts (meta device)
+    python -m benchmarks.gpu_step --models cogvideox-5b --compile --model-flops benchmarks/results/step-flops.json
+
+Before the timed steps, one eager step runs under ``sdpo.bench.flops``' counter: the FLOPs the device
+does (with checkpointing, the recomputation included) and which SDPA kernel ran (flash, efficient,
+cudnn or math). Model FLOPs for TFLOP/s and MFU come from ``--model-flops`` (``benchmarks.step_flops``
+on the meta device), or, with ``--no-checkpointing``, from that count itself.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ from benchmarks.architectures import (  # noqa: E402
     make_spec,
 )
 from benchmarks.architectures import sync as _sync  # noqa: E402
+from sdpo.bench.flops import attention_kernels, device_peak_tflops, flop_counter, mfu, tflops  # noqa: E402
+
+REPEATED_BLOCKS = ("CogVideoXBlock", "WanTransformerBlock", "BasicTransformerBlock")
+"""The denoisers' repeated blocks, each compiled on its own by --compile (regional compilation: one
+graph serves every block of a class, so compiling takes a block's time, not the model's)."""
 
 # ---------------------------------------------------------------------- measuring
 
@@ -107,6 +118,22 @@ def time_weight_computation(spec: Any, method: Any, latents: tuple[int, ...], de
     return 1000.0 * statistics.median(times)
 
 
+def compile_blocks(model: nn.Module, backend: str) -> int:
+    """``torch.compile`` each repeated block in place (``REPEATED_BLOCKS``); returns how many."""
+    blocks = [module for module in model.modules() if type(module).__name__ in REPEATED_BLOCKS]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+def model_flops_table(path: str | None) -> dict[str, dict[str, float]]:
+    """Rows of ``benchmarks.step_flops --json`` by model (model and hardware TFLOP of one step)."""
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return {row["model"]: row for row in json.load(handle)["rows"]}
+
+
 def bench_model(arch: Arch, args: argparse.Namespace, methods: list[Any]) -> list[dict[str, Any]]:
     """Build, adapt and time one model; one row per method. Raises on failure (the caller reports it)."""
     from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
@@ -160,6 +187,17 @@ def bench_model(arch: Arch, args: argparse.Namespace, methods: list[Any]) -> lis
         step_index += 1
         return time.perf_counter() - begin, _peak_gb(device), float(result.output.loss.detach())
 
+    # One eager step under the FLOP counter first (it warms the kernels up too): the FLOPs the device
+    # does (the recomputation included when checkpointing) and which SDPA kernel ran.
+    counter = flop_counter()
+    with counter:
+        seconds, _, _ = one_step(methods[0])
+    counted_flops, kernels = int(counter.get_total_flops()), attention_kernels(counter)
+    print(f"{tag} counted step: {counted_flops / 1e12:.1f} TFLOP, attention kernel(s) {', '.join(kernels) or 'none'}"
+          f", {seconds:.2f} s under the counter", flush=True)
+    if args.compile:
+        compiled = compile_blocks(model, args.compile_backend)
+        print(f"{tag} torch.compile ({args.compile_backend}) of {compiled} blocks", flush=True)
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     peaks: dict[str, list[float]] = {m.name: [] for m in methods}
     losses: dict[str, float] = {}
@@ -180,6 +218,10 @@ def bench_model(arch: Arch, args: argparse.Namespace, methods: list[Any]) -> lis
 
     rows = []
     baseline: float | None = None
+    known = args.model_flops.get(arch.name, {}) if args.rank == 64 and not args.tiny else {}
+    model_flops = known.get("model_tflop", math.nan) * 1e12 if known else (
+        counted_flops if args.no_checkpointing else math.nan)  # without checkpointing the count is the model's
+    peak = device_peak_tflops(device)
     for method in methods:
         median = statistics.median(times[method.name])
         baseline = median if baseline is None else baseline
@@ -203,6 +245,13 @@ def bench_model(arch: Arch, args: argparse.Namespace, methods: list[Any]) -> lis
             "weights_ms": weights_ms,
             "vs_first_method_pct": 100.0 * (median - baseline) / baseline,
             "loss": losses[method.name],
+            "counted_tflop": counted_flops / 1e12,
+            "model_tflop": model_flops / 1e12 if math.isfinite(model_flops) else None,
+            "attention": kernels,
+            "compiled": args.compile,
+            "checkpointing": not args.no_checkpointing,
+            "tflops": tflops(model_flops, median) if math.isfinite(model_flops) else None,
+            "mfu": mfu(model_flops, median, peak) if math.isfinite(model_flops) else None,
         })
         print(f"{tag} {method.name}: median {median:.3f} s/step, weight computation {weights_ms:.3f} ms",
               flush=True)
@@ -232,11 +281,11 @@ def _count(value: int | None) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ("| model | method | params | LoRA params | latents (pair) | s/step (median) | peak GB "
-              "| weights ms | vs first method |")
+              "| weights ms | vs first method | counted TFLOP | model TFLOP/s | MFU | attention |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['model']} | {row['method']} | {row['status']} | | | | | | |")
+            lines.append(f"| {row['model']} | {row['method']} | {row['status']} |" + " |" * 10)
             continue
         lines.append(" | ".join([
             f"| {row['model']}",
@@ -247,7 +296,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             _fmt(row["median_s"], ".3f"),
             _fmt(row["peak_gb"], ".1f"),
             _fmt(row["weights_ms"], ".2f"),
-            _fmt(row["vs_first_method_pct"], "+.1f", suffix="%") + " |",
+            _fmt(row["vs_first_method_pct"], "+.1f", suffix="%"),
+            _fmt(row.get("counted_tflop"), ".4g"),
+            _fmt(row.get("tflops"), ".0f"),
+            _fmt(row.get("mfu"), ".1%"),
+            ", ".join(row.get("attention", [])) + " |",
         ]))
     return "\n".join(lines)
 
@@ -295,6 +348,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="base weight dtype (default bf16)")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default 64; 4 with --tiny)")
     parser.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each repeated denoiser block (regional compilation) after the counted step")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--model-flops", default=None, metavar="JSON",
+                        help="benchmarks.step_flops --json output: model FLOPs per step, for TFLOP/s and MFU "
+                             "(without it, only a --no-checkpointing run knows its model FLOPs: its own count)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and latents: runs on CPU in seconds")
     parser.add_argument("--count-only", action="store_true",
                         help="only count parameters (models built on the meta device; no steps)")
@@ -311,6 +370,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not names:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
     args.models = names
+    args.model_flops = model_flops_table(args.model_flops)
     from sdpo.objectives import METHODS
 
     args.method = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
@@ -340,8 +400,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     info = environment(device)
     print(f"environment: {info}", flush=True)
     print(f"settings: models={args.models} methods={args.method} steps={args.steps} warmup={args.warmup} "
-          f"rank={args.rank} dtype={args.dtype} checkpointing={not args.no_checkpointing} tiny={args.tiny}",
-          flush=True)
+          f"rank={args.rank} dtype={args.dtype} checkpointing={not args.no_checkpointing} tiny={args.tiny} "
+          f"compile={args.compile}", flush=True)
 
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()

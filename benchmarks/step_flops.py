@@ -11,11 +11,13 @@ and the H200's dense bf16 peak, achieved model TFLOP/s and MFU follow.
 
     python -m benchmarks.step_flops
     python -m benchmarks.step_flops --models cogvideox-5b
+    python -m benchmarks.step_flops --json benchmarks/results/step-flops.json   # read by gpu_step --model-flops
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +53,7 @@ def step_flops(name: str, checkpointing: bool, rank: int = 64) -> int:
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(ARCHS), help="comma-separated names from ARCHS")
+    parser.add_argument("--json", default=None, help="write the rows here (benchmarks.gpu_step --model-flops reads it)")
     args = parser.parse_args(argv)
     rows = []
     print("| model | model TFLOP / step | hardware TFLOP / step (checkpointing) | H200 s / step | "
@@ -66,6 +69,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         row = rows[-1]
         print(f"| {name} | {row['model_tflop']:.1f} | {row['hardware_tflop']:.1f} | {row['h200_s']:.3f} | "
               f"{row['tflops']:.0f} | {row['mfu']:.0%} |", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"rank": 64, "method": "diffusion-dpo", "pairs": 1, "rows": rows}, handle, indent=1)
     return rows
 
 

@@ -103,3 +103,14 @@ def test_head_to_head_ranks_real_digits_above_noise(tmp_path):
     assert "2 run(s), 80 paired samples" in table
     row = next(line for line in table.splitlines() if line.startswith("| noise_model vs real"))
     assert float(row.split("|")[2].split()[0]) < 0.1  # noise loses to real digits on the reward
+
+
+def test_counted_step_names_the_attention_kernel_and_compiled_blocks_still_step(gpu_step):
+    """The counted eager step, then regional compilation (the eager backend: dynamo's tracing without
+    inductor's code generation, seconds on a CPU); without checkpointing the count is the model FLOPs."""
+    rows = gpu_step.main([*TINY_CPU, "--models", "wan2.1-1.3b", "--method", "diffusion-dpo", "--no-checkpointing",
+                          "--compile", "--compile-backend", "eager"])
+    row = rows[0]
+    assert row["status"] == "ok" and row["compiled"] and row["attention"] == ["flash (CPU)"]
+    assert row["counted_tflop"] == row["model_tflop"] > 0
+    assert row["tflops"] == pytest.approx(row["counted_tflop"] / row["median_s"]) and row["mfu"] is None
