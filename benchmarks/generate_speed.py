@@ -5,15 +5,18 @@ what the stage adds (noise drawing, PNG/MP4 and exact-pixel files, the candidate
     python -m benchmarks.generate_speed                       # tiny SD and Wan pipelines, CPU
     python -m benchmarks.generate_speed --family cogvideox --pretrained DIR --height 480 --width 720 \\
         --frames 49 --steps 50 --dtype bf16 --per-prompt 1 --prompts 2 --batch-size 1   # a GPU
+    (a full-size CogVideoX-2B folder with random weights: python -m benchmarks.full_pipeline DIR)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,10 +44,11 @@ def direct(spec, prompts: list[str], per_prompt: int, batch_size: int, seed: int
 
 
 def measure(spec, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
-    sampler = SamplerSettings(args.steps, args.guidance)
+    timed = SamplerSettings(args.steps, args.guidance)
     count = len(prompts) * args.per_prompt
     times = {"direct": [], "generate": []}
-    for repeat in range(args.repeats + 1):  # the first round warms up
+    for repeat in range(args.repeats + 1):  # the first round warms up, with --warmup-steps sampler steps
+        sampler = timed if repeat or not args.warmup_steps else SamplerSettings(args.warmup_steps, args.guidance)
         clock = time.perf_counter()
         direct(spec, prompts, args.per_prompt, args.batch_size, 0, sampler)
         direct_s = time.perf_counter() - clock
@@ -68,7 +72,7 @@ def tiny_cases(root: Path) -> list[tuple[str, Path, MediaFormat]]:
             ("wan", tiny.build_tiny_wan(root / "wan"), MediaFormat(height=32, width=32, frames=5))]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default=None)
     parser.add_argument("--pretrained", default=None)
@@ -82,7 +86,10 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="sampler steps of the untimed warm-up round (default: --steps)")
+    parser.add_argument("--json", default=None, help="append each result here as a JSON line")
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     prompts = [f"prompt number {i}, a small red cube on a table" for i in range(args.prompts)]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -93,6 +100,7 @@ def main() -> None:
             cases = [(args.family, Path(args.pretrained), fmt)]
         else:
             cases = tiny_cases(Path(root))
+        results: list[dict[str, Any]] = []
         for family, folder, fmt in cases:
             spec = load_spec(family, folder, media_format=fmt, torch_dtype=dtype)
             for value in vars(spec).values():
@@ -101,7 +109,13 @@ def main() -> None:
             result = measure(spec, prompts, args)
             print(f"{family} {spec.media_format} on {device}: {result['candidates']} candidates, "
                   f"direct {result['direct_per_s']:.2f}/s, generate {result['generate_per_s']:.2f}/s, "
-                  f"ratio {result['ratio']:.3f}")
+                  f"ratio {result['ratio']:.3f}", flush=True)
+            results.append({"family": family, "media": str(spec.media_format), "device": device,
+                            "steps": args.steps, **result})
+            if args.json:
+                with open(args.json, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(results[-1]) + "\n")
+    return results
 
 
 if __name__ == "__main__":

@@ -114,3 +114,21 @@ def test_counted_step_names_the_attention_kernel_and_compiled_blocks_still_step(
     assert row["status"] == "ok" and row["compiled"] and row["attention"] == ["flash (CPU)"]
     assert row["counted_tflop"] == row["model_tflop"] > 0
     assert row["tflops"] == pytest.approx(row["counted_tflop"] / row["median_s"]) and row["mfu"] is None
+
+
+def test_gpu_session_script_parses_and_keeps_to_its_budget(tmp_path):
+    """bash -n, then a run whose budget leaves no part its minimum: every part is skipped, in seconds.
+    (DRY_RUN=1 runs every part's Python on tiny models on a CPU: about a minute, by hand.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "DRY_RUN": "1", "BUDGET": "0", "PYTHON": sys.executable,
+           "PARTS": "steps nockpt compile generate"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=False,
+                          cwd=script.parents[1], timeout=60)
+    summary = (tmp_path / "summary.md").read_text()
+    assert done.returncode == 0, done.stderr
+    assert all(f"{part}: skipped" in summary for part in ("steps", "nockpt", "compile", "generate")), summary
