@@ -18,11 +18,11 @@
 #   generate  `sdpo generate` against CogVideoXPipeline called directly, CogVideoX-2B at 49x480x720, 50 steps,
 #             random weights at full size (benchmarks.full_pipeline); target ratio <= 1.02
 #
-# What the device lacks travels in .whl/ (installed with --no-index before anything runs). DeepSpeed is
-# not on the device image; build its pure-Python wheel and those of its small dependencies here first:
-#   DS_BUILD_OPS=0 pip wheel --no-deps -w .whl deepspeed==0.19.8 hjson py-cpuinfo msgpack ninja nvidia-ml-py
-# then carry .whl with the run (run(carry=[".whl"])). Without DeepSpeed the deepspeed part reports that and
-# the others still run.
+# What the device lacks travels in .whl/: `bash benchmarks/gpu_wheels.sh` fills it here (diffusers and peft
+# at this machine's versions, DeepSpeed's pure-Python wheel and its small dependencies, msgpack for each
+# Python the device might have; about 10 MB), then carry it with the run (run(carry=[".whl"])). Each wheel
+# is installed with --no-index before anything runs; one that does not fit the device's Python is reported
+# and skipped. Without DeepSpeed the deepspeed part fails on its own (logged) and the other parts still run.
 set -u
 OUT=${OUT:-/tmp/sdpo-gpu}
 BUDGET=${BUDGET:-470}
@@ -32,7 +32,10 @@ PARTS=${PARTS:-steps nockpt deepspeed generate}
 MODELS=${MODELS:-cogvideox-5b,wan2.1-1.3b,sd15}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  for wheel in .whl/*.whl; do
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
+      2>/dev/null || echo "not installed (another Python's or platform's wheel): $wheel"
+  done
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
