@@ -110,3 +110,17 @@ def test_auto_is_on_without_a_probe_where_one_cannot_run(kind, processes, on, ca
     assert checkpointing_choice.checkpoint_before_prepare(TrainConfig(gradient_checkpointing="auto"), accelerator) is on
     assert ("no memory probe runs" in capfd.readouterr().err) is on
     assert checkpointing_choice.checkpoint_before_prepare(TrainConfig(gradient_checkpointing=False), accelerator) is False
+
+
+def test_a_bucketed_cache_is_probed_with_a_batch_of_its_largest_bucket():
+    from types import SimpleNamespace
+
+    from sdpo.train.order import GlobalBatchOrder
+
+    buckets = torch.tensor([0] * 8 + [1] * 4 + [2] * 8)  # 2 batches of 64x64, 1 of 96x96, 2 of 48x84
+    order = GlobalBatchOrder(20, 4, 1, 0, seed=3, buckets=buckets)
+    run = SimpleNamespace(order=order, dataset=SimpleNamespace(buckets=[(64, 64), (96, 96), (48, 84)]))
+    step = checkpointing_choice.largest_micro_step(run)
+    assert set(buckets[order.indices(step)[0]].tolist()) == {1}
+    assert checkpointing_choice.largest_micro_step(SimpleNamespace(order=GlobalBatchOrder(20, 4, 1, 0, seed=3),
+                                                                   dataset=SimpleNamespace())) == 0

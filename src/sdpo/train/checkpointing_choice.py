@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from sdpo.data.cache import collate_pairs
 from sdpo.train.augment import augment_batch
 from sdpo.train.log import note
 from sdpo.train.sharding import enable_gradient_checkpointing
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
     from sdpo.train.run import TrainingRun
 
 __all__ = ["AUTO_MARGIN", "CudaMemory", "DeviceMemory", "accelerator_memory", "checkpoint_before_prepare",
-           "probe_step", "settle_checkpointing"]
+           "largest_micro_step", "probe_step", "settle_checkpointing"]
 
 AUTO_MARGIN = 0.10
 """Fraction of the free memory "auto" leaves unused: the allocator's fragmentation, and what later
@@ -117,6 +116,8 @@ def settle_checkpointing(run: TrainingRun, memory: DeviceMemory | None = None) -
         return bool(config.gradient_checkpointing)
     if _probe_cannot_run(accelerator) is not None:
         return True
+    if run.resume.step >= config.max_steps:  # a finished run being exported: no step to decide for
+        return False
     memory = memory if memory is not None else accelerator_memory(accelerator.device)
     if memory is None:
         note(f"gradient_checkpointing auto: off (no memory probe on {accelerator.device.type})", run.main)
@@ -145,7 +146,7 @@ def settle_checkpointing(run: TrainingRun, memory: DeviceMemory | None = None) -
     return on
 
 
-def _largest_micro_step(run: TrainingRun) -> int:
+def largest_micro_step(run: TrainingRun) -> int:
     """The first micro-step of the largest bucket (by pixels) in the first epoch; 0 without buckets."""
     order, sizes = run.order, getattr(run.dataset, "buckets", None)
     if order is None or order.buckets is None or not sizes:
@@ -158,10 +159,12 @@ def _largest_micro_step(run: TrainingRun) -> int:
 def probe_step(run: TrainingRun) -> None:
     """Forward and backward of one micro-batch as ``optimize.optimizer_step`` runs it, without an update;
     the random streams are restored after it. The gradients it leaves are the caller's to drop."""
+    from sdpo.data.cache import collate_pairs  # late, as in setup: sdpo.data loads the media readers
+
     config, accelerator, dataset, order = run.config, run.accelerator, run.dataset, run.order
     if dataset is None or order is None:
         raise RuntimeError("the memory probe needs the run's pairs")
-    micro_step = _largest_micro_step(run)
+    micro_step = largest_micro_step(run)
     rows, positions = order.indices(micro_step)
     batch = collate_pairs([dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
     batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
