@@ -207,7 +207,8 @@ class TrainConfig:
         check_choice("report_to", self.report_to, Tracker)
         check_choice("pair_weighting", self.pair_weighting, PairWeighting)
         if self.gradient_checkpointing not in (True, False, "auto"):  # coerced: a bool or a string
-            raise InputError(f"gradient_checkpointing must be true, false or auto, got {show(self.gradient_checkpointing)}")
+            raise InputError(f"gradient_checkpointing must be true, false or auto, "
+                             f"got {show(self.gradient_checkpointing)}")
         if not 0 <= self.ema_decay < 1:
             raise InputError(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if not self.ema_power > 0:
