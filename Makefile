@@ -5,7 +5,7 @@ STAMP := .venv/.installed
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data,deepspeed]"
 	touch $(STAMP)
 
 .PHONY: demo test docs typecheck lint bench browser

@@ -1,9 +1,11 @@
-"""Train several tiny configs in one launch of processes, one after another, as separate `sdpo train`s would.
+"""Train several tiny configs in one launch of two processes, one after another, as separate `sdpo train`s would.
 
-Launched by tests/test_engines.py as a user launches the trainer (``accelerate launch --config_file
-configs/accelerate/<engine>-cpu.yaml``, or torchrun for the DDP baseline); one launch serves every cell of
-an engine, because starting the processes costs far more than a tiny run. ``argv[1]`` is a JSON list of
-cells, each ``{"config": YAML, "mode": ..., "set": ["key=value", ...]}``:
+Launched by tests/test_engines.py with torchrun; one launch serves every cell of every engine, because
+starting the processes costs far more than a tiny run. ``argv[1]`` is a JSON list of cells, each
+``{"config": YAML, "mode": ..., "set": ["key=value", ...], "env": {...}}``, where ``env`` is the
+environment that ``accelerate launch --config_file ENGINE.yaml`` gives its processes (its ACCELERATE_* and
+FSDP_* variables, computed by accelerate's own launcher code): the cell runs under it, the previous cell's
+removed. Modes:
 
 - ``train``: ``sdpo train CONFIG --set ...``, through ``sdpo.cli.main`` as typed;
 - ``stop``: the same run, sent SIGTERM (what a cluster sends before pre-empting a job) after step 2;
@@ -11,10 +13,10 @@ cells, each ``{"config": YAML, "mode": ..., "set": ["key=value", ...]}``:
 - ``poison``: a ``train`` whose loss on process 1 only is NaN at step 2 (the non-finite guard's case).
 
 Each cell starts from accelerate's state as a fresh launch has it: accelerate keeps one process-wide state
-that a run changes (FSDP's wrap policy and checkpointing switch, DeepSpeed's filled-in config), so it is
-dropped between cells. The process group is kept: a run ends by destroying it (``end_training``), and a
-group started again over the launcher's store hangs now and then in its first barrier, so the driver
-makes that destruction wait for the last cell.
+(which a run changes: FSDP's wrap policy and checkpointing switch, DeepSpeed's filled-in config), dropped
+between cells. The gloo process group is kept: a run ends by destroying it (``end_training``), and a group
+started again over the launcher's store hangs now and then in its first barrier, so the driver makes that
+destruction wait for the last cell; accelerate and DeepSpeed then find the group started and use it.
 """
 
 from __future__ import annotations
@@ -24,20 +26,19 @@ import math
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
 
-def fresh_accelerate_state() -> None:
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
+def enter(env: dict[str, str]) -> None:
+    """A fresh accelerate state under ``env`` (the previous cell's launcher variables removed)."""
+    from accelerate.state import AcceleratorState
 
-    if not AcceleratorState._shared_state:
-        return
-    kind = PartialState._shared_state.get("distributed_type")
-    AcceleratorState._reset_state(reset_partial_state=False)
-    if kind == DistributedType.FSDP:  # as sdpo.train.sharding.start_cpu_process_group left it at the launch
-        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    AcceleratorState._reset_state(reset_partial_state=True)
+    for name in [name for name in os.environ if name.startswith(("ACCELERATE_", "FSDP_"))]:
+        del os.environ[name]
+    os.environ.update(env)
 
 
 def keep_the_process_group() -> None:
@@ -99,8 +100,8 @@ if __name__ == "__main__":
     import time
 
     keep_the_process_group()
-    for cell in json.loads(open(sys.argv[1]).read()):
-        fresh_accelerate_state()
+    for cell in json.loads(Path(sys.argv[1]).read_text()):
+        enter(cell["env"])
         began = time.perf_counter()
         run(cell)
         print(f"cell {cell.get('mode', 'train')} {cell['set'][0]}: {time.perf_counter() - began:.1f} s", file=sys.stderr)

@@ -43,8 +43,8 @@ from sdpo.train.run import PairDataset, ResumePoint, TrainingRun
 from sdpo.train.sharding import (
     enable_gradient_checkpointing,
     parameters_are_sharded,
-    shard_like_policy,
     set_deepspeed_batch_size,
+    shard_like_policy,
     start_cpu_process_group,
     uses_fsdp,
 )
