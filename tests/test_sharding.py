@@ -1,7 +1,9 @@
 """FSDP pieces that run on the CPU: a one-process gloo group and torch's ``fully_shard``.
 
-accelerate itself runs FSDP only on accelerators, so the policy is sharded here with the function
-accelerate's ``prepare`` calls, and the reference with ``sdpo.train.sharding``.
+In one process the policy is sharded here with the function accelerate's ``prepare`` calls, and the
+reference with ``sdpo.train.sharding``. accelerate itself turns a config into FSDP only on accelerators;
+``sdpo.train.sharding.start_cpu_process_group`` makes it do so on CPUs, and tests/test_engines.py trains
+under FSDP2 with two CPU processes that way.
 """
 
 import subprocess
