@@ -48,8 +48,8 @@ COLUMNS = {  # engine: (cells trained as is, the cell stopped and resumed, the c
     "zero3": (["sd-full", "wan-full-gc"], "wan-full-gc", ["wan-full-gc"]),
     "fsdp2": (["sd-full", "wan-lora-gc", "wan-full-gc"], "wan-full-gc", ["wan-full-gc"]),
 }
-"""What each engine runs. A ZeRO-3 step costs many small gathers over gloo (SD's UNet has ~300 weight
-tensors, the tiny Wan ~60), so the stopped and the poisoned runs of ZeRO-3 and FSDP2 are Wan's."""
+"""What each engine runs. A ZeRO-3 step costs many small gathers over gloo (the tiny SD's UNet has 208 weight
+tensors, 0.8 M weights; the tiny Wan 69, 20 k), so the stopped and the poisoned runs of ZeRO-3 and FSDP2 are Wan's."""
 
 
 def _pairs(folder: Path, frames: int | None, size: int, count: int = 8) -> Path:
