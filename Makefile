@@ -5,7 +5,7 @@ STAMP := .venv/.installed
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,data,deepspeed]"
 	touch $(STAMP)
 
 .PHONY: demo test docs typecheck lint bench browser
@@ -21,8 +21,14 @@ browser:
 	else echo "make: chromium and chromium-driver are missing and this is not root with apt-get:" \
 		"the browser tests will be skipped (install them: apt-get install chromium chromium-driver)"; fi
 
+# The DeepSpeed / FSDP2 tests (marker `engines`: one launch of two CPU processes) run beside the rest,
+# which mostly keeps one core busy; their report follows the main one.
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	@engines=$$(mktemp -d); \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m engines -q -p no:cacheprovider --basetemp=$$engines/tmp > $$engines/log 2>&1 & pid=$$!; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not engines"; main=$$?; \
+	wait $$pid; status=$$?; echo "--- pytest -m engines"; cat $$engines/log; rm -rf $$engines; \
+	exit $$(( main || status ))
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet

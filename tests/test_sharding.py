@@ -1,7 +1,9 @@
 """FSDP pieces that run on the CPU: a one-process gloo group and torch's ``fully_shard``.
 
-accelerate itself runs FSDP only on accelerators, so the policy is sharded here with the function
-accelerate's ``prepare`` calls, and the reference with ``sdpo.train.sharding``.
+In one process the policy is sharded here with the function accelerate's ``prepare`` calls, and the
+reference with ``sdpo.train.sharding``. accelerate itself turns a config into FSDP only on accelerators;
+``sdpo.train.sharding.start_cpu_process_group`` makes it do so on CPUs, and tests/test_engines.py trains
+under FSDP2 with two CPU processes that way.
 """
 
 import subprocess
@@ -98,3 +100,39 @@ def test_gradient_norms_of_every_backend_become_plain_tensors_or_unknown():
     assert skip_reason(one, True, None) is None
     assert skip_reason(one, True, torch.tensor(float("inf"))).startswith("non-finite gradient norm")
     assert skip_reason(one, False, torch.tensor(1.0)) == "non-finite loss"
+
+
+def test_an_export_copies_views_that_cover_part_of_their_storage(tmp_path):
+    """FSDP2 hands back a 1-row weight split over two processes as a view of its padded gather buffer;
+    safetensors refuses such a view, so the export copies it (and only it)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sdpo.train.export import owning_storage
+
+    padded = torch.arange(8.0).reshape(2, 4)
+    whole = torch.ones(3)
+    state = owning_storage({"scale_shift_table": padded[:1], "whole": whole})
+    assert state["whole"] is whole and torch.equal(state["scale_shift_table"], padded[:1])
+    assert state["scale_shift_table"].untyped_storage().nbytes() == 16
+    save_file(state, str(tmp_path / "w.safetensors"))
+    assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["scale_shift_table"], padded[:1])
+
+
+def test_deepspeed_is_told_the_per_process_batch_and_other_engines_are_left_alone():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from sdpo.train.sharding import set_deepspeed_batch_size, start_cpu_process_group
+
+    config = {"train_micro_batch_size_per_gpu": "auto"}
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    set_deepspeed_batch_size(deepspeed, 2)
+    assert config["train_micro_batch_size_per_gpu"] == 2
+    set_deepspeed_batch_size(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), 2)  # no state touched
+    start_cpu_process_group()  # neither DeepSpeed nor FSDP asked for (this process): starts nothing
+    from accelerate.state import PartialState
+
+    assert not PartialState._shared_state or PartialState().num_processes == 1

@@ -82,6 +82,7 @@ def _write_export(run: TrainingRun, state_dict: dict[str, Tensor], staging: Path
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     final = final_model(run)
+    state_dict = owning_storage(state_dict)
     save = run.spec.save_lora if run.config.lora_rank > 0 else run.spec.save_full
     save(staging, final, state_dict)
     if run.ema is not None:  # the moving average, in the same format, in its own folder
@@ -92,6 +93,14 @@ def _write_export(run: TrainingRun, state_dict: dict[str, Tensor], staging: Path
     write_atomic(staging / "run_info.json", json.dumps(info, indent=2))
     export_card(staging, run.config, run.spec.media_kind, run.output_dir)
     _move_into_place(staging, run.output_dir)
+
+
+def owning_storage(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor copied out of a larger storage that it only partly covers: FSDP2 gathers a parameter that
+    splits unevenly over the processes into a padded buffer and returns a view of it (Wan's 1-row
+    ``scale_shift_table`` over two processes), and safetensors refuses to write such a view."""
+    return {name: tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
+            for name, tensor in state_dict.items()}
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:

@@ -5,6 +5,9 @@ and updates, unless a loss or the gradient norm is NaN / inf on any process: the
 the update (``skip_reason``). ``account_for`` counts a skipped step, logs its pairs and timesteps to
 ``bad_steps.jsonl``, and after ``max_bad_steps`` in a row checkpoints the last good weights and stops
 with ``TrainingDivergedError``. Both work on any objective that ``preference_step`` computes.
+
+Under DeepSpeed the update runs inside ``accelerator.backward`` (the engine's step), before the guard
+looks: the guard only counts and logs; DeepSpeed skips a step whose gradient norm is not finite itself.
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ from sdpo.train.run import PairDataset, ResumePoint, TrainingRun
 from sdpo.train.sharding import (
     enable_gradient_checkpointing,
     parameters_are_sharded,
+    set_deepspeed_batch_size,
     shard_like_policy,
+    start_cpu_process_group,
     uses_fsdp,
 )
 from sdpo.train.step import adapters_disabled
@@ -80,6 +82,7 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
 
     trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
     _forget_other_precision(config.mixed_precision)
+    start_cpu_process_group()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -216,6 +219,7 @@ def build_run(config: TrainConfig, spec: ModelSpec | None, dataset: PairDataset 
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
+    set_deepspeed_batch_size(accelerator, config.train_batch_size)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     register_trainable_hooks(accelerator, model)
 

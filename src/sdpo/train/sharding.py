@@ -12,12 +12,40 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from sdpo.errors import InputError
+
+
+def start_cpu_process_group() -> None:
+    """Start the gloo process group that DeepSpeed or FSDP needs when the processes run on the CPU.
+
+    accelerate (1.16) chooses a distributed backend only for an accelerator device: launched on CPUs with
+    a DeepSpeed or FSDP config, it starts no group, and every process trains alone as process 0 of 1.
+    gloo is what DeepSpeed's CPU accelerator uses without oneCCL. accelerate turns only a multi-device
+    type into FSDP, so the group is announced as one (the device stays the CPU). Does nothing on an
+    accelerator, in one process, or where accelerate was told to run the CPU's own way (ACCELERATE_USE_CPU).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+    deepspeed, fsdp = flag("ACCELERATE_USE_DEEPSPEED"), flag("ACCELERATE_USE_FSDP")
+    if not (deepspeed or fsdp) or flag("ACCELERATE_USE_CPU") or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    if torch.accelerator.current_accelerator() is not None or PartialState._shared_state:
+        return
+    if deepspeed:
+        _skip_deepspeed_shared_memory_op()
+    state = PartialState(backend="gloo")
+    if fsdp and not deepspeed and state.distributed_type == DistributedType.NO:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
 def uses_fsdp(accelerator: Any) -> bool:
@@ -36,6 +64,25 @@ def parameters_are_sharded(accelerator: Any) -> bool:
         DistributedType.FSDP,
         DistributedType.DEEPSPEED,
     )
+
+
+def _skip_deepspeed_shared_memory_op() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory op at start-up (about 40 s, and a C++ compiler):
+    only its inference all-reduce uses that op, training's collectives go through gloo either way. DeepSpeed
+    keeps the table of buildable ops in one dict that it reads when its communication starts."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def set_deepspeed_batch_size(accelerator: Any, per_process: int) -> None:
+    """Tell DeepSpeed the micro-batch size, the run's ``train_batch_size``: accelerate reads it from a
+    prepared dataloader, and the trainer prepares none (its batch order is its own), so DeepSpeed's
+    "auto" was refused. DeepSpeed only checks and reports it; the trainer's batches are what it trains on."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
 
 
 class _Checkpointable(Protocol):
