@@ -64,37 +64,38 @@ def _per_sample(value: Tensor, like: Tensor) -> Tensor:
 
 
 def ddim_step(x_t: Tensor, x0_hat: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor,
-              sigma_s: Tensor, eta: float) -> StepGaussian:
+              sigma_s: Tensor, eta: float | Tensor) -> StepGaussian:
     """The DDIM step t -> s with ``eta`` from a clean-sample estimate (epsilon and v models).
 
     The noise estimate is recomputed from x0_hat, as diffusers' DDIM does after clipping, so a
-    clipped estimate moves the mean consistently. ``alpha_*`` / ``sigma_*``: scalars or (B,).
+    clipped estimate moves the mean consistently. ``alpha_*`` / ``sigma_*`` / ``eta``: scalars or (B,).
     """
-    if eta < 0:
+    if bool((torch.as_tensor(eta) < 0).any()):
         raise ValueError(f"eta must be >= 0, got {eta}")
-    a_t, s_t, a_s, s_s = (_per_sample(v, x_t) for v in (alpha_t, sigma_t, alpha_s, sigma_s))
+    a_t, s_t, a_s, s_s, eta_ = (_per_sample(v, x_t) for v in (alpha_t, sigma_t, alpha_s, sigma_s, eta))
     eps_hat = (x_t - a_t * x0_hat) / s_t
-    variance = (eta**2) * (s_s**2 / s_t**2) * (1.0 - a_t**2 / a_s**2)
+    variance = (eta_**2) * (s_s**2 / s_t**2) * (1.0 - a_t**2 / a_s**2)
     variance = variance.clamp_min(0.0)
     direction = (s_s**2 - variance).clamp_min(0.0).sqrt()
     return StepGaussian(mean=a_s * x0_hat + direction * eps_hat, std=variance.sqrt())
 
 
-def flow_sde_step(x_t: Tensor, velocity: Tensor, t: Tensor, s: Tensor, noise_level: float) -> StepGaussian:
-    """Flow-GRPO's marginal-preserving SDE step t -> s (t, s the flow's sigmas, s < t; scalars or (B,))."""
-    if noise_level < 0:
+def flow_sde_step(x_t: Tensor, velocity: Tensor, t: Tensor, s: Tensor, noise_level: float | Tensor) -> StepGaussian:
+    """Flow-GRPO's marginal-preserving SDE step t -> s (t, s the flow's sigmas, s < t; each, and the noise
+    level, a scalar or (B,))."""
+    if bool((torch.as_tensor(noise_level) < 0).any()):
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    t_, s_ = _per_sample(t, x_t), _per_sample(s, x_t)
+    t_, s_, a = _per_sample(t, x_t), _per_sample(s, x_t), _per_sample(noise_level, x_t)
     # g at t = 1 is infinite: take it at the target s there (Flow-GRPO uses the next grid sigma).
     level = torch.where(t_ < 1.0, t_, s_)
-    g_squared = noise_level**2 * level / (1.0 - level)
+    g_squared = a**2 * level / (1.0 - level)
     dt = s_ - t_
     drift = velocity + g_squared / (2.0 * t_) * (x_t + (1.0 - t_) * velocity)
     return StepGaussian(mean=x_t + drift * dt, std=(g_squared * (-dt).clamp_min(0.0)).sqrt())
 
 
 def reverse_step(schedule: NoiseSchedule, x_t: Tensor, prediction: Tensor, t: Tensor, alpha_s: Tensor,
-                 sigma_s: Tensor, noise_level: float) -> StepGaussian:
+                 sigma_s: Tensor, noise_level: float | Tensor) -> StepGaussian:
     """The stochastic step from level index ``t`` (B,) to a target (alpha_s, sigma_s) (B,), per the
     schedule's parameterisation; ``noise_level`` is eta (DDIM) or a (flow)."""
     if schedule.prediction_type == "flow":
