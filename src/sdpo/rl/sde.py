@@ -55,7 +55,7 @@ class StepGaussian:
     """(B, 1, ...): one std per sample, broadcast over its elements."""
 
 
-def _per_sample(value: Tensor, like: Tensor) -> Tensor:
+def _per_sample(value: Tensor | float, like: Tensor) -> Tensor:
     """A scalar or (B,) tensor shaped to broadcast over ``like`` (B, ...), in its dtype."""
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if value.ndim == 0:

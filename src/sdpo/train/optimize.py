@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from sdpo.train.augment import augment_batch
 from sdpo.train.checkpoint import NonFiniteWeightsError, latest_checkpoint, save_run
 from sdpo.train.log import warn
 from sdpo.train.metrics import BAD_STEPS_NAME
-from sdpo.train.run import MicroStep, StepOutcome, TrainingRun
+from sdpo.train.run import MicroStep, PairDataset, StepOutcome, TrainingRun
 from sdpo.train.sharding import clip_gradients
 from sdpo.train.step import draw_for_pairs, preference_step
 
@@ -74,8 +74,8 @@ def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
 
 def pair_micro_step(run: TrainingRun, rows: Tensor, positions: Tensor, micro_step: int) -> MicroStep:
     """The preference objectives' micro-step: collate and augment the pairs, draw, ``preference_step``."""
-    config, accelerator, dataset = run.config, run.accelerator, run.dataset
-    assert dataset is not None
+    config, accelerator = run.config, run.accelerator
+    dataset = cast(PairDataset, run.dataset)  # the dispatch sends only pair datasets here
     # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
     batch = collate_pairs([dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
     pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
     from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["MicroStep", "ObjectiveDataset", "PairDataset", "ResumePoint", "StepOutcome", "TrainingRun",
-           "final_model"]
+__all__ = ["MicroStep", "ObjectiveDataset", "PairDataset", "ResumePoint", "StepOutcome", "TrainingData",
+           "TrainingRun", "final_model"]
 
 
 class PairDataset(Protocol):
@@ -70,6 +70,10 @@ class ObjectiveDataset(Protocol):
         ...
 
 
+TrainingData = PairDataset | ObjectiveDataset
+"""What a run trains on: pairs, or a dataset with its own objective's micro-step."""
+
+
 @dataclass
 class ResumePoint:
     """Where a run starts: a checkpoint (None: step 0) and what changed in the config since it was made."""
@@ -91,7 +95,7 @@ class TrainingRun:
     config: TrainConfig
     accelerator: Accelerator
     spec: ModelSpec
-    dataset: PairDataset | ObjectiveDataset | None
+    dataset: TrainingData | None
     """The cached pairs (or an objective's own dataset); None when the run only exports (it resumes at ``max_steps``)."""
     model: nn.Module
     """The trained denoiser, wrapped by ``accelerator.prepare``."""
