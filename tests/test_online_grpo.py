@@ -28,8 +28,9 @@ def _config(tmp: Path, base: str, out: Path, digits: int = 2, **changes) -> Path
     (tmp / "eval.txt").write_text("".join(f"a handwritten digit {d}\n" for d in range(digits)))
     data = {"family": "toy", "pretrained": base, "prompts": str(tmp / "prompts.txt"),
             "eval_prompts": str(tmp / "eval.txt"), "reward": "digits", "out": str(out), "rounds": 2,
-            "per_prompt": 2, "steps": 2, "num_inference_steps": 3, "guidance_scale": 1.25, "batch_size": 3,
-            "eval_per_prompt": 1, "method": "grpo", "grpo": {"train_steps": 2, "noise_level": 1.0, "kl_coefficient": 0.1},
+            "per_prompt": 2, "steps": 2, "num_inference_steps": 4, "guidance_scale": 1.25, "batch_size": 3,
+            "eval_per_prompt": 1, "method": "grpo", "grpo": {"train_steps": 2, "window_start": 1, "noise_level": 1.0,
+                                                       "kl_coefficient": 0.1},
             "train": {"train_batch_size": 2, "lora_rank": 2, "learning_rate": 1e-3, "report_to": "none",
                       "log_every": 1, "checkpoint_every": 1}}
     data.update(changes)
@@ -54,13 +55,12 @@ def test_grpo_rounds_record_trajectories_and_resume_bit_identically(tmp_path: Pa
     assert {c["lora"] for c in records} == {str(straight / "round-00" / "run")}
     trajectories = load_file(str(candidates / "trajectories" / "batch-000000.safetensors"))
     assert trajectories["x_t"].shape == (3, 2, 1, 8, 8) and trajectories["log_prob"].shape == (3, 2)
-    assert trajectories["steps"].tolist() == [[0, 1]] * 3  # the window; step 2 (to the clean end) is deterministic
+    assert trajectories["steps"].tolist() == [[1, 2]] * 3  # the window; step 3 (to the clean end) is deterministic
     for r in (0, 1):  # the first step's ratios are 1 to rounding: the update recomputes the sampler's log-density
         first = _metrics(straight / f"round-{r:02d}" / "run")[0]
         assert first["ratio_deviation"] < 1e-5 and first["clip_fraction"] == 0.0
     assert _metrics(straight / "round-00" / "run")[0]["kl"] == 0.0  # the policy starts as the reference (LoRA B = 0)
-    # round 1 starts from round 0's adapter (step 2 trains sampler step 1; step 0's mean is the clip bound)
-    assert _metrics(straight / "round-01" / "run")[1]["kl"] > 0.0
+    assert _metrics(straight / "round-01" / "run")[0]["kl"] > 0.0  # round 1 starts from round 0's adapter
 
     # killed twice: in round 0's generation after one batch, then in round 1's second optimizer step
     monkeypatch.setenv(FAIL_AFTER_ENV, "1")
@@ -115,7 +115,7 @@ def test_grpo_config_errors_are_one_line(tmp_path: Path, capsys) -> None:
         ({"grpo": {"clip_range": 0}}, "grpo.clip_range must be a positive number"),
         ({"grpo": {"bogus": 1}}, "unknown grpo setting(s) bogus"),
         ({"grpo": {"select": "all"}}, "grpo.select must be one of"),
-        ({"grpo": {"train_steps": 4}}, "needs 4 steps, the sampler has 3"),
+        ({"grpo": {"train_steps": 5}}, "needs 5 steps, the sampler has 4"),
         ({"method": "preference"}, "grpo settings are given but method is not grpo"),
         ({"family": "wan"}, "needs the wan spec to decode latents"),
     ):

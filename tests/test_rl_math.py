@@ -162,3 +162,16 @@ def test_grpo_loss_is_the_clipped_surrogate_plus_the_kl() -> None:
     assert float(log_prob.grad[1]) == 0.0
     assert float(log_prob.grad[0]) == pytest.approx(-1.0 / 4, rel=1e-12)
     assert float(out.metrics["ratio_deviation"]) == pytest.approx(math.exp(0.5) - 1, rel=1e-12)
+
+
+def test_steps_whose_clipped_mean_cannot_move_are_named() -> None:
+    from diffusers import DDPMScheduler
+
+    from sdpo.rl.rollout import RolloutSettings
+
+    settings = RolloutSettings(num_inference_steps=6, train_steps=2)
+    cosine = NoiseSchedule.from_scheduler(DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True))
+    assert settings.gradient_free_steps(cosine) == [0]  # alpha_999 = 5e-5: x0 / alpha lands on the clip bound
+    unclipped = NoiseSchedule.from_scheduler(DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False))
+    assert settings.gradient_free_steps(unclipped) == []
+    assert settings.gradient_free_steps(_ddpm()) == []

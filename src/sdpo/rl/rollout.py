@@ -80,6 +80,14 @@ class RolloutSettings:
                 f"sampler of a {prediction_type} model has {usable} (its last DDIM step is deterministic)"
                 if prediction_type != "flow" else f"{self.select} selection needs {last} steps, the sampler has {usable}")
 
+    def gradient_free_steps(self, schedule: NoiseSchedule) -> list[int]:
+        """Sampler steps whose mean cannot move: an epsilon model clipping its x0 estimate at a level with alpha
+        near 0 (a near-zero-terminal-SNR schedule) gets x0 at the clip bound, whatever the network says."""
+        if schedule.prediction_type != "epsilon" or schedule.clip_sample_range is None:
+            return []
+        levels, _, _ = sampling_levels(schedule, self.num_inference_steps)
+        return [i for i, level in enumerate(levels.tolist()) if float(schedule.alphas[level]) < 1e-3]
+
     def trained(self, prediction_type: str, seed: int) -> list[int]:
         """The trained step indices of the trajectory of candidate seed ``seed``, ascending."""
         self.check(prediction_type)

@@ -209,6 +209,7 @@ def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[
     if config.method == "grpo":
         rollout = config.grpo_config.rollout(config.num_inference_steps, config.guidance_scale)
         rollout.check(spec.schedule.prediction_type)
+        _warn_gradient_free(rollout, spec.schedule, r)
     generate(spec, prompts, folder / "candidates", per_prompt=config.per_prompt, seed=config.seed + r,
              sampler=sampler, lora=previous, batch_size=config.batch_size, progress=config.progress,
              frame_folders=video, rollout=rollout)
@@ -224,6 +225,18 @@ def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[
     if config.evaluate_rounds:
         evaluate_round(config, folder, run, eval_prompts, reward, sampler)
     return run
+
+
+def _warn_gradient_free(rollout: Any, schedule: Any, r: int) -> None:
+    """Say once (round 0) when the trained window holds a step that cannot learn (see ``gradient_free_steps``)."""
+    from sdpo.train.log import warn
+
+    dead = set(rollout.gradient_free_steps(schedule))
+    window = set(range(rollout.window_start, rollout.window_start + rollout.train_steps))
+    hit = sorted(dead & window) if rollout.select == "window" else sorted(dead)
+    if r == 0 and hit:
+        warn(f"grpo: sampler step(s) {hit} start at a level with alpha < 1e-3 where this model clips its x0 "
+             f"estimate, so their mean has no gradient; set grpo.window_start to {max(hit) + 1}", stacklevel=3)
 
 
 def _preference_update(config: OnlineConfig, r: int, folder: Path, run: Path, previous: Path | None,
