@@ -226,7 +226,7 @@ def candidate_rewards(config: OnlineBenchConfig, seed: int) -> dict[str, list[fl
         return sum(totals) / len(totals)
 
     found = {"offline": [mean_total(folder / "offline" / f"candidates-{r:02d}") for r in range(config.rounds)]}
-    arms = {f"online:{method}": method for method in config.methods}
+    arms: dict[str, str] = {f"online:{method}": method for method in config.methods}
     if config.grpo is not None:
         arms[GRPO_ARM] = "grpo"
     for label, name in arms.items():
