@@ -84,7 +84,8 @@ class OnlineConfig:
     method: OnlineMethod = "preference"
     """"preference": best-vs-worst pairs -> precompute -> ``train.method`` (Diffusion-DPO, SDPO, ...);
     "grpo": the candidates are sampled with a stochastic sampler whose trajectories are recorded, and
-    the update is GRPO on them (settings in ``grpo``; the group is the ``per_prompt`` candidates of a prompt)."""
+    the update is GRPO on them (settings in ``grpo``; the group is the ``per_prompt`` candidates of a prompt;
+    each round trains on its own trajectories only, so ``keep_pairs`` does not apply)."""
     grpo: dict[str, Any] = field(default_factory=dict)
     """GRPO settings (``sdpo.rl.config.GrpoConfig``: noise_level, clip_range, kl_coefficient, select,
     train_steps, window_start, noise_steps); only with ``method: grpo``."""
@@ -290,7 +291,7 @@ def evaluate_round(config: OnlineConfig, folder: Path, run: Path, eval_prompts: 
 
 
 GENERATE_FIELDS = ("family", "pretrained", "prompts", "per_prompt", "seed", "num_inference_steps",
-                   "guidance_scale", "batch_size")
+                   "guidance_scale", "batch_size", "method", "grpo")
 """Settings round 0's candidates depend on; every other setting changes only what comes after them."""
 
 
@@ -301,6 +302,8 @@ def online_settings(config: OnlineConfig, prompts: list[str], eval_prompts: list
     import dataclasses
 
     skip = {"out", "progress", "rounds", "evaluate_rounds", "train_config", "train"}
+    if config.method == "preference":  # as folders made before GRPO recorded them: they still resume
+        skip |= {"method", "grpo"}
     data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
     resolved = {k: v for k, v in train.to_dict().items() if k not in ("output_dir", "cache_dir", "init_lora")}
     return {**data, "prompts": list(prompts), "eval_prompts": list(eval_prompts), "train": resolved}
@@ -317,7 +320,7 @@ def _claim(out: Path, settings: dict[str, Any], restart: bool) -> bool:
         return False
     check_replaceable(out, "online", flag="--restart")
     saved = saved_settings(out, "online") or {}
-    keep = bool(saved) and all(first_difference(k, saved.get(k), settings[k]) is None for k in GENERATE_FIELDS)
+    keep = bool(saved) and all(first_difference(k, saved.get(k), settings.get(k)) is None for k in GENERATE_FIELDS)
     for folder in sorted(out.glob("round-*")) if out.is_dir() else []:
         if keep and folder.name == "round-00":
             for entry in folder.iterdir():  # round 0's candidates are kept (its generation is unchanged)
