@@ -117,17 +117,36 @@ def test_grpo_config_errors_are_one_line(tmp_path: Path, capsys) -> None:
         ({"grpo": {"select": "all"}}, "grpo.select must be one of"),
         ({"grpo": {"train_steps": 5}}, "needs 5 steps, the sampler has 4"),
         ({"method": "preference"}, "grpo settings are given but method is not grpo"),
-        ({"family": "wan"}, "needs the wan spec to decode latents"),
     ):
         assert main(["--quiet", "online", str(_config(tmp_path, "unused", out, **changes))]) == 2
         assert message in capsys.readouterr().err
     assert not out.exists()  # refused before any stage ran
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_grpo_refuses_a_family_that_cannot_decode_its_latents(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sdpo.models.registry as registry
+
+    class NoDecoder:  # a plugin family's spec without decode_latents
+        family = "plugin"
+
+    monkeypatch.setattr(registry, "spec_class", lambda family: NoDecoder)
+    assert main(["--quiet", "online", str(_config(tmp_path, "unused", tmp_path / "x", family="plugin"))]) == 2
+    assert "needs the plugin spec to decode latents" in capsys.readouterr().err
+
+
+VAE_FAMILIES = {  # family -> (tiny builder, media format, decoded media shape of one sample, latent shape)
+    "sd": ("build_tiny_sd", {"height": 16, "width": 16}, (3, 16, 16), (4, 8, 8)),
+    "sdxl": ("build_tiny_sdxl", {"height": 16, "width": 16}, (3, 16, 16), (4, 8, 8)),
+    "cogvideox": ("build_tiny_cogvideox", {"height": 32, "width": 32, "frames": 9}, (9, 3, 32, 32), (3, 4, 4, 4)),
+    "wan": ("build_tiny_wan", {"height": 32, "width": 32, "frames": 5}, (5, 3, 32, 32), (4, 2, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("family", list(VAE_FAMILIES))
 def test_rollout_on_a_vae_family_decodes_and_recomputes_its_log_probs(tmp_path: Path, family: str) -> None:
-    """The rollout over the ModelSpec protocol on tiny SD / SDXL pipelines (their VAE decodes, SDXL's pooled and
-    size conditions go through guidance); the update's recomputation gives back the recorded log-densities."""
+    """The rollout over the ModelSpec protocol on every tiny real pipeline (their VAE decodes; SDXL's pooled and
+    size conditions go through guidance; Wan's flow SDE); the update's recomputation gives back the recorded
+    log-densities."""
     import torch
 
     from sdpo.models import tiny
@@ -135,14 +154,15 @@ def test_rollout_on_a_vae_family_decodes_and_recomputes_its_log_probs(tmp_path: 
     from sdpo.models.registry import load_spec
     from sdpo.rl.rollout import RolloutSettings, rollout, step_log_prob
 
-    build = tiny.build_tiny_sd if family == "sd" else tiny.build_tiny_sdxl
-    spec = load_spec(family, str(build(tmp_path / family)), media_format=MediaFormat(height=16, width=16))
+    builder, media_format, media_shape, latent_shape = VAE_FAMILIES[family]
+    spec = load_spec(family, str(getattr(tiny, builder)(tmp_path / family)), media_format=MediaFormat(**media_format))
     settings = RolloutSettings(num_inference_steps=3, guidance_scale=3.0, select="random", train_steps=2)
     prompts = ["a red cat", "a blue dog"]
     seeds = [11, 12]
     made = rollout(spec, prompts, torch.cat([spec.initial_latents(1, s) for s in seeds]), seeds, settings)
-    assert made.media.shape == (2, 3, 16, 16) and float(made.media.abs().max()) <= 1.0
-    assert made.x_t.shape == (2, 2, 4, 8, 8) and made.steps.tolist() == [settings.trained("epsilon", s) for s in seeds]
+    kind = spec.schedule.prediction_type
+    assert made.media.shape == (2, *media_shape) and float(made.media.abs().max()) <= 1.0
+    assert made.x_t.shape == (2, 2, *latent_shape) and made.steps.tolist() == [settings.trained(kind, s) for s in seeds]
     again = rollout(spec, prompts, made.noise, seeds, settings)  # seeded step noise: the same trajectories
     assert torch.equal(again.x_s, made.x_s)
     conditions, empty = spec.encode_prompts(prompts), spec.encode_prompts([""])
