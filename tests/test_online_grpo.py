@@ -156,7 +156,8 @@ def test_rollout_on_a_vae_family_decodes_and_recomputes_its_log_probs(tmp_path: 
 
     builder, media_format, media_shape, latent_shape = VAE_FAMILIES[family]
     spec = load_spec(family, str(getattr(tiny, builder)(tmp_path / family)), media_format=MediaFormat(**media_format))
-    settings = RolloutSettings(num_inference_steps=3, guidance_scale=3.0, select="random", train_steps=2)
+    settings = RolloutSettings(num_inference_steps=3, guidance_scale=3.0, select="random", train_steps=2,
+                               noise_steps="trained" if family == "sdxl" else "all")
     prompts = ["a red cat", "a blue dog"]
     seeds = [11, 12]
     made = rollout(spec, prompts, torch.cat([spec.initial_latents(1, s) for s in seeds]), seeds, settings)
