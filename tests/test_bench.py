@@ -118,13 +118,15 @@ def test_bench_methods_rejects_bad_settings_in_one_line(tmp_path, capsys, args, 
 def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_path, capsys):
     out = tmp_path / "online"
     argv = ["--quiet", "bench", "online", "--quick", "--out", str(out), "--set", f"cache_root={tmp_path / 'models'}",
+            "--set", "grpo={train_steps: 2, window_start: 1}", "--set", "grpo_learning_rate=0.01",
             "--toy", *TINY_DIGITS_FLAGS]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| online:sdpo |" in printed and "| offline:diffusion-dpo |" in printed
+    assert "| online:sdpo |" in printed and "| offline:diffusion-dpo |" in printed and "| online:grpo |" in printed
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
-    assert set(summary) == {"offline:diffusion-dpo", "offline:sdpo", "online:diffusion-dpo", "online:sdpo", "base"}
+    assert set(summary) == {"offline:diffusion-dpo", "offline:sdpo", "online:diffusion-dpo", "online:sdpo",
+                            "online:grpo", "base"}
     row = summary["online:sdpo"]["digits"]
     assert row["gain"]["n"] == 2 and 0.0 <= row["win_rate"]["mean"] <= 1.0
     assert row["versus_baseline"]["difference"]["mean"] == pytest.approx(
@@ -145,8 +147,15 @@ def test_bench_online_quick_compares_offline_and_online_at_the_same_budget(tmp_p
     first = [json.loads(line)["scores"] for line in (seed / "offline/candidates-00/candidates.jsonl").open()]
     again = [json.loads(line)["scores"] for line in (online / "round-00/candidates/candidates.jsonl").open()]
     assert first == again
+    for r in (0, 1):  # GRPO: the same scored candidates (reward calls) and optimizer steps per round as DPO
+        grpo, dpo = seed / "online" / "grpo" / f"round-{r:02d}", online / f"round-{r:02d}"
+        assert len(lines(grpo / "candidates/candidates.jsonl")) == len(lines(dpo / "candidates/candidates.jsonl"))
+        assert [json.loads(row)["step"] for row in lines(grpo / "run/metrics.jsonl")][-1] == 3
+        assert any((grpo / "candidates/trajectories").iterdir())
+    assert json.loads((seed / "online/grpo/round-01/run/train_config.json").read_text())["learning_rate"] == 0.01
+    assert (out / "reward_curves.png").stat().st_size > 0
     by_round = results["candidate_reward_by_round"]
-    assert set(by_round) == {"offline", "online:diffusion-dpo", "online:sdpo"}
+    assert set(by_round) == {"offline", "online:diffusion-dpo", "online:sdpo", "online:grpo"}
     assert by_round["offline"][0]["mean"] == pytest.approx(by_round["online:sdpo"][0]["mean"])
     assert len(by_round["online:sdpo"]) == 2 and "Mean reward of the candidates" in printed
     # a rerun resumes: nothing is retrained, the table is the same

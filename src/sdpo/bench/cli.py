@@ -52,7 +52,7 @@ def _online(args: argparse.Namespace) -> None:
 
     out = run_online_bench(bench_config(args, OnlineBenchConfig, ("seeds", "rounds", "out"), "bench online"))
     print((out / "table.md").read_text(), end="")
-    print(f"bench: {out / 'table.md'} (results.json, online_vs_offline.png)")
+    print(f"bench: {out / 'table.md'} (results.json, online_vs_offline.png, reward_curves.png)")
 
 
 def _speed(args: argparse.Namespace) -> None:

@@ -6,7 +6,10 @@ importance weights correct for cheaply. For each seed and method (Diffusion-DPO 
 * ``offline``: R groups of K candidates per prompt from the base (seeds s+0 ... s+R-1), best vs worst of
   each group (R pairs per prompt), one LoRA trained R x N steps on all of them;
 * ``online``: `sdpo online` with R rounds of K candidates per prompt from the current policy, N steps a
-  round, each round continuing the previous round's LoRA on every round's pairs so far.
+  round, each round continuing the previous round's LoRA on every round's pairs so far;
+* ``online:grpo`` (with ``grpo`` set): `sdpo online` with ``method: grpo``, the same R rounds of K
+  candidates per prompt (so the same reward calls) and N optimizer steps a round, each of ``batch_size``
+  (trajectory, step) members.
 
 Both arms generate the same number of candidates, build the same number of pairs, take the same
 number of optimizer steps and start from the same round-0 candidates (the base, seed s). All arms and
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 
 SOURCES = ("offline", "online")
 """Where an arm's pairs come from: the base model only, or each round's current policy."""
+GRPO_ARM = "online:grpo"
+"""The label of the GRPO arm (``OnlineBenchConfig.grpo``)."""
 
 
 @dataclass
@@ -57,6 +62,10 @@ class OnlineBenchConfig(WorldRunSettings):
     """Optimizer steps N per round (the warm-up restarts each online round); offline trains R x N in one run."""
     out: str = "outputs/bench-online"
     """Output folder (a rerun resumes the seeds it holds)."""
+    grpo: dict[str, Any] | None = None
+    """GRPO settings (``sdpo.rl.config.GrpoConfig`` fields) of an ``online:grpo`` arm; None: no GRPO arm."""
+    grpo_learning_rate: float | None = None
+    """The GRPO arm's LoRA learning rate (None: ``learning_rate``, the preference arms')."""
 
     def __post_init__(self) -> None:
         self.check_shared()
@@ -72,6 +81,12 @@ class OnlineBenchConfig(WorldRunSettings):
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.beta > 0:
             raise InputError(f"beta must be positive, got {self.beta}")
+        if self.grpo is not None:
+            from sdpo.rl.config import GrpoConfig
+
+            GrpoConfig.from_dict(self.grpo)
+        if self.grpo_learning_rate is not None and not self.grpo_learning_rate > 0:
+            raise InputError(f"grpo_learning_rate must be positive, got {self.grpo_learning_rate}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> OnlineBenchConfig:
@@ -83,7 +98,8 @@ class OnlineBenchConfig(WorldRunSettings):
 
     def labels(self) -> list[str]:
         """Arm labels, "source:method"."""
-        return [f"{source}:{method}" for source in SOURCES for method in self.methods]
+        grpo = [GRPO_ARM] if self.grpo is not None else []
+        return [f"{source}:{method}" for source in SOURCES for method in self.methods] + grpo
 
     def _train(self, method: str, seed: int) -> dict[str, Any]:
         """TrainConfig fields of every arm (family, folders and max_steps are set per arm)."""
@@ -164,6 +180,19 @@ def _online(context: SweepContext, config: OnlineBenchConfig, seed: int, folder:
             progress=config.progress)
         runs[f"online:{method}"] = run_online(stage)[-1]
         seconds[f"online:{method}"] = time.perf_counter() - start
+    if config.grpo is not None:
+        start = time.perf_counter()
+        train = {**config._train(config.methods[0], seed), "method": {"name": "sdpo"},  # unused by GRPO
+                 "learning_rate": config.grpo_learning_rate or config.learning_rate}
+        stage = OnlineConfig(
+            family=world.family, pretrained=str(context.generators["base"]), prompts=str(prompts),
+            eval_prompts=str(held_out), reward=world.reward().name, out=str(folder / "online" / "grpo"),
+            rounds=config.rounds, per_prompt=config.samples_per_prompt, steps=config.steps_per_round, train=train,
+            num_inference_steps=config.num_inference_steps, guidance_scale=world.guidance_scale, batch_size=512,
+            seed=_data_seed(seed), evaluate_rounds=False, progress=config.progress, method="grpo",
+            grpo=dict(config.grpo))
+        runs[GRPO_ARM] = run_online(stage)[-1]
+        seconds[GRPO_ARM] = time.perf_counter() - start
     return runs, seconds
 
 
@@ -197,9 +226,12 @@ def candidate_rewards(config: OnlineBenchConfig, seed: int) -> dict[str, list[fl
         return sum(totals) / len(totals)
 
     found = {"offline": [mean_total(folder / "offline" / f"candidates-{r:02d}") for r in range(config.rounds)]}
-    for method in config.methods:
-        found[f"online:{method}"] = [mean_total(folder / "online" / method / f"round-{r:02d}" / "candidates")
-                                     for r in range(config.rounds)]
+    arms: dict[str, str] = {f"online:{method}": method for method in config.methods}
+    if config.grpo is not None:
+        arms[GRPO_ARM] = "grpo"
+    for label, name in arms.items():
+        found[label] = [mean_total(folder / "online" / name / f"round-{r:02d}" / "candidates")
+                        for r in range(config.rounds)]
     return found
 
 
@@ -217,4 +249,4 @@ def run_online_bench(config: OnlineBenchConfig) -> Path:
     return out
 
 
-__all__ = ["SOURCES", "OnlineBenchConfig", "run_online_bench"]
+__all__ = ["GRPO_ARM", "SOURCES", "OnlineBenchConfig", "run_online_bench"]

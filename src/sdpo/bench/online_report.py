@@ -86,6 +86,7 @@ def rounds_table(rounds: dict[str, list[dict[str, float]]]) -> str:
     count = len(next(iter(rounds.values())))
     lines = ["Mean reward of the candidates generated in each round (offline: always the base):", "",
              "| source | " + " | ".join(f"round {r}" for r in range(count)) + " |", "|---" * (count + 1) + "|"]
+    # (every arm scores the same candidates per round: round r ends at (r + 1) x that many reward calls)
     for source, values in rounds.items():
         lines.append(f"| {source} | " + " | ".join(format_interval(v) for v in values) + " |")
     return "\n".join(lines) + "\n"
@@ -116,9 +117,44 @@ def plot_online(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_reward_curves(config: dict[str, Any], summary: dict[str, Any], rounds: dict[str, list[dict[str, float]]],
+                       path: Path) -> Path:
+    """Left: each online arm's candidate reward per round against the reward calls spent so far; right: each
+    arm's held-out gain against its wall time (the same reward calls and optimizer steps per arm)."""
+    from sdpo.analysis.plots import pyplot
+
+    plt = pyplot()
+    per_round = config["samples_per_prompt"] * config["pairs_per_digit"] * 10
+    reward = next(iter(summary["base"]["mean_reward"]))
+    fig, (calls, wall) = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    for source, values in rounds.items():
+        xs = [(r + 1) * per_round for r in range(len(values))]
+        calls.errorbar(xs, [v["mean"] for v in values], yerr=[(v["high"] - v["low"]) / 2 for v in values],
+                       marker="o", capsize=3, label=source)
+    calls.set_xlabel("reward calls (scored candidates)")
+    calls.set_ylabel(f"mean candidate reward ({reward})")
+    calls.legend(fontsize=7)
+    calls.grid(alpha=0.3)
+    for label, row in summary.items():
+        if label == "base":
+            continue
+        gain = row[reward]["gain"]
+        wall.errorbar([row["wall_s"]["mean"]], [gain["mean"]], yerr=[(gain["high"] - gain["low"]) / 2],
+                      marker="o", capsize=3, label=label)
+    wall.set_xlabel("wall time per arm (s)")
+    wall.set_ylabel(f"held-out gain over base ({reward})")
+    wall.legend(fontsize=7)
+    wall.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_online_report(out: Path, config: dict[str, Any], labels: list[str], seeds: list[dict[str, Any]],
                         rounds: list[dict[str, list[float]]]) -> None:
-    """results.json, table.md (arms, then candidate rewards by round) and online_vs_offline.png in ``out``."""
+    """results.json, table.md (arms, then candidate rewards by round), online_vs_offline.png and
+    reward_curves.png in ``out``."""
     import torch
 
     from sdpo.files import write_atomic
@@ -128,10 +164,11 @@ def write_online_report(out: Path, config: dict[str, Any], labels: list[str], se
     by_round = summarize_rounds(rounds)
     table = online_table(config, summary, machine) + "\n" + rounds_table(by_round)
     plot_online(summary, out / "online_vs_offline.png")
+    plot_reward_curves(config, summary, by_round, out / "reward_curves.png")
     write_atomic(out / "results.json", json.dumps(
         {"config": config, "machine": machine, "summary": summary, "candidate_reward_by_round": by_round,
          "seeds": [f"seed-{s['seed']}/seed.json" for s in seeds]}, indent=1, default=str))
     write_atomic(out / "table.md", table)
 
 
-__all__ = ["online_table", "rounds_table", "summarize_online", "summarize_rounds", "write_online_report"]
+__all__ = ["online_table", "plot_reward_curves", "rounds_table", "summarize_online", "summarize_rounds", "write_online_report"]

@@ -196,6 +196,17 @@ class PosteriorEncoder(Protocol):
         ...
 
 
+@runtime_checkable
+class LatentDecoder(Protocol):
+    """A spec that turns its own latents back into media: what online RL (``method: grpo``) needs, as it
+    samples latents step by step itself and scores the media. SD, SDXL, CogVideoX and Wan (their VAEs) and the
+    embedded worlds (identity) are; a family without it is refused by ``method: grpo`` before any model loads."""
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Media in [-1, 1], float32 on the CPU, for normalised latents in the family's layout."""
+        ...
+
+
 class ModelNotFoundError(MissingFileError):
     """A model folder or hub id that cannot be loaded; the message says which and how to fix it."""
 

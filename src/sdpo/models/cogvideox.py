@@ -188,6 +188,14 @@ class CogVideoXSpec(DiffusersSpec):
         posterior = self._posterior(pixels)
         return self._scaled(posterior.mean), self._scaled(posterior.std)
 
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Videos (B, F, 3, H, W) in [-1, 1], float32 on the CPU, for scaled latents (B, F', C, h, w)."""
+        vae = self._require_vae()
+        raw = latents.float().permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # the VAE wants (B, C, F, H, W)
+        with torch.no_grad():
+            video = vae.decode(raw.to(module_device(vae), module_dtype(vae))).sample
+        return video.float().permute(0, 2, 1, 3, 4).clamp(-1.0, 1.0).cpu().contiguous()
+
     def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 5 or pixels.shape[2] != 3:

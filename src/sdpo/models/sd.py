@@ -125,6 +125,16 @@ class StableDiffusionSpec(DiffusersSpec):
         posterior = self._posterior(pixels)
         return self._scaled(posterior.mean), posterior.std.float() * self._require_vae().config.scaling_factor
 
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1], float32 on the CPU, for scaled latents (the inverse of ``_scaled``)."""
+        vae = self._require_vae()
+        config = vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        raw = latents.float() / config.scaling_factor + shift
+        with torch.no_grad():
+            pixels = vae.decode(raw.to(module_device(vae), module_dtype(vae))).sample
+        return pixels.float().clamp(-1.0, 1.0).cpu()
+
     def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 4 or pixels.shape[1] != 3:

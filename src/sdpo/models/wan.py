@@ -192,6 +192,15 @@ class WanSpec(DiffusersSpec):
         mean, std = self._latent_stats(self._require_vae(), posterior.mean.device)
         return (posterior.mean.float() - mean) / std, posterior.std.float() / std
 
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Videos (B, F, 3, H, W) in [-1, 1], float32 on the CPU, for normalised latents (B, C, F', h, w)."""
+        vae = self._require_vae()
+        mean, std = self._latent_stats(vae, latents.device)
+        raw = latents.float() * std + mean
+        with torch.no_grad():
+            video = vae.decode(raw.to(module_device(vae), module_dtype(vae))).sample
+        return video.float().permute(0, 2, 1, 3, 4).clamp(-1.0, 1.0).cpu().contiguous()
+
     def _posterior(self, pixels: Tensor) -> Any:
         vae = self._require_vae()
         if pixels.ndim != 5 or pixels.shape[2] != 3:

@@ -11,7 +11,10 @@ Layout of the output folder:
   ``.sdpo.json`` (:mod:`sdpo.folders`); both are written with the first finished batch, so a first run
   that fails binds nothing; a rerun with other settings into the same folder is refused;
 * ``candidates.jsonl``: one record per candidate (see :class:`Candidate`), rebuilt atomically from
-  the finished batches at the end.
+  the finished batches at the end;
+* with ``rollout`` (online RL): ``trajectories/batch-{n:06d}.safetensors``, batch n's recorded
+  trajectories (``sdpo.rl.rollout.Trajectories.tensors``: trained steps, x_t, x_s, their
+  log-probabilities, the initial noise; rows as in the batch file), written before the batch file lands.
 
 Work is cut into batches over the global (prompt, candidate) order; batch n goes to process
 n % world_size, so every batch holds the same candidates whatever the number of processes and the
@@ -39,6 +42,8 @@ from sdpo.errors import FolderError, InputError
 from sdpo.files import atomic_output, write_atomic
 from sdpo.models.base import ModelSpec
 from sdpo.models.lora_check import load_lora_checked
+from sdpo.rl.rollout import RolloutSettings
+from sdpo.rl.rollout import rollout as sample_trajectories
 from sdpo.seeding import derive_seed
 from sdpo.stages.records import CANDIDATES_FILE, parse_json_line, write_records
 
@@ -175,6 +180,15 @@ def sample_with_seeds(spec: ModelSpec, prompts: list[str], latents: Tensor, seed
                        guidance_scale=sampler.guidance_scale, progress=progress, seeds=seeds)
 
 
+TRAJECTORIES_DIR = "trajectories"
+"""Where a rollout's per-batch trajectory files live in a generate folder."""
+
+
+def trajectories_file(batch: int) -> str:
+    """Batch ``batch``'s trajectories file, relative to the generate folder."""
+    return f"{TRAJECTORIES_DIR}/batch-{batch:06d}.safetensors"
+
+
 SETTINGS_FILE = "generate.json"
 """What a generate folder was made with; a resumed run must ask for exactly the same."""
 
@@ -221,6 +235,7 @@ def generate(
     frame_folders: bool = False,
     fps: int = 8,
     mp4: bool = True,
+    rollout: RolloutSettings | None = None,
 ) -> GenerateResult:
     """Sample ``per_prompt`` candidates for each prompt with ``spec`` into ``out_dir`` (see the module doc).
 
@@ -235,6 +250,9 @@ def generate(
         raise InputError(f"per_prompt and batch_size must be positive, got {per_prompt} and {batch_size}")
     if not prompts:
         raise InputError("no prompts to generate for")
+    if rollout is not None and (rollout.num_inference_steps, rollout.guidance_scale) != (
+            sampler.num_inference_steps, sampler.guidance_scale):
+        raise InputError("the rollout's num_inference_steps and guidance_scale must be the sampler's")
     if not mp4 and spec.media_format.frames is not None and not frame_folders:
         raise InputError("mp4=False keeps no viewable clip unless frame_folders=True")
     out = Path(out_dir)
@@ -244,6 +262,8 @@ def generate(
                 "model": spec.pretrained and str(spec.pretrained),
                 "media_format": asdict(spec.media_format), "lora": None if lora is None else str(lora),
                 "frame_folders": frame_folders, "fps": fps, "mp4": mp4}
+    if rollout is not None:  # only then: a plain folder's settings stay what they always were
+        settings["rollout"] = asdict(rollout)
     generate_settings(out, settings)
     if lora is not None:
         load_lora_checked(spec, lora)
@@ -258,7 +278,7 @@ def generate(
         if fail_after and count >= fail_after:
             raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after {count} batches (test hook)")
         _generate_batch(spec, prompts, batches[n], n, out, seed, sampler, lora, frame_folders, fps, mp4,
-                        record=None if count else lambda: _record_settings(out, settings))
+                        record=None if count else lambda: _record_settings(out, settings), rollout=rollout)
         done += len(batches[n])
         bar.update(len(batches[n]))
     bar.close()
@@ -272,13 +292,21 @@ def generate(
 
 def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]], n: int, out: Path, seed: int,
                     sampler: SamplerSettings, lora: str | Path | None, frame_folders: bool, fps: int,
-                    mp4: bool = True, record: Callable[[], None] | None = None) -> None:
+                    mp4: bool = True, record: Callable[[], None] | None = None,
+                    rollout: RolloutSettings | None = None) -> None:
     (out / "media").mkdir(parents=True, exist_ok=True)
     (out / "batches").mkdir(parents=True, exist_ok=True)
     seeds = [derive_seed(seed, p, k) for p, k in items]
     latents = torch.cat([spec.initial_latents(1, s) for s in seeds])
-    pixels = sample_with_seeds(spec, [prompts[p] for p, _ in items], latents, seeds, sampler)
     batch_name = f"batches/batch-{n:06d}.safetensors"
+    if rollout is None:
+        pixels = sample_with_seeds(spec, [prompts[p] for p, _ in items], latents, seeds, sampler)
+    else:
+        trajectories = sample_trajectories(spec, [prompts[p] for p, _ in items], latents, seeds, rollout)
+        pixels = trajectories.media
+        (out / TRAJECTORIES_DIR).mkdir(exist_ok=True)
+        with atomic_output(out / trajectories_file(n)) as temporary:  # before the batch file: it marks both done
+            save_file({k: v.contiguous() for k, v in trajectories.tensors().items()}, str(temporary))
     records = []
     for row, ((p, k), candidate_seed) in enumerate(zip(items, seeds, strict=True)):
         stem = f"p{p:05d}-c{k:03d}"

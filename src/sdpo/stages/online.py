@@ -25,6 +25,8 @@ from sdpo.files import write_atomic
 
 Reference = Literal["base", "previous"]
 """What an online run's reference model can be (``OnlineConfig.reference``)."""
+OnlineMethod = Literal["preference", "grpo"]
+"""How an online round learns from its scored candidates (``OnlineConfig.method``)."""
 
 DONE = ".done"
 """Marker written (atomically) after a stage whose output folder has no completion mark of its own."""
@@ -79,6 +81,14 @@ class OnlineConfig:
     """Run seed; round r generates with seed + r (fresh noise each round)."""
     progress: bool = False
     """Show progress bars."""
+    method: OnlineMethod = "preference"
+    """"preference": best-vs-worst pairs -> precompute -> ``train.method`` (Diffusion-DPO, SDPO, ...);
+    "grpo": the candidates are sampled with a stochastic sampler whose trajectories are recorded, and
+    the update is GRPO on them (settings in ``grpo``; the group is the ``per_prompt`` candidates of a prompt;
+    each round trains on its own trajectories only, so ``keep_pairs`` does not apply)."""
+    grpo: dict[str, Any] = field(default_factory=dict)
+    """GRPO settings (``sdpo.rl.config.GrpoConfig``: noise_level, clip_range, kl_coefficient, select,
+    train_steps, window_start, noise_steps); only with ``method: grpo``."""
 
     def __post_init__(self) -> None:
         from sdpo.stages.checks import check_config_types
@@ -96,9 +106,35 @@ class OnlineConfig:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.per_prompt, int) or self.per_prompt < 2:
             raise InputError(f"per_prompt must be at least 2 (a pair needs two candidates), got {self.per_prompt!r}")
+        self._check_method()
         for name in ("prompts", "eval_prompts") + (("train_config",) if self.train_config else ()):
             if not Path(getattr(self, name)).is_file():
                 raise MissingFileError(f"{name}: no such file {_shown(getattr(self, name))}")
+
+    def _check_method(self) -> None:
+        if self.method not in get_args(OnlineMethod):
+            raise InputError(f"method must be {' or '.join(map(repr, get_args(OnlineMethod)))}, got {self.method!r}")
+        if self.method != "grpo":
+            if self.grpo:
+                raise InputError("grpo settings are given but method is not grpo (set method: grpo)")
+            return
+        from sdpo.models.registry import spec_class
+
+        if not callable(getattr(spec_class(self.family), "decode_latents", None)):
+            raise InputError(f"method: grpo needs the {self.family} spec to decode latents (decode_latents), "
+                             f"which it does not implement yet")
+        rollout = self.grpo_config.rollout(self.num_inference_steps, self.guidance_scale)
+        rollout.check("flow")  # the DDIM bound (one step fewer) is checked once the model's schedule is known
+
+    @property
+    def grpo_config(self) -> Any:
+        """The ``grpo`` section, validated (``sdpo.rl.config.GrpoConfig``)."""
+        from sdpo.rl.config import GrpoConfig
+
+        try:
+            return GrpoConfig.from_dict(self.grpo)
+        except TypeError as error:
+            raise InputError(f"grpo: {error}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> OnlineConfig:
@@ -159,26 +195,60 @@ def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[
            settings: dict[str, Any] | None = None, rescore: bool = False) -> Path:
     """One round's stages, each skipped when done; returns its LoRA run folder. ``settings``: written to the
     online folder's marker once round 0's candidates exist; ``rescore``: score them again first."""
-    from sdpo.data import precompute, read_pairs
     from sdpo.folders import write_marker
     from sdpo.models.registry import load_spec
     from sdpo.stages.generate import SamplerSettings, generate
-    from sdpo.stages.pairs import build_pairs
     from sdpo.stages.score import score
-    from sdpo.train.trainer import train
 
     out = Path(config.out)
     folder = out / f"round-{r:02d}"
     previous = out / f"round-{r - 1:02d}" / "run" if r > 0 else None
     sampler = SamplerSettings(config.num_inference_steps, config.guidance_scale)
-    video = load_spec(config.family, config.pretrained).media_kind == "video"
-    generate(load_spec(config.family, config.pretrained), prompts, folder / "candidates",
-             per_prompt=config.per_prompt, seed=config.seed + r, sampler=sampler, lora=previous,
-             batch_size=config.batch_size, progress=config.progress, frame_folders=video)
+    spec = load_spec(config.family, config.pretrained)
+    video = spec.media_kind == "video"
+    rollout = None
+    if config.method == "grpo":
+        rollout = config.grpo_config.rollout(config.num_inference_steps, config.guidance_scale)
+        rollout.check(spec.schedule.prediction_type)
+        _warn_gradient_free(rollout, spec.schedule, r)
+    generate(spec, prompts, folder / "candidates", per_prompt=config.per_prompt, seed=config.seed + r,
+             sampler=sampler, lora=previous, batch_size=config.batch_size, progress=config.progress,
+             frame_folders=video, rollout=rollout)
     if settings is not None:  # the first output exists: from here on the folder is bound to these settings
         write_marker(out, "online", settings)
     score(folder / "candidates", [reward], batch_size=config.batch_size, progress=config.progress,
           reward_options={reward.name: config.reward_options}, rescore=rescore)
+    run = folder / "run"
+    if rollout is not None:
+        _grpo_update(config, folder, run, previous, rollout)
+    else:
+        _preference_update(config, r, folder, run, previous, video)
+    if config.evaluate_rounds:
+        evaluate_round(config, folder, run, eval_prompts, reward, sampler)
+    return run
+
+
+def _warn_gradient_free(rollout: Any, schedule: Any, r: int) -> None:
+    """Say once (round 0) when the trained window holds a step that cannot learn (see ``gradient_free_steps``)."""
+    from sdpo.train.log import warn
+
+    dead = set(rollout.gradient_free_steps(schedule))
+    window = set(range(rollout.window_start, rollout.window_start + rollout.train_steps))
+    hit = sorted(dead & window) if rollout.select == "window" else sorted(dead)
+    if r == 0 and hit:
+        warn(f"grpo: sampler step(s) {hit} start at a level with alpha < 1e-3 where this model clips its x0 "
+             f"estimate, so their mean has no gradient; set grpo.window_start to {max(hit) + 1}", stacklevel=3)
+
+
+def _preference_update(config: OnlineConfig, r: int, folder: Path, run: Path, previous: Path | None,
+                       video: bool) -> None:
+    """Pairs -> precompute -> train ``train.method`` on them (each skipped when done)."""
+    from sdpo.data import precompute, read_pairs
+    from sdpo.models.registry import load_spec
+    from sdpo.stages.pairs import build_pairs
+    from sdpo.train.trainer import train
+
+    out = Path(config.out)
     if not (folder / "pairs.jsonl").is_file():  # build_pairs writes it atomically
         build_pairs(folder / "candidates", "best-worst", frames=video, out=folder / "pairs.jsonl")
     cache = folder / "cache"
@@ -189,13 +259,22 @@ def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[
         precompute(pairs, load_spec(config.family, config.pretrained), cache, batch_size=config.batch_size,
                    progress=config.progress)
         write_atomic(folder / f"cache{DONE}", "")
-    run = folder / "run"
     # "latest": a finished run is left as it is, a killed one continues from its last checkpoint
     train(_train_config(config, cache, run, previous), spec=load_spec(config.family, config.pretrained),
           resume="latest", progress=config.progress)
-    if config.evaluate_rounds:
-        evaluate_round(config, folder, run, eval_prompts, reward, sampler)
-    return run
+
+
+def _grpo_update(config: OnlineConfig, folder: Path, run: Path, previous: Path | None, rollout: Any) -> None:
+    """GRPO on this round's scored trajectories, through the trainer (``steps`` optimizer steps; resumable)."""
+    from sdpo.models.registry import load_spec
+    from sdpo.rl.trajectories import TrajectorySteps
+    from sdpo.train.trainer import train
+
+    candidates = folder / "candidates"
+    spec = load_spec(config.family, config.pretrained)
+    dataset = TrajectorySteps.from_folder(candidates, spec, rollout, config.grpo_config)
+    train(_train_config(config, candidates, run, previous), spec=spec, dataset=dataset, resume="latest",
+          progress=config.progress)
 
 
 def evaluate_round(config: OnlineConfig, folder: Path, run: Path, eval_prompts: list[str], reward: Any,
@@ -212,7 +291,7 @@ def evaluate_round(config: OnlineConfig, folder: Path, run: Path, eval_prompts: 
 
 
 GENERATE_FIELDS = ("family", "pretrained", "prompts", "per_prompt", "seed", "num_inference_steps",
-                   "guidance_scale", "batch_size")
+                   "guidance_scale", "batch_size", "method", "grpo")
 """Settings round 0's candidates depend on; every other setting changes only what comes after them."""
 
 
@@ -223,6 +302,8 @@ def online_settings(config: OnlineConfig, prompts: list[str], eval_prompts: list
     import dataclasses
 
     skip = {"out", "progress", "rounds", "evaluate_rounds", "train_config", "train"}
+    if config.method == "preference":  # as folders made before GRPO recorded them: they still resume
+        skip |= {"method", "grpo"}
     data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
     resolved = {k: v for k, v in train.to_dict().items() if k not in ("output_dir", "cache_dir", "init_lora")}
     return {**data, "prompts": list(prompts), "eval_prompts": list(eval_prompts), "train": resolved}
@@ -239,7 +320,7 @@ def _claim(out: Path, settings: dict[str, Any], restart: bool) -> bool:
         return False
     check_replaceable(out, "online", flag="--restart")
     saved = saved_settings(out, "online") or {}
-    keep = bool(saved) and all(first_difference(k, saved.get(k), settings[k]) is None for k in GENERATE_FIELDS)
+    keep = bool(saved) and all(first_difference(k, saved.get(k), settings.get(k)) is None for k in GENERATE_FIELDS)
     for folder in sorted(out.glob("round-*")) if out.is_dir() else []:
         if keep and folder.name == "round-00":
             for entry in folder.iterdir():  # round 0's candidates are kept (its generation is unchanged)

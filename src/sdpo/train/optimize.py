@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -25,14 +25,14 @@ from sdpo.train.augment import augment_batch
 from sdpo.train.checkpoint import NonFiniteWeightsError, latest_checkpoint, save_run
 from sdpo.train.log import warn
 from sdpo.train.metrics import BAD_STEPS_NAME
-from sdpo.train.run import StepOutcome, TrainingRun
+from sdpo.train.run import MicroStep, PairDataset, StepOutcome, TrainingRun
 from sdpo.train.sharding import clip_gradients
 from sdpo.train.step import draw_for_pairs, preference_step
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["TrainingDivergedError", "account_for", "optimizer_step", "skip_reason"]
+__all__ = ["TrainingDivergedError", "account_for", "optimizer_step", "pair_micro_step", "skip_reason"]
 
 
 class TrainingDivergedError(InputError):
@@ -47,20 +47,14 @@ def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
         raise RuntimeError("an optimizer step needs the run's pairs; this run was built without a dataset")
     metrics, rows_seen, timesteps_seen = [], [], []
     finite, max_loss, grad_norm, skipped = True, 0.0, None, None
+    # The objective's micro-step: a dataset that brings its own (GRPO's trajectories), else the preference step.
+    forward = getattr(dataset, "micro_step", None) or pair_micro_step
     for micro in range(config.gradient_accumulation_steps):
         micro_step = step * config.gradient_accumulation_steps + micro
         rows, positions = order.indices(micro_step)
-        # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
-        batch = collate_pairs([dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
-        pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
-        batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
-        # The batch's own shape: a bucketed cache's batches differ in size from one micro-step to the next.
-        draws = draw_for_pairs(positions, micro_step, config.seed, tuple(batch.chosen.shape[1:]),
-                               run.spec.schedule.num_timesteps,
-                               config.t_min, config.t_max, config.method.estimator == "sampled")
         with accelerator.accumulate(run.model), accelerator.autocast():
-            result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference, pair_weights)
-            loss = result.output.loss
+            result = forward(run, rows, positions, micro_step)
+            loss = result.loss
             finite = finite and bool(torch.isfinite(loss))
             max_loss = max(max_loss, float(loss.detach()) if finite else math.inf)
             accelerator.backward(loss)  # even a non-finite one: DDP's backward is collective
@@ -73,13 +67,29 @@ def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
                 if skipped is None and run.ema is not None:  # a skipped step left the weights alone
                     run.ema.step(run.params)
                 run.optimizer.zero_grad(set_to_none=True)
-        metrics.append(({k: v.item() for k, v in result.output.metrics.items()}, result.timesteps,
-                        result.raw_weights))
+        metrics.append((result.metrics, result.timesteps, result.raw_weights))
         rows_seen.append(rows)
-        timesteps_seen.append(draws.timesteps)
+        timesteps_seen.append(result.drawn)
     norm = math.nan if grad_norm is None else float(grad_norm)
     return StepOutcome(metrics=metrics, grad_norm=norm, skipped=skipped, rows=torch.cat(rows_seen),
                         timesteps=torch.cat(timesteps_seen), max_loss=max_loss)
+
+
+def pair_micro_step(run: TrainingRun, rows: Tensor, positions: Tensor, micro_step: int) -> MicroStep:
+    """The preference objectives' micro-step: collate and augment the pairs, draw, ``preference_step``."""
+    config, accelerator = run.config, run.accelerator
+    dataset = cast(PairDataset, run.dataset)  # the dispatch sends only pair datasets here
+    # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
+    batch = collate_pairs([dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
+    pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
+    batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
+    # The batch's own shape: a bucketed cache's batches differ in size from one micro-step to the next.
+    draws = draw_for_pairs(positions, micro_step, config.seed, tuple(batch.chosen.shape[1:]),
+                           run.spec.schedule.num_timesteps,
+                           config.t_min, config.t_max, config.method.estimator == "sampled")
+    result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference, pair_weights)
+    return MicroStep(loss=result.output.loss, metrics={k: v.item() for k, v in result.output.metrics.items()},
+                     timesteps=result.timesteps, raw_weights=result.raw_weights, drawn=draws.timesteps)
 
 
 def skip_reason(accelerator: Accelerator, finite_loss: bool, grad_norm: Tensor | None) -> str | None:

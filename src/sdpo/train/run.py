@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
     from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["PairDataset", "ResumePoint", "StepOutcome", "TrainingRun", "final_model"]
+__all__ = ["MicroStep", "ObjectiveDataset", "PairDataset", "ResumePoint", "StepOutcome", "TrainingData",
+           "TrainingRun", "final_model"]
 
 
 class PairDataset(Protocol):
@@ -40,6 +41,37 @@ class PairDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Pair: ...
+
+
+@dataclass
+class MicroStep:
+    """What one micro-batch's forward gave the optimizer step, whatever the objective."""
+
+    loss: Tensor
+    """The scalar loss to back-propagate."""
+    metrics: dict[str, float]
+    """Scalar metrics to log."""
+    timesteps: Tensor
+    """Schedule timestep index per member (what the log buckets by), integer (M,)."""
+    raw_weights: Tensor
+    """Per member: the importance weight (preference objectives) or the ratio to the sampling policy (GRPO), (M,)."""
+    drawn: Tensor
+    """Per dataset row of the micro-batch: its timestep (what ``bad_steps.jsonl`` names), (B,)."""
+
+
+class ObjectiveDataset(Protocol):
+    """A dataset that brings its own objective's micro-step (e.g. GRPO's trajectories); a plain
+    ``PairDataset`` is trained by the preference step."""
+
+    def __len__(self) -> int: ...
+
+    def micro_step(self, run: TrainingRun, rows: Tensor, positions: Tensor, micro_step: int) -> MicroStep:
+        """Forward the rows ``rows`` (dataset indices; ``positions`` in the global batch) under ``run.model``."""
+        ...
+
+
+TrainingData = PairDataset | ObjectiveDataset
+"""What a run trains on: pairs, or a dataset with its own objective's micro-step."""
 
 
 @dataclass
@@ -63,8 +95,8 @@ class TrainingRun:
     config: TrainConfig
     accelerator: Accelerator
     spec: ModelSpec
-    dataset: PairDataset | None
-    """The cached pairs; None when the run only exports (it resumes at ``max_steps``)."""
+    dataset: TrainingData | None
+    """The cached pairs (or an objective's own dataset); None when the run only exports (it resumes at ``max_steps``)."""
     model: nn.Module
     """The trained denoiser, wrapped by ``accelerator.prepare``."""
     optimizer: torch.optim.Optimizer

@@ -40,7 +40,7 @@ from sdpo.train.metrics import BAD_STEPS_NAME
 from sdpo.train.order import batch_order
 from sdpo.train.pair_weights import PairWeights
 from sdpo.train.resume_policy import check_resume
-from sdpo.train.run import PairDataset, ResumePoint, TrainingRun
+from sdpo.train.run import PairDataset, ResumePoint, TrainingData, TrainingRun
 from sdpo.train.sharding import (
     enable_gradient_checkpointing,
     parameters_are_sharded,
@@ -182,7 +182,7 @@ def open_cache(config: TrainConfig) -> PairDataset:
     return dataset
 
 
-def prepare_run(config: TrainConfig, spec: ModelSpec | None, dataset: PairDataset | None, accelerator: Accelerator,
+def prepare_run(config: TrainConfig, spec: ModelSpec | None, dataset: TrainingData | None, accelerator: Accelerator,
                 output_dir: Path, start: ResumePoint) -> TrainingRun:
     """A run ready to step: the data checks that need no model, then ``build_run``, then the batch order."""
     # Before the model loads: a cache without the gaps pair_weighting needs is a one-line error.
@@ -198,7 +198,7 @@ def prepare_run(config: TrainConfig, spec: ModelSpec | None, dataset: PairDatase
     return run
 
 
-def build_run(config: TrainConfig, spec: ModelSpec | None, dataset: PairDataset | None, accelerator: Accelerator,
+def build_run(config: TrainConfig, spec: ModelSpec | None, dataset: TrainingData | None, accelerator: Accelerator,
               output_dir: Path, start: ResumePoint) -> TrainingRun:
     """Load the model (if not given), add the adapters, prepare optimizer and schedule, load the checkpoint."""
     from diffusers.optimization import get_scheduler

@@ -40,7 +40,7 @@ from sdpo.train.metrics import LoggedRow, MetricsLog, read_history
 from sdpo.train.optimize import TrainingDivergedError, account_for, optimizer_step
 from sdpo.train.order import GlobalBatchOrder
 from sdpo.train.preemption import StopRequests
-from sdpo.train.run import PairDataset, TrainingRun, final_model
+from sdpo.train.run import TrainingData, TrainingRun, final_model
 from sdpo.train.setup import (
     already_finished,
     cast_frozen,
@@ -76,7 +76,7 @@ class TrainResult:
 def train(
     config: TrainConfig,
     spec: ModelSpec | None = None,
-    dataset: PairDataset | None = None,
+    dataset: TrainingData | None = None,
     resume: str | None = None,
     progress: bool = True,
     on_log: Callable[[int, dict[str, float], nn.Module], None] | None = None,
