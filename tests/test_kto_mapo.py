@@ -88,7 +88,7 @@ def test_mapo_matches_a_hand_computation():
     def score(e):
         return a * e / math.expm1(a * e)
 
-    margins = [scale * (score(w) - score(l)) for w, l in zip([0.10, 0.30], [0.20, 0.25], strict=True)]
+    margins = [scale * (score(win) - score(lose)) for win, lose in zip([0.10, 0.30], [0.20, 0.25], strict=True)]
     margin_term = -sum(math.log(_sigmoid(m)) for m in margins) / 2
     expected = (0.10 + 0.30) / 2 + beta * margin_term
     out = mapo_loss(ew, el, beta, a, scale)

@@ -4,19 +4,20 @@
 and updates, unless a loss or the gradient norm is NaN / inf on any process: then every process skips
 the update (``skip_reason``). ``account_for`` counts a skipped step, logs its pairs and timesteps to
 ``bad_steps.jsonl``, and after ``max_bad_steps`` in a row checkpoints the last good weights and stops
-with ``TrainingDivergedError``. Both work on any objective that ``preference_step`` computes.
+with ``TrainingDivergedError``. Both work on any objective that ``preference_step`` (pairs) or ``sample_step`` (Diffusion-KTO's labelled samples)
+computes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from sdpo.data.cache import collate_pairs
+from sdpo.data.cache import collate_pairs, collate_samples
 from sdpo.errors import InputError
 from sdpo.train.augment import augment_batch
 from sdpo.train.checkpoint import NonFiniteWeightsError, latest_checkpoint, save_run
@@ -24,7 +25,7 @@ from sdpo.train.log import warn
 from sdpo.train.metrics import BAD_STEPS_NAME
 from sdpo.train.run import StepOutcome, TrainingRun
 from sdpo.train.sharding import clip_gradients
-from sdpo.train.step import draw_for_pairs, preference_step
+from sdpo.train.step import StepResult, draw_for_pairs, preference_step, sample_step
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -47,16 +48,8 @@ def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
     for micro in range(config.gradient_accumulation_steps):
         micro_step = step * config.gradient_accumulation_steps + micro
         rows, positions = order.indices(micro_step)
-        # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
-        batch = collate_pairs([dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
-        pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
-        batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
-        # The batch's own shape: a bucketed cache's batches differ in size from one micro-step to the next.
-        draws = draw_for_pairs(positions, micro_step, config.seed, tuple(batch.chosen.shape[1:]),
-                               run.spec.schedule.num_timesteps,
-                               config.t_min, config.t_max, config.method.estimator == "sampled")
         with accelerator.accumulate(run.model), accelerator.autocast():
-            result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference, pair_weights)
+            result = _micro_step(run, rows, positions, micro_step)
             loss = result.output.loss
             finite = finite and bool(torch.isfinite(loss))
             max_loss = max(max_loss, float(loss.detach()) if finite else math.inf)
@@ -73,10 +66,32 @@ def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
         metrics.append(({k: v.item() for k, v in result.output.metrics.items()}, result.timesteps,
                         result.raw_weights))
         rows_seen.append(rows)
-        timesteps_seen.append(draws.timesteps)
+        timesteps_seen.append(result.timesteps[: len(rows)].cpu())  # one per pair (its members share it) or sample
     norm = math.nan if grad_norm is None else float(grad_norm)
     return StepOutcome(metrics=metrics, grad_norm=norm, skipped=skipped, rows=torch.cat(rows_seen),
                         timesteps=torch.cat(timesteps_seen), max_loss=max_loss)
+
+
+def _micro_step(run: TrainingRun, rows: Tensor, positions: Tensor, micro_step: int) -> StepResult:
+    """The loss of one micro-batch: a preference step on pairs, or a KTO step on labelled samples."""
+    config, dataset, device = run.config, run.dataset, run.accelerator.device
+    assert dataset is not None
+    items: list[Any] = [dataset[int(i)] for i in rows]  # Pair, or Sample for a samples cache
+    estimator_noise = config.method.estimator == "sampled"
+    num_timesteps = run.spec.schedule.num_timesteps
+    if config.method.unpaired:  # one latent per row: one timestep and noise each, no augmentation
+        samples = collate_samples(items).to(device, run.weight_dtype)
+        draws = draw_for_pairs(positions, micro_step, config.seed, tuple(samples.latents.shape[1:]), num_timesteps,
+                               config.t_min, config.t_max, estimator_noise)
+        return sample_step(run.spec, run.model, samples, draws, config.method, run.reference)
+    # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
+    batch = collate_pairs(items).to(device, run.weight_dtype)
+    pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
+    batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
+    # The batch's own shape: a bucketed cache's batches differ in size from one micro-step to the next.
+    draws = draw_for_pairs(positions, micro_step, config.seed, tuple(batch.chosen.shape[1:]), num_timesteps,
+                           config.t_min, config.t_max, estimator_noise)
+    return preference_step(run.spec, run.model, batch, draws, config.method, run.reference, pair_weights)
 
 
 def skip_reason(accelerator: Accelerator, finite_loss: bool, grad_norm: Tensor | None) -> str | None:
