@@ -166,12 +166,14 @@ def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, caps
     results = json.loads((out / "speed.json").read_text())
     row = results["rows"][0]
     medians = row["median_s"]
-    assert set(medians) == {"sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo"} and all(v > 0 for v in medians.values())
+    assert set(medians) == {"sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo", "kto", "mapo"}
+    assert all(v > 0 for v in medians.values())
+    assert row["ratios"]["mapo/diffusion-dpo"] == pytest.approx(medians["mapo"] / medians["diffusion-dpo"])
     assert row["ratios"]["sdpo/diffusion-dpo"] == pytest.approx(medians["sdpo"] / medians["diffusion-dpo"])
     # A preference step runs twice the samples plus a reference pass: it cannot be cheaper than SFT,
     # even on the same 2B samples.
     assert row["ratios"]["diffusion-dpo/sft"] > row["ratios"]["diffusion-dpo/sft-pairs"] > 1.0
-    assert set(row["meets_targets"]) == {"sdpo/diffusion-dpo", "diffusion-dpo/sft-pairs"}
+    assert set(row["meets_targets"]) == {"sdpo/diffusion-dpo", "diffusion-dpo/sft-pairs", "mapo/diffusion-dpo"}
 
 
 def test_step_memory_is_measured_in_a_fresh_process(tmp_path):
