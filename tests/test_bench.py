@@ -75,6 +75,9 @@ def test_bench_methods_quick_writes_every_arm_condition_and_figure(quick_bench, 
         assert 0.0 <= rows["sdpo@2000"]["masked_share"]["mean"] <= 1.0
         assert rows["dpo-cm@200"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@200"
         assert rows["dpo+sft@2000"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@2000"
+        # MaPO's own beta grid is compared position by position; KTO's is the DPO grid.
+        assert rows["mapo@0.01"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@200"
+        assert rows["kto@2000"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@2000"
     # The cells' evaluation samples are exported for outside scorers.
     assert (out / "cells" / "on-policy" / "seed-1" / "evaluation" / "eval_samples.safetensors").is_file()
     for name in ("table.md", "reward_vs_beta.png", "reward_over_steps.png"):
@@ -106,6 +109,8 @@ def test_bench_methods_resumes_a_finished_sweep_and_refuses_other_settings(quick
     (["--set", "variants=[sdpo:nonsense=1]"], "nonsense"),
     (["--set", "colour=blue"], "--set colour: not a bench setting"),
     (["--world", "image", "--set", "conditions=[sideways]"], "unknown condition 'sideways'"),
+    (["--methods", "kto", "mapo"], "methods must include diffusion-dpo"),
+    (["--methods", "diffusion-dpo", "mapo", "--set", "mapo_betas=[0.1]"], "one value per beta"),
 ])
 def test_bench_methods_rejects_bad_settings_in_one_line(tmp_path, capsys, args, message):
     assert main(["bench", "methods", "--quick", "--out", str(tmp_path / "x"), *args]) == 2
