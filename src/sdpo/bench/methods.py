@@ -192,7 +192,9 @@ def _train_config(config: BenchConfig, arm: Arm, seed: int, steps: int, cache: P
         family="toy" if config.world == "image" else "toy-video", cache_dir=str(cache), output_dir=str(out),
         method=arm.method_config(config.num_inference_steps), lora_rank=config.lora_rank,
         learning_rate=config.learning_rate, lr_schedule="constant_with_warmup",
-        lr_warmup_steps=min(20, config.steps // 10), max_steps=steps, train_batch_size=config.batch_size,
+        lr_warmup_steps=min(20, config.steps // 10), max_steps=steps,
+        # KTO takes the pairs' 2B members as samples: the same latents through the networks per step and epoch.
+        train_batch_size=config.batch_size * (2 if arm.method_config(config.num_inference_steps).unpaired else 1),
         log_every=1, seed=seed, report_to="none", checkpoint_every=steps if keep_checkpoint else 0)
 
 
