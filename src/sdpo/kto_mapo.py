@@ -1,4 +1,4 @@
-"""The Diffusion-KTO and MaPO losses on per-sample diffusion errors (docs/concepts/methods.md). Imports only torch.
+"""The Diffusion-KTO and MaPO losses on per-sample diffusion errors (docs/concepts/kto-mapo.md). Imports only torch.
 
 Diffusion-KTO (Li et al. 2024, arXiv 2404.04465) learns from per-sample labels, desirable or
 undesirable, with no pairing. Its implicit reward of one sample is the policy-vs-reference gap of the
