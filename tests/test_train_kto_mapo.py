@@ -112,3 +112,19 @@ def test_threshold_strategy_labels_each_candidate_against_the_threshold(world, t
     assert "unpaired" in capsys.readouterr().out
     assert main(["pairs", str(candidates), "--strategy", "threshold", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_manifest_kind_is_written_for_samples_only_and_checked(samples_cache, world, tmp_path):
+    import shutil
+
+    from sdpo.data import read_manifest
+
+    assert "kind" not in read_manifest(world[1])  # a pair cache's manifest is as before
+    broken = tmp_path / "cache"
+    shutil.copytree(samples_cache[0], broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    for change, message in (({"kind": "triples"}, "'kind' must be one of"),
+                            ({"latent_std": True}, "stores no latent std")):
+        (broken / "manifest.json").write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(CacheError, match=message):
+            read_manifest(broken)
