@@ -245,7 +245,7 @@ def test_the_readme_video_sweep_command_builds_the_config_it_describes():
     typed = re.search(r"`(sdpo bench methods --world video.*?long_steps=0)`", readme, re.S).group(1)
     words = shlex.split(typed.replace("\n", " "))[1:]
     args = build_parser().parse_args(["--quiet", *words])
-    config = bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench")
+    config = bench_config(args, BenchConfig, ("world", "seeds", "steps", "out", "methods"), "bench")
     assert (config.world, config.seeds, config.long_steps) == ("video", 3, 0)
     assert config.conditions == ("on-policy", "off-policy-far") and config.betas == (2000,)
     assert [arm.label for arm in config.arms()] == ["diffusion-dpo@2000", "dpo-cm@2000", "sdpo@2000", "dpo+sft@2000"]
