@@ -75,6 +75,9 @@ def test_bench_methods_quick_writes_every_arm_condition_and_figure(quick_bench, 
         assert 0.0 <= rows["sdpo@2000"]["masked_share"]["mean"] <= 1.0
         assert rows["dpo-cm@200"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@200"
         assert rows["dpo+sft@2000"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@2000"
+        # MaPO's own beta grid is compared position by position; KTO's is the DPO grid.
+        assert rows["mapo@0.01"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@200"
+        assert rows["kto@2000"]["digits"]["versus_diffusion_dpo"]["against"] == "diffusion-dpo@2000"
     # The cells' evaluation samples are exported for outside scorers.
     assert (out / "cells" / "on-policy" / "seed-1" / "evaluation" / "eval_samples.safetensors").is_file()
     for name in ("table.md", "reward_vs_beta.png", "reward_over_steps.png"):
@@ -106,6 +109,8 @@ def test_bench_methods_resumes_a_finished_sweep_and_refuses_other_settings(quick
     (["--set", "variants=[sdpo:nonsense=1]"], "nonsense"),
     (["--set", "colour=blue"], "--set colour: not a bench setting"),
     (["--world", "image", "--set", "conditions=[sideways]"], "unknown condition 'sideways'"),
+    (["--methods", "kto", "mapo"], "methods must include diffusion-dpo"),
+    (["--methods", "diffusion-dpo", "mapo", "--set", "mapo_betas=[0.1]"], "one value per beta"),
 ])
 def test_bench_methods_rejects_bad_settings_in_one_line(tmp_path, capsys, args, message):
     assert main(["bench", "methods", "--quick", "--out", str(tmp_path / "x"), *args]) == 2
@@ -175,12 +180,14 @@ def test_bench_speed_times_sft_and_every_method_and_writes_ratios(tmp_path, caps
     results = json.loads((out / "speed.json").read_text())
     row = results["rows"][0]
     medians = row["median_s"]
-    assert set(medians) == {"sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo"} and all(v > 0 for v in medians.values())
+    assert set(medians) == {"sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo", "kto", "mapo"}
+    assert all(v > 0 for v in medians.values())
+    assert row["ratios"]["mapo/diffusion-dpo"] == pytest.approx(medians["mapo"] / medians["diffusion-dpo"])
     assert row["ratios"]["sdpo/diffusion-dpo"] == pytest.approx(medians["sdpo"] / medians["diffusion-dpo"])
     # A preference step runs twice the samples plus a reference pass: it cannot be cheaper than SFT,
     # even on the same 2B samples.
     assert row["ratios"]["diffusion-dpo/sft"] > row["ratios"]["diffusion-dpo/sft-pairs"] > 1.0
-    assert set(row["meets_targets"]) == {"sdpo/diffusion-dpo", "diffusion-dpo/sft-pairs"}
+    assert set(row["meets_targets"]) == {"sdpo/diffusion-dpo", "diffusion-dpo/sft-pairs", "mapo/diffusion-dpo"}
     # One step's FLOPs per arm, counted as it runs: both members are twice the winners' work exactly
     # (every layer is per sample), and a preference step adds the reference's forward on top.
     flops = row["flops"]
@@ -267,7 +274,7 @@ def test_the_readme_video_sweep_command_builds_the_config_it_describes():
     typed = re.search(r"`(sdpo bench methods --world video.*?long_steps=0)`", readme, re.S).group(1)
     words = shlex.split(typed.replace("\n", " "))[1:]
     args = build_parser().parse_args(["--quiet", *words])
-    config = bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench")
+    config = bench_config(args, BenchConfig, ("world", "seeds", "steps", "out", "methods"), "bench")
     assert (config.world, config.seeds, config.long_steps) == ("video", 3, 0)
     assert config.conditions == ("on-policy", "off-policy-far") and config.betas == (2000,)
     assert [arm.label for arm in config.arms()] == ["diffusion-dpo@2000", "dpo-cm@2000", "sdpo@2000", "dpo+sft@2000"]

@@ -80,7 +80,7 @@ def test_a_probe_that_runs_out_of_memory_turns_checkpointing_on(world, tmp_path,
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(checkpointing_choice, "preference_step", out_of_memory)
+    monkeypatch.setattr(checkpointing_choice, "cache_micro_step", out_of_memory)
     result = _run(world, tmp_path / "run", "auto")
     assert "gradient_checkpointing auto: on (a step without it ran out of memory)" in capfd.readouterr().err
     assert result.model.is_gradient_checkpointing and len(result.history) == 2

@@ -14,6 +14,7 @@ import pytest
 from human_world import free_port, human_world, lower_index_wins, sdpo
 
 from sdpo.cli import main
+from sdpo.data.samples import read_samples
 from sdpo.human.agreement import agreement
 from sdpo.human.answers import effective_answers, read_answers
 from sdpo.human.label import open_label_session
@@ -219,7 +220,7 @@ def test_a_restart_with_other_settings_or_a_torn_line(world, capsys) -> None:
     assert "ana.jsonl:4: invalid JSON" in capsys.readouterr().err
 
 
-def test_unpaired_labels_record_their_mode_and_make_no_pairs(world, capsys) -> None:
+def test_unpaired_labels_record_their_mode_and_make_labelled_samples_not_pairs(world, capsys) -> None:
     gen = world.fresh_gen("unpaired")
     session = open_label_session(gen, "cy", unpaired=True)
     assert len(session.items) == 12 and all(len(i.shown) == 1 for i in session.items)
@@ -230,8 +231,18 @@ def test_unpaired_labels_record_their_mode_and_make_no_pairs(world, capsys) -> N
     assert read_answers(gen / "labels" / "cy.jsonl")[0]["mode"] == "unpaired"
     with pytest.raises(ValueError, match="choice"):
         session.answers.answer(session.items[4].id, "left", "p", 0, ["x"])
-    assert main(["pairs", str(gen), "--from-labels"]) == 2
-    assert "no pairs" in capsys.readouterr().err and not (gen / "pairs.jsonl").exists()
+    assert main(["pairs", str(gen), "--from-labels"]) == 0
+    assert "1 desirable, 1 undesirable" in capsys.readouterr().out and not (gen / "pairs.jsonl").exists()
+    samples = read_samples(gen / "samples.jsonl")
+    by_media = {s.media: s.desirable for s in samples}
+    files = [(gen / item.shown[0]).resolve() for item in session.items[:2]]
+    assert by_media == {files[0]: True, files[1]: False} and all(s.score is None for s in samples)
+    # A second rater's "down" on the first candidate ties it: it is left out.
+    other = open_label_session(gen, "dee", unpaired=True)
+    other.answer({"rater": "dee", "item": session.items[0].id, "choice": "down"})
+    assert main(["pairs", str(gen), "--from-labels", "--out", str(gen / "thumbs.jsonl")]) == 0
+    assert "1 tie" in capsys.readouterr().out
+    assert [s.desirable for s in read_samples(gen / "thumbs.jsonl")] == [False]
 
 
 def test_agreement_figures_by_hand() -> None:

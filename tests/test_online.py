@@ -84,6 +84,9 @@ def test_online_config_errors_are_one_line(tmp_path: Path, capsys) -> None:
     path.write_text(yaml.safe_dump({**data, "train": {**data["train"], "lora_rank": 0}}))
     assert main(["--quiet", "online", str(path)]) == 2
     assert "warm_start needs LoRA training" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**data, "train": {**data["train"], "method": {"name": "kto"}}}))
+    assert main(["--quiet", "online", str(path)]) == 2
+    assert "trains on labelled samples, and online rounds build pairs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before any stage ran
 
 

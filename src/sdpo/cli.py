@@ -12,10 +12,11 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from sdpo.cli_helpers import DTYPES
 from sdpo.errors import USER_ERRNOS, InputError, SdpoError, describe_os_error
-from sdpo.objectives import METHODS
+from sdpo.objectives import METHODS, OWN_LOSS_METHODS
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -93,6 +94,10 @@ def _precompute(args: argparse.Namespace) -> None:
     from sdpo.models.registry import spec_class
 
     expected = media_format or spec_class(args.family).default_media_format
+    from sdpo.data import is_samples_manifest
+
+    if is_samples_manifest(args.pairs):  # labelled samples (Diffusion-KTO): a samples cache, one latent a row
+        return _precompute_samples(args, media_format)
     if expected is None:  # the family sizes media from its model folder: precompute checks them after loading
         pairs = read_pairs(args.pairs, on_bad_pair=args.on_bad_pair)
     else:  # bad lines and undecodable media, all in one report
@@ -108,6 +113,22 @@ def _precompute(args: argparse.Namespace) -> None:
     print(f"cache: {out} ({manifest['num_pairs']} pairs)")
     for bucket in manifest.get("buckets", []):
         print(f"  bucket {bucket['height']}x{bucket['width']}: {bucket['num_pairs']} pairs")
+
+
+def _precompute_samples(args: argparse.Namespace, media_format: Any) -> None:
+    from sdpo.cli_helpers import load_spec_from
+    from sdpo.data import precompute_samples, read_manifest, read_samples
+
+    if args.buckets is not None:
+        raise InputError("--buckets: a samples cache has no aspect-ratio buckets")
+    samples = read_samples(args.pairs)
+    spec = load_spec_from(args, media_format, encoders_only=True)
+    out = precompute_samples(samples, spec, args.out, batch_size=args.batch_size, progress=not args.quiet,
+                             overwrite=args.overwrite, pad_frames=args.pad_frames,
+                             extra_manifest={"samples_file": str(args.pairs)})
+    good = sum(sample.desirable for sample in samples)
+    print(f"cache: {out} ({read_manifest(out)['num_pairs']} labelled samples: {good} desirable, "
+          f"{len(samples) - good} undesirable)")
 
 
 def _print_skipped(manifest: dict, out: object, shown: int = 10) -> None:
@@ -134,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="offline end-to-end run on the embedded digits world")
-    demo.add_argument("--method", nargs="+", default=["sdpo"], choices=[*METHODS, "all"],
+    demo.add_argument("--method", nargs="+", default=["sdpo"], choices=[*(m for m in METHODS if m not in OWN_LOSS_METHODS), "all"],
                       help="method(s) to train and compare (default: sdpo; 'all' runs the three)")
     demo.add_argument("--world", choices=["image", "video"], default=DemoConfig.world,
                       help="embedded world: still 8x8 digits, or clips of a moving digit")
@@ -169,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = commands.add_parser("precompute", help="encode pairs to latents and text embeddings once")
     pre.add_argument("--family", required=True, help="sd, sdxl, cogvideox or wan")
     pre.add_argument("--pretrained", required=True, help="model folder or hub id")
-    pre.add_argument("--pairs", required=True, help="pairs.jsonl or a Pick-a-Pic parquet folder")
+    pre.add_argument("--pairs", required=True, help="pairs.jsonl, a Pick-a-Pic parquet folder, or samples.jsonl (labelled samples for kto)")
     pre.add_argument("--out", required=True, help="cache folder to create")
     pre.add_argument("--height", type=int, default=None)
     pre.add_argument("--width", type=int, default=None)

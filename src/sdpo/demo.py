@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sdpo.errors import InputError, UnwritableError
 from sdpo.folders import check_replaceable, write_marker
 from sdpo.method_presets import method_preset
-from sdpo.objectives import METHODS
+from sdpo.objectives import METHODS, OWN_LOSS_METHODS
 from sdpo.stages.evaluate import EVAL_SAMPLES_FILE, load_eval_samples, save_eval_samples
 from sdpo.toy.settings import WorldRunSettings
 from sdpo.train.config import TrainConfig
@@ -65,7 +65,9 @@ class DemoConfig(WorldRunSettings):
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
             self.methods = (self.methods,)
-        self.methods = tuple(METHODS if "all" in self.methods else self.methods)
+        # "all": the weighted-DPO family the demo compares (kto needs labelled samples, not the demo's pairs)
+        self.methods = tuple([m for m in METHODS if m not in OWN_LOSS_METHODS] if "all" in self.methods
+                             else self.methods)
         for name in self.methods:
             method_preset(name)  # raises a one-line error for an unknown method
         self.check_shared()

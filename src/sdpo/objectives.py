@@ -22,9 +22,11 @@ from torch import Tensor
 
 from sdpo.importance import ESTIMATORS, Estimator
 
-MethodName = Literal["diffusion-dpo", "dpo-cm", "sdpo"]
-"""The method presets (``MethodConfig.name``)."""
+MethodName = Literal["diffusion-dpo", "dpo-cm", "sdpo", "kto", "mapo"]
+"""The method presets (``MethodConfig.name``): the weighted-DPO family, Diffusion-KTO and MaPO."""
 METHODS: tuple[MethodName, ...] = get_args(MethodName)
+OWN_LOSS_METHODS: tuple[MethodName, ...] = ("kto", "mapo")
+"""Methods with their own loss (``sdpo.kto_mapo``): importance weights are logged, never applied."""
 
 
 # --------------------------------------------------------------------- weight transforms
@@ -52,12 +54,16 @@ class MethodConfig:
     """How the pair-member weights W are built, and the objective's temperature."""
 
     name: MethodName = "sdpo"
-    """Preset this configuration started from: "diffusion-dpo", "dpo-cm" or "sdpo"."""
+    """Preset this configuration started from: "diffusion-dpo", "dpo-cm", "sdpo", "kto" (Diffusion-KTO,
+    per-sample labels) or "mapo" (MaPO, pairs, no reference)."""
 
     beta: float = 1000.0
     """Temperature of the objective, in the -(beta/2) convention of the official Diffusion-DPO code
     (diffusers' SD1.5 example omits the 1/2: its beta_dpo = b is beta = 2b here). Errors are
-    per-element means, so beta scales with 1 / (typical error gap)."""
+    per-element means, so beta scales with 1 / (typical error gap). For "kto": the temperature on one
+    sample's gap, sigmoid(beta * (r - z_ref)) with no 1/2 (the paper's code, default 1000); a pair whose
+    members move by +-d gets logit beta*d under both. For "mapo": the weight of the margin term against
+    the winners' SFT term (the paper's beta, 0.1), not a temperature."""
 
     estimator: Estimator = "expected"
     """Importance-weight estimator: "expected" (closed form, w <= 1), "sampled" (one draw of x_s,
@@ -89,6 +95,31 @@ class MethodConfig:
     ``sdpo``): each pair's loser term is scaled by ``safeguard_scale`` so that, to first order, the step
     does not raise the winner's error."""
 
+    kto_desirable_weight: float = 1.0
+    """lambda_D of Diffusion-KTO: the weight of a desirable sample's loss (the paper's default 1)."""
+
+    kto_undesirable_weight: float = 1.0
+    """lambda_U of Diffusion-KTO: the weight of an undesirable sample's loss (the paper's default 1). KTO
+    advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the labels are unbalanced."""
+
+    mapo_snr: float = 0.5
+    """MaPO's ``a`` in the likelihood proxy exp(-a * err) behind its score a err / (exp(a err) - 1) (the
+    official code's snr_value, 0.5)."""
+
+    mapo_margin_scale: float | None = None
+    """MaPO's factor T on the score difference inside log sigmoid, or None for the model's number of
+    training timesteps (the official code's choice, 1000 for SD)."""
+
+    @property
+    def needs_reference(self) -> bool:
+        """False for a reference-free method (MaPO): the step runs no reference forward."""
+        return self.name != "mapo"
+
+    @property
+    def unpaired(self) -> bool:
+        """True for a method that trains on labelled samples, not pairs (Diffusion-KTO)."""
+        return self.name == "kto"
+
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
@@ -116,6 +147,26 @@ class MethodConfig:
             raise ValueError(f"sft_weight must be a finite number >= 0, got {self.sft_weight!r}")
         if not isinstance(self.safeguard, bool):
             raise ValueError(f"safeguard must be true or false, got {self.safeguard!r}")
+        self._check_own_loss_settings()
+
+    def _check_own_loss_settings(self) -> None:
+        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.mapo_snr, (int, float)) and math.isfinite(self.mapo_snr) and self.mapo_snr > 0):
+            raise ValueError(f"mapo_snr must be a positive finite number, got {self.mapo_snr!r}")
+        scale = self.mapo_margin_scale
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"mapo_margin_scale must be a positive finite number or null, got {scale!r}")
+        if self.name not in OWN_LOSS_METHODS:
+            return
+        if self.use_weights or self.safeguard or self.sft_weight:
+            raise ValueError(f"method {self.name} has its own loss: use_weights, safeguard and sft_weight apply to "
+                             "the DPO-family methods only (set use_weights=false, safeguard=false, sft_weight=0)")
+        if self.name == "mapo" and self.estimator == "relative":
+            raise ValueError('method mapo runs no reference, and the "relative" estimator needs one: '
+                             'use estimator "expected" or "sampled"')
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MethodConfig:
@@ -147,6 +198,10 @@ PRESETS: dict[str, MethodConfig] = {
     "diffusion-dpo": MethodConfig(name="diffusion-dpo", use_weights=False),
     "dpo-cm": MethodConfig(name="dpo-cm", estimator="expected", mask_threshold=0.9, clip=(0.9, 1.1)),
     "sdpo": MethodConfig(name="sdpo", estimator="expected", clip=(0.0, 1.1)),
+    # Diffusion-KTO's official code: beta 1000, lambda_D = lambda_U = 1.
+    "kto": MethodConfig(name="kto", beta=1000.0, use_weights=False),
+    # MaPO's official code: beta 0.1, snr 0.5, T = the training timesteps.
+    "mapo": MethodConfig(name="mapo", beta=0.1, use_weights=False),
 }
 
 

@@ -43,7 +43,7 @@ def bench_config(args: argparse.Namespace, cls: Any, flags: tuple[str, ...], wha
 def _methods(args: argparse.Namespace) -> None:
     from sdpo.bench.methods import BenchConfig, run_bench
 
-    out = run_bench(bench_config(args, BenchConfig, ("world", "seeds", "steps", "out"), "bench"))
+    out = run_bench(bench_config(args, BenchConfig, ("world", "seeds", "steps", "out", "methods"), "bench"))
     print(f"bench: {out / 'table.md'} (results.json, reward_vs_beta.png, reward_over_steps.png)")
 
 
@@ -86,6 +86,7 @@ def _world_bench_flags(parser: argparse.ArgumentParser, quick: str, out: str, se
 def add_bench_commands(commands: Any) -> None:
     """Add `bench methods`, `bench online` and `bench speed` to the `sdpo` subcommands."""
     from sdpo.bench.speed import MODELS, SpeedConfig
+    from sdpo.objectives import METHODS
 
     bench = commands.add_parser("bench", help="measure the methods against each other: results and speed")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -97,6 +98,9 @@ def add_bench_commands(commands: Any) -> None:
     methods.add_argument("--world", choices=["image", "video"], default=None)
     methods.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 5)")
     methods.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 100)")
+    methods.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                         help="the methods trained at every beta (default all; diffusion-dpo is always needed), e.g. "
+                              "--methods diffusion-dpo kto mapo --set baselines=[] variants=[] long_steps=0")
     methods.set_defaults(func=_methods)
 
     online = kinds.add_parser("online", help="offline pairs from the base vs online rounds from the current policy, "

@@ -39,6 +39,11 @@ def weak_overrides(base_overrides: dict[str, Any], base_steps: int, base_seed: i
             "seed": base_seed + 1}
 
 
+def samples_cache_of(cache: Path) -> Path:
+    """Where ``condition_cache(..., samples=True)`` puts the labelled-samples cache beside the pairs cache."""
+    return cache.with_name(cache.name + "-samples")
+
+
 def condition_cache(
     condition: str,
     generators: dict[str, Path],
@@ -51,8 +56,13 @@ def condition_cache(
     num_inference_steps: int,
     batch_size: int,
     progress: bool,
+    samples: bool = False,
 ) -> Path:
-    """The precompute cache of one condition's pairs (built under ``folder``, reused when complete)."""
+    """The precompute cache of one condition's pairs (built under ``folder``, reused when complete).
+
+    ``samples``: also a samples cache (``samples_cache_of``) of the same members unpaired, for Diffusion-KTO:
+    per prompt the best 1/K of the winners' generator's candidates desirable and the worst 1/K of the
+    losers' undesirable (K candidates a prompt; K = 2 or 4: exactly the pairs' members, never paired)."""
     from sdpo.data import precompute, read_pairs
     from sdpo.models.registry import load_spec
     from sdpo.stages.generate import SamplerSettings, generate
@@ -62,7 +72,8 @@ def condition_cache(
     if condition not in CONDITIONS:
         raise InputError(f"unknown condition {condition!r}; choose one of {', '.join(CONDITIONS)}")
     cache = folder / f"cache-{condition}"
-    if (cache / "manifest.json").is_file():  # written last: the cache is complete
+    done = (cache / "manifest.json").is_file()  # written last: the cache is complete
+    if done and (not samples or (samples_cache_of(cache) / "manifest.json").is_file()):
         return cache
     video = world.family == "toy-video"
     sampler = SamplerSettings(num_inference_steps, world.guidance_scale)
@@ -75,10 +86,28 @@ def condition_cache(
         score(out, [world.reward()], batch_size=batch_size, progress=progress)
         candidates[role] = out
     winners, losers = CONDITIONS[condition]
+    spec = load_spec(world.family, generators["base"])
+    if samples:
+        _samples_cache(candidates[winners], candidates[losers], folder / f"samples-{condition}.jsonl",
+                       samples_cache_of(cache), spec, per_prompt, video, batch_size, progress)
+    if done:
+        return cache
     pairs = folder / f"pairs-{condition}.jsonl"
     if winners == losers:
         build_pairs(candidates[winners], "best-worst", frames=video, out=pairs)
     else:
         build_cross_pairs(candidates[winners], candidates[losers], pairs, frames=video)
-    return precompute(read_pairs(pairs), load_spec(world.family, generators["base"]), cache,
-                      batch_size=batch_size, progress=progress, overwrite=True)
+    return precompute(read_pairs(pairs), spec, cache, batch_size=batch_size, progress=progress, overwrite=True)
+
+
+def _samples_cache(winners: Path, losers: Path, manifest: Path, cache: Path, spec: Any, per_prompt: int, video: bool,
+                   batch_size: int, progress: bool) -> None:
+    from sdpo.data import precompute_samples, read_samples
+    from sdpo.stages.samples import build_cross_samples, build_samples
+
+    share = 1 / per_prompt
+    if winners == losers:
+        build_samples(winners, "quantile", quantile=min(0.5, share), out=manifest, frames=video)
+    else:
+        build_cross_samples(winners, losers, manifest, quantile=min(0.5, share), frames=video)
+    precompute_samples(read_samples(manifest), spec, cache, batch_size=batch_size, progress=progress, overwrite=True)

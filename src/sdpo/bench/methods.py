@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdpo.bench.conditions import CONDITIONS, condition_cache, weak_overrides
+from sdpo.bench.conditions import CONDITIONS, condition_cache, samples_cache_of, weak_overrides
 from sdpo.bench.report import write_report
 from sdpo.errors import InputError
 from sdpo.method_presets import method_preset
-from sdpo.objectives import METHODS, MethodConfig, MethodName
+from sdpo.objectives import METHODS, OWN_LOSS_METHODS, MethodConfig, MethodName
 from sdpo.toy.pretraining import PretrainedWorld
 from sdpo.toy.settings import WorldRunSettings
 from sdpo.toy.world import World
@@ -94,9 +94,14 @@ class BenchConfig(WorldRunSettings):
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     """Data conditions (sdpo.bench.conditions.CONDITIONS)."""
     methods: tuple[MethodName, ...] = METHODS
-    """Methods trained at every beta of ``betas``."""
+    """Methods trained at every beta of ``betas`` (MaPO: of ``mapo_betas``). Diffusion-KTO trains on the same
+    members as the pairs, unpaired (``condition_cache(..., samples=True)``)."""
     betas: tuple[float, ...] = (200.0, 2000.0, 20000.0)
-    """The beta grid of the methods (the robustness picture; one value gives no picture)."""
+    """The beta grid of the methods (the robustness picture; one value gives no picture). Diffusion-KTO's beta
+    is on the same scale (a member whose error moves by d gets logit beta*d under both)."""
+    mapo_betas: tuple[float, ...] = (0.01, 0.1, 1.0)
+    """MaPO's grid: its beta weighs the margin term against the SFT term (the paper's 0.1 in the middle), 100x
+    across as ``betas``; each is compared with Diffusion-DPO at the ``betas`` value in the same position."""
     default_beta: float = 2000.0
     """The beta of the baselines, the variants and the long-training arm."""
     baselines: tuple[str, ...] = tuple(BASELINES)
@@ -122,6 +127,10 @@ class BenchConfig(WorldRunSettings):
         self.check_shared()
         self.conditions, self.methods = tuple(self.conditions), tuple(self.methods)
         self.betas, self.baselines, self.variants = tuple(self.betas), tuple(self.baselines), tuple(self.variants)
+        self.mapo_betas = tuple(self.mapo_betas)
+        if "mapo" in self.methods and len(self.mapo_betas) != len(self.betas):
+            raise InputError(f"mapo_betas {list(self.mapo_betas)} must have one value per beta {list(self.betas)}: "
+                             "each is compared with Diffusion-DPO at the beta in its position")
         for name in self.conditions:
             if name not in CONDITIONS:
                 raise InputError(f"unknown condition {name!r}; choose one of {', '.join(CONDITIONS)}")
@@ -147,15 +156,25 @@ class BenchConfig(WorldRunSettings):
     def quick(cls, **overrides: Any) -> BenchConfig:
         """The test-sized sweep: two conditions, two betas, two seeds, a few steps (about 2 minutes)."""
         settings: dict[str, Any] = dict(
-            conditions=("on-policy", "off-policy-far"), betas=(200.0, 2000.0), variants=("sdpo:normalize=true",), seeds=2, steps=6,
+            conditions=("on-policy", "off-policy-far"), betas=(200.0, 2000.0), mapo_betas=(0.01, 0.1),
+            variants=("sdpo:normalize=true",), seeds=2, steps=6,
             long_steps=8, long_every=4, long_seeds=1, pairs_per_digit=2, eval_per_digit=2, batch_size=4,
             num_inference_steps=4, samples_per_prompt=2)
         settings.update(overrides)
         return cls(**settings)
 
+    def method_betas(self, method: str) -> tuple[float, ...]:
+        """The beta grid ``method`` is trained at (``mapo_betas`` for MaPO, else ``betas``)."""
+        return self.mapo_betas if method == "mapo" else self.betas
+
+    def versus(self) -> dict[str, str]:
+        """Each method arm -> the Diffusion-DPO arm it is compared with (same beta; MaPO: same grid position)."""
+        return {f"{method}@{beta:g}": f"diffusion-dpo@{dpo:g}" for method in self.methods
+                for beta, dpo in zip(self.method_betas(method), self.betas, strict=True)}
+
     def arms(self) -> list[Arm]:
         """Every arm of a cell: the methods at each beta, then baselines and variants at the default beta."""
-        arms = [Arm(method, method, beta) for method in self.methods for beta in self.betas]
+        arms = [Arm(method, method, beta) for method in self.methods for beta in self.method_betas(method)]
         for name in self.baselines:
             settings = (("sft_weight", self.default_beta / 4),) if name == "dpo+sft" else (("safeguard", True),)
             arms.append(Arm(name, "diffusion-dpo", self.default_beta, settings))
@@ -173,7 +192,9 @@ def _train_config(config: BenchConfig, arm: Arm, seed: int, steps: int, cache: P
         family="toy" if config.world == "image" else "toy-video", cache_dir=str(cache), output_dir=str(out),
         method=arm.method_config(config.num_inference_steps), lora_rank=config.lora_rank,
         learning_rate=config.learning_rate, lr_schedule="constant_with_warmup",
-        lr_warmup_steps=min(20, config.steps // 10), max_steps=steps, train_batch_size=config.batch_size,
+        lr_warmup_steps=min(20, config.steps // 10), max_steps=steps,
+        # KTO takes the pairs' 2B members as samples: the same latents through the networks per step and epoch.
+        train_batch_size=config.batch_size * (2 if arm.method_config(config.num_inference_steps).unpaired else 1),
         log_every=1, seed=seed, report_to="none", checkpoint_every=steps if keep_checkpoint else 0)
 
 
@@ -213,12 +234,12 @@ def sweep_context(config: Any, weak: bool = True) -> SweepContext:
     return SweepContext(config, world, generators, [world.reward(), held_out], world.real("held_out"), Path(config.out))
 
 
-def _cell_data(context: SweepContext, condition: str, seed: int) -> Path:
+def _cell_data(context: SweepContext, condition: str, seed: int, samples: bool = False) -> Path:
     config = context.config
     return condition_cache(
         condition, context.generators, context.world, context.out / "data" / f"seed-{seed}",
         prompts=context.world.prompts(config.pairs_per_digit), per_prompt=config.samples_per_prompt, seed=seed,
-        num_inference_steps=config.num_inference_steps, batch_size=512, progress=config.progress)
+        num_inference_steps=config.num_inference_steps, batch_size=512, progress=config.progress, samples=samples)
 
 
 def evaluate_cell(context: SweepContext, runs: Mapping[str, str | Path], seed: int, out: Path) -> dict[str, Any]:
@@ -237,8 +258,9 @@ def evaluate_cell(context: SweepContext, runs: Mapping[str, str | Path], seed: i
 
 
 def _run_cell(context: SweepContext, condition: str, seed: int) -> dict[str, Any]:
-    """Train every arm on one condition's pairs for one seed, evaluate them together; cached on disk."""
-    from sdpo.data import CachedPairs
+    """Train every arm on one condition's pairs (KTO: their members, unpaired) for one seed, evaluate them
+    together; cached on disk."""
+    from sdpo.data import CachedPairs, CachedSamples
     from sdpo.models.registry import load_spec
     from sdpo.train.trainer import train
 
@@ -249,13 +271,18 @@ def _run_cell(context: SweepContext, condition: str, seed: int) -> dict[str, Any
         return json.loads(done.read_text())
     shutil.rmtree(folder, ignore_errors=True)  # a cell killed half-way is redone whole
     start = time.perf_counter()
-    cache = _cell_data(context, condition, seed)
+    arms = config.arms()
+    unpaired = any(arm.method_config(config.num_inference_steps).unpaired for arm in arms)
+    cache = _cell_data(context, condition, seed, samples=unpaired)
     dataset = CachedPairs(cache)
+    samples = CachedSamples(samples_cache_of(cache)) if unpaired else None
     runs, histories = {}, {}
-    for arm in config.arms():
+    for arm in arms:
         run = folder / "runs" / arm.label
-        result = train(_train_config(config, arm, seed, config.steps, cache, run),
-                       spec=load_spec(context.world.family, context.generators["base"]), dataset=dataset,
+        kto = arm.method_config(config.num_inference_steps).unpaired
+        data, data_dir = (samples, samples_cache_of(cache)) if kto else (dataset, cache)
+        result = train(_train_config(config, arm, seed, config.steps, data_dir, run),
+                       spec=load_spec(context.world.family, context.generators["base"]), dataset=data,
                        progress=config.progress)
         runs[arm.label], histories[arm.label] = run, result.history
     evaluation = evaluate_cell(context, runs, seed, folder / "evaluation")
@@ -279,7 +306,8 @@ def _run_long(context: SweepContext, seed: int) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
     cache = _cell_data(context, config.long_condition, seed)
-    arms = [Arm(method, method, config.default_beta) for method in config.methods]
+    # The weighted-DPO family only: the long arm asks whether the weights matter later in training.
+    arms = [Arm(method, method, config.default_beta) for method in config.methods if method not in OWN_LOSS_METHODS]
     points: dict[str, Any] = {}
     for steps in range(config.long_every, config.long_steps + 1, config.long_every):
         runs = {}
@@ -335,4 +363,4 @@ def claim_folder(out: Path, config: dict[str, Any]) -> None:
 
 def config_dict(config: BenchConfig) -> dict[str, Any]:
     """The settings as JSON-ready data (what results.json records)."""
-    return {**asdict(config), "arms": [arm.label for arm in config.arms()]}
+    return {**asdict(config), "arms": [arm.label for arm in config.arms()], "versus": config.versus()}

@@ -75,6 +75,8 @@ class OnlineBenchConfig(WorldRunSettings):
         for method in self.methods:
             if method not in METHODS:
                 raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            if method == "kto":
+                raise InputError("method kto trains on labelled samples; the online rounds build pairs")
         for name in ("seeds", "rounds", "steps_per_round"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -48,6 +48,8 @@ def _arm_method(label: str) -> tuple[str, float]:
 
 def _reference_label(label: str, config: dict[str, Any]) -> str:
     """The Diffusion-DPO run an arm is paired with: same beta for the methods, the default beta otherwise."""
+    if label in config.get("versus", {}):  # a method arm: same beta (MaPO: same grid position)
+        return str(config["versus"][label])
     name, beta = _arm_method(label)
     return f"diffusion-dpo@{beta:g}" if name in config["methods"] else f"diffusion-dpo@{config['default_beta']:g}"
 
@@ -124,7 +126,8 @@ def markdown_table(config: dict[str, Any], summary: dict[str, Any], long: dict[s
              f"{config['eval_per_digit'] * 10} evaluation samples per model and seed; {wall_s / 60:.1f} min of "
              "cell work in all (base-model pretraining not counted).",
              "Gains and win rates are means over seeds with 95% t intervals; 'vs DPO' is the paired difference "
-             "in reward gain against Diffusion-DPO at the same beta, with the paired t-test p-value.", ""]
+             "in reward gain against Diffusion-DPO at the same beta (MaPO: at the beta in the same position of "
+             "the grid), with the paired t-test p-value.", ""]
     for condition, rows in summary.items():
         rewards = list(rows["base"]["mean_reward"])
         lines += [f"**{condition}** (base feature distance {rows['base']['feature_distance']['mean']:.2f})", "",
@@ -166,9 +169,13 @@ def plot_reward_vs_beta(config: dict[str, Any], summary: dict[str, Any], path: P
         rows = summary[condition]
         reward = next(iter(rows["base"]["mean_reward"]))
         for method in config["methods"]:
-            points = [(b, rows[f"{method}@{b:g}"][reward]["gain"]) for b in config["betas"]]
+            # MaPO's own grid is drawn at the Diffusion-DPO betas it is compared with.
+            grid = config.get("mapo_betas", config["betas"]) if method == "mapo" else config["betas"]
+            points = [(b, rows[f"{method}@{own:g}"][reward]["gain"]) for b, own in zip(config["betas"], grid,
+                                                                                       strict=True)]
+            name = method if method != "mapo" else f"mapo (beta {'/'.join(f'{b:g}' for b in grid)})"
             axis.errorbar([b for b, _ in points], [g["mean"] for _, g in points],
-                          yerr=[(g["high"] - g["low"]) / 2 for _, g in points], marker="o", capsize=3, label=method)
+                          yerr=[(g["high"] - g["low"]) / 2 for _, g in points], marker="o", capsize=3, label=name)
         for label, row in rows.items():
             name, beta = ("", 0.0) if label == "base" else _arm_method(label)
             if label != "base" and name not in config["methods"]:

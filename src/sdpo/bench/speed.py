@@ -3,8 +3,9 @@
 On one model and one batch, five steps are timed, interleaved round by round so that clock drift
 favours none of them: supervised fine-tuning on the winners (one policy pass on B samples), the same
 on both members of each pair (``sft-pairs``: 2B samples, what a preference step passes through the
-policy), and Diffusion-DPO, DPO-C&M and SDPO (policy and no-grad reference passes on 2B samples,
-exactly ``sdpo.train.step.preference_step`` as the trainer runs it). Each step includes backward and an
+policy), Diffusion-DPO, DPO-C&M and SDPO (policy and no-grad reference passes on 2B samples,
+exactly ``sdpo.train.step.preference_step`` as the trainer runs it), Diffusion-KTO (the 2B members as
+labelled samples, ``sample_step``: the same passes) and MaPO (``preference_step`` with no reference pass). Each step includes backward and an
 AdamW update of the LoRA adapters. Peak memory is the steps' own: on a GPU the allocator's peak
 above the memory held before the first step; on the CPU the peak of the resident set (sampled every
 0.5 ms) above what the loaded model and batch hold, in a fresh process per arm (freed heap is not
@@ -16,7 +17,8 @@ table; "-" on a CPU or an unknown GPU). Arms are the ``ARMS`` tuple: a new one n
 Targets (issue 11): sdpo / diffusion-dpo <= 1.03 (the weights reuse predictions already made) and
 diffusion-dpo / sft-pairs <= 1.40 (on the same 2B samples, the one extra no-grad reference pass is the
 floor: about 4/3, a forward against a forward and backward). Against SFT on the B winners alone the
-floor is twice that, about 8/3; that ratio is reported without a target.
+floor is twice that, about 8/3; that ratio is reported without a target. Issue 23: mapo / diffusion-dpo
+<= 0.75 (no reference pass: about 3/4 of the passes' cost, a forward less out of four units).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ if TYPE_CHECKING:
     from sdpo.data.batch import PairBatch
     from sdpo.models.base import ModelSpec
 
-ARMS = ("sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo")
-"""Step kinds, in table order; the last three are MethodConfig presets."""
+ARMS = ("sft", "sft-pairs", "diffusion-dpo", "dpo-cm", "sdpo", "kto", "mapo")
+"""Step kinds, in table order; all but the first two are MethodConfig presets (kto steps on the batch's 2B
+members as labelled samples, winners desirable: the same 2B policy and reference passes as a pair step)."""
 SFT_ARMS = frozenset({"sft", "sft-pairs"})
 """The supervised arms: on the B winners, and on both members (2B samples)."""
 
@@ -60,7 +63,8 @@ SD_TINY_FORMAT_SIZE = 64
 """Pixel size of the sd-tiny benchmark images (latents 32x32); the toy worlds use their own size."""
 
 RATIOS: dict[tuple[str, str], float | None] = {
-    ("sdpo", "diffusion-dpo"): 1.03, ("diffusion-dpo", "sft-pairs"): 1.40, ("diffusion-dpo", "sft"): None}
+    ("sdpo", "diffusion-dpo"): 1.03, ("diffusion-dpo", "sft-pairs"): 1.40, ("diffusion-dpo", "sft"): None,
+    ("mapo", "diffusion-dpo"): 0.75, ("kto", "diffusion-dpo"): None}
 """Step-time ratios reported (numerator, denominator) -> their upper bound (None: no target)."""
 
 
@@ -135,7 +139,8 @@ def _stepper(spec: Any, arm: str, batch: Any, config: SpeedConfig) -> Callable[[
     """A function doing one optimizer step of ``arm`` (draws keyed on the step) and returning its loss."""
     import peft
 
-    from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step
+    from sdpo.data.batch import SampleBatch
+    from sdpo.train.step import adapters_disabled, draw_for_pairs, preference_step, sample_step
 
     model = spec.denoiser
     model.add_adapter(peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
@@ -148,6 +153,8 @@ def _stepper(spec: Any, arm: str, batch: Any, config: SpeedConfig) -> Callable[[
     copies = 2 if arm == "sft-pairs" else 1
     x0 = torch.cat([batch.chosen, batch.rejected]) if copies == 2 else batch.chosen
     conditions = {key: torch.cat([value] * copies) for key, value in batch.conditions.items()}
+    samples = SampleBatch(torch.cat([batch.chosen, batch.rejected]), torch.arange(2 * pairs) < pairs,
+                          {key: torch.cat([value] * 2) for key, value in batch.conditions.items()})
 
     def step(number: int) -> float:
         draws = draw_for_pairs(indices, number, 0, tuple(batch.chosen.shape[1:]), schedule.num_timesteps)
@@ -159,6 +166,10 @@ def _stepper(spec: Any, arm: str, batch: Any, config: SpeedConfig) -> Callable[[
             model_t = schedule.model_timestep(t).to(device=x0.device, dtype=torch.float32)
             prediction = spec.predict(model, noisy, model_t, conditions).float()
             loss = (prediction - schedule.target(x0, noise, t)).square().mean()
+        elif method.unpaired:
+            draws = draw_for_pairs(torch.arange(2 * pairs), number, 0, tuple(batch.chosen.shape[1:]),
+                                   schedule.num_timesteps)
+            loss = sample_step(spec, model, samples, draws, method, lambda: adapters_disabled(model)).output.loss
         else:
             loss = preference_step(spec, model, batch, draws, method, lambda: adapters_disabled(model)).output.loss
         loss.backward()

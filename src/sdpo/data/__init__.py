@@ -2,7 +2,8 @@
 
 Modules: ``pairs`` (pair sets: JSONL, Pick-a-Pic parquet), ``decode`` (media to pixel tensors),
 ``checks`` (a pair set's media checked before encoding), ``buckets`` (aspect-ratio buckets),
-``batch`` (Pair, PairBatch), ``cache`` (the precompute cache package).
+``batch`` (Pair, PairBatch, Sample, SampleBatch), ``samples`` (labelled samples for Diffusion-KTO),
+``cache`` (the precompute cache package).
 """
 
 from sdpo.data.buckets import bucket_for, check_buckets, format_buckets, parse_bucket
@@ -10,6 +11,7 @@ from sdpo.data.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
     CachedPairs,
+    CachedSamples,
     CacheError,
     CacheExistsError,
     Manifest,
@@ -17,8 +19,10 @@ from sdpo.data.cache import (
     check_cache_matches,
     check_out_dir,
     collate_pairs,
+    collate_samples,
     load_manifest,
     precompute,
+    precompute_samples,
     read_manifest,
     verify_cache,
 )
@@ -52,6 +56,7 @@ from sdpo.data.pairs import (
     read_pickapic_pairs,
     write_pairs_jsonl,
 )
+from sdpo.data.samples import LabelledSample, is_samples_manifest, read_samples, write_samples_jsonl
 
 __all__ = [
     "CACHE_FORMAT",
@@ -62,6 +67,8 @@ __all__ = [
     "CacheError",
     "CacheExistsError",
     "CachedPairs",
+    "CachedSamples",
+    "LabelledSample",
     "Manifest",
     "MediaEncoder",
     "MediaRef",
@@ -78,6 +85,8 @@ __all__ = [
     "check_out_dir",
     "check_pairs",
     "collate_pairs",
+    "collate_samples",
+    "is_samples_manifest",
     "count_video_frames",
     "detect_format",
     "format_buckets",
@@ -91,13 +100,16 @@ __all__ = [
     "media_size",
     "parse_bucket",
     "precompute",
+    "precompute_samples",
     "read_checked_pairs",
     "read_jsonl_pairs",
     "read_manifest",
     "read_pairs",
+    "read_samples",
     "read_pickapic_pairs",
     "resize_center_crop",
     "sample_frame_indices",
     "verify_cache",
     "write_pairs_jsonl",
+    "write_samples_jsonl",
 ]

@@ -1,4 +1,5 @@
-"""Typed pairs: one cached pair (``Pair``) and a stacked batch of them (``PairBatch``).
+"""Typed pairs: one cached pair (``Pair``) and a stacked batch of them (``PairBatch``); labelled samples
+(``Sample``, ``SampleBatch``) for Diffusion-KTO.
 
 Latents are in the family's own layout, already normalised; conditions are the tensors the family's
 ``predict`` takes (text embeddings, masks, pooled embeddings...), keyed as in the cache.
@@ -92,4 +93,59 @@ class PairBatch:
             gaps=self.gaps,  # per-pair scalars in float64 (not every device has it): they stay on the CPU
             chosen_std=None if self.chosen_std is None else self.chosen_std.to(device),
             rejected_std=None if self.rejected_std is None else self.rejected_std.to(device),
+        )
+
+
+@dataclass
+class Sample:
+    """One labelled sample as a samples cache stores it (Diffusion-KTO's data: no pairing)."""
+
+    latents: Tensor
+    """Latents of the sample."""
+    desirable: Tensor
+    """0-d bool: True for a desirable (thumbs-up) sample, False for an undesirable one."""
+    conditions: dict[str, Tensor]
+    """Conditioning tensors of its prompt."""
+    score: Tensor | None = None
+    """The score the label came from (0-d float64), or None (a person's label)."""
+
+
+@dataclass
+class SampleBatch:
+    """B labelled samples stacked: what one Diffusion-KTO step consumes."""
+
+    latents: Tensor
+    """Latents, (B, ...)."""
+    desirable: Tensor
+    """Labels, (B,) bool."""
+    conditions: dict[str, Tensor]
+    """Conditioning tensors, each (B, ...)."""
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    @classmethod
+    def collate(cls, items: Sequence[Sample]) -> SampleBatch:
+        """Stack samples into a batch; all must share condition keys."""
+        if not items:
+            raise InputError("cannot collate an empty list of samples")
+        keys = set(items[0].conditions)
+        if any(set(item.conditions) != keys for item in items[1:]):
+            raise InputError("samples with different conditioning keys cannot be collated into one batch")
+        return cls(
+            latents=torch.stack([item.latents for item in items]),
+            desirable=torch.stack([item.desirable.to(torch.bool).reshape(()) for item in items]),
+            conditions={key: torch.stack([item.conditions[key] for item in items]) for key in items[0].conditions},
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SampleBatch:
+        """Move to ``device``; ``dtype`` casts the floating conditions only (as ``PairBatch.to``)."""
+        return SampleBatch(
+            latents=self.latents.to(device),
+            desirable=self.desirable.to(device),
+            conditions={
+                key: value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point()
+                              else value.dtype)
+                for key, value in self.conditions.items()
+            },
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+from pathlib import Path
 from typing import Any
 
 from sdpo.errors import InputError
@@ -64,7 +65,25 @@ def _rate(args: argparse.Namespace) -> None:
 
 
 def pairs_from_labels_command(args: argparse.Namespace) -> None:
-    """``sdpo pairs DIR --from-labels``."""
+    """``sdpo pairs DIR --from-labels``: pairs from paired answers, labelled samples from thumbs-up / down ones
+    (only those: to ``--out``; both kinds: the samples go to ``samples.jsonl`` beside the pairs)."""
+    from sdpo.human.answers import answers_files, read_answers
+    from sdpo.human.label import labels_folder
+    from sdpo.human.label_samples import has_unpaired_answers, samples_from_labels
+
+    paired = any(read_answers(p)[0]["mode"] == "paired" for p in answers_files(labels_folder(Path(args.dir))))
+    if has_unpaired_answers(args.dir):
+        where = args.out if not paired else Path(args.out or Path(args.dir) / "pairs.jsonl").with_name("samples.jsonl")
+        found = samples_from_labels(args.dir, where)
+        left = ", ".join(f"{v} {k}" for k, v in found.counts.items()) or "none"
+        print(f"samples: {found.out} ({found.desirable} desirable, {found.undesirable} undesirable from thumbs-up / "
+              f"down answers by {len(found.raters)} rater(s), unpaired; left out {left})")
+        if not paired:
+            return
+    _pairs_from_paired_labels(args)
+
+
+def _pairs_from_paired_labels(args: argparse.Namespace) -> None:
     from sdpo.human.label_pairs import pairs_from_labels, summary_path
 
     summary = pairs_from_labels(args.dir, args.out)

@@ -149,6 +149,15 @@ def _pairs(args: argparse.Namespace) -> None:
     checks.check_finite("--margin", args.margin)
     if args.out is not None:
         checks.check_out_file(args.out)
+    if args.strategy in ("threshold", "quantile"):
+        from sdpo.stages.samples import build_samples
+
+        found = build_samples(args.dir, args.strategy, threshold=args.threshold, quantile=args.quantile,
+                              out=args.out, media_root=args.media_root)
+        left = ", ".join(f"{v} {k}" for k, v in found.skipped.items()) or "none"
+        print(f"samples: {found.out} ({found.desirable} desirable, {found.undesirable} undesirable, unpaired; "
+              f"left out {left})")
+        return None
     summary = build_pairs(args.dir, args.strategy, args.margin, args.out, media_root=args.media_root)
     skipped = ", ".join(f"{v} {k}" for k, v in summary.skipped.items()) or "none"
     print(f"pairs: {summary.out} ({summary.pairs} from {summary.prompts} prompts; skipped {skipped})")
@@ -243,13 +252,20 @@ def add_stage_commands(commands: Any) -> None:
     _media_root_flag(sc)
     sc.set_defaults(func=_score)
 
-    pa = commands.add_parser("pairs", help="build preference pairs (JSONL) from scored candidates")
+    pa = commands.add_parser("pairs", help="build preference pairs (JSONL) from scored candidates, or labelled "
+                                           "samples for Diffusion-KTO (--strategy threshold / quantile)")
     pa.add_argument("dir", help="scored generate folder")
-    pa.add_argument("--strategy", choices=["best-worst", "margin"], default="best-worst")
+    pa.add_argument("--strategy", choices=["best-worst", "margin", "threshold", "quantile"], default="best-worst",
+                    help="pairs: best-worst, margin; unpaired labelled samples (samples.jsonl): threshold, quantile")
     pa.add_argument("--margin", type=float, default=0.0, help="skip pairs whose score gap is not above this")
-    pa.add_argument("--out", default=None, help="manifest to write (default DIR/pairs.jsonl)")
+    pa.add_argument("--threshold", type=float, default=None,
+                    help="threshold: desirable above this score, undesirable below")
+    pa.add_argument("--quantile", type=float, default=0.25,
+                    help="quantile: per prompt, the top share is desirable and the bottom share undesirable")
+    pa.add_argument("--out", default=None, help="manifest to write (default DIR/pairs.jsonl, or DIR/samples.jsonl)")
     pa.add_argument("--from-labels", action="store_true",
-                    help="pairs from the answers of `sdpo label DIR` (majority over raters) instead of scores")
+                    help="pairs from the answers of `sdpo label DIR` (majority over raters) instead of scores; "
+                         "thumbs-up / down answers (`sdpo label --unpaired`) give labelled samples")
     _media_root_flag(pa)
     pa.set_defaults(func=_pairs)
 

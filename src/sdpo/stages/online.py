@@ -348,6 +348,9 @@ def run_online(config: OnlineConfig, restart: bool = False) -> list[Path]:
     if config.warm_start and checked.lora_rank == 0:
         raise InputError("warm_start needs LoRA training (lora_rank > 0); set warm_start: false to fine-tune "
                          "the full denoiser afresh each round")
+    if config.method == "preference" and checked.method.unpaired:
+        raise InputError(f"train.method {checked.method.name} trains on labelled samples, and online rounds build "
+                         "pairs: choose a pair method (diffusion-dpo, dpo-cm, sdpo, mapo) or method: grpo")
     prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
     settings = online_settings(config, prompts, eval_prompts, checked)
     rescore = _claim(out, settings, restart)

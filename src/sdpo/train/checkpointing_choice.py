@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from sdpo.train.augment import augment_batch
 from sdpo.train.log import note
+from sdpo.train.optimize import cache_micro_step
 from sdpo.train.sharding import enable_gradient_checkpointing
-from sdpo.train.step import draw_for_pairs, preference_step
 
 if TYPE_CHECKING:
     from sdpo.train.config import TrainConfig
@@ -159,19 +158,13 @@ def largest_micro_step(run: TrainingRun) -> int:
 def probe_step(run: TrainingRun) -> None:
     """Forward and backward of one micro-batch as ``optimize.optimizer_step`` runs it, without an update;
     the random streams are restored after it. The gradients it leaves are the caller's to drop."""
-    from sdpo.data.cache import collate_pairs  # late, as in setup: sdpo.data loads the media readers
-
-    config, accelerator, dataset, order = run.config, run.accelerator, run.dataset, run.order
+    accelerator, dataset, order = run.accelerator, run.dataset, run.order
     if dataset is None or order is None:
-        raise RuntimeError("the memory probe needs the run's pairs")
+        raise RuntimeError("the memory probe needs the run's data")
     micro_step = largest_micro_step(run)
     rows, positions = order.indices(micro_step)
-    batch = collate_pairs([dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
-    batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
-    draws = draw_for_pairs(positions, micro_step, config.seed, tuple(batch.chosen.shape[1:]),
-                           run.spec.schedule.num_timesteps, config.t_min, config.t_max,
-                           config.method.estimator == "sampled")
+    forward = getattr(dataset, "micro_step", None) or cache_micro_step  # the dispatch optimizer_step makes
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), accelerator.autocast():
-        result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference)
-        accelerator.backward(result.output.loss)
+        result = forward(run, rows, positions, micro_step)
+        accelerator.backward(result.loss)

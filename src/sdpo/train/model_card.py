@@ -48,7 +48,7 @@ class TrainingFacts:
     training: dict[str, Any]
     """Steps, batch, learning rate and the other optimiser settings that decide the result."""
     pairs: int | None = None
-    """Number of preference pairs in the cache the run trained on (None: unknown)."""
+    """Number of preference pairs (for kto: labelled samples) in the cache the run trained on (None: unknown)."""
     pairs_source: str | None = None
     """The pairs file the cache was encoded from, where the cache recorded it."""
     cache_dir: str = ""
@@ -94,7 +94,7 @@ def training_facts(config: Any, media_kind: str, command: str | None = None) -> 
                   "mixed_precision": config.mixed_precision, "ema_decay": config.ema_decay,
                   "seed": config.seed},
         pairs=pairs if isinstance(pairs, int) else None,
-        pairs_source=extra.get("pairs_file") if isinstance(extra.get("pairs_file"), str) else None,
+        pairs_source=next((extra[k] for k in ("pairs_file", "samples_file") if isinstance(extra.get(k), str)), None),
         cache_dir=str(config.cache_dir), command=command)
 
 
@@ -159,7 +159,8 @@ def _body(facts: TrainingFacts) -> str:
     method = facts.method.get("name", "?")
     settings = ", ".join(f"{key}={value}" for key, value in facts.method.items() if key != "name")
     training = ", ".join(f"{key}={value}" for key, value in facts.training.items() if value is not None)
-    data = f"{facts.pairs} preference pairs" if facts.pairs is not None else "preference pairs"
+    what = "labelled samples (unpaired)" if method == "kto" else "preference pairs"
+    data = f"{facts.pairs} {what}" if facts.pairs is not None else what
     source = f" from `{facts.pairs_source}`" if facts.pairs_source else ""
     lines = [
         f"# {method} fine-tune of {facts.base_model}", "",

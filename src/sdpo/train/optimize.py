@@ -4,7 +4,8 @@
 and updates, unless a loss or the gradient norm is NaN / inf on any process: then every process skips
 the update (``skip_reason``). ``account_for`` counts a skipped step, logs its pairs and timesteps to
 ``bad_steps.jsonl``, and after ``max_bad_steps`` in a row checkpoints the last good weights and stops
-with ``TrainingDivergedError``. Both work on any objective that ``preference_step`` computes.
+with ``TrainingDivergedError``. Both work on any objective: the dataset's own micro-step (GRPO's
+trajectories), else ``preference_step`` on pairs or ``sample_step`` on Diffusion-KTO's labelled samples.
 
 Under DeepSpeed the update runs inside ``accelerator.backward`` (the engine's step), before the guard
 looks: the guard only counts and logs; DeepSpeed skips a step whose gradient norm is not finite itself.
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
-from sdpo.data.cache import collate_pairs
+from sdpo.data.cache import collate_pairs, collate_samples
 from sdpo.errors import InputError
 from sdpo.train.augment import augment_batch
 from sdpo.train.checkpoint import NonFiniteWeightsError, latest_checkpoint, save_run
@@ -27,12 +28,12 @@ from sdpo.train.log import warn
 from sdpo.train.metrics import BAD_STEPS_NAME
 from sdpo.train.run import MicroStep, PairDataset, StepOutcome, TrainingRun
 from sdpo.train.sharding import clip_gradients
-from sdpo.train.step import draw_for_pairs, preference_step
+from sdpo.train.step import draw_for_pairs, preference_step, sample_step
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["TrainingDivergedError", "account_for", "optimizer_step", "pair_micro_step", "skip_reason"]
+__all__ = ["TrainingDivergedError", "account_for", "optimizer_step", "cache_micro_step", "skip_reason"]
 
 
 class TrainingDivergedError(InputError):
@@ -48,7 +49,7 @@ def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
     metrics, rows_seen, timesteps_seen = [], [], []
     finite, max_loss, grad_norm, skipped = True, 0.0, None, None
     # The objective's micro-step: a dataset that brings its own (GRPO's trajectories), else the preference step.
-    forward = getattr(dataset, "micro_step", None) or pair_micro_step
+    forward = getattr(dataset, "micro_step", None) or cache_micro_step
     for micro in range(config.gradient_accumulation_steps):
         micro_step = step * config.gradient_accumulation_steps + micro
         rows, positions = order.indices(micro_step)
@@ -75,19 +76,28 @@ def optimizer_step(run: TrainingRun, step: int) -> StepOutcome:
                         timesteps=torch.cat(timesteps_seen), max_loss=max_loss)
 
 
-def pair_micro_step(run: TrainingRun, rows: Tensor, positions: Tensor, micro_step: int) -> MicroStep:
-    """The preference objectives' micro-step: collate and augment the pairs, draw, ``preference_step``."""
-    config, accelerator = run.config, run.accelerator
-    dataset = cast(PairDataset, run.dataset)  # the dispatch sends only pair datasets here
-    # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
-    batch = collate_pairs([dataset[int(i)] for i in rows]).to(accelerator.device, run.weight_dtype)
-    pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
-    batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
-    # The batch's own shape: a bucketed cache's batches differ in size from one micro-step to the next.
-    draws = draw_for_pairs(positions, micro_step, config.seed, tuple(batch.chosen.shape[1:]),
-                           run.spec.schedule.num_timesteps,
-                           config.t_min, config.t_max, config.method.estimator == "sampled")
-    result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference, pair_weights)
+def cache_micro_step(run: TrainingRun, rows: Tensor, positions: Tensor, micro_step: int) -> MicroStep:
+    """The micro-step of a cache's rows: ``preference_step`` on pairs (collated, augmented), or Diffusion-KTO's
+    ``sample_step`` on labelled samples (one latent per row: one timestep and noise each, no augmentation)."""
+    config, device = run.config, run.accelerator.device
+    dataset = cast(PairDataset, run.dataset)  # the dispatch sends only cache datasets (pairs or samples) here
+    items: list[Any] = [dataset[int(i)] for i in rows]  # Pair, or Sample for a samples cache
+    estimator_noise = config.method.estimator == "sampled"
+    num_timesteps = run.spec.schedule.num_timesteps
+    if config.method.unpaired:
+        samples = collate_samples(items).to(device, run.weight_dtype)
+        draws = draw_for_pairs(positions, micro_step, config.seed, tuple(samples.latents.shape[1:]), num_timesteps,
+                               config.t_min, config.t_max, estimator_noise)
+        result = sample_step(run.spec, run.model, samples, draws, config.method, run.reference)
+    else:
+        # Conditioning follows the frozen weights' dtype: a cache encoded in bf16 then trains in fp32 too.
+        batch = collate_pairs(items).to(device, run.weight_dtype)
+        pair_weights = None if run.pair_weights is None else run.pair_weights.for_batch(batch.gaps)
+        batch = augment_batch(batch, positions, micro_step, config.seed, sample=run.sample_latents, flip=config.flip)
+        # The batch's own shape: a bucketed cache's batches differ in size from one micro-step to the next.
+        draws = draw_for_pairs(positions, micro_step, config.seed, tuple(batch.chosen.shape[1:]), num_timesteps,
+                               config.t_min, config.t_max, estimator_noise)
+        result = preference_step(run.spec, run.model, batch, draws, config.method, run.reference, pair_weights)
     return MicroStep(loss=result.output.loss, metrics={k: v.item() for k, v in result.output.metrics.items()},
                      timesteps=result.timesteps, raw_weights=result.raw_weights, drawn=draws.timesteps)
 

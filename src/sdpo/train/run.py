@@ -36,7 +36,8 @@ __all__ = ["MicroStep", "ObjectiveDataset", "PairDataset", "ResumePoint", "StepO
 
 
 class PairDataset(Protocol):
-    """What training reads pairs from: a ``CachedPairs``, or any sequence of ``Pair``."""
+    """What training reads pairs from: a ``CachedPairs``, or any sequence of ``Pair`` (for Diffusion-KTO: a
+    ``CachedSamples``, or any sequence of ``Sample``)."""
 
     def __len__(self) -> int: ...
 

@@ -175,16 +175,45 @@ def already_finished(output_dir: Path, config: TrainConfig, resume: str | None) 
 
 def open_cache(config: TrainConfig) -> PairDataset:
     """The run's precompute cache, checked to match the configured model."""
-    from sdpo.data import CachedPairs, check_cache_matches  # late: sdpo.data loads the media readers
+    from sdpo.data import (  # late: media readers
+        CachedPairs,
+        CachedSamples,
+        check_cache_matches,
+        load_manifest,
+    )
 
-    dataset = CachedPairs(config.cache_dir)
+    reader = CachedSamples if load_manifest(config.cache_dir).kind == "samples" else CachedPairs
+    dataset = reader(config.cache_dir)
     check_cache_matches(dataset.manifest, config.family, config.pretrained or None)
     return dataset
+
+
+def holds_samples(dataset: Any) -> bool:
+    """Whether ``dataset`` holds labelled samples (a CachedSamples, or a sequence of ``Sample``), not pairs."""
+    from sdpo.data.batch import Sample
+
+    kind = getattr(dataset, "kind", None)
+    return kind == "samples" if kind is not None else len(dataset) > 0 and isinstance(dataset[0], Sample)
+
+
+def check_method_fits_data(config: TrainConfig, dataset: Any) -> None:
+    """Diffusion-KTO trains on labelled samples and every other method on pairs: one line when they differ."""
+    samples = holds_samples(dataset)
+    if config.method.unpaired and not samples:
+        raise InputError(f"method kto trains on labelled samples, and {config.cache_dir or 'the dataset'} holds "
+                         "pairs: make samples (`sdpo pairs --strategy threshold|quantile`) and precompute them")
+    if samples and not config.method.unpaired:
+        raise InputError(f"{config.cache_dir} holds labelled samples, which only method kto trains on "
+                         f"(this run: {config.method.name})")
+    if samples and config.pair_weighting != "none":
+        raise InputError("pair_weighting weighs pairs by their score gap; a samples cache has no pairs: set it to none")
 
 
 def prepare_run(config: TrainConfig, spec: ModelSpec | None, dataset: TrainingData | None, accelerator: Accelerator,
                 output_dir: Path, start: ResumePoint) -> TrainingRun:
     """A run ready to step: the data checks that need no model, then ``build_run``, then the batch order."""
+    if dataset is not None and not hasattr(dataset, "micro_step"):  # one bringing its own objective (GRPO) fits
+        check_method_fits_data(config, dataset)
     # Before the model loads: a cache without the gaps pair_weighting needs is a one-line error.
     pair_weights = None if dataset is None else PairWeights.from_dataset(
         config.pair_weighting, dataset, str(getattr(dataset, "cache_dir", None) or config.cache_dir or "the dataset"))
@@ -258,7 +287,7 @@ def _policy_and_reference(
         for param in model.parameters():  # adapters train in float32 whatever the base dtype
             if param.requires_grad:
                 param.data = param.data.float()
-    else:
+    elif config.method.needs_reference:
         # The reference keeps the trained weights' dtype: a bf16 copy computes differently from the
         # float32 policy and, times beta, biases the loss away from ln 2 before any update.
         reference_copy = copy.deepcopy(model).requires_grad_(False).eval()
@@ -266,6 +295,7 @@ def _policy_and_reference(
             reference_copy = shard_like_policy(accelerator, reference_copy)
         else:
             reference_copy.to("cpu" if config.offload_reference else accelerator.device)
+    if config.lora_rank <= 0:  # a reference-free method (MaPO) keeps no frozen copy
         model.requires_grad_(True)
         model.to(accelerator.device)
     if checkpoint_before_prepare(config, accelerator):  # "auto" may be settled after prepare, by a probe

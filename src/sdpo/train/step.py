@@ -1,4 +1,5 @@
-"""One preference step on a batch of pairs: family-agnostic, it knows only the ModelSpec protocol."""
+"""One preference step on a batch of pairs (``preference_step``), or on a batch of labelled samples
+(``sample_step``, Diffusion-KTO): family-agnostic, it knows only the ModelSpec protocol."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from sdpo.data.batch import PairBatch
+from sdpo.data.batch import PairBatch, SampleBatch
 from sdpo.errors import InputError
 from sdpo.importance import log_importance_weight, log_relative_weight
+from sdpo.kto_mapo import kto_loss, mapo_loss
 from sdpo.models.base import ModelSpec, unwrap
 from sdpo.objectives import MethodConfig, PreferenceOutput, preference_loss, safeguard_scale
 from sdpo.seeding import mix_seed
@@ -41,11 +43,11 @@ class StepResult:
     output: PreferenceOutput
     """Loss, per-pair logits and scalar metrics."""
     timesteps: Tensor
-    """Timestep per pair member (winners then losers), shape (2B,)."""
+    """Timestep per pair member (winners then losers), shape (2B,); per sample (B,) for ``sample_step``."""
     raw_weights: Tensor
-    """Importance weight w per pair member, shape (2B,), no gradient."""
+    """Importance weight w per pair member (or sample), no gradient; KTO and MaPO only log them."""
     weights: Tensor
-    """Objective weight W per pair member, shape (2B,), no gradient."""
+    """Objective weight W per pair member (or sample), no gradient."""
 
 
 def draw_for_pairs(
@@ -120,6 +122,7 @@ def preference_step(
 
     ``batch`` holds the pairs on the model's device; ``reference()`` is a context manager yielding the frozen reference network.
     ``pair_weights`` (B,): a per-pair factor on the preference loss (``pair_weighting``), None for 1.
+    A reference-free method (``method.needs_reference`` false: MaPO) runs no reference forward at all.
     """
     schedule = spec.schedule
     chosen, rejected = batch.chosen, batch.rejected
@@ -128,42 +131,26 @@ def preference_step(
     x0 = torch.cat([chosen, rejected]).float()
     t = torch.cat([draws.timesteps, draws.timesteps]).to(device)
     noise = torch.cat([draws.noise, draws.noise]).to(device, x0.dtype)
+    weight_noise = None if draws.weight_noise is None else torch.cat([draws.weight_noise, draws.weight_noise])
     conditions = {key: torch.cat([value, value]) for key, value in batch.conditions.items()}
-
-    noisy = schedule.add_noise(x0, noise, t)
-    target = schedule.target(x0, noise, t)
-    model_timesteps = schedule.model_timestep(t).to(device=device, dtype=torch.float32)
-
-    prediction = spec.predict(model, noisy, model_timesteps, conditions).float()
-    with torch.no_grad(), reference() as reference_model:
-        reference_prediction = spec.predict(reference_model, noisy, model_timesteps, conditions).float()
-
-    error = (prediction - target).square().flatten(1).mean(1)
-    reference_error = (reference_prediction - target).square().flatten(1).mean(1)
-
-    with torch.no_grad():
-        x0_hat = schedule.x0_from_prediction(noisy, prediction.detach(), t)
-        previous = schedule.previous_timestep(t, method.num_inference_steps)
-        weight_noise = None
-        if method.estimator == "sampled" and draws.weight_noise is not None:
-            weight_noise = torch.cat([draws.weight_noise, draws.weight_noise]).to(device, x0.dtype)
-        if method.estimator == "relative":
-            x0_hat_ref = schedule.x0_from_prediction(noisy, reference_prediction, t)
-            log_w = log_relative_weight(schedule, x0, x0_hat, x0_hat_ref, t, previous)
-        else:
-            log_w = log_importance_weight(schedule, x0, x0_hat, t, previous, noise=weight_noise)
-        raw_weights = log_w.exp()
-        weights = method.transform(raw_weights)
-
+    forward = _forward(spec, model, x0, noise, t, conditions, reference if method.needs_reference else None)
+    raw_weights, weights = _member_weights(spec, method, x0, forward, t, weight_noise)
+    error = forward.error
+    if method.name == "mapo":
+        scale = method.mapo_margin_scale or float(schedule.num_timesteps)
+        output = mapo_loss(error[:pairs], error[pairs:], method.beta, method.mapo_snr, scale)
+        return StepResult(output=output, timesteps=t, raw_weights=raw_weights, weights=weights)
+    if forward.reference_error is None:
+        raise RuntimeError(f"method {method.name} needs the reference's errors")
     loser_scale = None
     if method.safeguard:
-        residual = (prediction.detach() - target).flatten(1)
+        residual = (forward.prediction.detach() - forward.target).flatten(1)
         loser_scale = safeguard_scale(residual[:pairs], residual[pairs:], weights[:pairs], weights[pairs:])
     output = preference_loss(
         error[:pairs],
         error[pairs:],
-        reference_error[:pairs],
-        reference_error[pairs:],
+        forward.reference_error[:pairs],
+        forward.reference_error[pairs:],
         method.beta,
         weights[:pairs],
         weights[pairs:],
@@ -172,3 +159,78 @@ def preference_step(
         pair_weights=pair_weights,
     )
     return StepResult(output=output, timesteps=t, raw_weights=raw_weights, weights=weights)
+
+
+def sample_step(
+    spec: ModelSpec,
+    model: nn.Module,
+    batch: SampleBatch,
+    draws: StepDraws,
+    method: MethodConfig,
+    reference: Callable[[], contextlib.AbstractContextManager[nn.Module]],
+) -> StepResult:
+    """Diffusion-KTO on a batch of labelled samples: policy and reference forward on each sample, one
+    timestep and noise per sample (``draws`` has one row per sample), the KTO loss.
+
+    z_ref is this micro-batch's estimate on this process (the official code averages it over processes)."""
+    if method.name != "kto":
+        raise InputError(f"method {method.name} trains on pairs; a cache of labelled samples trains method kto")
+    x0 = batch.latents.float()
+    device = x0.device
+    t = draws.timesteps.to(device)
+    noise = draws.noise.to(device, x0.dtype)
+    forward = _forward(spec, model, x0, noise, t, batch.conditions, reference)
+    raw_weights, weights = _member_weights(spec, method, x0, forward, t, draws.weight_noise)
+    if forward.reference_error is None:
+        raise RuntimeError("kto needs the reference's errors")
+    output = kto_loss(forward.error, forward.reference_error, batch.desirable.to(device), method.beta,
+                      method.kto_desirable_weight, method.kto_undesirable_weight)
+    return StepResult(output=output, timesteps=t, raw_weights=raw_weights, weights=weights)
+
+
+@dataclass
+class _Forward:
+    noisy: Tensor
+    target: Tensor
+    prediction: Tensor
+    error: Tensor
+    reference_prediction: Tensor | None
+    reference_error: Tensor | None
+
+
+def _forward(spec: ModelSpec, model: nn.Module, x0: Tensor, noise: Tensor, t: Tensor, conditions: dict[str, Tensor],
+             reference: Callable[[], contextlib.AbstractContextManager[nn.Module]] | None) -> _Forward:
+    """Noise ``x0`` at ``t``, predict with the policy (and the reference unless ``reference`` is None)."""
+    schedule = spec.schedule
+    noisy = schedule.add_noise(x0, noise, t)
+    target = schedule.target(x0, noise, t)
+    model_timesteps = schedule.model_timestep(t).to(device=x0.device, dtype=torch.float32)
+    prediction = spec.predict(model, noisy, model_timesteps, conditions).float()
+    error = (prediction - target).square().flatten(1).mean(1)
+    reference_prediction = reference_error = None
+    if reference is not None:
+        with torch.no_grad(), reference() as reference_model:
+            reference_prediction = spec.predict(reference_model, noisy, model_timesteps, conditions).float()
+        reference_error = (reference_prediction - target).square().flatten(1).mean(1)
+    return _Forward(noisy, target, prediction, error, reference_prediction, reference_error)
+
+
+def _member_weights(spec: ModelSpec, method: MethodConfig, x0: Tensor, forward: _Forward, t: Tensor,
+                    weight_noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Raw importance weights w of every row and the objective weights W (``method.transform``), no gradient."""
+    schedule = spec.schedule
+    with torch.no_grad():
+        x0_hat = schedule.x0_from_prediction(forward.noisy, forward.prediction.detach(), t)
+        previous = schedule.previous_timestep(t, method.num_inference_steps)
+        noise = None
+        if method.estimator == "sampled" and weight_noise is not None:
+            noise = weight_noise.to(x0.device, x0.dtype)
+        if method.estimator == "relative":
+            if forward.reference_prediction is None:
+                raise InputError('the "relative" estimator needs the reference, and this method runs none')
+            x0_hat_ref = schedule.x0_from_prediction(forward.noisy, forward.reference_prediction, t)
+            log_w = log_relative_weight(schedule, x0, x0_hat, x0_hat_ref, t, previous)
+        else:
+            log_w = log_importance_weight(schedule, x0, x0_hat, t, previous, noise=noise)
+        raw_weights = log_w.exp()
+        return raw_weights, method.transform(raw_weights)

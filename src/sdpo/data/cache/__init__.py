@@ -28,7 +28,7 @@ exactly as before, and reads as one bucket at its ``media_format``.
 
 The parts: ``layout`` (names, the error type), ``manifest`` (the typed manifest and its validation),
 ``encode`` and ``write`` (precompute), ``verify`` (checksums), ``match`` (a cache against a model),
-``read`` (CachedPairs).
+``read`` (CachedPairs), ``samples`` (a cache of labelled samples for Diffusion-KTO, ``kind: "samples"``).
 """
 
 from sdpo.data.cache.encode import MediaEncoder, pair_gap
@@ -57,6 +57,7 @@ from sdpo.data.cache.manifest import (
 )
 from sdpo.data.cache.match import check_cache_matches
 from sdpo.data.cache.read import CachedPairs, collate_pairs
+from sdpo.data.cache.samples import CachedSamples, collate_samples, precompute_samples
 from sdpo.data.cache.verify import verify_cache
 from sdpo.data.cache.write import check_out_dir, precompute, spatial_factor
 
@@ -75,6 +76,7 @@ __all__ = [
     "CacheError",
     "CacheExistsError",
     "CachedPairs",
+    "CachedSamples",
     "Manifest",
     "MediaEncoder",
     "ShardEntry",
@@ -82,10 +84,12 @@ __all__ = [
     "check_cache_matches",
     "check_out_dir",
     "collate_pairs",
+    "collate_samples",
     "file_sha256",
     "load_manifest",
     "pair_gap",
     "precompute",
+    "precompute_samples",
     "read_manifest",
     "spatial_factor",
     "verify_cache",

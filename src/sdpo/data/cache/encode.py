@@ -135,14 +135,14 @@ def _encode_batch(spec: MediaEncoder, batch: list[PreferencePair], pixels: list[
     for name, std_name, media in zip(LATENT_KEYS, STD_KEYS, pixels, strict=True):
         if latent_std:
             mean, std = spec.encode_media_moments(media)  # type: ignore[attr-defined]
-            tensors[name] = _checked(mean, len(batch), "encode_media_moments")
-            tensors[std_name] = _checked(std, len(batch), "encode_media_moments")
+            tensors[name] = checked_rows(mean, len(batch), "encode_media_moments")
+            tensors[std_name] = checked_rows(std, len(batch), "encode_media_moments")
             if tensors[std_name].shape != tensors[name].shape:
                 raise InputError(f"encode_media_moments returned a std of shape {tuple(std.shape)} for a mean "
                                  f"of shape {tuple(mean.shape)}")
         else:
-            tensors[name] = _checked(spec.encode_media(media), len(batch), "encode_media")
-    for key, value in _encode_prompts(spec, [pair.prompt for pair in batch]).items():
+            tensors[name] = checked_rows(spec.encode_media(media), len(batch), "encode_media")
+    for key, value in encode_prompt_rows(spec, [pair.prompt for pair in batch]).items():
         tensors[COND_PREFIX + key] = value
     if with_gaps:
         tensors[GAP_KEY] = torch.tensor([pair_gap(pair) for pair in batch], dtype=torch.float64)
@@ -150,7 +150,8 @@ def _encode_batch(spec: MediaEncoder, batch: list[PreferencePair], pixels: list[
     writer.add(tensors, len(batch))
 
 
-def _encode_prompts(spec: MediaEncoder, prompts: list[str]) -> dict[str, Tensor]:
+def encode_prompt_rows(spec: MediaEncoder, prompts: list[str]) -> dict[str, Tensor]:
+    """The spec's conditioning of each row's prompt, each distinct prompt encoded once, on the CPU."""
     unique = list(dict.fromkeys(prompts))
     conditions = spec.encode_prompts(unique)
     if not isinstance(conditions, Mapping) or not conditions:
@@ -160,7 +161,7 @@ def _encode_prompts(spec: MediaEncoder, prompts: list[str]) -> dict[str, Tensor]
     for key, value in conditions.items():
         if not isinstance(key, str) or not key:
             raise InputError(f"encode_prompts returned a non-string key {key!r}")
-        value = _checked(value, len(unique), f"encode_prompts[{key!r}]")
+        value = checked_rows(value, len(unique), f"encode_prompts[{key!r}]")
         expanded[key] = value.index_select(0, index)
     return expanded
 
@@ -181,7 +182,8 @@ def _pair_where(pair: PreferencePair) -> str:
     return pair.where or f"prompt {pair.prompt!r:.60}"
 
 
-def _checked(value: Any, batch: int, what: str) -> Tensor:
+def checked_rows(value: Any, batch: int, what: str) -> Tensor:
+    """``value`` checked to be a tensor with ``batch`` rows, detached, on the CPU, contiguous."""
     if not isinstance(value, Tensor):
         raise InputError(f"{what} must return a tensor, got {type(value).__name__}")
     if value.dim() == 0 or value.shape[0] != batch:

@@ -23,6 +23,14 @@ VERIFIED_NAME = ".verified.json"
 LATENT_KEYS = ("latents_chosen", "latents_rejected")
 STD_KEYS = ("latents_chosen_std", "latents_rejected_std")
 """The posterior stds of LATENT_KEYS, in a cache whose manifest says ``latent_std: true``."""
+SAMPLE_LATENT_KEY = "latents"
+"""A samples cache's latents, one sample per row (manifest ``kind: "samples"``)."""
+LABEL_KEY = "desirable"
+"""A samples cache's per-row label, bool: desirable (True) or undesirable (False)."""
+SCORE_KEY = "score"
+"""A samples cache's per-row score, float64 (optional: only when every sample had one)."""
+CACHE_KINDS = ("pairs", "samples")
+"""What a cache's rows are: preference pairs (the default, no ``kind`` in the manifest) or labelled samples."""
 COND_PREFIX = "cond."
 GAP_KEY = "gap"
 """The per-pair score gap in a shard (optional: only when every pair of the cache had one)."""

@@ -16,11 +16,14 @@ from typing import Any
 
 from sdpo.data.cache.layout import (
     CACHE_FORMAT,
+    CACHE_KINDS,
     COND_PREFIX,
+    LABEL_KEY,
     LATENT_KEYS,
     MANIFEST_NAME,
     READABLE_VERSIONS,
     REBUILD,
+    SAMPLE_LATENT_KEY,
     STD_KEYS,
     CacheError,
 )
@@ -92,7 +95,7 @@ class BucketEntry:
 
 
 _KNOWN = ("format", "version", "family", "pretrained", "media_format", "num_pairs", "shards", "tensors", "skipped",
-          "skipped_counts", "extra", "created", "sdpo_version", "latent_std", "buckets")  # fmt: skip
+          "skipped_counts", "extra", "created", "sdpo_version", "latent_std", "buckets", "kind")  # fmt: skip
 
 
 @dataclass
@@ -118,6 +121,9 @@ class Manifest:
     latent_std: bool = False
     buckets: list[BucketEntry] | None = None
     format: str = CACHE_FORMAT
+    kind: str = "pairs"
+    """"pairs", or "samples" for a cache of labelled samples (one latent and a label per row, ``num_pairs``
+    counting rows); written only for samples, so a pair cache's manifest is as before."""
     other: dict[str, Any] = field(default_factory=dict)
     """Fields this sdpo does not know, kept so that writing a read manifest back loses nothing."""
 
@@ -153,6 +159,8 @@ class Manifest:
         }
         if self.buckets is not None:
             data["buckets"] = [bucket.to_json() for bucket in self.buckets]
+        if self.kind != "pairs":
+            data["kind"] = self.kind
         data.update(self.other)
         return data
 
@@ -180,6 +188,7 @@ class Manifest:
             latent_std=bool(data.get("latent_std", False)),
             buckets=None if buckets is None else [BucketEntry.from_json(bucket) for bucket in buckets],
             format=data["format"],
+            kind=data.get("kind", "pairs"),
             other={key: value for key, value in data.items() if key not in _KNOWN},
         )
 
@@ -260,14 +269,18 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
             or not isinstance(shard.get("sha256"), str)
         ):
             raise bad(f"malformed shard entry {shard!r:.120}")
+    if manifest.get("kind", "pairs") not in CACHE_KINDS:
+        raise bad(f"'kind' must be one of {', '.join(CACHE_KINDS)}, got {manifest.get('kind')!r}")
     tensors: Any = manifest.get("tensors")
-    _check_tensors(tensors, bad)
+    _check_tensors(tensors, bad, required=_required_keys(manifest))
     if manifest["version"] >= 2:
         _check_buckets(manifest, bad)
     if not any(name.startswith(COND_PREFIX) for name in tensors):
         raise bad("no conditioning tensors ('cond.*') listed")
     if manifest.get("latent_std", False) not in (True, False):
         raise bad("'latent_std' must be true or false")
+    if manifest.get("latent_std") and manifest.get("kind") == "samples":
+        raise bad("a samples cache stores no latent std, but 'latent_std' is true")
     if manifest.get("latent_std") and any(
         tensors.get(std, {}).get("shape") != tensors[mean]["shape"] for mean, std in zip(LATENT_KEYS, STD_KEYS, strict=True)
     ):
@@ -278,9 +291,14 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         raise bad("'skipped' must be a list and 'skipped_counts' an object")
 
 
-def _check_tensors(tensors: Any, bad: Callable[[str], CacheError], where: str = "") -> None:
-    if not isinstance(tensors, dict) or any(key not in tensors for key in LATENT_KEYS):
-        raise bad(f"missing {where}'tensors' entries for latents_chosen / latents_rejected")
+def _required_keys(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    return (SAMPLE_LATENT_KEY, LABEL_KEY) if manifest.get("kind") == "samples" else LATENT_KEYS
+
+
+def _check_tensors(tensors: Any, bad: Callable[[str], CacheError], where: str = "",
+                   required: tuple[str, ...] = LATENT_KEYS) -> None:
+    if not isinstance(tensors, dict) or any(key not in tensors for key in required):
+        raise bad(f"missing {where}'tensors' entries for {' / '.join(required)}")
     for name, info in tensors.items():
         if (
             not isinstance(info, dict)
@@ -309,7 +327,7 @@ def _check_buckets(manifest: dict[str, Any], bad: Callable[[str], CacheError]) -
         if bucket["num_pairs"] != counts[index]:
             raise bad(f"bucket {index} lists {bucket['num_pairs']} pairs, its shards hold {counts[index]}")
         if counts[index]:
-            _check_tensors(bucket.get("tensors"), bad, f"bucket {index} ")
+            _check_tensors(bucket.get("tensors"), bad, f"bucket {index} ", _required_keys(manifest))
             if {name: info["dtype"] for name, info in bucket["tensors"].items()} != names:
                 raise bad(f"bucket {index} lists other tensors than 'tensors'")
 

@@ -44,7 +44,12 @@ class CachedPairs(Dataset):
     A bucketed cache's pairs have their bucket's shape: ``buckets`` lists the sizes and
     ``bucket_ids()`` each pair's bucket, which the trainer's batch order groups by (a cache without
     buckets is one bucket at its ``media_format``).
+
+    A cache of labelled samples (manifest ``kind: "samples"``) is refused: ``CachedSamples`` reads it.
     """
+
+    kind = "pairs"
+    """The manifest ``kind`` this reader takes."""
 
     def __init__(self, cache_dir: str | os.PathLike[str], *, verify: bool = True, max_open_shards: int = 2) -> None:
         self.cache_dir = Path(cache_dir)
@@ -52,6 +57,9 @@ class CachedPairs(Dataset):
         """The manifest's JSON object, as :func:`read_manifest` returns it."""
         self.layout: Manifest = Manifest.from_json(self.manifest)
         """The same manifest, typed."""
+        if self.layout.kind != self.kind:
+            train = "train with method kto" if self.layout.kind == "samples" else "train a pair method"
+            raise CacheError(f"{self.cache_dir} holds {self.layout.kind}, not {self.kind}: {train}")
         if verify:
             verify_cache(self.cache_dir, self.layout)
         self.max_open_shards = max(1, max_open_shards)
@@ -96,8 +104,7 @@ class CachedPairs(Dataset):
             index += length
         if not 0 <= index < length:
             raise IndexError(f"pair {index} out of range for a cache of {length}")
-        shard = bisect_right(self._ends, index)
-        local = index - (self._ends[shard - 1] if shard else 0)
+        shard, local = self.locate(index)
         handle = self._shard(shard)
         try:
             chosen, rejected = (handle.get_slice(name)[local] for name in LATENT_KEYS)
@@ -108,6 +115,11 @@ class CachedPairs(Dataset):
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
             raise CacheError(f"{self._shard_path(shard)}: cannot read pair {local} ({error}): {REBUILD}") from None
         return item
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """The shard holding row ``index`` (0 <= index < len) and the row within it."""
+        shard = bisect_right(self._ends, index)
+        return shard, index - (self._ends[shard - 1] if shard else 0)
 
     def gaps(self) -> Tensor | None:
         """Every pair's score gap in cache order, (N,) float64, or None for a cache that stores none."""

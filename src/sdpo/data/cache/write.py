@@ -149,7 +149,7 @@ def precompute(
             raise BadPairsError(pairs.problems, "no pair could be encoded")
         manifest = _manifest(spec, writer, pairs, extra, with_std, buckets)
         write_atomic(staging / MANIFEST_NAME, manifest.dumps().encode())
-        _swap_into_place(staging, out_dir, overwrite)
+        swap_into_place(staging, out_dir, overwrite)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise named_for(error, staging, out_dir) from None
@@ -167,7 +167,7 @@ def _manifest(spec: MediaEncoder, writer: ShardWriter, pairs: PairList, extra: d
         format=CACHE_FORMAT,
         version=1 if buckets is None else CACHE_VERSION,  # an unbucketed cache stays readable by older sdpo
         family=spec.family,
-        pretrained=_pretrained_of(spec),
+        pretrained=pretrained_of(spec),
         media_format=spec.media_format,
         num_pairs=sum(shard.num_pairs for shard in writer.shards),
         shards=writer.shards,
@@ -176,7 +176,7 @@ def _manifest(spec: MediaEncoder, writer: ShardWriter, pairs: PairList, extra: d
         skipped_counts=dict(sorted(pairs.skipped.items())),
         extra=extra,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        sdpo_version=_sdpo_version(),
+        sdpo_version=sdpo_version(),
         latent_std=with_std,
     )
     if buckets is not None:
@@ -266,7 +266,8 @@ def _check_kinds(pairs: Sequence[PreferencePair], media_format: MediaFormat, fam
                 raise InputError(f"{pair.where or f'pair {number}'}: {side} is {kind} but {family} takes {wanted}s")
 
 
-def _swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
+def swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename a finished ``staging`` folder to ``out_dir``; an old cache there goes only once the new one is in."""
     check_out_dir(out_dir, overwrite)  # again: another run may have finished meanwhile
     old = None
     if out_dir.is_dir():
@@ -282,12 +283,14 @@ def _swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _pretrained_of(spec: Any) -> str | None:
+def pretrained_of(spec: Any) -> str | None:
+    """The spec's ``pretrained`` as the manifest records it (a string, or None)."""
     value = getattr(spec, "pretrained", None)
     return None if value is None else os.fspath(value) if isinstance(value, os.PathLike) else str(value)
 
 
-def _sdpo_version() -> str | None:
+def sdpo_version() -> str | None:
+    """The installed sdpo's version, or None."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
