@@ -21,13 +21,14 @@ browser:
 	else echo "make: chromium and chromium-driver are missing and this is not root with apt-get:" \
 		"the browser tests will be skipped (install them: apt-get install chromium chromium-driver)"; fi
 
-# The DeepSpeed / FSDP2 tests (marker `engines`: one launch of two CPU processes) run beside the rest,
-# which mostly keeps one core busy; their report follows the main one.
+# Two pytest processes side by side, as the main one mostly keeps one core busy: the DeepSpeed / FSDP2
+# tests (marker `engines`: one launch of two CPU processes) and the bench tests (marker `beside`) in the
+# second; its report follows the main one.
 test: $(STAMP) browser
-	@engines=$$(mktemp -d); \
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m engines -q -p no:cacheprovider --basetemp=$$engines/tmp > $$engines/log 2>&1 & pid=$$!; \
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not engines"; main=$$?; \
-	wait $$pid; status=$$?; echo "--- pytest -m engines"; cat $$engines/log; rm -rf $$engines; \
+	@beside=$$(mktemp -d); \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "engines or beside" -q -p no:cacheprovider --basetemp=$$beside/tmp > $$beside/log 2>&1 & pid=$$!; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not engines and not beside"; main=$$?; \
+	wait $$pid; status=$$?; echo "--- pytest -m 'engines or beside'"; cat $$beside/log; rm -rf $$beside; \
 	exit $$(( main || status ))
 	.venv/bin/ruff check .
 	.venv/bin/mypy

@@ -12,6 +12,8 @@ from tiny_models import TINY_DIGITS_FLAGS
 from sdpo.cli import main
 from sdpo.stats import paired_test, seed_interval, t_quantile, t_two_sided_p
 
+pytestmark = pytest.mark.beside  # `make test` runs these in its second pytest process
+
 
 # ------------------------------------------------------------------ statistics (closed forms)
 @pytest.mark.parametrize("t", [0.0, 0.5, 1.0, 3.0, -7.5])
