@@ -11,8 +11,6 @@ and :class:`CachedSamples` reads it.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,12 +33,12 @@ from sdpo.data.cache.layout import (
 )
 from sdpo.data.cache.manifest import Manifest
 from sdpo.data.cache.read import CachedPairs
-from sdpo.data.cache.write import check_out_dir, pretrained_of, sdpo_version, swap_into_place
+from sdpo.data.cache.write import check_out_dir, pretrained_of, sdpo_version, staged_folder, swap_into_place
 from sdpo.data.decode import load_media
 from sdpo.data.pairs import media_kind
 from sdpo.data.samples import LabelledSample
 from sdpo.errors import InputError
-from sdpo.files import named_for, write_atomic
+from sdpo.files import write_atomic
 
 
 def precompute_samples(
@@ -73,8 +71,7 @@ def precompute_samples(
                              f"{spec.family} takes {wanted}s")
     with_scores = all(sample.score is not None for sample in samples)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         writer = ShardWriter(staging, shard_size)
         _encode(samples, spec, writer, batch_size, progress, pad_frames, with_scores)
         writer.flush(final=True)
@@ -85,12 +82,6 @@ def precompute_samples(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), sdpo_version=sdpo_version())
         write_atomic(staging / MANIFEST_NAME, manifest.dumps().encode())
         swap_into_place(staging, out_dir, overwrite)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise named_for(error, staging, out_dir) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -6,12 +6,13 @@ folder that exists is a finished cache; an interrupted run leaves nothing behind
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,8 +130,7 @@ def precompute(
         _check_kinds(pairs, media_format, spec.family)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         writer = ShardWriter(staging, shard_size)
         # Every shard must hold the same tensors, so the gaps are stored only when no pair lacks one.
         with_gaps = all(pair_gap(pair) is not None for pair in pairs)
@@ -150,12 +150,6 @@ def precompute(
         manifest = _manifest(spec, writer, pairs, extra, with_std, buckets)
         write_atomic(staging / MANIFEST_NAME, manifest.dumps().encode())
         swap_into_place(staging, out_dir, overwrite)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise named_for(error, staging, out_dir) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -264,6 +258,21 @@ def _check_kinds(pairs: Sequence[PreferencePair], media_format: MediaFormat, fam
             kind = media_kind(getattr(pair, side))
             if kind != wanted:
                 raise InputError(f"{pair.where or f'pair {number}'}: {side} is {kind} but {family} takes {wanted}s")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``out_dir`` that a cache is written into before ``swap_into_place``;
+    removed when the block fails, an OSError then named for ``out_dir`` (a full disk says where)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield staging
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise named_for(error, staging, out_dir) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def swap_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
