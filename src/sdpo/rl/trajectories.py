@@ -48,6 +48,10 @@ class TrajectorySteps:
 
     has_latent_std = False
     """No posterior stds (``latent_sampling`` never applies)."""
+    row_name = "trajectory steps"
+    """What one row is, in the trainer's announcement."""
+    objective_name = "grpo"
+    """What trains on the rows, in the announcement and the progress bar (not the TrainConfig's method)."""
 
     def __init__(self, x_t: Tensor, x_s: Tensor, steps: Tensor, log_prob: Tensor, advantages: Tensor,
                  prompt_rows: Tensor, conditions: dict[str, Tensor], empty: dict[str, Tensor],

@@ -99,8 +99,9 @@ class MetricsLog:
         if run.main and self.trackers:
             accelerator.init_trackers("sdpo", config=_flat_config(config))
         if progress and run.dataset is not None:
-            announce(_announcement(run.spec, config, accelerator, run.params, len(run.dataset)), run.main)
-        self.bar = tqdm(total=config.max_steps, initial=run.resume.step, desc=f"train {config.method.name}",
+            announce(run_announcement(run.spec, config, accelerator, run.params, run.dataset), run.main)
+        objective = getattr(run.dataset, "objective_name", config.method.name)  # GRPO's trajectories name theirs
+        self.bar = tqdm(total=config.max_steps, initial=run.resume.step, desc=f"train {objective}",
                         disable=not (progress and run.main), unit="step")
         self.warned_masked = self.warned_large = False
 
@@ -152,17 +153,20 @@ class MetricsLog:
         self.bar.close()
 
 
-def _announcement(spec: ModelSpec, config: TrainConfig, accelerator: Accelerator, params: list,
-                  num_pairs: int) -> str:
-    """One line saying what the run is about to do."""
+def run_announcement(spec: ModelSpec, config: TrainConfig, accelerator: Accelerator, params: list,
+                  dataset: Any) -> str:
+    """One line saying what the run is about to do; the dataset's ``row_name`` says what its rows are
+    (default pairs) and its ``objective_name`` what trains on them (default the method)."""
+    rows = getattr(dataset, "row_name", "pairs")
+    objective = getattr(dataset, "objective_name", config.method.name)
     trainable = sum(p.numel() for p in params)
     what = f"LoRA rank {config.lora_rank}" if config.lora_rank > 0 else "full fine-tuning"
     processes = accelerator.num_processes
     launch = "one process" if processes == 1 else f"{processes} processes ({accelerator.distributed_type.value})"
-    pairs_per_step = config.train_batch_size * config.gradient_accumulation_steps * processes
-    return (f"sdpo: {spec.family}, {config.method.name}, {what} ({trainable:,} trainable parameters), {launch}, "
-            f"mixed precision {config.mixed_precision}; {config.max_steps} steps of {pairs_per_step} pairs from "
-            f"{num_pairs} cached pairs")
+    per_step = config.train_batch_size * config.gradient_accumulation_steps * processes
+    return (f"sdpo: {spec.family}, {objective}, {what} ({trainable:,} trainable parameters), {launch}, "
+            f"mixed precision {config.mixed_precision}; {config.max_steps} steps of {per_step} {rows} from "
+            f"{len(dataset)} {rows}")
 
 
 def read_history(path: Path, up_to_step: int, rewrite: bool = False) -> list[LoggedRow]:

@@ -116,6 +116,8 @@ class CachedSamples(CachedPairs):
     Everything but the rows is ``CachedPairs``' (lazy memory-mapped shards, verification, the manifest)."""
 
     kind = "samples"
+    row_name = "labelled samples"
+    """What one row is, in the trainer's announcement."""
 
     def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
         length = len(self)
