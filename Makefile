@@ -21,18 +21,17 @@ browser:
 	else echo "make: chromium and chromium-driver are missing and this is not root with apt-get:" \
 		"the browser tests will be skipped (install them: apt-get install chromium chromium-driver)"; fi
 
-# Two pytest processes side by side, as the main one mostly keeps one core busy: the DeepSpeed / FSDP2
-# tests (marker `engines`: one launch of two CPU processes) and the bench tests (marker `beside`) in the
-# second; its report follows the main one.
+# Two lanes side by side, as the main pytest process mostly keeps one core busy. The second runs the
+# DeepSpeed / FSDP2 tests (marker `engines`: one launch of two CPU processes) and the bench tests
+# (marker `beside`), then ruff, mypy and the strict docs build; its report follows the main one.
 test: $(STAMP) browser
 	@beside=$$(mktemp -d); \
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "engines or beside" -q -p no:cacheprovider --basetemp=$$beside/tmp > $$beside/log 2>&1 & pid=$$!; \
+	( HF_HUB_OFFLINE=1 $(PY) -m pytest -m "engines or beside" -q -p no:cacheprovider --basetemp=$$beside/tmp; s=$$?; \
+	  .venv/bin/ruff check . || s=1; .venv/bin/mypy || s=1; \
+	  NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet || s=1; exit $$s ) > $$beside/log 2>&1 & pid=$$!; \
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not engines and not beside"; main=$$?; \
-	wait $$pid; status=$$?; echo "--- pytest -m 'engines or beside'"; cat $$beside/log; rm -rf $$beside; \
+	wait $$pid; status=$$?; echo "--- pytest -m 'engines or beside', ruff, mypy, mkdocs"; cat $$beside/log; rm -rf $$beside; \
 	exit $$(( main || status ))
-	.venv/bin/ruff check .
-	.venv/bin/mypy
-	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
 
 # The documentation site (mkdocs.yml, docs/) -> site/; --strict: a broken link or missing page fails.
 docs: $(STAMP)

@@ -249,12 +249,15 @@ def test_two_processes_with_sampling_and_flips_match_one_process(toy_posterior, 
         path = tmp_path / f"p{processes}.yaml"
         path.write_text(yaml.safe_dump(_toy_config(base, cache, out, max_steps=3, train_batch_size=per_process)
                                        .to_dict()))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29600 + processes), "-m", "sdpo.cli", "--quiet", "train", str(path)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
-               "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        if processes == 1:  # the reference, through the same command in this process
+            assert main(["--quiet", "train", str(path)]) == 0
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                       "--master_port", "29602", "-m", "sdpo.cli", "--quiet", "train", str(path)]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
+                   "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
         runs[processes] = _losses(out)
     torch.testing.assert_close(torch.tensor(runs[2]), torch.tensor(runs[1]), rtol=1e-4, atol=1e-6)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from sdpo.cli import main
 from sdpo.data import CachedPairs
 from sdpo.objectives import METHODS, OWN_LOSS_METHODS, MethodConfig
 from sdpo.toy import ToySpec
@@ -103,13 +104,16 @@ def test_two_processes_match_one_process(world, tmp_path):
         config.update(pretrained=str(base), cache_dir=str(cache))
         path = tmp_path / f"p{processes}.yaml"
         path.write_text(yaml.safe_dump(config))
-        # `accelerate launch --cpu` needs mpirun for several processes; torchrun + ACCELERATE_USE_CPU
-        # gives accelerate's MULTI_CPU (gloo) mode directly.
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29500 + processes), "-m", "sdpo.cli", "--quiet", "train", str(path)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        if processes == 1:  # the reference, through the same command in this process
+            assert main(["--quiet", "train", str(path)]) == 0
+        else:
+            # `accelerate launch --cpu` needs mpirun for several processes; torchrun + ACCELERATE_USE_CPU
+            # gives accelerate's MULTI_CPU (gloo) mode directly.
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                       "--master_port", "29502", "-m", "sdpo.cli", "--quiet", "train", str(path)]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
         runs[processes] = _losses(out)
     torch.testing.assert_close(torch.tensor(runs[2]), torch.tensor(runs[1]), rtol=1e-4, atol=1e-6)
     assert runs[1][-1] != runs[1][0]

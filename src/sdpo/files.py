@@ -76,9 +76,12 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike[str], *, sync_folder: bool = True) -> Iterator[Path]:
     """A temporary path in ``path``'s folder (same suffix) to write the file at; renamed over ``path``
-    when the block ends without error, deleted when it raises."""
+    when the block ends without error, deleted when it raises.
+
+    ``sync_folder=False`` leaves the rename's durability to the caller, who writes many files into a
+    folder and syncs it once (:func:`fsync_dir`) before the file that marks them done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -92,7 +95,8 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_folder:
+        fsync_dir(path.parent)
 
 
 def named_for(error: OSError, staging: str | os.PathLike[str], final: str | os.PathLike[str]) -> OSError:

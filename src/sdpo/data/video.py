@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 
 CODEC = "libx264"
 PIXEL_FORMAT = "yuv420p"  # the one H.264 layout every browser decodes
+# x264's "veryfast" preset at its default quality (CRF 23) encodes 2.9x faster than "medium" on a 49x240x360
+# clip, into a file of about the same size. Below SMALL_FRAME pixels a frame the encoder's set-up is the
+# cost: one thread and no lookahead or B-frames ("zerolatency"), 1.4 ms for a 5x16x16 clip against 2.3 ms
+# (one thread) and 3.4 ms (x264's defaults), in a file of about the same size.
+ENCODER_OPTIONS = {"preset": "veryfast"}
+SMALL_FRAME = 256 * 256
+SMALL_FRAME_OPTIONS = {"preset": "veryfast", "tune": "zerolatency"}
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], fps: int = 8) -> None:
@@ -39,8 +46,11 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], fps: int = 8) ->
         raise InputError(f"cannot encode a {height}x{width} clip as H.264 {PIXEL_FORMAT}: both sides must be even")
     pixel_format = "gray" if frames.shape[-1] == 1 else "rgb24"
     with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream(CODEC, rate=fps)
+        small = height * width <= SMALL_FRAME
+        stream = container.add_stream(CODEC, rate=fps, options=SMALL_FRAME_OPTIONS if small else ENCODER_OPTIONS)
         stream.width, stream.height, stream.pix_fmt = width, height, PIXEL_FORMAT
+        if small:
+            stream.codec_context.thread_count = 1
         for frame in frames:
             picture = av.VideoFrame.from_ndarray(frame[..., 0] if pixel_format == "gray" else frame,
                                                  format=pixel_format)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from sdpo.data.video import write_mp4
 from sdpo.errors import FolderError, InputError
-from sdpo.files import atomic_output, write_atomic
+from sdpo.files import atomic_output, fsync_dir, write_atomic
 from sdpo.models.base import ModelSpec
 from sdpo.models.lora_check import load_lora_checked
 from sdpo.rl.rollout import RolloutSettings
@@ -137,21 +137,24 @@ def load_pixels(folder: str | Path, candidate: dict[str, Any]) -> Tensor:
         return handle.get_slice("pixels")[candidate["pixels_index"]]
 
 
-def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fps: int = 8) -> None:
-    """PNG for an image (C, H, W), MP4 for a clip (F, C, H, W) (plus PNG frames in ``frame_folder``)."""
+def write_media(pixels: Tensor, path: Path, frame_folder: Path | None = None, fps: int = 8, *,
+                sync_folder: bool = True) -> None:
+    """PNG for an image (C, H, W), MP4 for a clip (F, C, H, W) (plus PNG frames in ``frame_folder``).
+
+    ``sync_folder=False``: the caller syncs the folders once for a batch of files (see ``atomic_output``)."""
     array = _channels_last_uint8(pixels)
     if pixels.ndim == 3:
-        _write_png(array, path)
+        _write_png(array, path, sync_folder)
         return
     if frame_folder is not None:
-        _write_frame_pngs(array, frame_folder)
-    with atomic_output(path) as temporary:
+        _write_frame_pngs(array, frame_folder, sync_folder)
+    with atomic_output(path, sync_folder=sync_folder) as temporary:
         write_mp4(array, temporary, fps)
 
 
-def write_frames(pixels: Tensor, frame_folder: Path) -> None:
+def write_frames(pixels: Tensor, frame_folder: Path, *, sync_folder: bool = True) -> None:
     """A clip (F, C, H, W) in [-1, 1] as a folder of PNG frames (lossless, unlike the MP4)."""
-    _write_frame_pngs(_channels_last_uint8(pixels), frame_folder)
+    _write_frame_pngs(_channels_last_uint8(pixels), frame_folder, sync_folder)
 
 
 def _channels_last_uint8(pixels: Tensor) -> np.ndarray:
@@ -160,17 +163,19 @@ def _channels_last_uint8(pixels: Tensor) -> np.ndarray:
     return array.movedim(-3, -1).numpy()
 
 
-def _write_png(image: np.ndarray, path: Path) -> None:
+def _write_png(image: np.ndarray, path: Path, sync_folder: bool = True) -> None:
     from PIL import Image
 
-    with atomic_output(path) as temporary:  # grey (one channel) as an 8-bit grey PNG
+    with atomic_output(path, sync_folder=sync_folder) as temporary:  # grey (one channel): an 8-bit grey PNG
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
 
 
-def _write_frame_pngs(frames: np.ndarray, frame_folder: Path) -> None:
+def _write_frame_pngs(frames: np.ndarray, frame_folder: Path, sync_folder: bool = True) -> None:
     frame_folder.mkdir(parents=True, exist_ok=True)
     for index, frame in enumerate(frames):
-        _write_png(frame, frame_folder / f"{index:04d}.png")
+        _write_png(frame, frame_folder / f"{index:04d}.png", sync_folder=False)
+    if sync_folder:
+        fsync_dir(frame_folder)
 
 
 def sample_with_seeds(spec: ModelSpec, prompts: list[str], latents: Tensor, seeds: list[int],
@@ -312,16 +317,19 @@ def _generate_batch(spec: Any, prompts: list[str], items: list[tuple[int, int]],
         stem = f"p{p:05d}-c{k:03d}"
         path = f"media/{stem}.{'png' if pixels.ndim == 4 else 'mp4'}"
         frames = f"media/{stem}" if frame_folders and pixels.ndim == 5 else None
+        # Each file's rename is made durable with its folder's, once for the batch, below.
         if frames is not None and not mp4:
             path = frames
-            write_frames(pixels[row], out / frames)
+            write_frames(pixels[row], out / frames, sync_folder=False)
         else:
-            write_media(pixels[row], out / path, out / frames if frames else None, fps)
+            write_media(pixels[row], out / path, out / frames if frames else None, fps, sync_folder=False)
         records.append(asdict(Candidate(
             prompt=prompts[p], prompt_index=p, candidate_index=k, path=path, seed=candidate_seed,
             sampler=asdict(sampler), model=spec.pretrained and str(spec.pretrained),
             family=spec.family, lora=str(lora) if lora is not None else None, pixels=batch_name,
             pixels_index=row, frames=frames)))
+    for folder in {out / "media", *(out / record["frames"] for record in records if record["frames"])}:
+        fsync_dir(folder)
     with atomic_output(out / batch_name) as temporary:  # the batch counts as done only once renamed into place
         save_file({"pixels": pixels.contiguous()}, str(temporary), metadata={"records": json.dumps(records)})
         if record is not None:  # the settings bind the folder from its first finished batch on
