@@ -22,8 +22,8 @@ browser:
 		"the browser tests will be skipped (install them: apt-get install chromium chromium-driver)"; fi
 
 # Two lanes side by side, as the main pytest process mostly keeps one core busy. The second runs the
-# DeepSpeed / FSDP2 tests (marker `engines`: one launch of two CPU processes) and the bench tests
-# (marker `beside`), then ruff, mypy and the strict docs build; its report follows the main one.
+# DeepSpeed / FSDP2 tests (marker `engines`: one launch of two CPU processes) and those marked `beside`
+# (bench, browser, GRPO, sharding), then ruff, mypy and the strict docs build; its report follows.
 test: $(STAMP) browser
 	@beside=$$(mktemp -d); \
 	( HF_HUB_OFFLINE=1 $(PY) -m pytest -m "engines or beside" -q -p no:cacheprovider --basetemp=$$beside/tmp; s=$$?; \

@@ -22,6 +22,8 @@ import sdpo
 from sdpo.cli import main
 from sdpo.human.answers import effective_answers, read_answers
 
+pytestmark = pytest.mark.beside  # `make test` runs these in its second pytest process
+
 pytest.importorskip("starlette", reason="the labelling pages need the human extra (pip install -e '.[human]')")
 
 ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets"

@@ -17,6 +17,8 @@ from sdpo.cli import main
 from sdpo.stages.generate import FAIL_AFTER_ENV
 from sdpo.toy.pretraining import pretrain_base
 
+pytestmark = pytest.mark.beside  # `make test` runs these in its second pytest process
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.beside  # `make test` runs these in its second pytest process
+
 SCRIPT = r"""
 import copy, os, sys, types
 import torch, torch.distributed as dist
