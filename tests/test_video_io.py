@@ -16,14 +16,17 @@ def smooth_clip(frames: int = 12, size: int = 32, channels: int = 3) -> np.ndarr
     return np.repeat(clip[..., None], channels, axis=-1)
 
 
-def test_a_written_clip_reads_back_with_its_frames_size_and_pixels(tmp_path):
+# 32: a small frame, one encoder thread without lookahead; 272: over SMALL_FRAME, x264's threads.
+@pytest.mark.parametrize("size", [32, 272])
+def test_a_written_clip_reads_back_with_its_frames_size_and_pixels(tmp_path, size):
+    assert (size * size <= video.SMALL_FRAME) == (size == 32)
     path = tmp_path / "clip.mp4"
-    clip = smooth_clip(frames=12, size=32)
+    clip = smooth_clip(frames=12, size=size)
     video.write_mp4(clip, path, fps=8)
     assert video.count_frames(path) == 12
-    assert video.frame_size(path) == (32, 32)
+    assert video.frame_size(path) == (size, size)
     decoded = np.stack(list(video.iter_frames(path)))
-    assert decoded.shape == (12, 32, 32, 3) and decoded.dtype == np.uint8
+    assert decoded.shape == (12, size, size, 3) and decoded.dtype == np.uint8
     # Lossy, but close: a wrong channel order, a flipped frame or a frame off by one would be far off.
     assert np.abs(decoded.astype(int) - clip).mean() < 6
 

@@ -48,6 +48,9 @@ class CachedPairs(Dataset):
     A cache of labelled samples (manifest ``kind: "samples"``) is refused: ``CachedSamples`` reads it.
     """
 
+    row_name = "pairs"
+    """What one row is, in the trainer's announcement and in errors."""
+
     kind = "pairs"
     """The manifest ``kind`` this reader takes."""
 
@@ -99,11 +102,6 @@ class CachedPairs(Dataset):
         return self.layout.num_pairs
 
     def __getitem__(self, index: int) -> Pair:
-        length = len(self)
-        if index < 0:
-            index += length
-        if not 0 <= index < length:
-            raise IndexError(f"pair {index} out of range for a cache of {length}")
         shard, local = self.locate(index)
         handle = self._shard(shard)
         try:
@@ -117,7 +115,12 @@ class CachedPairs(Dataset):
         return item
 
     def locate(self, index: int) -> tuple[int, int]:
-        """The shard holding row ``index`` (0 <= index < len) and the row within it."""
+        """The shard holding row ``index`` (negative counts from the end) and the row within it."""
+        length = len(self)
+        if index < 0:
+            index += length
+        if not 0 <= index < length:
+            raise IndexError(f"row {index} out of range for a cache of {length} {self.row_name}")
         shard = bisect_right(self._ends, index)
         return shard, index - (self._ends[shard - 1] if shard else 0)
 

@@ -120,11 +120,6 @@ class CachedSamples(CachedPairs):
     """What one row is, in the trainer's announcement."""
 
     def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
-        length = len(self)
-        if index < 0:
-            index += length
-        if not 0 <= index < length:
-            raise IndexError(f"sample {index} out of range for a cache of {length}")
         shard, local = self.locate(index)
         handle = self._shard(shard)
         try:
