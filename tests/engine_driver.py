@@ -14,9 +14,8 @@ removed. Modes:
 
 Each cell starts from accelerate's state as a fresh launch has it: accelerate keeps one process-wide state
 (which a run changes: FSDP's wrap policy and checkpointing switch, DeepSpeed's filled-in config), dropped
-between cells. The gloo process group is kept: a run ends by destroying it (``end_training``), and a group
-started again over the launcher's store hangs now and then in its first barrier, so the driver makes that
-destruction wait for the last cell; accelerate and DeepSpeed then find the group started and use it.
+between cells. The gloo process group stays up from cell to cell, as in any process that trains more than
+once (``sdpo.train.sharding.end_run``): accelerate and DeepSpeed find it started and use it.
 """
 
 from __future__ import annotations
@@ -39,12 +38,6 @@ def enter(env: dict[str, str]) -> None:
     for name in [name for name in os.environ if name.startswith(("ACCELERATE_", "FSDP_"))]:
         del os.environ[name]
     os.environ.update(env)
-
-
-def keep_the_process_group() -> None:
-    from accelerate.state import PartialState
-
-    PartialState.destroy_process_group = lambda self, group=None: None
 
 
 def stop_after_step_2(step: int, row: dict, model: torch.nn.Module) -> None:
@@ -99,10 +92,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     import time
 
-    keep_the_process_group()
     for cell in json.loads(Path(sys.argv[1]).read_text()):
         enter(cell["env"])
         began = time.perf_counter()
         run(cell)
         print(f"cell {cell.get('mode', 'train')} {cell['set'][0]}: {time.perf_counter() - began:.1f} s", file=sys.stderr)
-    torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()  # what the sdpo command does at exit

@@ -173,3 +173,40 @@ def test_rollout_on_a_vae_family_decodes_and_recomputes_its_log_probs(tmp_path: 
         log_prob, _ = step_log_prob(spec, spec.denoiser, made.x_t[:, j], made.x_s[:, j], made.steps[:, j],
                                     conditions, empty, settings)
         torch.testing.assert_close(log_prob.float(), made.log_prob[:, j], rtol=0, atol=1e-5)
+
+
+def test_two_processes_run_the_rounds_one_process_runs(tmp_path: Path, base: str) -> None:
+    """torchrun with two processes of 1 trajectory step each against one process of 2: the same candidates
+    (seeded per candidate, whichever process samples them), the same rewards and advantages, and the same
+    averaged gradient up to the order of one float32 addition. Adam then divides the gradient's last bits by
+    its own size (as in tests/test_engines.py): measured at most 1.43e-5 apart, against the 4e-3 an
+    element can move in 4 steps at learning rate 1e-3; the bound is 5e-5. Scores differ by up to 6e-7
+    (the reward classifier in float32 on other batches and threads)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["--quiet", "online", str(_config(tmp_path, base, one))]) == 0
+    config = _config(tmp_path, base, two, train={"train_batch_size": 1, "lora_rank": 2, "learning_rate": 1e-3,
+                                                 "report_to": "none", "log_every": 1, "checkpoint_every": 1})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+               "-m", "sdpo.cli", "--quiet", "online", str(config)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("round-00", "round-01"):
+        ours, theirs = ([json.loads(line) for line in (run / name / "candidates" / "candidates.jsonl").open()]
+                        for run in (one, two))
+        assert [(c["prompt"], c["seed"], c["path"]) for c in ours] == [(c["prompt"], c["seed"], c["path"]) for c in theirs]
+        scores = [torch.tensor([c["total"] for c in records]) for records in (ours, theirs)]
+        torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=1e-5)  # float32 scoring, other threads
+        a, b = _lora(one / name / "run"), _lora(two / name / "run")
+        assert a.keys() == b.keys() and a
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst < 5e-5, f"{name}: LoRA weights {worst:.2e} apart"
+        losses = [[row["loss"] for row in _metrics(run / name / "run") if "loss" in row] for run in (one, two)]
+        assert len(losses[0]) == 2
+        torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=1e-6)

@@ -258,5 +258,14 @@ def _user_error(message: str, debug: bool) -> int:
     return 2
 
 
+def entry() -> None:
+    """The ``sdpo`` command (and ``python -m sdpo.cli``): ``main``, then the process group ends with the process."""
+    code = main()
+    from sdpo.train.sharding import close_process_group
+
+    close_process_group()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -45,6 +45,7 @@ from sdpo.models.lora_check import load_lora_checked
 from sdpo.rl.rollout import RolloutSettings
 from sdpo.rl.rollout import rollout as sample_trajectories
 from sdpo.seeding import derive_seed
+from sdpo.stages.processes import barrier, process_rank
 from sdpo.stages.records import CANDIDATES_FILE, parse_json_line, write_records
 
 FAIL_AFTER_ENV = "SDPO_GENERATE_FAIL_AFTER"
@@ -110,25 +111,6 @@ class GenerateResult:
     """Candidates in candidates.jsonl."""
     generated: int
     """Candidates sampled by this call on this process (0 when everything was there already)."""
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed (gloo on CPU) when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def load_pixels(folder: str | Path, candidate: dict[str, Any]) -> Tensor:
@@ -261,7 +243,7 @@ def generate(
     if not mp4 and spec.media_format.frames is not None and not frame_folders:
         raise InputError("mp4=False keeps no viewable clip unless frame_folders=True")
     out = Path(out_dir)
-    rank, world = _dist()
+    rank, world = process_rank()
     settings = {"prompts": list(prompts), "per_prompt": per_prompt, "seed": seed, "sampler": asdict(sampler),
                 "batch_size": batch_size, "family": spec.family,
                 "model": spec.pretrained and str(spec.pretrained),
@@ -287,11 +269,11 @@ def generate(
         done += len(batches[n])
         bar.update(len(batches[n]))
     bar.close()
-    _barrier(world)
+    barrier(world)
     records = collect_records(out, len(batches))
     if rank == 0 and (done or not (out / CANDIDATES_FILE).is_file()):  # a finished, scored folder is kept
         write_records(out, records)
-    _barrier(world)
+    barrier(world)
     return GenerateResult(out, len(records), done)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 
 from sdpo.errors import ConfigError, InputError, MissingFileError, SdpoError
 from sdpo.files import write_atomic
+from sdpo.stages.processes import on_main_process
 
 Reference = Literal["base", "previous"]
 """What an online run's reference model can be (``OnlineConfig.reference``)."""
@@ -216,15 +217,18 @@ def _round(config: OnlineConfig, r: int, prompts: list[str], eval_prompts: list[
              frame_folders=video, rollout=rollout)
     if settings is not None:  # the first output exists: from here on the folder is bound to these settings
         write_marker(out, "online", settings)
-    score(folder / "candidates", [reward], batch_size=config.batch_size, progress=config.progress,
-          reward_options={reward.name: config.reward_options}, rescore=rescore)
+    # Scoring, pairs, the cache and the evaluation write files that every process would write at once
+    # under torchrun: process 0 does them, the others wait (training and generation share the work).
+    on_main_process("score", lambda: score(
+        folder / "candidates", [reward], batch_size=config.batch_size, progress=config.progress,
+        reward_options={reward.name: config.reward_options}, rescore=rescore))
     run = folder / "run"
     if rollout is not None:
         _grpo_update(config, folder, run, previous, rollout)
     else:
         _preference_update(config, r, folder, run, previous, video)
     if config.evaluate_rounds:
-        evaluate_round(config, folder, run, eval_prompts, reward, sampler)
+        on_main_process("evaluate", lambda: evaluate_round(config, folder, run, eval_prompts, reward, sampler))
     return run
 
 
@@ -249,16 +253,20 @@ def _preference_update(config: OnlineConfig, r: int, folder: Path, run: Path, pr
     from sdpo.train.trainer import train
 
     out = Path(config.out)
-    if not (folder / "pairs.jsonl").is_file():  # build_pairs writes it atomically
-        build_pairs(folder / "candidates", "best-worst", frames=video, out=folder / "pairs.jsonl")
     cache = folder / "cache"
-    if not (folder / f"cache{DONE}").is_file():
-        shutil.rmtree(cache, ignore_errors=True)  # a half-written cache from a killed run
-        rounds = range(r + 1) if config.keep_pairs else [r]
-        pairs = [pair for k in rounds for pair in read_pairs(out / f"round-{k:02d}" / "pairs.jsonl")]
-        precompute(pairs, load_spec(config.family, config.pretrained), cache, batch_size=config.batch_size,
-                   progress=config.progress)
-        write_atomic(folder / f"cache{DONE}", "")
+
+    def pairs_and_cache() -> None:
+        if not (folder / "pairs.jsonl").is_file():  # build_pairs writes it atomically
+            build_pairs(folder / "candidates", "best-worst", frames=video, out=folder / "pairs.jsonl")
+        if not (folder / f"cache{DONE}").is_file():
+            shutil.rmtree(cache, ignore_errors=True)  # a half-written cache from a killed run
+            rounds = range(r + 1) if config.keep_pairs else [r]
+            pairs = [pair for k in rounds for pair in read_pairs(out / f"round-{k:02d}" / "pairs.jsonl")]
+            precompute(pairs, load_spec(config.family, config.pretrained), cache, batch_size=config.batch_size,
+                       progress=config.progress)
+            write_atomic(folder / f"cache{DONE}", "")
+
+    on_main_process("pairs and precompute", pairs_and_cache)
     # "latest": a finished run is left as it is, a killed one continues from its last checkpoint
     train(_train_config(config, cache, run, previous), spec=load_spec(config.family, config.pretrained),
           resume="latest", progress=config.progress)
@@ -353,7 +361,7 @@ def run_online(config: OnlineConfig, restart: bool = False) -> list[Path]:
                          "pairs: choose a pair method (diffusion-dpo, dpo-cm, sdpo, mapo) or method: grpo")
     prompts, eval_prompts = read_prompts(config.prompts), read_prompts(config.eval_prompts)
     settings = online_settings(config, prompts, eval_prompts, checked)
-    rescore = _claim(out, settings, restart)
+    rescore = on_main_process("checking the out folder", lambda: _claim(out, settings, restart))
     reward = load_reward(config.reward, **config.reward_options)
     return [_round(config, r, prompts, eval_prompts, reward, settings if r == 0 else None, rescore and r == 0)
             for r in range(config.rounds)]

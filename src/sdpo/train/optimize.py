@@ -27,7 +27,7 @@ from sdpo.train.checkpoint import NonFiniteWeightsError, latest_checkpoint, save
 from sdpo.train.log import warn
 from sdpo.train.metrics import BAD_STEPS_NAME
 from sdpo.train.run import MicroStep, PairDataset, StepOutcome, TrainingRun
-from sdpo.train.sharding import clip_gradients
+from sdpo.train.sharding import clip_gradients, end_run
 from sdpo.train.step import draw_for_pairs, preference_step, sample_step
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def _stop_diverged(run: TrainingRun, done: int) -> None:
     except NonFiniteWeightsError:
         latest = latest_checkpoint(run.output_dir)
         where = latest.name if latest is not None else "no checkpoint"
-    run.accelerator.end_training()
+    end_run(run.accelerator)
     raise TrainingDivergedError(
         f"{run.consecutive_bad} consecutive steps up to step {done} had a non-finite loss or gradient "
         f"(max_bad_steps={run.config.max_bad_steps}; pairs and timesteps in {run.output_dir / BAD_STEPS_NAME}); "

@@ -48,6 +48,31 @@ def start_cpu_process_group() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
+def end_run(accelerator: Any) -> None:
+    """End a training run: its trackers finish, and the process group stays up.
+
+    accelerate's ``end_training`` also destroys the group. A process that goes on after a run (``sdpo
+    online``'s next round, several runs in one launch) then starts it again over the launcher's store,
+    and that second rendezvous hangs now and then: one rank finds its peer's old address and waits in
+    its first barrier (1 of 3 two-process online runs here). The process's exit ends the group
+    (``close_process_group``, called by the ``sdpo`` command).
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def close_process_group() -> None:
+    """Destroy the default process group if this process started one (at exit, as torch asks)."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def uses_fsdp(accelerator: Any) -> bool:
     """Whether accelerate runs this process under FSDP."""
     from accelerate.utils import DistributedType

@@ -50,6 +50,7 @@ from sdpo.train.setup import (
     prepare_run,
     resume_point,
 )
+from sdpo.train.sharding import end_run
 
 __all__ = ["ExportError", "GlobalBatchOrder", "NonFiniteWeightsError", "TrainResult", "TrainingDivergedError",
            "cast_frozen", "export_run", "latest_checkpoint", "train"]
@@ -130,11 +131,11 @@ def _train_loop(run: TrainingRun, progress: bool, on_log: Callable[..., None] | 
                 break
     log.close()
     if stopped_at is not None:
-        run.accelerator.end_training()
+        end_run(run.accelerator)
         return TrainResult(output_dir=run.output_dir, history=log.history, model=final_model(run),
                            stopped_at=stopped_at, stop_signal=stops.received, bad_steps=run.bad_steps)
     finish_run(run)
-    run.accelerator.end_training()
+    end_run(run.accelerator)
     return TrainResult(output_dir=run.output_dir, history=log.history, model=final_model(run),
                        bad_steps=run.bad_steps)
 
