@@ -24,15 +24,13 @@ import torch
 from sdpo.models.base import MediaFormat
 from sdpo.models.registry import load_spec
 from sdpo.seeding import derive_seed
-from sdpo.stages.generate import SamplerSettings, generate
+from sdpo.stages.generate import SamplerSettings, generate, plan_batches
 
 
 def direct(spec, prompts: list[str], per_prompt: int, batch_size: int, seed: int, sampler: SamplerSettings) -> None:
     """The pipeline alone on generate's batches and noise."""
-    items = [(p, k) for p in range(len(prompts)) for k in range(per_prompt)]
     pipe = spec.pipeline()
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+    for batch in plan_batches(prompts, per_prompt, batch_size):
         seeds = [derive_seed(seed, p, k) for p, k in batch]
         latents = torch.cat([spec.initial_latents(1, s) for s in seeds])
         with torch.no_grad():

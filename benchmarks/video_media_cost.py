@@ -33,19 +33,16 @@ def measure(per_digit: int, per_prompt: int, steps: int, repeats: int, batch_siz
 
     from sdpo.models.registry import load_spec
     from sdpo.seeding import derive_seed
-    from sdpo.stages.generate import SamplerSettings, generate, sample_with_seeds
+    from sdpo.stages.generate import SamplerSettings, generate, plan_batches, sample_with_seeds
     from sdpo.toy.world import get_world
 
     world = get_world("video")
     spec = load_spec(world.family, world.pretrain(progress=False))
     prompts = world.prompts(per_digit)
     sampler = SamplerSettings(steps, world.guidance_scale)
-    batches = [list(range(start, min(start + batch_size, len(prompts) * per_prompt)))
-               for start in range(0, len(prompts) * per_prompt, batch_size)]
 
     def sample_only() -> None:
-        for batch in batches:
-            items = [divmod(index, per_prompt) for index in batch]
+        for items in plan_batches(prompts, per_prompt, batch_size):
             seeds = [derive_seed(0, p, k) for p, k in items]
             latents = torch.cat([spec.initial_latents(1, seed) for seed in seeds])
             sample_with_seeds(spec, [prompts[p] for p, _ in items], latents, seeds, sampler)

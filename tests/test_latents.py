@@ -5,9 +5,7 @@ Precompute stores each latent's posterior mean and std (the VAE families); ``lat
 """
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from torchrun import two_processes
 
 from sdpo.cli import main
 from sdpo.data import CachedPairs, PreferencePair, load_media, precompute, read_pairs, write_pairs_jsonl
@@ -252,12 +251,7 @@ def test_two_processes_with_sampling_and_flips_match_one_process(toy_posterior, 
         if processes == 1:  # the reference, through the same command in this process
             assert main(["--quiet", "train", str(path)]) == 0
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                       "--master_port", "29602", "-m", "sdpo.cli", "--quiet", "train", str(path)]
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
-                   "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
+            two_processes(["-m", "sdpo.cli", "--quiet", "train", str(path)], port=29602)
         runs[processes] = _losses(out)
     torch.testing.assert_close(torch.tensor(runs[2]), torch.tensor(runs[1]), rtol=1e-4, atol=1e-6)
 

@@ -182,21 +182,14 @@ def test_two_processes_run_the_rounds_one_process_runs(tmp_path: Path, base: str
     its own size (as in tests/test_engines.py): measured at most 1.43e-5 apart, against the 4e-3 an
     element can move in 4 steps at learning rate 1e-3; the bound is 5e-5. Scores differ by up to 6e-7
     (the reward classifier in float32 on other batches and threads)."""
-    import os
-    import subprocess
-    import sys
-
     import torch
+    from torchrun import two_processes
 
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["--quiet", "online", str(_config(tmp_path, base, one))]) == 0
     config = _config(tmp_path, base, two, train={"train_batch_size": 1, "lora_rank": 2, "learning_rate": 1e-3,
                                                  "report_to": "none", "log_every": 1, "checkpoint_every": 1})
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-               "-m", "sdpo.cli", "--quiet", "online", str(config)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    two_processes(["-m", "sdpo.cli", "--quiet", "online", str(config)], port=29631)
     for name in ("round-00", "round-01"):
         ours, theirs = ([json.loads(line) for line in (run / name / "candidates" / "candidates.jsonl").open()]
                         for run in (one, two))

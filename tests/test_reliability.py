@@ -443,18 +443,13 @@ sys.exit(main(["--quiet", "train", sys.argv[1]]))
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="gloo CPU launch checked on POSIX")
 def test_every_process_skips_a_step_that_one_process_found_non_finite(world, tmp_path):
-    import subprocess
-    import sys
+    from torchrun import two_processes
 
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1)
     out = tmp_path / "run"
     config = _cli_config(world, tmp_path, out, max_steps=3, train_batch_size=2)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
-               str(script), str(config)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    two_processes([str(script), str(config)], port=29613)
     bad = [json.loads(line) for line in (out / "bad_steps.jsonl").read_text().splitlines()]
     assert [(b["step"], len(b["pairs"])) for b in bad] == [(2, 4)]  # both processes' pairs, logged once
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

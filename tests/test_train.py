@@ -3,13 +3,13 @@
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torchrun import two_processes
 
 from sdpo.cli import main
 from sdpo.data import CachedPairs
@@ -107,13 +107,7 @@ def test_two_processes_match_one_process(world, tmp_path):
         if processes == 1:  # the reference, through the same command in this process
             assert main(["--quiet", "train", str(path)]) == 0
         else:
-            # `accelerate launch --cpu` needs mpirun for several processes; torchrun + ACCELERATE_USE_CPU
-            # gives accelerate's MULTI_CPU (gloo) mode directly.
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                       "--master_port", "29502", "-m", "sdpo.cli", "--quiet", "train", str(path)]
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
+            two_processes(["-m", "sdpo.cli", "--quiet", "train", str(path)], port=29502)
         runs[processes] = _losses(out)
     torch.testing.assert_close(torch.tensor(runs[2]), torch.tensor(runs[1]), rtol=1e-4, atol=1e-6)
     assert runs[1][-1] != runs[1][0]

@@ -27,7 +27,7 @@ PIXEL_FORMAT = "yuv420p"  # the one H.264 layout every browser decodes
 # (one thread) and 3.4 ms (x264's defaults), in a file of about the same size.
 ENCODER_OPTIONS = {"preset": "veryfast"}
 SMALL_FRAME = 256 * 256
-SMALL_FRAME_OPTIONS = {"preset": "veryfast", "tune": "zerolatency"}
+SMALL_FRAME_OPTIONS = {**ENCODER_OPTIONS, "tune": "zerolatency"}
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], fps: int = 8) -> None:

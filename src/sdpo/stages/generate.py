@@ -203,7 +203,8 @@ def _record_settings(out: Path, settings: dict[str, Any]) -> None:
     write_marker(out, "generate", settings)
 
 
-def _plan(prompts: list[str], per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
+def plan_batches(prompts: list[str], per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """The (prompt, candidate) items of each batch, in the order generate samples and numbers them."""
     items = [(p, k) for p in range(len(prompts)) for k in range(per_prompt)]
     return [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
 
@@ -254,7 +255,7 @@ def generate(
     generate_settings(out, settings)
     if lora is not None:
         load_lora_checked(spec, lora)
-    batches = _plan(prompts, per_prompt, batch_size)
+    batches = plan_batches(prompts, per_prompt, batch_size)
     mine = [n for n in range(len(batches)) if n % world == rank]
     todo = [n for n in mine if not (out / "batches" / f"batch-{n:06d}.safetensors").is_file()]
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
